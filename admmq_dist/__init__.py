@@ -1,0 +1,3 @@
+"""admmq-dist: distributed post-training quantization of LLMs with ADMM-Q."""
+
+__version__ = "0.1.0"

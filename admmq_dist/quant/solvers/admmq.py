@@ -1,0 +1,326 @@
+"""ADMM-Q: the alternating direction method of multipliers for layer-wise quantization.
+
+Solves ``min_W tr((W - W0) H (W - W0)ᵀ)`` subject to ``W`` on the grid, by the splitting ``W = Z``
+with ``Z`` on the grid, in scaled dual form with a Jacobi-preconditioned penalty
+``(ρ/2)‖(W - Z + U) D‖²``, ``D = diag(sqrt(H_jj))``. See ``shared/docs/admmq-algorithm.md`` §2–3.
+
+Shapes: ``W, Z, U, W0`` are ``[m, n]`` (out, in); ``H`` is ``[n, n]``; ``d`` is ``[n]``.
+
+The exact W-update runs in the eigenbasis of ``H̃ = D⁻¹ H D⁻¹ = V diag(ℓ) Vᵀ``. With the map
+``R(M) = (M D) V`` the objective is ``Σ_ij R(M - W0)_ij² ℓ_j`` and the W-update is elementwise:
+``R(W) = (R(W0) ℓ + ρ (R(Z) - R(U))) / (ℓ + ρ)``. ``R`` is linear, so ``R(U)`` follows ``U`` by the
+same recurrence, and one iteration costs two GEMMs (back to ``W`` for the projection, forward with
+the new ``Z``) while the true objective of every iterate comes free.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from ..grid import Grid, codes_of, dequantize_codes
+from ..hessian import condition, relative_loss
+from .gptq import GPTQSettings, gptq
+from .result import SolverResult
+
+
+@dataclass(frozen=True)
+class ADMMSettings:
+    """ADMM-Q settings. Penalties are in units of the unit-diagonal ``H̃``."""
+
+    iterations: int = 150
+    rho_start: float = 0.01
+    rho_growth: float = 1.05
+    init: Literal["gptq", "rtn"] = "gptq"
+    w_update: Literal["exact", "cg", "gradient"] = "exact"
+    projection: Literal["hard", "soft", "random"] = "hard"
+    # Early stop once the fraction of changed codes stays below stop_tolerance for stop_patience
+    # iterations with ρ above stop_min_rho (at small ρ codes may rest and move again).
+    stop_tolerance: float = 1e-5
+    stop_patience: int = 5
+    stop_min_rho: float = 1.0
+    # Inexact W-updates.
+    cg_steps: int = 3
+    gradient_steps: int = 4
+    gradient_batch_tokens: int = 2048
+    # Soft projection: Z moves toward the grid by at most soft_strength * ‖scales‖ of its row.
+    soft_strength: float = 0.3
+    # Randomised projection: each coordinate is re-projected with this probability.
+    random_probability: float = 0.5
+    seed: int = 0
+    gptq: GPTQSettings = field(default_factory=GPTQSettings)
+
+    def __post_init__(self) -> None:
+        if self.iterations < 0:
+            raise ValueError(f"admm iterations={self.iterations} must be non-negative")
+        if not self.rho_start > 0:
+            raise ValueError(f"admm rho_start={self.rho_start} must be positive")
+        if not self.rho_growth >= 1:
+            raise ValueError(f"admm rho_growth={self.rho_growth} must be at least 1")
+        for name, allowed in (("init", ("gptq", "rtn")), ("w_update", ("exact", "cg", "gradient")),
+                              ("projection", ("hard", "soft", "random"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"admm {name}={getattr(self, name)!r} must be one of {allowed}")
+        if self.stop_patience < 1:
+            raise ValueError(f"admm stop_patience={self.stop_patience} must be at least 1")
+        if self.cg_steps < 1 or self.gradient_steps < 1 or self.gradient_batch_tokens < 1:
+            raise ValueError("admm cg_steps, gradient_steps and gradient_batch_tokens must be >= 1")
+        if not self.soft_strength > 0:
+            raise ValueError(f"admm soft_strength={self.soft_strength} must be positive")
+        if not 0 < self.random_probability <= 1:
+            raise ValueError(
+                f"admm random_probability={self.random_probability} must lie in (0, 1]"
+            )
+
+
+def admmq(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
+          settings: ADMMSettings = ADMMSettings(), *,
+          activations: torch.Tensor | None = None,
+          init_codes: torch.Tensor | None = None) -> SolverResult:
+    """Run ADMM-Q on one layer.
+
+    ``weight``: ``[m, n]``; ``hessian``: ``[n, n]`` undamped ``X Xᵀ / N``. With
+    ``w_update="gradient"`` the Hessian may be ``None`` and ``activations`` (``[N, n]`` calibration
+    inputs) drive mini-batch gradient W-steps instead. ``init_codes`` overrides ``settings.init``.
+    Returns the best iterate by the true objective (the initial codes included).
+    """
+    start = time.perf_counter()
+    w0 = weight.float()
+    device = w0.device
+    if hessian is None:
+        if activations is None:
+            raise ValueError("admmq needs a Hessian or calibration activations")
+        if settings.w_update != "gradient":
+            raise ValueError("without a Hessian only w_update='gradient' can run; pass the Hessian")
+        x = activations.reshape(-1, w0.shape[1]).to(device=device, dtype=torch.float32)
+        h0 = None
+    else:
+        h0 = hessian.to(device=device, dtype=torch.float32)
+        x = None
+
+    if settings.w_update == "exact":
+        loop = _ExactLoop(w0, h0, grid, settings)
+    else:
+        loop = _InexactLoop(w0, h0, x, grid, settings)
+    if init_codes is not None:
+        codes0 = init_codes.to(device=device, dtype=torch.int32)
+    elif settings.init == "gptq" and h0 is not None:
+        codes0 = gptq(w0, h0, grid, settings.gptq).codes
+    else:
+        codes0 = grid.codes(loop.W0)  # dead input columns already zeroed
+    best_codes, best_loss, iterations, history = _run(loop, codes0, grid, settings)
+    deq = grid.dequantize(best_codes)
+    loss = relative_loss(deq, w0, h0) if h0 is not None else best_loss
+    return SolverResult("admmq", best_codes, grid, deq, loss, iterations,
+                        time.perf_counter() - start, history)
+
+
+class _ExactLoop:
+    """The exact W-update in the eigenbasis of the Jacobi-preconditioned Hessian."""
+
+    def __init__(self, w0: torch.Tensor, h0: torch.Tensor, grid: Grid, settings: ADMMSettings):
+        self.W0, H = condition(w0, h0)
+        self.d = torch.sqrt(torch.diagonal(H))
+        Ht = (H.double() / self.d.double()[:, None]) / self.d.double()[None, :]
+        evals, evecs = torch.linalg.eigh(Ht)
+        self.ell = evals.clamp_min(0).float()
+        self.V = evecs.float()
+        self.Vt = self.V.T.contiguous()
+        self.RW0 = self.rotate(self.W0)
+        self.RW0_ell = self.RW0 * self.ell
+        self.norm = float(((self.RW0 ** 2) * self.ell).sum())
+        self.norm = self.norm if self.norm > 0 else 1.0
+
+    def rotate(self, M: torch.Tensor) -> torch.Tensor:
+        return (M * self.d) @ self.V
+
+    def unrotate(self, R: torch.Tensor) -> torch.Tensor:
+        return (R @ self.Vt) / self.d
+
+    def start(self, Z: torch.Tensor) -> float:
+        self.RZ = self.rotate(Z)
+        self.RU = torch.zeros_like(self.RZ)
+        self.U = torch.zeros_like(Z)
+        return self.loss_of_rotated(self.RZ)
+
+    def loss_of_rotated(self, RZ: torch.Tensor) -> float:
+        return float((((RZ - self.RW0) ** 2) * self.ell).sum()) / self.norm
+
+    def w_step(self, rho: float) -> torch.Tensor:
+        self.RW = (self.RW0_ell + rho * (self.RZ - self.RU)) / (self.ell + rho)
+        self.W = self.unrotate(self.RW)
+        return self.W
+
+    def z_done(self, Z: torch.Tensor, on_grid: bool, Zhard: torch.Tensor | None) -> float:
+        """Record the new ``Z``; returns the true loss of its hard projection."""
+        RZ = self.rotate(Z)
+        self.U += self.W - Z
+        self.RU += self.RW - RZ
+        self.RZ = RZ
+        if on_grid:
+            return self.loss_of_rotated(RZ)
+        return self.loss_of_rotated(self.rotate(Zhard))
+
+    def rescale_dual(self, factor: float) -> None:
+        self.U /= factor
+        self.RU /= factor
+
+
+class _InexactLoop:
+    """Inexact W-updates: warm-started conjugate gradient on H, or mini-batch gradient steps on
+    calibration activations (no ``n×n`` matrix formed)."""
+
+    def __init__(self, w0, h0, x, grid, settings: ADMMSettings):
+        self.settings = settings
+        if h0 is not None:
+            self.W0, self.H = condition(w0, h0)
+            self.d2 = torch.diagonal(self.H).clone()
+        else:
+            self.W0, self.H = w0, None
+            self.x = x
+            self.d2 = (x * x).mean(dim=0)
+            dead = self.d2 == 0
+            self.W0 = w0.clone()
+            self.W0[:, dead] = 0
+            self.d2[dead] = 1.0
+            self.gen = torch.Generator(device=x.device).manual_seed(settings.seed + 1)
+            # Steps are Jacobi-preconditioned (scaled by D⁻²), so the bound is on H̃ = D⁻¹ H D⁻¹.
+            self.lmax = _top_eigenvalue(x / torch.sqrt(self.d2), self.gen)
+        self.norm = self._raw_loss(torch.zeros_like(self.W0))
+        self.norm = self.norm if self.norm > 0 else 1.0
+
+    def _apply_h(self, M: torch.Tensor) -> torch.Tensor:
+        return M @ self.H
+
+    def _raw_loss(self, Z: torch.Tensor) -> float:
+        delta = Z - self.W0
+        if self.H is not None:
+            return float((self._apply_h(delta) * delta).sum())
+        total = 0.0
+        for chunk in torch.split(self.x, 8192):
+            total += float(((chunk @ delta.T) ** 2).sum())
+        return total / self.x.shape[0]
+
+    def start(self, Z: torch.Tensor) -> float:
+        self.Z = Z
+        self.U = torch.zeros_like(Z)
+        self.W = Z.clone()
+        return self._raw_loss(Z) / self.norm
+
+    def w_step(self, rho: float) -> torch.Tensor:
+        s = self.settings
+        target = self.Z - self.U
+        if self.H is not None:
+            # Row-batched Jacobi-preconditioned CG on W (H + ρD²) = W0 H + ρ (Z - U) D².
+            rhs = self._apply_h(self.W0) + rho * target * self.d2
+            precond = 1.0 / (torch.diagonal(self.H) + rho * self.d2)
+            W = self.W
+            r = rhs - (self._apply_h(W) + rho * W * self.d2)
+            z = r * precond
+            p = z.clone()
+            rz = (r * z).sum(dim=1, keepdim=True)
+            for _ in range(s.cg_steps):
+                Ap = self._apply_h(p) + rho * p * self.d2
+                alpha = rz / (p * Ap).sum(dim=1, keepdim=True).clamp_min(1e-30)
+                W = W + alpha * p
+                r = r - alpha * Ap
+                z = r * precond
+                rz_new = (r * z).sum(dim=1, keepdim=True)
+                p = z + (rz_new / rz.clamp_min(1e-30)) * p
+                rz = rz_new
+        else:
+            # Mini-batch gradient steps: (W - W0) H ≈ ((W - W0) X_Bᵀ) X_B / |B|, preconditioned
+            # by D⁻² so that one step size suits quiet and outlier channels alike.
+            W = self.W
+            eta = 1.0 / (self.lmax + rho)
+            n_tok = self.x.shape[0]
+            for _ in range(s.gradient_steps):
+                idx = torch.randint(0, n_tok, (min(s.gradient_batch_tokens, n_tok),),
+                                    generator=self.gen, device=self.x.device)
+                xb = self.x[idx]
+                grad = ((W - self.W0) @ xb.T) @ xb / xb.shape[0] + rho * (W - target) * self.d2
+                W = W - eta * grad / self.d2
+        self.W = W
+        return W
+
+    def z_done(self, Z: torch.Tensor, on_grid: bool, Zhard: torch.Tensor | None) -> float:
+        self.U += self.W - Z
+        self.Z = Z
+        return self._raw_loss(Z if on_grid else Zhard) / self.norm
+
+    def rescale_dual(self, factor: float) -> None:
+        self.U /= factor
+
+
+def _top_eigenvalue(x: torch.Tensor, gen: torch.Generator, steps: int = 30) -> float:
+    """Largest eigenvalue of ``xᵀ x / N`` by power iteration (the gradient step's Lipschitz bound)."""
+    v = torch.randn(x.shape[1], generator=gen, device=x.device)
+    lam = 0.0
+    for _ in range(steps):
+        w = (x.T @ (x @ v)) / x.shape[0]
+        lam = float(w.norm())
+        if lam == 0:
+            return 1.0
+        v = w / lam
+    return lam * 1.05  # a margin: power iteration approaches λmax from below
+
+
+def _run(loop, codes0: torch.Tensor, grid: Grid, settings: ADMMSettings):
+    scale, zero = grid.expanded()
+    maxq = grid.maxq
+    Z = dequantize_codes(codes0, scale, zero)
+    codes = codes0.clone()
+    best_loss = loop.start(Z)
+    best_codes = codes.clone()
+    history: dict[str, list[float]] = {"loss": [best_loss], "rho": [], "changed": []}
+    rho = settings.rho_start
+    quiet = 0
+    gen = None
+    if settings.projection == "random":
+        gen = torch.Generator(device=Z.device).manual_seed(settings.seed)
+    row_scale_norm = None
+    if settings.projection == "soft":
+        row_scale_norm = scale.norm(dim=1, keepdim=True)
+    iterations = 0
+    for it in range(settings.iterations):
+        W = loop.w_step(rho)
+        V = W + loop.U
+        new_codes = codes_of(V, scale, zero, maxq)
+        P = dequantize_codes(new_codes, scale, zero)
+        on_grid = True
+        Zhard = None
+        if settings.projection == "hard":
+            Znew = P
+        elif settings.projection == "random":
+            keep = torch.rand(P.shape, generator=gen, device=P.device) >= settings.random_probability
+            new_codes = torch.where(keep, codes, new_codes)
+            Znew = torch.where(keep, Z, P)
+        else:
+            dist = (P - V).norm(dim=1, keepdim=True)
+            t = settings.soft_strength * row_scale_norm
+            frac = torch.where(dist <= t, torch.ones_like(dist), t / dist.clamp_min(1e-30))
+            Znew = V + frac * (P - V)
+            on_grid = False
+            Zhard = P
+        changed = float((new_codes != codes).float().mean())
+        loss = loop.z_done(Znew, on_grid, Zhard)
+        Z, codes = Znew, new_codes
+        iterations = it + 1
+        history["loss"].append(loss)
+        history["rho"].append(rho)
+        history["changed"].append(changed)
+        if loss < best_loss:
+            best_loss, best_codes = loss, codes.clone()
+        if rho > settings.stop_min_rho and changed < settings.stop_tolerance:
+            quiet += 1
+            if quiet >= settings.stop_patience:
+                break
+        else:
+            quiet = 0
+        rho *= settings.rho_growth
+        loop.rescale_dual(settings.rho_growth)
+    return best_codes, best_loss, iterations, history

@@ -1,0 +1,91 @@
+import itertools
+
+import pytest
+import torch
+
+from admmq_dist.quant.hessian import HessianAccumulator, condition, damp, relative_loss
+
+
+def batches(count=11, seed=0, n=24):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 5 + i % 3, n, generator=g) * (1 + 10 * (i % 4 == 0)) for i in range(count)]
+
+
+def single_pass(data, n=24):
+    acc = HessianAccumulator(n)
+    for i, x in enumerate(data):
+        acc.add(x, i)
+    return acc
+
+
+def test_average_of_outer_products():
+    data = batches()
+    x = torch.cat([b.reshape(-1, 24) for b in data]).double()
+    expected = x.T @ x / x.shape[0]
+    h = single_pass(data).hessian()
+    assert h.dtype == torch.float32
+    assert torch.allclose(h.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cuts", [(5,), (1, 2), (3, 7, 8), (4, 6, 10)])
+def test_shards_merge_into_exactly_the_single_pass_bytes(cuts):
+    data = batches()
+    reference = single_pass(data).hessian()
+    bounds = [0, *cuts, len(data)]
+    shards = []
+    for a, b in zip(bounds, bounds[1:]):
+        acc = HessianAccumulator(24)
+        for i in range(a, b):
+            acc.add(data[i], i)
+        shards.append(acc)
+    for order in itertools.permutations(range(len(shards))):
+        merged = HessianAccumulator(24)
+        for k in order:
+            merged.merge(HessianAccumulator.from_state(shards[k].state()))
+        assert torch.equal(merged.hessian(), reference)
+        assert merged.num_rows == sum(b.reshape(-1, 24).shape[0] for b in data)
+
+
+def test_interleaved_shards_merge_exactly():
+    data = batches(count=9)
+    reference = single_pass(data).hessian()
+    even, odd = HessianAccumulator(24), HessianAccumulator(24)
+    for i, x in enumerate(data):
+        (even if i % 2 == 0 else odd).add(x, i)
+    odd.merge(even)
+    assert torch.equal(odd.hessian(), reference)
+
+
+def test_errors():
+    acc = HessianAccumulator(4)
+    with pytest.raises(ValueError, match="no calibration activations"):
+        acc.hessian()
+    with pytest.raises(ValueError, match="3 features, expected 4"):
+        acc.add(torch.zeros(2, 3), 0)
+    acc.add(torch.ones(2, 4), 0)
+    with pytest.raises(ValueError, match="added twice"):
+        acc.add(torch.ones(2, 4), 0)
+
+
+def test_dead_inputs_are_conditioned():
+    w = torch.ones(3, 4)
+    h = torch.diag(torch.tensor([2.0, 0.0, 3.0, 0.0]))
+    w2, h2 = condition(w, h)
+    assert torch.equal(w2[:, [1, 3]], torch.zeros(3, 2))
+    assert torch.equal(w2[:, [0, 2]], w[:, [0, 2]])
+    assert torch.equal(torch.diagonal(h2), torch.tensor([2.0, 1.0, 3.0, 1.0]))
+    assert torch.equal(w, torch.ones(3, 4))  # inputs untouched
+
+
+def test_condition_refuses_non_finite():
+    h = torch.eye(3)
+    h[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        condition(torch.ones(2, 3), h)
+
+
+def test_damp_and_relative_loss():
+    h = torch.diag(torch.tensor([1.0, 3.0]))
+    assert torch.equal(torch.diagonal(damp(h, 0.5)), torch.tensor([2.0, 4.0]))
+    w0 = torch.tensor([[1.0, 1.0]])
+    assert relative_loss(w0 + torch.tensor([[0.0, 1.0]]), w0, h) == pytest.approx(3.0 / 4.0)
