@@ -31,3 +31,15 @@ def synthetic_layer(rows: int, cols: int, num_tokens: int, seed: int, outliers: 
 @pytest.fixture
 def layer():
     return synthetic_layer(96, 128, 2048, seed=0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests run only where CUDA is present, so the default test command stays green on CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

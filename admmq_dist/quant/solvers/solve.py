@@ -1,0 +1,61 @@
+"""One entry point for every method, so the pipeline and the benchmarks run the same code."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+
+from ..grid import Grid
+from .admmq import ADMMSettings, admmq
+from .gptq import GPTQSettings, gptq
+from .local_search import local_search
+from .result import SolverResult
+from .rtn import rtn
+
+METHODS = ("admmq", "gptq", "rtn")
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    """Which method quantizes a layer, its settings, and the local-search polish after it."""
+
+    method: Literal["admmq", "gptq", "rtn"] = "admmq"
+    gptq: GPTQSettings = field(default_factory=GPTQSettings)
+    admm: ADMMSettings = field(default_factory=ADMMSettings)
+    local_search_sweeps: int = 2
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} must be one of {METHODS}")
+        if self.local_search_sweeps < 0:
+            raise ValueError(
+                f"local_search_sweeps={self.local_search_sweeps} must be non-negative"
+            )
+        # ADMM-Q initialised from GPTQ uses the same GPTQ settings as the GPTQ method.
+        if self.admm.gptq != self.gptq:
+            object.__setattr__(self, "admm", replace(self.admm, gptq=self.gptq))
+
+
+def solve(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid,
+          settings: SolverSettings = SolverSettings()) -> SolverResult:
+    """Quantize ``weight`` (``[out, in]``) on ``grid`` against ``hessian`` (``[in, in]``).
+
+    The reported time and iterations include the local-search polish.
+    """
+    start = time.perf_counter()
+    if settings.method == "rtn":
+        result = rtn(weight, hessian, grid)
+    elif settings.method == "gptq":
+        result = gptq(weight, hessian, grid, settings.gptq)
+    else:
+        result = admmq(weight, hessian, grid, settings.admm)
+    if settings.local_search_sweeps:
+        polished = local_search(weight, hessian, grid, result.codes, settings.local_search_sweeps,
+                                method=result.method)
+        history = {**result.history, "local_search_loss": polished.history["loss"]}
+        result = SolverResult(result.method, polished.codes, grid, polished.weight, polished.loss,
+                              result.iterations, time.perf_counter() - start, history)
+    return result
