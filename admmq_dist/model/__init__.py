@@ -1,0 +1,1 @@
+"""Model plumbing: the embedded default model and calibration data."""

