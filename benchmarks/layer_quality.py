@@ -44,14 +44,57 @@ def run_layer(weight, hessian, grid, settings: SolverSettings) -> dict:
     out["gptq"] = (g.loss, g.seconds)
     ga = gptq(weight, hessian, grid, replace(settings.gptq, act_order=True))
     out["gptq_act"] = (ga.loss, ga.seconds)
-    gls = local_search(weight, hessian, grid, ga.codes, settings.local_search_sweeps)
+    gls = local_search(weight, hessian, grid, ga.codes, max(settings.local_search_sweeps, 1))
     out["gptq_act_ls"] = (gls.loss, ga.seconds + gls.seconds)
     a = admmq(weight, hessian, grid, settings.admm)
     out["admmq_only"] = (a.loss, a.seconds)
-    als = local_search(weight, hessian, grid, a.codes, settings.local_search_sweeps)
+    als = local_search(weight, hessian, grid, a.codes, max(settings.local_search_sweeps, 1))
     out["admmq"] = (als.loss, a.seconds + als.seconds)
     out["admmq_iterations"] = a.iterations
     return out
+
+
+ABLATION = [
+    # (label, ADMM settings, local-search sweeps, init from GPTQ)
+    ("spec start: RTN init, rho 0.01, x1.05, stop 1e-5",
+     dict(init="rtn", rho_start=0.01, stop_tolerance=1e-5), 0),
+    ("+ GPTQ init", dict(rho_start=0.01, stop_tolerance=1e-5), 0),
+    ("+ rho_start 0.1, stop 1e-4 (default ADMM)", dict(), 0),
+    ("+ local search, 1 sweep (shipped default)", dict(), 1),
+    ("  local search, 2 sweeps", dict(), 2),
+    ("  slower schedule: rho 0.05, x1.02", dict(rho_start=0.05, rho_growth=1.02, iterations=300), 1),
+    ("  variant: CG W-update (3 steps)", dict(w_update="cg"), 1),
+    ("  variant: soft projection", dict(projection="soft"), 1),
+    ("  variant: random projection p=0.75", dict(projection="random", random_probability=0.75), 1),
+]
+
+
+def ablation(layers, bits: int, group_size: int) -> list[str]:
+    """What each change to ADMM-Q contributes: mean loss and time over act-order GPTQ's."""
+    spec = GridSpec(bits=bits, group_size=group_size, symmetric=False)
+    problems = []
+    for layer in layers:
+        grid = fit_grid(layer["weight"], spec)
+        base = gptq(layer["weight"], layer["hessian"], grid)
+        problems.append((layer, grid, base))
+    lines = [f"## What each idea contributes ({bits} bits, {len(problems)} layers)", "",
+             "| configuration | mean loss / gptq_act | max | time / gptq_act |", "|---|---|---|---|"]
+    for label, overrides, sweeps in ABLATION:
+        settings = ADMMSettings(**overrides)
+        ratios, seconds, base_seconds = [], 0.0, 0.0
+        for layer, grid, base in problems:
+            a = admmq(layer["weight"], layer["hessian"], grid, settings)
+            loss, spent = a.loss, a.seconds
+            if sweeps:
+                ls = local_search(layer["weight"], layer["hessian"], grid, a.codes, sweeps)
+                loss, spent = ls.loss, spent + ls.seconds
+            ratios.append(loss / base.loss)
+            seconds += spent
+            base_seconds += base.seconds
+        lines.append(f"| {label} | {statistics.fmean(ratios):.4f} | {max(ratios):.3f} | "
+                     f"{seconds / base_seconds:.2f} |")
+        print(lines[-1], file=sys.stderr, flush=True)
+    return lines + [""]
 
 
 def main(argv=None) -> int:
@@ -64,6 +107,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     parser.add_argument("--no-write", action="store_true", help="do not write benchmarks/results/")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also measure what each ADMM-Q idea contributes (blocks 12 and 24)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -132,6 +177,10 @@ def main(argv=None) -> int:
         lines += [f"| {k} | {v:.3f} |" for k, v in stats.items() if isinstance(v, float)]
         lines += [f"| seconds of {m} (sum over layers) | {s:.2f} |" for m, s in seconds.items()]
         lines.append("")
+    if args.ablation:
+        chosen = [layer for layer in layers if layer["block"] in (12, 24)] or layers
+        for bits in args.bits:
+            lines += ablation(chosen, bits, args.group_size)
     lines.append(f"Loading layers and Hessians took {load_seconds:.1f}s; the whole run "
                  f"{time.perf_counter() - started:.1f}s.")
     report = "\n".join(lines) + "\n"

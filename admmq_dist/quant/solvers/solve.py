@@ -25,7 +25,7 @@ class SolverSettings:
     method: Literal["admmq", "gptq", "rtn"] = "admmq"
     gptq: GPTQSettings = field(default_factory=GPTQSettings)
     admm: ADMMSettings = field(default_factory=ADMMSettings)
-    local_search_sweeps: int = 2
+    local_search_sweeps: int = 1
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
