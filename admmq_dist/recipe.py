@@ -1,0 +1,118 @@
+"""Recipes: YAML files that override the frozen settings dataclasses, and nothing else.
+
+A recipe mirrors the dataclasses' fields::
+
+    grid:   {bits: 3, group_size: 128, symmetric: false}
+    solver: {method: admmq, local_search_sweeps: 1,
+             admm: {rho_start: 0.1, rho_growth: 1.05}, gptq: {damp: 0.01}}
+
+Unknown keys are errors that name the key with its full path, so a typo never silently falls back
+to a default. The resolved recipe (:func:`to_mapping`) is what gets stored beside a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .quant.grid import GridSpec
+from .quant.solvers.solve import SolverSettings
+
+
+@dataclass(frozen=True)
+class Recipe:
+    grid: GridSpec = field(default_factory=GridSpec)
+    solver: SolverSettings = field(default_factory=SolverSettings)
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be applied; the message names the offending key."""
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the field type ``tp`` (bool, int, float, str, Literal, Optional)."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise RecipeError(f"{where}: {value!r} is not one of {typing.get_args(tp)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except RecipeError as exc:
+                errors.append(str(exc))
+        raise RecipeError(errors[0] if errors else f"{where}: {value!r} has the wrong type")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def override(instance: Any, updates: dict | None, where: str = "") -> Any:
+    """A copy of the frozen dataclass ``instance`` with ``updates`` (a nested mapping) applied."""
+    if updates is None:
+        return instance
+    if not isinstance(updates, dict):
+        raise RecipeError(f"{where or 'recipe'}: expected a mapping, got {updates!r}")
+    hints = typing.get_type_hints(type(instance))
+    names = {f.name for f in dataclasses.fields(instance)}
+    changes = {}
+    for key, value in updates.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise RecipeError(f"unknown recipe key '{path}'; known keys here: {sorted(names)}")
+        tp = hints[key]
+        if _is_dataclass_type(tp):
+            changes[key] = override(getattr(instance, key), value, path)
+        else:
+            changes[key] = _coerce(value, tp, path)
+    try:
+        return dataclasses.replace(instance, **changes)
+    except ValueError as exc:
+        raise RecipeError(f"{where or 'recipe'}: {exc}") from None
+
+
+def to_mapping(instance: Any) -> dict:
+    """The fully resolved settings as plain data (for YAML or JSON)."""
+    return dataclasses.asdict(instance)
+
+
+def load_recipe(path: str | Path, base: Recipe | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe file {str(path)!r} is not valid YAML: {exc}") from None
+    return override(base or Recipe(), data or {})

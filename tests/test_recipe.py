@@ -1,0 +1,64 @@
+import pytest
+import yaml
+
+from admmq_dist.recipe import Recipe, RecipeError, load_recipe, override, to_mapping
+
+
+def test_defaults_round_trip_through_yaml(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(to_mapping(Recipe())))
+    assert load_recipe(path) == Recipe()
+
+
+def test_nested_overrides_apply_and_keep_the_rest(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("grid: {bits: 3, group_size: null}\n"
+                    "solver: {admm: {rho_growth: 1.02, iterations: 300}, gptq: {damp: 0.05}}\n")
+    recipe = load_recipe(path)
+    assert recipe.grid.bits == 3 and recipe.grid.group_size is None
+    assert recipe.grid.symmetric is False
+    assert recipe.solver.admm.rho_growth == 1.02 and recipe.solver.admm.iterations == 300
+    assert recipe.solver.admm.rho_start == Recipe().solver.admm.rho_start
+    # ADMM-Q's GPTQ initialiser follows the solver's GPTQ settings.
+    assert recipe.solver.gptq.damp == 0.05 and recipe.solver.admm.gptq.damp == 0.05
+
+
+@pytest.mark.parametrize("text, message", [
+    ("grid: {bitz: 3}", "unknown recipe key 'grid.bitz'"),
+    ("solver: {admm: {rho: 1}}", "unknown recipe key 'solver.admm.rho'"),
+    ("calibration: {}", "unknown recipe key 'calibration'"),
+    ("grid: {bits: 5}", "bits=5"),
+    ("grid: {bits: three}", "grid.bits: expected an integer"),
+    ("grid: {symmetric: 1}", "grid.symmetric: expected true or false"),
+    ("solver: {method: awq}", "solver.method: 'awq' is not one of"),
+    ("grid: 3", "grid: expected a mapping"),
+])
+def test_bad_recipes_name_the_key(tmp_path, text, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        load_recipe(path)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grid: [unclosed")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(bad)
+
+
+def test_override_of_a_single_dataclass():
+    recipe = override(Recipe(), {"solver": {"local_search_sweeps": 3}})
+    assert recipe.solver.local_search_sweeps == 3
+
+
+def test_shipped_recipes_load():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 2
+    for path in recipes:
+        recipe = load_recipe(path)
+        assert recipe.grid.bits in (2, 3, 4, 8)
