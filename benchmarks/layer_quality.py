@@ -54,15 +54,18 @@ def run_layer(weight, hessian, grid, settings: SolverSettings) -> dict:
     return out
 
 
+SINGLE_RATE = dict(rho_slow_from=None, rho_growth=1.05)
 ABLATION = [
-    # (label, ADMM settings, local-search sweeps, init from GPTQ)
+    # (label, ADMM settings overrides, local-search sweeps)
     ("spec start: RTN init, rho 0.01, x1.05, stop 1e-5",
-     dict(init="rtn", rho_start=0.01, stop_tolerance=1e-5), 0),
-    ("+ GPTQ init", dict(rho_start=0.01, stop_tolerance=1e-5), 0),
-    ("+ rho_start 0.1, stop 1e-4 (default ADMM)", dict(), 0),
+     dict(SINGLE_RATE, init="rtn", rho_start=0.01, stop_tolerance=1e-5), 0),
+    ("+ GPTQ init", dict(SINGLE_RATE, rho_start=0.01, stop_tolerance=1e-5), 0),
+    ("+ rho_start 0.1, stop 1e-4", dict(SINGLE_RATE), 0),
+    ("+ two-phase schedule: x1.1 to rho 0.3, then x1.03 (default ADMM)", dict(), 0),
     ("+ local search, 1 sweep (shipped default)", dict(), 1),
     ("  local search, 2 sweeps", dict(), 2),
-    ("  slower schedule: rho 0.05, x1.02", dict(rho_start=0.05, rho_growth=1.02, iterations=300), 1),
+    ("  slower second phase: x1.02", dict(rho_growth_slow=1.02, iterations=300), 1),
+    ("  single rate x1.05 with local search", dict(SINGLE_RATE), 1),
     ("  variant: CG W-update (3 steps)", dict(w_update="cg"), 1),
     ("  variant: soft projection", dict(projection="soft"), 1),
     ("  variant: random projection p=0.75", dict(projection="random", random_probability=0.75), 1),
