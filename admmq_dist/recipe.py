@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -26,9 +26,47 @@ from .quant.solvers.solve import SolverSettings
 
 
 @dataclass(frozen=True)
+class CalibrationSettings:
+    """Where calibration text comes from and how it is cut into token windows."""
+
+    # A local .txt/.jsonl/.json/.parquet/.csv file or a hub dataset id ("name" or "name:config");
+    # None uses the text shipped with admmq-dist (a WikiText-2 excerpt, CC BY-SA 3.0).
+    dataset: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    num_samples: int = 128
+    seq_len: int = 512
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_samples", "seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """What the checkpoint looks like."""
+
+    format: Literal["compressed-tensors", "gptq"] = "compressed-tensors"
+    # "auto": the model's own dtype from its config (float16 where it names none).
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    # Module names (or parts of names) left unquantized; lm_head by default, as every tool does.
+    skip: tuple[str, ...] = ("lm_head",)
+    max_shard_gb: float = 4.0
+
+    def __post_init__(self) -> None:
+        if not self.max_shard_gb > 0:
+            raise ValueError(f"max_shard_gb={self.max_shard_gb} must be positive")
+
+
+@dataclass(frozen=True)
 class Recipe:
     grid: GridSpec = field(default_factory=GridSpec)
     solver: SolverSettings = field(default_factory=SolverSettings)
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+    output: OutputSettings = field(default_factory=OutputSettings)
 
 
 class RecipeError(ValueError):
@@ -59,6 +97,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except RecipeError as exc:
                 errors.append(str(exc))
         raise RecipeError(errors[0] if errors else f"{where}: {value!r} has the wrong type")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise RecipeError(f"{where}: expected a list of strings, got {value!r}")
+        return tuple(value)
     if tp is bool:
         if not isinstance(value, bool):
             raise RecipeError(f"{where}: expected true or false, got {value!r}")

@@ -26,7 +26,9 @@ def test_nested_overrides_apply_and_keep_the_rest(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("grid: {bitz: 3}", "unknown recipe key 'grid.bitz'"),
     ("solver: {admm: {rho: 1}}", "unknown recipe key 'solver.admm.rho'"),
-    ("calibration: {}", "unknown recipe key 'calibration'"),
+    ("calibrate: {}", "unknown recipe key 'calibrate'"),
+    ("output: {format: safetensors}", "output.format: 'safetensors' is not one of"),
+    ("output: {skip: lm_head}", "output.skip: expected a list of strings"),
     ("grid: {bits: 5}", "bits=5"),
     ("grid: {bits: three}", "grid.bits: expected an integer"),
     ("grid: {symmetric: 1}", "grid.symmetric: expected true or false"),

@@ -1,0 +1,56 @@
+"""Token perplexity of a model or a written checkpoint on WikiText-2-style text."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+# Tests and benchmarks evaluate on the first half of this file (the second half calibrates).
+WIKITEXT_TEST = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / \
+    "wikitext-2-raw" / "wiki.test.raw"
+
+
+def evaluation_text(dataset: str | None, split: str, text_field: str) -> str:
+    from .model.calibration import read_text, split_text
+
+    if dataset is not None:
+        return read_text(dataset, split=split, text_field=text_field)
+    if not WIKITEXT_TEST.is_file():
+        raise FileNotFoundError(
+            "no evaluation text given and the WikiText-2 test file is not beside the checkout; "
+            "pass --dataset FILE_OR_HUB_ID")
+    return split_text(read_text(str(WIKITEXT_TEST)), 0.5)[0]
+
+
+@torch.no_grad()
+def perplexity(model: str, *, dataset: str | None = None, split: str = "test",
+               text_field: str = "text", seq_len: int = 512, max_windows: int | None = None,
+               device: torch.device = torch.device("cpu")) -> dict:
+    """exp(mean token NLL) over consecutive non-overlapping windows of ``seq_len`` tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .model.loading import resolve_model_dir
+
+    model_dir = resolve_model_dir(model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    text = evaluation_text(dataset, split, text_field)
+    ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
+    windows = ids.numel() // seq_len
+    if max_windows is not None:
+        windows = min(windows, max_windows)
+    if windows < 1:
+        raise ValueError(f"the evaluation text has {ids.numel()} tokens, fewer than one window "
+                         f"of {seq_len}; give more text or a smaller --seq-len")
+    dtype = torch.float32 if device.type == "cpu" else None
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or "auto").to(device).eval()
+    total, count = 0.0, 0
+    for w in range(windows):
+        chunk = ids[w * seq_len:(w + 1) * seq_len].unsqueeze(0).to(device)
+        logits = lm(chunk, use_cache=False).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits[0, :-1], chunk[0, 1:], reduction="sum")
+        total += float(nll)
+        count += seq_len - 1
+    return {"ppl": math.exp(total / count), "windows": windows, "seq_len": seq_len,
+            "tokens": count, "model": model}

@@ -1,0 +1,70 @@
+"""Finding the decoder blocks of a causal LM and the linears to quantize inside them.
+
+Found generically rather than by a table of architectures: the blocks are the ``nn.ModuleList``
+with ``config.num_hidden_layers`` entries, and the targets are the ``nn.Linear`` modules inside a
+block. Which linears share an input (and so one Hessian) is observed from a forward pass
+(:mod:`admmq_dist.model.capture`), not assumed from names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class UnsupportedModelError(ValueError):
+    """The model's structure is not one this tool can quantize; the message says why."""
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where the decoder blocks live: ``prefix`` is the ModuleList's qualified name."""
+
+    prefix: str
+    num_blocks: int
+
+    def block_prefix(self, index: int) -> str:
+        return f"{self.prefix}.{index}"
+
+
+def find_blocks(model: nn.Module) -> tuple[BlockLayout, nn.ModuleList]:
+    """The decoder blocks: the ModuleList whose length is ``config.num_hidden_layers``."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    expected = getattr(text_config, "num_hidden_layers", None)
+    candidates = [(name, module) for name, module in model.named_modules()
+                  if isinstance(module, nn.ModuleList) and len(module) > 0
+                  and (expected is None or len(module) == expected)]
+    if not candidates:
+        raise UnsupportedModelError(
+            f"cannot find the decoder blocks of {type(model).__name__}: no list of "
+            f"{expected} layers; is this a causal language model?")
+    # The shallowest such list is the decoder's (vision towers nest deeper or differ in length).
+    name, blocks = min(candidates, key=lambda item: item[0].count("."))
+    return BlockLayout(name, len(blocks)), blocks
+
+
+def target_linears(block: nn.Module, skip: tuple[str, ...] = ()) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` modules of one block, by name relative to the block, in module order.
+
+    Refuses blocks whose experts are fused 3-D parameter tensors (mixture-of-experts in recent
+    transformers): those need per-expert routing statistics that this version does not capture.
+    """
+    for name, param in block.named_parameters():
+        if param.dim() == 3:
+            raise UnsupportedModelError(
+                f"parameter '{name}' is a fused {tuple(param.shape)} expert tensor; "
+                "mixture-of-experts blocks are not supported yet")
+    linears = {name: module for name, module in block.named_modules()
+               if isinstance(module, nn.Linear) and not any(s and s in name for s in skip)}
+    if not linears:
+        raise UnsupportedModelError("the decoder block has no nn.Linear layers to quantize")
+    return linears
+
+
+def module_dtype(module: nn.Module) -> torch.dtype:
+    for param in module.parameters():
+        return param.dtype
+    return torch.float32

@@ -1,0 +1,133 @@
+"""Hooks around decoder blocks: the inputs every block is called with, and which linears share an
+input (and therefore one Hessian).
+
+Blocks are called by the model with keyword arguments the model computes once (rotary position
+embeddings, attention masks — which may differ per block, as in Gemma's sliding-window layers).
+Rather than rebuild those per architecture, one forward pass runs the real embedding code with
+every block replaced by a recorder that stores its call and passes the hidden states through;
+block ``b`` is later run on the true hidden states with the arguments recorded for ``b``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+class _StopForward(Exception):
+    """Raised by the last recorder: nothing after the blocks (final norm, lm_head) is needed."""
+
+
+class _Recorder(nn.Module):
+    def __init__(self, inner: nn.Module, calls: list, keep_hidden: bool, last: bool) -> None:
+        super().__init__()
+        self.inner = inner
+        self._calls = calls
+        self._keep_hidden = keep_hidden
+        self._last = last
+
+    def __getattr__(self, name: str):
+        # The model may read attributes of its layers (attention type, layer index).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self._calls.append((hidden_states if self._keep_hidden else None, args, kwargs))
+        if self._last:
+            raise _StopForward
+        return hidden_states
+
+
+@dataclass
+class BlockCalls:
+    """What block ``b`` is called with, per calibration batch: ``args[b][i]``, ``kwargs[b][i]``."""
+
+    first_hidden: list[torch.Tensor] = field(default_factory=list)
+    args: list[list[tuple]] = field(default_factory=list)
+    kwargs: list[list[dict]] = field(default_factory=list)
+
+
+@torch.no_grad()
+def record_block_calls(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor],
+                       device: torch.device) -> BlockCalls:
+    """Run ``model`` on each batch of token ids with the blocks replaced by recorders.
+
+    Only the parts of the model before the blocks need real weights.
+    """
+    originals = list(blocks)
+    calls: list[list] = [[] for _ in originals]
+    try:
+        for b, block in enumerate(originals):
+            blocks[b] = _Recorder(block, calls[b], keep_hidden=b == 0, last=b == len(originals) - 1)
+        for batch in batches:
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        for b, block in enumerate(originals):
+            blocks[b] = block
+    if any(len(c) != len(batches) for c in calls):
+        raise RuntimeError("the model did not call every decoder block once per batch; "
+                           "its forward pass is not a plain loop over its layers")
+    return BlockCalls(first_hidden=[c[0] for c in calls[0]],
+                      args=[[c[1] for c in block_calls] for block_calls in calls],
+                      kwargs=[[c[2] for c in block_calls] for block_calls in calls])
+
+
+def block_output(output):
+    """Decoder layers return a tensor or a tuple whose first item is the hidden states."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def input_groups(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tensor,
+                 args: tuple, kwargs: dict) -> list[list[str]]:
+    """Linears grouped by the input tensor they receive, in the order the block first calls them.
+
+    q/k/v share the normed hidden states, gate/up the MLP input; quantizing group by group, each
+    group's Hessian taken after the earlier groups were quantized, is GPTQ's "true sequential".
+    """
+    seen: list[tuple[torch.Tensor, list[str]]] = []
+    handles = []
+
+    def hook(name):
+        def pre(module, inputs):
+            x = inputs[0]
+            for tensor, names in seen:
+                if tensor is x:
+                    names.append(name)
+                    return
+            seen.append((x, [name]))
+        return pre
+
+    for name, module in linears.items():
+        handles.append(module.register_forward_pre_hook(hook(name)))
+    try:
+        block(hidden[:1], *args, **_first_sample(kwargs))
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups = [names for _, names in seen]
+    missing = set(linears) - {n for g in groups for n in g}
+    if missing:
+        # Linears the sample never reached (unused experts, say) form a last group.
+        groups.append([n for n in linears if n in missing])
+    return groups
+
+
+def _first_sample(kwargs: dict) -> dict:
+    """Batch-first tensors sliced to one sample, so the grouping pass is cheap."""
+    out = {}
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] > 1:
+            out[key] = value[:1]
+        elif isinstance(value, tuple) and all(isinstance(v, torch.Tensor) for v in value):
+            out[key] = tuple(v[:1] if v.dim() > 0 and v.shape[0] > 1 else v for v in value)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,127 @@
+"""Loading a Hugging Face causal LM one piece at a time.
+
+The model is built with empty (meta) weights through accelerate, and each piece — the embeddings,
+then one decoder block at a time — is read from the safetensors files when it is needed, so the
+whole model never sits on the compute device (or in host memory) at once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from safetensors import safe_open
+from torch import nn
+
+# What a quantization run needs from a hub repository (no optimizer states, no other formats).
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+class ModelLoadError(ValueError):
+    """The model cannot be found or read; the message says what to do."""
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A local folder, or a hub id downloaded (or found in the cache when ``HF_HUB_OFFLINE=1``)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelLoadError(f"{model!r} is a file; pass the model's folder or a hub id")
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ModelLoadError(f"model folder {model!r} does not exist")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model, allow_patterns=HUB_PATTERNS))
+    except Exception as exc:  # the hub client raises many types; all mean "not available"
+        raise ModelLoadError(
+            f"cannot find model {model!r}: it is not a local folder and the hub answered: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+            "Pass a local folder, or check the name, your network and HF_HUB_OFFLINE") from None
+
+
+class TensorIndex:
+    """Where every tensor of a safetensors checkpoint lives; reads tensors one at a time."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = model_dir
+        index_file = model_dir / "model.safetensors.index.json"
+        if index_file.is_file():
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+            self.files = {name: model_dir / file for name, file in weight_map.items()}
+        else:
+            single = model_dir / "model.safetensors"
+            if not single.is_file():
+                raise ModelLoadError(
+                    f"{model_dir} has no model.safetensors or model.safetensors.index.json; "
+                    "only safetensors checkpoints can be quantized (convert .bin files first)")
+            with safe_open(single, "pt") as f:
+                self.files = {name: single for name in f.keys()}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def read(self, name: str) -> torch.Tensor:
+        with safe_open(self.files[name], "pt") as f:
+            return f.get_tensor(name)
+
+
+def build_skeleton(model_dir: Path, dtype: torch.dtype):
+    """``(config, model)`` with every parameter on the meta device (buffers are real)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read the config of {model_dir}: {exc}") from None
+    try:
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except ValueError as exc:
+        raise ModelLoadError(
+            f"{model_dir} is not a causal language model transformers can build "
+            f"(model_type {getattr(config, 'model_type', '?')!r}): {str(exc).splitlines()[0]}"
+        ) from None
+    model.eval()
+    return config, model
+
+
+def materialize(module: nn.Module, prefix: str, index: TensorIndex, device: torch.device,
+                dtype: torch.dtype, tied: dict[str, str] | None = None,
+                exclude: str | None = None) -> None:
+    """Load ``module``'s parameters and persistent buffers from ``index`` onto ``device``.
+
+    ``prefix`` is the module's qualified name in the checkpoint; ``tied`` maps a missing tensor
+    to the one it shares storage with (a tied ``lm_head`` reading the embeddings); names starting
+    with ``exclude`` are left alone (the decoder blocks, loaded one at a time later). Buffers that
+    are not saved (rotary frequencies) are moved to ``device`` as they are.
+    """
+    skip = exclude + "." if exclude else None
+    for name, buffer in list(module.named_buffers()):
+        if (skip is None or not name.startswith(skip)) and buffer.device != device:
+            owner, _, leaf = name.rpartition(".")
+            target = module.get_submodule(owner) if owner else module
+            target._buffers[leaf] = buffer.to(device)
+    for name, tensor in list(module.state_dict(keep_vars=True).items()):
+        if skip is not None and name.startswith(skip):
+            continue
+        full = f"{prefix}.{name}" if prefix else name
+        source = full if full in index else (tied or {}).get(full)
+        if source is None or source not in index:
+            raise ModelLoadError(f"tensor {full!r} is missing from the checkpoint files")
+        value = index.read(source)
+        if value.is_floating_point():
+            value = value.to(dtype)
+        set_module_tensor_to_device(module, name, device, value=value)
+
+
+def release(module: nn.Module) -> None:
+    """Return a module's memory: its parameters go back to the meta device."""
+    module.to_empty(device="meta")

@@ -1,0 +1,126 @@
+"""The sequential protocol end to end on tiny models of several architectures."""
+
+import json
+
+import pytest
+import torch
+
+from admmq_dist.cli import main
+from admmq_dist.model.arch import UnsupportedModelError, find_blocks, target_linears
+from admmq_dist.model.capture import block_output, input_groups, record_block_calls
+from admmq_dist.pipeline import quantize_model
+from admmq_dist.recipe import Recipe, override
+
+from tiny import sample_text, tiny_model_dir
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"]
+FAST = {"calibration": {"dataset": None, "num_samples": 8, "seq_len": 64, "batch_size": 4}}
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("llama"), "llama")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_replaying_recorded_block_calls_reproduces_the_forward_pass(tmp_path, arch):
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_model_dir(tmp_path, arch)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+        layout, blocks = find_blocks(model)
+        calls = record_block_calls(model, blocks, [ids], torch.device("cpu"))
+        hidden = calls.first_hidden[0]
+        for b, block in enumerate(blocks):
+            hidden = block_output(block(hidden, *calls.args[b][0], **calls.kwargs[b][0]))
+        logits = model.lm_head(model.model.norm(hidden))
+        if getattr(model.config, "final_logit_softcapping", None):
+            cap = model.config.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+    assert layout.num_blocks == 2
+    assert torch.allclose(logits, expected, atol=1e-5, rtol=1e-5)
+    groups = input_groups(blocks[0], target_linears(blocks[0]), calls.first_hidden[0],
+                          calls.args[0][0], calls.kwargs[0][0])
+    flat = [name for group in groups for name in group]
+    assert sorted(flat) == sorted(target_linears(blocks[0]))
+
+
+def test_llama_groups_are_true_sequential(llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    layout, blocks = find_blocks(model)
+    ids = torch.randint(0, 100, (1, 16))
+    with torch.no_grad():
+        calls = record_block_calls(model, blocks, [ids], torch.device("cpu"))
+        groups = input_groups(blocks[0], target_linears(blocks[0], ("lm_head",)),
+                              calls.first_hidden[0], calls.args[0][0], calls.kwargs[0][0])
+    assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                      ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+def run(llama_dir, out, **updates):
+    recipe = override(Recipe(), {**FAST, **updates})
+    return quantize_model(str(llama_dir), out, recipe, device=torch.device("cpu"), progress=False)
+
+
+def test_methods_rank_as_expected_and_checkpoints_load(llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    losses = {}
+    for method in ("rtn", "gptq", "admmq"):
+        out = tmp_path / method
+        summary = run(llama_dir, out, grid={"bits": 3, "group_size": 32},
+                      solver={"method": method})
+        assert summary["layers"] == 14
+        report = [json.loads(line) for line in (out / "report.jsonl").read_text().splitlines()]
+        assert len(report) == 14 and {r["method"] for r in report} == {method.replace("gptq", "gptq-act")}
+        losses[method] = sum(r["loss"] for r in report)
+    assert losses["admmq"] < losses["gptq"] < losses["rtn"]
+    assert losses["admmq"] < 0.9 * losses["gptq"]
+    ids = torch.randint(0, 300, (1, 32), generator=torch.Generator().manual_seed(1))
+    floatm = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    quant = AutoModelForCausalLM.from_pretrained(tmp_path / "admmq", dtype=torch.float32)
+    with torch.no_grad():
+        diff = (quant(ids).logits - floatm(ids).logits).abs().max()
+    assert float(diff) < 0.5  # 3-bit on random weights: close, not equal
+
+
+def test_eight_bit_checkpoint_matches_the_float_model(llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run(llama_dir, tmp_path / "w8", grid={"bits": 8, "group_size": 32}, output={"dtype": "float32"})
+    ids = torch.randint(0, 300, (1, 32), generator=torch.Generator().manual_seed(2))
+    floatm = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    quant = AutoModelForCausalLM.from_pretrained(tmp_path / "w8", dtype=torch.float32)
+    with torch.no_grad():
+        a, b = quant(ids).logits, floatm(ids).logits
+    assert float((a - b).abs().max()) < 0.02 * float(b.abs().max())
+
+
+def test_cli_quantize_json_and_refusals(llama_dir, tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["quantize", str(llama_dir), "-o", str(out), "--bits", "4", "--group-size", "32",
+            "--num-samples", "4", "--seq-len", "32", "--json"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["bits"] == 4 and summary["layers"] == 14 and summary["mean_loss"] > 0
+    assert main(args) == 1  # the folder exists now
+    assert "exists" in capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 0
+    assert main(["quantize", str(tmp_path / "nope"), "-o", str(tmp_path / "x")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["quantize", str(llama_dir), "-o", str(tmp_path / "g"), "--format", "gptq",
+                 "--asym"]) == 1
+    assert "GPTQ" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists() and not (tmp_path / "x").exists()
+
+
+def test_fused_experts_are_refused():
+    block = torch.nn.Module()
+    block.experts = torch.nn.Parameter(torch.zeros(4, 8, 8))
+    with pytest.raises(UnsupportedModelError, match="expert"):
+        target_linears(block)
