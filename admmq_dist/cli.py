@@ -144,7 +144,7 @@ def cmd_quantize(args) -> int:
     recipe = _recipe_from_args(args)
     summary = quantize_model(_model_or_embedded(args.model), args.output, recipe,
                              device=_device(args.device), overwrite=args.overwrite,
-                             progress=sys.stderr.isatty())
+                             progress=True)
     print(f"wrote {summary['layers']} quantized linears to {args.output} "
           f"({summary['format']}, {summary['bits']}-bit, group {summary['group_size']}); "
           f"mean relative loss {summary['mean_loss']:.5f}; "

@@ -12,6 +12,7 @@ import importlib.resources
 import json
 import logging
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -114,7 +115,8 @@ def quantize_model(model: str, out_dir: Path, recipe: Recipe, *, device: torch.d
     try:
         hidden = [h.to(compute_dtype) for h in calls.first_hidden]
         quantized_names: set[str] = set()
-        bar = tqdm(range(layout.num_blocks), desc="blocks", unit="block", disable=not progress)
+        bar = tqdm(range(layout.num_blocks), desc="blocks", unit="block", disable=not progress,
+                   mininterval=1 if sys.stderr.isatty() else 30)
         for b in bar:
             prefix = layout.block_prefix(b)
             block = blocks[b]
