@@ -19,8 +19,7 @@ def test_nested_overrides_apply_and_keep_the_rest(tmp_path):
     assert recipe.grid.symmetric is False
     assert recipe.solver.admm.rho_growth == 1.02 and recipe.solver.admm.iterations == 300
     assert recipe.solver.admm.rho_start == Recipe().solver.admm.rho_start
-    # ADMM-Q's GPTQ initialiser follows the solver's GPTQ settings.
-    assert recipe.solver.gptq.damp == 0.05 and recipe.solver.admm.gptq.damp == 0.05
+    assert recipe.solver.gptq.damp == 0.05
 
 
 @pytest.mark.parametrize("text, message", [
@@ -64,3 +63,8 @@ def test_shipped_recipes_load():
     for path in recipes:
         recipe = load_recipe(path)
         assert recipe.grid.bits in (2, 3, 4, 8)
+
+
+def test_gptq_settings_live_under_solver_gptq_only():
+    with pytest.raises(RecipeError, match="unknown recipe key 'solver.admm.gptq'"):
+        override(Recipe(), {"solver": {"admm": {"gptq": {"damp": 0.05}}}})

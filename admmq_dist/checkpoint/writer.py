@@ -18,8 +18,14 @@ Two on-disk formats (shared/docs/checkpoint-formats.md describes both):
   * ``qweight`` int32 ``[words(K), N]``, ``qzeros`` int32 ``[G, words(N)]`` holding ``zero - 1``,
     ``scales`` float16 ``[G, N]``, ``g_idx`` int32 ``[K]`` (``i // group_size``).
   v1 readers add 1 back to every stored zero, so a zero point of 0 cannot be represented; the
-  writer therefore accepts only symmetric grids for GPTQ. Readers size the tensors with floor
-  divisions (``K // pack``, ``N // pack``), so ``K`` and ``N`` must be multiples of the pack width.
+  writer therefore accepts only symmetric grids for GPTQ. Readers size these tensors from
+  ``K * bits / 32`` and ``N * bits / 32`` (gptqmodel 7.6 rounds up; its 3-bit unpacking walks whole
+  3-word blocks), formulas that agree with the padded layout only for whole packing blocks, so
+  ``K`` and ``N`` must be multiples of ``32 // bits`` (of 32 for 3-bit).
+
+Which engines run what (checked against their sources, Nov 2026): transformers + compressed-tensors
+dequantise any of 2/3/4/8 bits on CPU; vLLM's compressed-tensors W*A16 path takes 4 and 8 bits
+only, while its GPTQ path also takes 2 and 3 bits (symmetric; Marlin kernels only 4/8).
 
 Everything is written into a hidden temporary folder beside ``out_dir``; ``finalize()`` renames it
 into place, so a run killed half way never leaves a folder that looks like a complete checkpoint,
@@ -130,9 +136,10 @@ class CheckpointWriter:
             writer.finalize(config=model.config.to_dict(), source_dir=src, ignore=["lm_head"])
 
     Leaving the ``with`` block without ``finalize()`` (an exception, or simply forgetting) removes
-    the temporary folder. Tensors are buffered in memory until about ``max_shard_bytes`` have
-    accumulated, then written as one shard; a single tensor larger than that gets a shard of its
-    own. The tensors of one quantized module always land in the same shard.
+    the temporary folder; a killed process leaves only the hidden ``.<name>.partial-*`` folder
+    beside ``out_dir``, which is safe to delete. Tensors are buffered in memory until about
+    ``max_shard_bytes`` have accumulated, then written as one shard; a single tensor larger than
+    that gets a shard of its own. The tensors of one quantized module always land in the same shard.
     """
 
     def __init__(
@@ -195,7 +202,7 @@ class CheckpointWriter:
         self._shard_files: list[str] = []  # temporary shard names, in write order
         self._weight_map: dict[str, str] = {}  # tensor name -> temporary shard name
         self._total_size = 0
-        self._quantized: list[str] = []  # module names, in write order
+        self._quantized: dict[str, None] = {}  # module names, in write order (an ordered set)
 
     # ------------------------------------------------------------------------------ public API
 
@@ -266,7 +273,7 @@ class CheckpointWriter:
         for name in tensors:
             self._check_name(name)
         self._add_group(tensors)
-        self._quantized.append(module_name)
+        self._quantized[module_name] = None
 
     def finalize(
         self,
@@ -339,7 +346,9 @@ class CheckpointWriter:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Check that the format can hold ``grid`` exactly; return (scale, zero) ready to store."""
         if not isinstance(grid, Grid):
-            raise TypeError(f"{module}: grid must be an admmq_dist.quant.grid.Grid, got {type(grid).__name__}")
+            raise TypeError(
+                f"{module}: grid must be an admmq_dist.quant.grid.Grid, got {type(grid).__name__}"
+            )
         if grid.bits != self.bits:
             raise ValueError(f"{module}: grid has {grid.bits} bits but the writer writes {self.bits}-bit")
         rows, cols = grid.rows, grid.cols
@@ -413,8 +422,8 @@ class CheckpointWriter:
     def _gptq_layer(
         self, module: str, codes: torch.Tensor, grid: Grid, scale: torch.Tensor, zero: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        # GPTQ readers allocate qweight [K // pack, N] and qzeros [G, N // pack] (3-bit: 32 values
-        # per 3 words), so dimensions that are not whole packing blocks cannot be loaded.
+        # Readers' buffer sizes and 3-bit unpacking assume whole packing blocks (see the module
+        # docstring); a layer that is not made of them would load with a shape mismatch or garbage.
         block = 32 if self.bits == 3 else 32 // self.bits
         for what, size in (("in_features", grid.cols), ("out_features", grid.rows)):
             if size % block:

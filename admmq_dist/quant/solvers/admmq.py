@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -60,7 +60,6 @@ class ADMMSettings:
     # Randomised projection: each coordinate is re-projected with this probability.
     random_probability: float = 0.5
     seed: int = 0
-    gptq: GPTQSettings = field(default_factory=GPTQSettings)
 
     def __post_init__(self) -> None:
         if self.iterations < 0:
@@ -92,7 +91,8 @@ class ADMMSettings:
 def admmq(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
           settings: ADMMSettings = ADMMSettings(), *,
           activations: torch.Tensor | None = None,
-          init_codes: torch.Tensor | None = None) -> SolverResult:
+          init_codes: torch.Tensor | None = None,
+          gptq_settings: GPTQSettings = GPTQSettings()) -> SolverResult:
     """Run ADMM-Q on one layer.
 
     ``weight``: ``[m, n]``; ``hessian``: ``[n, n]`` undamped ``X Xᵀ / N``. With
@@ -121,7 +121,7 @@ def admmq(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
     if init_codes is not None:
         codes0 = init_codes.to(device=device, dtype=torch.int32)
     elif settings.init == "gptq" and h0 is not None:
-        codes0 = gptq(w0, h0, grid, settings.gptq).codes
+        codes0 = gptq(w0, h0, grid, gptq_settings).codes
     else:
         codes0 = grid.codes(loop.W0)  # dead input columns already zeroed
     best_codes, best_loss, iterations, history = _run(loop, codes0, grid, settings)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -34,9 +34,6 @@ class SolverSettings:
             raise ValueError(
                 f"local_search_sweeps={self.local_search_sweeps} must be non-negative"
             )
-        # ADMM-Q initialised from GPTQ uses the same GPTQ settings as the GPTQ method.
-        if self.admm.gptq != self.gptq:
-            object.__setattr__(self, "admm", replace(self.admm, gptq=self.gptq))
 
 
 def solve(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid,
@@ -51,7 +48,8 @@ def solve(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid,
     elif settings.method == "gptq":
         result = gptq(weight, hessian, grid, settings.gptq)
     else:
-        result = admmq(weight, hessian, grid, settings.admm)
+        # ADMM-Q's GPTQ start uses the same GPTQ settings as the GPTQ method.
+        result = admmq(weight, hessian, grid, settings.admm, gptq_settings=settings.gptq)
     if settings.local_search_sweeps:
         polished = local_search(weight, hessian, grid, result.codes, settings.local_search_sweeps,
                                 method=result.method)
