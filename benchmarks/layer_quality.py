@@ -44,11 +44,11 @@ def run_layer(weight, hessian, grid, settings: SolverSettings) -> dict:
     out["gptq"] = (g.loss, g.seconds)
     ga = gptq(weight, hessian, grid, replace(settings.gptq, act_order=True))
     out["gptq_act"] = (ga.loss, ga.seconds)
-    gls = local_search(weight, hessian, grid, ga.codes, max(settings.local_search_sweeps, 1))
+    gls = local_search(weight, hessian, grid, ga.codes, max(settings.sweeps, 1))
     out["gptq_act_ls"] = (gls.loss, ga.seconds + gls.seconds)
     a = admmq(weight, hessian, grid, settings.admm, gptq_settings=settings.gptq)
     out["admmq_only"] = (a.loss, a.seconds)
-    als = local_search(weight, hessian, grid, a.codes, max(settings.local_search_sweeps, 1))
+    als = local_search(weight, hessian, grid, a.codes, max(settings.sweeps, 1))
     out["admmq"] = (als.loss, a.seconds + als.seconds)
     out["admmq_iterations"] = a.iterations
     return out
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
         "WikiText-2 tokens (second half of the test file)",
         f"- grid: asymmetric, group {args.group_size}, min-max; every method on the same grid",
         f"- ADMM-Q settings: {settings.admm.__dict__}",
-        f"- local search sweeps: {settings.local_search_sweeps}",
+        f"- local search sweeps: {settings.sweeps}",
         f"- machine: {platform.processor() or platform.machine()}, torch threads {args.threads}, "
         f"torch {torch.__version__}",
         "- `admmq` is ADMM-Q followed by local search (the shipped default); `admmq_only` is "

@@ -128,12 +128,13 @@ def test_fused_experts_are_refused():
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"])
 def test_every_dense_family_quantizes_and_loads(tmp_path, arch):
-    """Quantize (GPTQ, 4-bit, per-channel: any width) and load back through transformers."""
+    """Quantize (GPTQ, 8-bit, per-channel: any width) and load back through transformers."""
     from transformers import AutoModelForCausalLM
 
     folder = tiny_model_dir(tmp_path / "src", arch)
     out = tmp_path / "out"
-    summary = run(folder, out, grid={"bits": 4, "group_size": None}, solver={"method": "gptq"})
+    summary = run(folder, out, grid={"bits": 8, "group_size": None}, solver={"method": "gptq"},
+                  output={"dtype": "float32"})
     floatm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     quant = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     linears = sum(1 for n, m in floatm.named_modules()
@@ -143,4 +144,4 @@ def test_every_dense_family_quantizes_and_loads(tmp_path, arch):
     with torch.no_grad():
         a, b = quant(ids).logits, floatm(ids).logits
     assert torch.isfinite(a).all()
-    assert float((a - b).abs().max()) < 0.25 * float(b.abs().max())
+    assert float((a - b).abs().max()) < 0.05 * float(b.abs().max())

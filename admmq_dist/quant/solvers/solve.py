@@ -25,15 +25,24 @@ class SolverSettings:
     method: Literal["admmq", "gptq", "rtn"] = "admmq"
     gptq: GPTQSettings = field(default_factory=GPTQSettings)
     admm: ADMMSettings = field(default_factory=ADMMSettings)
-    local_search_sweeps: int = 1
+    # None: one sweep after ADMM-Q, none after GPTQ and RTN, so that those stay the standard
+    # baselines; set it to polish any method.
+    local_search_sweeps: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} must be one of {METHODS}")
-        if self.local_search_sweeps < 0:
+        if self.local_search_sweeps is not None and self.local_search_sweeps < 0:
             raise ValueError(
                 f"local_search_sweeps={self.local_search_sweeps} must be non-negative"
             )
+
+    @property
+    def sweeps(self) -> int:
+        """The local-search sweeps that actually run after the method."""
+        if self.local_search_sweeps is not None:
+            return self.local_search_sweeps
+        return 1 if self.method == "admmq" else 0
 
 
 def solve(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid,
@@ -50,8 +59,8 @@ def solve(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid,
     else:
         # ADMM-Q's GPTQ start uses the same GPTQ settings as the GPTQ method.
         result = admmq(weight, hessian, grid, settings.admm, gptq_settings=settings.gptq)
-    if settings.local_search_sweeps:
-        polished = local_search(weight, hessian, grid, result.codes, settings.local_search_sweeps,
+    if settings.sweeps:
+        polished = local_search(weight, hessian, grid, result.codes, settings.sweeps,
                                 method=result.method)
         history = {**result.history, "local_search_loss": polished.history["loss"]}
         result = SolverResult(result.method, polished.codes, grid, polished.weight, polished.loss,
