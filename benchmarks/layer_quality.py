@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from admmq_dist.quant.grid import GridSpec, fit_grid  # noqa: E402
-from admmq_dist.quant.solvers import ADMMSettings, GPTQSettings, admmq, gptq, local_search, rtn  # noqa: E402
+from admmq_dist.quant.solvers import ADMMSettings, admmq, gptq, local_search, rtn  # noqa: E402
 from admmq_dist.quant.solvers.solve import SolverSettings  # noqa: E402
 from real_layers import load_real_layers  # noqa: E402
 

@@ -11,7 +11,7 @@ from admmq_dist.model.capture import block_output, input_groups, record_block_ca
 from admmq_dist.pipeline import quantize_model
 from admmq_dist.recipe import Recipe, override
 
-from tiny import sample_text, tiny_model_dir
+from tiny import tiny_model_dir
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"]
 FAST = {"calibration": {"dataset": None, "num_samples": 8, "seq_len": 64, "batch_size": 4}}

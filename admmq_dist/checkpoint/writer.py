@@ -258,7 +258,7 @@ class CheckpointWriter:
                 "skip the weights of quantized modules"
             )
         scale, zero = self._check_layer(module_name, codes, grid)
-        rows, cols = grid.rows, grid.cols
+        rows, _cols = grid.rows, grid.cols
 
         if self.format == "compressed-tensors":
             tensors = self._compressed_tensors_layer(module_name, codes, grid, scale, zero)

@@ -15,14 +15,13 @@ the new ``Z``) while the true objective of every iterate comes free.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from ..grid import Grid, codes_of, dequantize_codes
+from ..grid import Grid, dequantize_codes
 from ..hessian import condition, relative_loss
 from .gptq import GPTQSettings, gptq
 from .result import SolverResult
