@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--seq-len", type=int)
     cal.add_argument("--batch-size", type=int)
     cal.add_argument("--seed", type=int)
+    cal.add_argument("--min-expert-tokens", type=int, help="MoE: experts routed fewer calibration "
+                     "tokens use --expert-fallback (default: the hidden size)")
+    cal.add_argument("--expert-fallback", choices=("all-tokens", "rtn"))
     out = q.add_argument_group("output")
     out.add_argument("--format", choices=("compressed-tensors", "gptq"))
     out.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"))
@@ -108,7 +111,8 @@ def _recipe_from_args(args):
         updates["solver"]["gptq"]["damp"] = args.damp
     if args.act_order is not None:
         updates["solver"]["gptq"]["act_order"] = args.act_order
-    for arg in ("dataset", "split", "text_field", "num_samples", "seq_len", "batch_size", "seed"):
+    for arg in ("dataset", "split", "text_field", "num_samples", "seq_len", "batch_size", "seed",
+                "min_expert_tokens", "expert_fallback"):
         if getattr(args, arg) is not None:
             updates["calibration"][arg] = getattr(args, arg)
     for arg in ("format", "dtype"):

@@ -38,11 +38,20 @@ class CalibrationSettings:
     seq_len: int = 512
     batch_size: int = 8
     seed: int = 0
+    # Mixture-of-experts: an expert routed fewer calibration tokens than this (None: the model's
+    # hidden size, below which its Hessian is rank-deficient) is calibrated by `expert_fallback`:
+    # "all-tokens" runs it on every token reaching the block for its Hessians, "rtn" rounds it.
+    min_expert_tokens: int | None = None
+    expert_fallback: Literal["all-tokens", "rtn"] = "all-tokens"
 
     def __post_init__(self) -> None:
         for name in ("num_samples", "seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.min_expert_tokens is not None and self.min_expert_tokens < 0:
+            raise ValueError(f"min_expert_tokens={self.min_expert_tokens} must be non-negative")
+        if self.expert_fallback not in ("all-tokens", "rtn"):
+            raise ValueError(f"expert_fallback={self.expert_fallback!r} must be 'all-tokens' or 'rtn'")
 
 
 @dataclass(frozen=True)

@@ -119,11 +119,22 @@ def test_cli_quantize_json_and_refusals(llama_dir, tmp_path, capsys):
     assert not (tmp_path / "g").exists() and not (tmp_path / "x").exists()
 
 
-def test_fused_experts_are_refused():
+def test_fused_experts_of_an_unknown_layout_are_refused():
+    from admmq_dist.model.moe import unfuse_experts
+
     block = torch.nn.Module()
     block.experts = torch.nn.Parameter(torch.zeros(4, 8, 8))
     with pytest.raises(UnsupportedModelError, match="expert"):
         target_linears(block)
+    # gpt-oss style: biases and a transposed layout; not split silently into wrong linears.
+    block = torch.nn.Module()
+    block.mlp = torch.nn.Module()
+    block.mlp.experts = torch.nn.Module()
+    block.mlp.experts.gate_up_proj = torch.nn.Parameter(torch.zeros(4, 8, 32))
+    block.mlp.experts.gate_up_proj_bias = torch.nn.Parameter(torch.zeros(4, 32))
+    block.mlp.experts.down_proj = torch.nn.Parameter(torch.zeros(4, 16, 8))
+    with pytest.raises(UnsupportedModelError, match="mlp.experts.*gate_up_proj_bias"):
+        unfuse_experts(block, "model.layers.0", [])
 
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"])

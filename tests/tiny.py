@@ -45,6 +45,13 @@ def tiny_model_dir(root: Path, model_type: str = "llama", seed: int = 0, **overr
                   bos_token_id=0, eos_token_id=0, pad_token_id=0)
     if model_type in ("gemma2", "gemma3_text"):
         kwargs.update(head_dim=16)
+    if model_type == "mixtral":
+        kwargs.update(num_local_experts=4, num_experts_per_tok=2)
+    if model_type in ("qwen2_moe", "qwen3_moe"):
+        kwargs.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                      decoder_sparse_step=1, norm_topk_prob=True)
+    if model_type == "qwen2_moe":
+        kwargs.update(shared_expert_intermediate_size=128)
     kwargs.update(overrides)
     config = AutoConfig.for_model(model_type, **kwargs)
     torch.manual_seed(seed)

@@ -84,15 +84,36 @@ def block_output(output):
     return output[0] if isinstance(output, tuple) else output
 
 
+@dataclass(frozen=True)
+class Stage:
+    """Groups of linears whose Hessians one calibration pass captures together.
+
+    ``groups`` lists linears (block-relative names) that share an input, hence one Hessian.
+    ``experts`` is the :class:`~admmq_dist.model.moe.ExpertList` path when the stage is one role
+    of every expert (``role`` 0: gate/up, 1: down); experts are independent of one another, so
+    all of them are captured in one pass instead of one pass per expert.
+    """
+
+    groups: list[list[str]]
+    experts: str | None = None
+    role: int = 0
+
+
 @torch.no_grad()
-def input_groups(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tensor,
-                 args: tuple, kwargs: dict) -> list[list[str]]:
+def calibration_stages(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tensor,
+                       args: tuple, kwargs: dict) -> list[Stage]:
     """Linears grouped by the input tensor they receive, in the order the block first calls them.
 
-    q/k/v share the normed hidden states, gate/up the MLP input; quantizing group by group, each
-    group's Hessian taken after the earlier groups were quantized, is GPTQ's "true sequential".
+    q/k/v share the normed hidden states, gate/up the MLP input; quantizing stage by stage, each
+    stage's Hessians taken after the earlier stages were quantized, is GPTQ's "true sequential".
+    Experts are grouped by their structure (gate/up of each expert, then every down) rather than
+    by what one sample happens to route, and placed where the block first calls them.
     """
-    seen: list[tuple[torch.Tensor, list[str]]] = []
+    from .moe import expert_lists
+
+    experts = expert_lists(block)
+    in_experts = {n for n in linears for p in experts if n.startswith(p + ".")}
+    seen: list[tuple[object, list[str]]] = []
     handles = []
 
     def hook(name):
@@ -105,19 +126,52 @@ def input_groups(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.
             seen.append((x, [name]))
         return pre
 
+    def expert_hook(path):
+        def pre(module, inputs):
+            if not any(key == path for key, _ in seen):
+                seen.append((path, []))
+        return pre
+
     for name, module in linears.items():
-        handles.append(module.register_forward_pre_hook(hook(name)))
+        if name not in in_experts:
+            handles.append(module.register_forward_pre_hook(hook(name)))
+    for path, module in experts.items():
+        handles.append(module.register_forward_pre_hook(expert_hook(path)))
     try:
         block(hidden[:1], *args, **_first_sample(kwargs))
     finally:
         for handle in handles:
             handle.remove()
-    groups = [names for _, names in seen]
-    missing = set(linears) - {n for g in groups for n in g}
+    stages = []
+    for key, names in seen:
+        if isinstance(key, str):
+            stages.extend(_expert_stages(key, experts[key], linears))
+        else:
+            stages.append(Stage([names]))
+    missing = [n for n in linears if n not in in_experts and not any(
+        n in g for st in stages for g in st.groups)]
     if missing:
-        # Linears the sample never reached (unused experts, say) form a last group.
-        groups.append([n for n in linears if n in missing])
-    return groups
+        # Linears the sample never reached: each is its own group (inputs unknown, not shared).
+        stages.append(Stage([[n] for n in missing]))
+    for path in experts:
+        if not any(st.experts == path for st in stages):
+            stages.extend(_expert_stages(path, experts[path], linears))
+    return stages
+
+
+def _expert_stages(path: str, experts, linears) -> list[Stage]:
+    gate, up, down = experts.roles
+    first = [[n for n in (f"{path}.{e}.{gate}", f"{path}.{e}.{up}") if n in linears]
+             for e in range(len(experts))]
+    second = [[f"{path}.{e}.{down}"] for e in range(len(experts)) if f"{path}.{e}.{down}" in linears]
+    return [st for st in (Stage([g for g in first if g], path, 0), Stage(second, path, 1))
+            if st.groups]
+
+
+def input_groups(block: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tensor,
+                 args: tuple, kwargs: dict) -> list[list[str]]:
+    """The groups of :func:`calibration_stages`, flattened in order."""
+    return [g for st in calibration_stages(block, linears, hidden, args, kwargs) for g in st.groups]
 
 
 def _first_sample(kwargs: dict) -> dict:

@@ -44,10 +44,36 @@ def resolve_model_dir(model: str) -> Path:
             "Pass a local folder, or check the name, your network and HF_HUB_OFFLINE") from None
 
 
-class TensorIndex:
-    """Where every tensor of a safetensors checkpoint lives; reads tensors one at a time."""
+def _checkpoint_renamings(model_type: str | None):
+    """transformers' key renamings for ``model_type`` (checkpoint name -> module path).
 
-    def __init__(self, model_dir: Path) -> None:
+    Read from transformers rather than copied: it owns the table (Mixtral's ``block_sparse_moe``
+    is ``mlp`` in the module tree, for one). Only plain renamings are used; the fused-expert
+    converters are undone by :mod:`admmq_dist.model.moe` instead.
+    """
+    if not model_type:
+        return None
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # older transformers: checkpoint names are module paths
+        return None
+    renamings = [t for t in get_checkpoint_conversion_mapping(model_type) or []
+                 if isinstance(t, WeightRenaming)]
+    if not renamings:
+        return None
+    return lambda name: rename_source_key(name, renamings, [])[0]
+
+
+class TensorIndex:
+    """Where every tensor of a safetensors checkpoint lives; reads tensors one at a time.
+
+    Tensors are looked up by module path (what ``state_dict()`` of the built model says);
+    :meth:`disk_name` gives the name in the files, which the writer keeps so that engines that
+    follow the original layout (vLLM) find them.
+    """
+
+    def __init__(self, model_dir: Path, model_type: str | None = None) -> None:
         self.model_dir = model_dir
         index_file = model_dir / "model.safetensors.index.json"
         if index_file.is_file():
@@ -61,16 +87,30 @@ class TensorIndex:
                     "only safetensors checkpoints can be quantized (convert .bin files first)")
             with safe_open(single, "pt") as f:
                 self.files = {name: single for name in f.keys()}
+        rename = _checkpoint_renamings(model_type)
+        self._disk = {(rename(n) if rename else n): n for n in self.files}
 
     def __contains__(self, name: str) -> bool:
-        return name in self.files
+        """Whether the module-path tensor ``name`` is in the checkpoint."""
+        return name in self._disk
 
     def names(self) -> list[str]:
+        """Checkpoint (disk) names."""
         return list(self.files)
 
+    def module_names(self) -> list[str]:
+        """Module-path names, in the order of :meth:`names`."""
+        return list(self._disk)
+
+    def disk_name(self, name: str) -> str:
+        """The checkpoint name of module-path tensor ``name`` (itself when not renamed)."""
+        return self._disk.get(name, name)
+
     def read(self, name: str) -> torch.Tensor:
-        with safe_open(self.files[name], "pt") as f:
-            return f.get_tensor(name)
+        """A tensor by module path or checkpoint name."""
+        disk = name if name in self.files else self._disk[name]
+        with safe_open(self.files[disk], "pt") as f:
+            return f.get_tensor(disk)
 
 
 def build_skeleton(model_dir: Path, dtype: torch.dtype):
@@ -95,22 +135,22 @@ def build_skeleton(model_dir: Path, dtype: torch.dtype):
 
 def materialize(module: nn.Module, prefix: str, index: TensorIndex, device: torch.device,
                 dtype: torch.dtype, tied: dict[str, str] | None = None,
-                exclude: str | None = None) -> None:
+                exclude: tuple[str, ...] = ()) -> None:
     """Load ``module``'s parameters and persistent buffers from ``index`` onto ``device``.
 
     ``prefix`` is the module's qualified name in the checkpoint; ``tied`` maps a missing tensor
-    to the one it shares storage with (a tied ``lm_head`` reading the embeddings); names starting
-    with ``exclude`` are left alone (the decoder blocks, loaded one at a time later). Buffers that
-    are not saved (rotary frequencies) are moved to ``device`` as they are.
+    to the one it shares storage with (a tied ``lm_head`` reading the embeddings); names under a
+    module path in ``exclude`` are left alone (the decoder blocks, loaded one at a time later).
+    Buffers that are not saved (rotary frequencies) are moved to ``device`` as they are.
     """
-    skip = exclude + "." if exclude else None
+    skip = tuple(e + "." for e in exclude)
     for name, buffer in list(module.named_buffers()):
-        if (skip is None or not name.startswith(skip)) and buffer.device != device:
+        if not name.startswith(skip) and buffer.device != device:
             owner, _, leaf = name.rpartition(".")
             target = module.get_submodule(owner) if owner else module
             target._buffers[leaf] = buffer.to(device)
     for name, tensor in list(module.state_dict(keep_vars=True).items()):
-        if skip is not None and name.startswith(skip):
+        if skip and name.startswith(skip):
             continue
         full = f"{prefix}.{name}" if prefix else name
         source = full if full in index else (tied or {}).get(full)
