@@ -104,6 +104,11 @@ class Grid:
         g = torch.arange(start, stop, device=self.scale.device) // self.group_size
         return self.scale[:, g], self.zero[:, g]
 
+    def row_slice(self, start: int, stop: int) -> "Grid":
+        """The grid of rows ``start:stop`` (grids are fitted row by row, so this is exact)."""
+        return Grid(self.bits, self.group_size, self.cols, self.symmetric,
+                    self.scale[start:stop], self.zero[start:stop])
+
     def to(self, device: torch.device | str) -> "Grid":
         return Grid(self.bits, self.group_size, self.cols, self.symmetric,
                     self.scale.to(device), self.zero.to(device))

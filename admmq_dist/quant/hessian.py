@@ -121,11 +121,17 @@ def damp(hessian: torch.Tensor, fraction: float) -> torch.Tensor:
     return out
 
 
-def relative_loss(weight: torch.Tensor, reference: torch.Tensor, hessian: torch.Tensor) -> float:
-    """``tr(Δ H Δᵀ) / tr(W0 H W0ᵀ)`` with ``Δ = weight - reference``, in float64."""
+def loss_terms(weight: torch.Tensor, reference: torch.Tensor,
+               hessian: torch.Tensor) -> tuple[float, float]:
+    """``(tr(Δ H Δᵀ), tr(W0 H W0ᵀ))`` with ``Δ = weight - reference``, in float64: summed over
+    row blocks, they give the relative loss of the whole matrix."""
     h = hessian.double()
     delta = (weight - reference).double()
     w0 = reference.double()
-    num = ((delta @ h) * delta).sum()
-    den = ((w0 @ h) * w0).sum()
-    return float(num / den) if den > 0 else float(num)
+    return float(((delta @ h) * delta).sum()), float(((w0 @ h) * w0).sum())
+
+
+def relative_loss(weight: torch.Tensor, reference: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``tr(Δ H Δᵀ) / tr(W0 H W0ᵀ)`` with ``Δ = weight - reference``, in float64."""
+    num, den = loss_terms(weight, reference, hessian)
+    return num / den if den > 0 else num

@@ -28,8 +28,13 @@ class SolverSettings:
     # None: one sweep after ADMM-Q, none after GPTQ and RTN, so that those stay the standard
     # baselines; set it to polish any method.
     local_search_sweeps: int | None = None
+    # Layers are solved in blocks of about this many output rows (see solvers/rows.py): the unit
+    # of work spread over workers, fixed so that results never depend on the worker count.
+    row_block: int = 512
 
     def __post_init__(self) -> None:
+        if self.row_block < 1:
+            raise ValueError(f"row_block={self.row_block} must be at least 1")
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} must be one of {METHODS}")
         if self.local_search_sweeps is not None and self.local_search_sweeps < 0:

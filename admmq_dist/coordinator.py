@@ -1,0 +1,507 @@
+"""The coordinator: drives workers through the data-parallel sequential schedule, owns the plan,
+the results and the checkpoint writer, commits finished blocks, and resumes.
+
+Per decoder block (``architecture.md``, "Across GPUs and nodes"): the block's owner reads it from
+safetensors and shares it with the other workers; every worker accumulates Hessians over its
+shard of the calibration batches, stage by stage (true sequential); each linear's row blocks are
+spread over workers by cost, each solver merges the partial Hessians it needs (exactly, whatever
+the sharding: :class:`~admmq_dist.quant.hessian.HessianAccumulator`), the coordinator assembles
+and broadcasts the quantized weights, and every worker propagates its own shard. Activations
+never move. Nothing the coordinator decides depends on the number of workers, so one worker, two
+workers and the in-process run write the same bytes.
+
+The coordinator imports no Ray: a *backend* runs the workers — :class:`LocalBackend` here, in
+this process; :class:`admmq_dist.cluster.RayBackend` as Ray actors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from . import __version__
+from .checkpoint import CheckpointWriter
+from .model.capture import Stage
+from .model.loading import TensorIndex
+from .quant.grid import Grid
+from .quant.solvers.rows import combine, row_blocks
+from .recipe import Recipe, to_mapping
+from .worker import ALL_TOKENS, Worker
+
+log = logging.getLogger(__name__)
+
+
+class WorkerLost(RuntimeError):
+    """A worker died (its process or node); the backend restarts it and the block is redone."""
+
+
+class ResumeError(ValueError):
+    """The interrupted run cannot be resumed as asked; the message says why and what to do."""
+
+
+class LocalBackend:
+    """Workers in this process, called one after another (tests, single-GPU runs)."""
+
+    def __init__(self, workers: int = 1) -> None:
+        self.requested = workers
+        self.workers: list[Worker] = []
+
+    def start(self, model_dir: str, recipe: Recipe, shards: list[dict[int, torch.Tensor]],
+              device: str, threads: int | None = None) -> None:
+        self.workers = [Worker(model_dir, recipe, shard, device, None) for shard in shards]
+
+    @property
+    def size(self) -> int:
+        return len(self.workers)
+
+    def call(self, w: int, method: str, *args):
+        return getattr(self.workers[w], method)(*args)
+
+    def get(self, futures):
+        return futures
+
+    def restarted(self) -> list[int]:
+        return []
+
+    def shutdown(self) -> None:
+        self.workers = []
+
+
+def shard_batches(batches: list[torch.Tensor], num_workers: int) -> list[dict[int, torch.Tensor]]:
+    """Contiguous shards by global batch index; worker 0 always holds batch 0."""
+    if num_workers < 1:
+        raise ValueError(f"workers={num_workers} must be at least 1")
+    if num_workers > len(batches):
+        raise ValueError(
+            f"{num_workers} workers but only {len(batches)} calibration batches; use fewer "
+            "workers or more --num-samples (or a smaller --batch-size)")
+    bounds = [len(batches) * k // num_workers for k in range(num_workers + 1)]
+    return [{i: batches[i] for i in range(bounds[k], bounds[k + 1])} for k in range(num_workers)]
+
+
+def assign(units: list[tuple[str, tuple[int, int], int]], num_workers: int) -> dict[int, list]:
+    """Longest-processing-time assignment of ``(linear, rows, cost)`` units: deterministic (ties
+    go to the lowest worker, equal costs keep plan order)."""
+    load = [0] * num_workers
+    out: dict[int, list] = {w: [] for w in range(num_workers)}
+    for unit in sorted(units, key=lambda u: -u[2]):
+        w = min(range(num_workers), key=lambda k: (load[k], k))
+        load[w] += unit[2]
+        out[w].append(unit)
+    return out
+
+
+# ---------------------------------------------------------------------------- fingerprints
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def fingerprints(model_dir: Path, recipe: Recipe, batches: list[torch.Tensor]) -> dict[str, str]:
+    """What a resumed run must share with the interrupted one."""
+    files = sorted((p.name, p.stat().st_size) for p in model_dir.glob("*.safetensors"))
+    config = (model_dir / "config.json").read_bytes() if (model_dir / "config.json").is_file() else b""
+    mapping = to_mapping(recipe)
+    mapping["output"] = {k: v for k, v in mapping["output"].items() if k != "max_shard_gb"}
+    return {
+        "model": _sha(config + json.dumps(files).encode()),
+        "recipe": _sha(yaml.safe_dump(mapping, sort_keys=True).encode()),
+        "calibration": _sha(torch.cat([b.flatten() for b in batches]).numpy().tobytes()),
+        "version": __version__,
+    }
+
+
+def work_dir_for(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.admmq-work"
+
+
+@dataclass
+class BlockOutput:
+    """A finished block: per quantized linear its codes and grid, and the report rows."""
+
+    # block-relative linear name -> (codes, scale, zero); ``disk`` maps it to the checkpoint name
+    quantized: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    disk: dict[str, str] = field(default_factory=dict)
+    report: list[dict] = field(default_factory=list)
+    consumed: list[str] = field(default_factory=list)
+    ignore: list[str] = field(default_factory=list)
+
+
+def commit_block(work: Path, b: int, out: BlockOutput) -> None:
+    """Write block ``b``'s results atomically (temp file, fsync, rename)."""
+    tensors = {}
+    for name, (codes, scale, zero) in out.quantized.items():
+        tensors[f"{name}.codes"] = codes.to(torch.uint8).contiguous()
+        tensors[f"{name}.scale"] = scale.contiguous()
+        tensors[f"{name}.zero"] = zero.contiguous()
+    meta = {"report": json.dumps(out.report), "consumed": json.dumps(out.consumed),
+            "ignore": json.dumps(out.ignore), "disk": json.dumps(out.disk)}
+    final = work / f"block-{b:05d}.safetensors"
+    tmp = work / f".block-{b:05d}.tmp-{os.getpid()}"
+    save_file(tensors, str(tmp), metadata=meta)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+def read_commit(work: Path, b: int) -> BlockOutput | None:
+    path = work / f"block-{b:05d}.safetensors"
+    if not path.is_file():
+        return None
+    out = BlockOutput()
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+        out.disk = json.loads(meta["disk"])
+        for name in out.disk:
+            out.quantized[name] = (f.get_tensor(f"{name}.codes").to(torch.int32),
+                                   f.get_tensor(f"{name}.scale"), f.get_tensor(f"{name}.zero"))
+    out.report = json.loads(meta["report"])
+    out.consumed = json.loads(meta["consumed"])
+    out.ignore = json.loads(meta["ignore"])
+    return out
+
+
+def prepare_work_dir(out_dir: Path, prints: dict[str, str], resume: bool, overwrite: bool) -> Path:
+    work = work_dir_for(out_dir)
+    manifest = work / "manifest.json"
+    if work.exists():
+        if resume and manifest.is_file():
+            old = json.loads(manifest.read_text())
+            changed = [k for k in prints if old.get(k) != prints[k]]
+            if changed:
+                raise ResumeError(
+                    f"cannot resume into {out_dir}: the {', '.join(changed)} changed since the "
+                    f"interrupted run (fingerprints in {manifest}); rerun without --resume and "
+                    "with --overwrite to start over")
+            return work
+        if not resume and not overwrite:
+            raise ResumeError(
+                f"an interrupted run left {work}; pass --resume to finish it, or --overwrite to "
+                "start over")
+        shutil.rmtree(work)
+    elif resume:
+        log.warning("nothing to resume at %s; starting from the first block", work)
+    work.mkdir(parents=True)
+    tmp = work / "manifest.json.tmp"
+    tmp.write_text(json.dumps(prints, indent=1))
+    os.replace(tmp, manifest)
+    return work
+
+
+# ------------------------------------------------------------------------------- the loop
+
+
+class Coordinator:
+    """One quantization run over a backend's workers."""
+
+    def __init__(self, backend, recipe: Recipe, index: TensorIndex, block_prefix,
+                 timings: dict[str, float]) -> None:
+        self.backend = backend
+        self.recipe = recipe
+        self.index = index
+        self.block_prefix = block_prefix
+        self.timings = timings
+
+    def _get(self, futures):
+        return self.backend.get(futures)
+
+    def owner(self, b: int, num_blocks: int) -> int:
+        """Workers own contiguous shards of blocks."""
+        return b * self.backend.size // num_blocks
+
+    def load(self, b: int, num_blocks: int) -> list[str]:
+        """The owner reads block ``b`` from safetensors and shares it with the other workers."""
+        owner = self.owner(b, num_blocks)
+        n = self.backend.size
+        if n == 1:
+            return self._get([self.backend.call(0, "load_block", b)])[0]
+        state = self.backend.call(owner, "block_state", b)
+        return self._get([self.backend.call(w, "load_block", b, None if w == owner else state)
+                          for w in range(n)])[owner]
+
+    def replay(self, b: int, num_blocks: int, out: BlockOutput, workers: list[int]) -> None:
+        weights = self.weights(out)
+        owner = self.owner(b, num_blocks)
+        state = None if workers == [owner] or self.backend.size == 1 else \
+            self.backend.call(owner, "block_state", b)
+        self._get([self.backend.call(w, "replay", b, weights, None if w == owner else state)
+                   for w in workers])
+
+    def weights(self, out: BlockOutput) -> dict[str, torch.Tensor]:
+        """The dequantized weights every worker puts in place, computed once from codes and
+        grid: the same bytes in a first run, after a resume and after a worker restart."""
+        spec = self.recipe.grid
+        result = {}
+        for name, (codes, scale, zero) in out.quantized.items():
+            grid = Grid(spec.bits, spec.effective_group_size(codes.shape[1]), codes.shape[1],
+                        spec.symmetric, scale, zero)
+            result[name] = grid.dequantize(codes)
+        return result
+
+    def run_block(self, b: int, num_blocks: int) -> BlockOutput:
+        """Quantize block ``b`` on every worker; returns its results (workers keep it loaded and
+        propagated)."""
+        t = time.perf_counter()
+        consumed = self.load(b, num_blocks)
+        self.timings["load"] += time.perf_counter() - t
+        plan = self._get([self.backend.call(0, "plan")])[0]
+        prefix = self.block_prefix(b)
+        out = BlockOutput(consumed=consumed)
+        out.ignore = [f"re:.*\\.{_re_escape(self._disk_rel(prefix, n))}$" for n in plan["skipped"]]
+        n = self.backend.size
+        rb = self.recipe.solver.row_block
+        for stage in plan["stages"]:
+            how = self._capture(stage, plan, out)
+            units = []
+            for group in stage.groups:
+                for name in group:
+                    rows, cols = plan["shapes"][name]
+                    for start, stop in row_blocks(rows, rb):
+                        units.append((name, (start, stop), (stop - start) * cols))
+            assignment = assign(units, n)
+            t = time.perf_counter()
+            calls = {}
+            part_refs: dict[str, list] = {}
+            for w in range(n):
+                by_name: dict[str, list] = {}
+                for name, rows, _ in assignment[w]:
+                    by_name.setdefault(name, []).append(rows)
+                for name, rows in by_name.items():
+                    key = how[name]["key"]
+                    if key is not None and key not in part_refs:
+                        part_refs[key] = [self.backend.call(k, "hessian_part", key)
+                                          for k in range(n)]
+                    parts = part_refs[key] if key is not None else []
+                    calls[(w, name)] = self.backend.call(w, "solve", name, key, rows, *parts)
+            results = dict(zip(calls, self._get(list(calls.values()))))
+            self.timings["solve"] += time.perf_counter() - t
+            stage_weights = {}
+            for group in stage.groups:
+                for name in group:
+                    blocks, grid_state, tokens = [], None, None
+                    for (w, nm), r in results.items():
+                        if nm == name:
+                            blocks += r["blocks"]
+                            grid_state = r["grid"] or grid_state
+                            tokens = r["tokens"] if tokens is None else tokens
+                    codes = torch.cat([blk.codes for blk in sorted(blocks, key=lambda x: x.start)])
+                    full = f"{prefix}.{name}"
+                    disk = self.index.disk_name(f"{full}.weight")[: -len(".weight")]
+                    out.quantized[name] = (codes, grid_state["scale"], grid_state["zero"])
+                    out.disk[name] = disk
+                    spec = self.recipe.grid
+                    grid = Grid(spec.bits, spec.effective_group_size(codes.shape[1]),
+                                codes.shape[1], spec.symmetric, grid_state["scale"],
+                                grid_state["zero"])
+                    result = combine(blocks, grid)
+                    stage_weights[name] = grid.dequantize(codes)
+                    solved = how[name]["key"] is not None
+                    out.report.append({
+                        "layer": full, "block": b, "method": result.method,
+                        "shape": list(codes.shape), "loss": result.loss if solved else None,
+                        "iterations": result.iterations, "seconds": round(result.seconds, 4),
+                        "calibration": how[name]["calibration"],
+                        "tokens": how[name]["tokens"] if how[name]["tokens"] is not None else tokens,
+                        "group": group})
+            self._get([self.backend.call(w, "set_weights", stage_weights) for w in range(n)])
+        t = time.perf_counter()
+        self._get([self.backend.call(w, "propagate") for w in range(n)])
+        self.timings["forward"] += time.perf_counter() - t
+        return out
+
+    def _capture(self, stage: Stage, plan: dict, out: BlockOutput) -> dict[str, dict]:
+        """Capture the stage on every worker; for each linear: the Hessian key its solver merges
+        (None: round to nearest), how it was calibrated and on how many tokens."""
+        n = self.backend.size
+        calibrate_all: list[int] = []
+        if stage.experts is not None and stage.role == 1:
+            calibrate_all = sorted(e for e, how in self._expert_how.get(stage.experts, {}).items()
+                                   if how == "all-tokens")
+        t = time.perf_counter()
+        captured = self._get([self.backend.call(w, "capture", stage, calibrate_all)
+                              for w in range(n)])
+        self.timings["forward"] += time.perf_counter() - t
+        result = {}
+        if stage.experts is None:
+            for group in stage.groups:
+                for name in group:
+                    result[name] = {"key": group[0], "calibration": "dense", "tokens": None}
+            return result
+        if stage.role == 0:
+            routed = [sum(c["routed"][e] for c in captured) for e in range(len(captured[0]["routed"]))]
+            cal = self.recipe.calibration
+            hidden = plan["shapes"][stage.groups[0][0]][1]
+            threshold = hidden if cal.min_expert_tokens is None else cal.min_expert_tokens
+            self._expert_how[stage.experts] = {
+                e: "routed" if n_e >= threshold and n_e > 0 else cal.expert_fallback
+                for e, n_e in enumerate(routed)}
+            self._expert_tokens[stage.experts] = routed
+        how_by_expert = self._expert_how[stage.experts]
+        for group in stage.groups:
+            e = int(group[0][len(stage.experts) + 1:].split(".")[0])
+            how = how_by_expert[e]
+            key = group[0]
+            if how == "rtn":
+                key = None
+            elif how == "all-tokens" and stage.role == 0:
+                key = ALL_TOKENS + stage.experts
+            for name in group:
+                result[name] = {"key": key, "calibration": how,
+                                "tokens": self._expert_tokens[stage.experts][e]}
+        return result
+
+    _expert_how: dict
+    _expert_tokens: dict
+
+    def _disk_rel(self, prefix: str, name: str) -> str:
+        return self.index.disk_name(f"{prefix}.{name}.weight")[len(prefix) + 1: -len(".weight")]
+
+
+def _re_escape(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+def run(model_dir: Path, model_label: str, out_dir: Path, recipe: Recipe, batches, backend,
+        *, device: str, threads: int | None, config, overwrite: bool, resume: bool,
+        progress: bool, on_block=None) -> dict:
+    """The whole job; ``on_block(b)`` is called after block ``b`` is committed."""
+    from .pipeline import output_dtype, peak_memory_bytes
+
+    started = time.perf_counter()
+    timings = {"load": 0.0, "forward": 0.0, "solve": 0.0, "write": 0.0, "commit": 0.0}
+    index = TensorIndex(model_dir, getattr(config, "model_type", None))
+    grid_spec = recipe.grid
+    prints = fingerprints(model_dir, recipe, batches)
+    work = prepare_work_dir(out_dir, prints, resume, overwrite)
+    t = time.perf_counter()
+    backend.start(str(model_dir), recipe, shard_batches(batches, backend.requested), device,
+                  threads)
+    timings["load"] += time.perf_counter() - t
+    num_blocks = backend.get([backend.call(0, "num_blocks")])[0]
+    layout_prefix = backend.get([backend.call(0, "block_prefix")])[0]
+    moe = backend.get([backend.call(0, "has_experts")])[0]
+    if moe and not grid_spec.symmetric:
+        raise ValueError(
+            "mixture-of-experts checkpoints must be symmetric: vLLM's quantized MoE kernels and "
+            "transformers' expert loader read no zero points; use --sym")
+    coord = Coordinator(backend, recipe, index, lambda b: f"{layout_prefix}.{b}", timings)
+    coord._expert_how, coord._expert_tokens = {}, {}
+    writer = CheckpointWriter(out_dir, format=recipe.output.format, bits=grid_spec.bits,
+                              group_size=grid_spec.group_size, symmetric=grid_spec.symmetric,
+                              dtype=output_dtype(recipe, config), overwrite=overwrite,
+                              max_shard_bytes=int(recipe.output.max_shard_gb * 1024**3))
+    report: list[dict] = []
+    ignore = list(recipe.output.skip)
+    resumed = 0
+    try:
+        bar = tqdm(range(num_blocks), desc="blocks", unit="block", disable=not progress,
+                   mininterval=1 if sys.stderr.isatty() else 30)
+        for b in bar:
+            out = read_commit(work, b)
+            if out is not None:
+                resumed += 1
+                t = time.perf_counter()
+                coord.replay(b, num_blocks, out, list(range(backend.size)))
+                timings["forward"] += time.perf_counter() - t
+            else:
+                out = _run_block_with_restarts(coord, b, num_blocks, work)
+                t = time.perf_counter()
+                commit_block(work, b, out)
+                timings["commit"] += time.perf_counter() - t
+                backend.get([backend.call(w, "release_block") for w in range(backend.size)])
+            t = time.perf_counter()
+            _write_block(writer, index, f"{layout_prefix}.{b}", out, recipe)
+            timings["write"] += time.perf_counter() - t
+            report.extend(out.report)
+            ignore.extend(i for i in out.ignore if i not in ignore)
+            solved = [r["loss"] for r in out.report if r["loss"] is not None]
+            if solved:
+                bar.set_postfix(loss=f"{sum(solved) / len(solved):.4f}")
+            if on_block is not None:
+                on_block(b)
+        t = time.perf_counter()
+        for disk, name in zip(index.names(), index.module_names()):
+            if not name.startswith(layout_prefix + "."):
+                writer.add_tensor(disk, index.read(disk))
+        stats = backend.get([backend.call(w, "stats") for w in range(backend.size)])
+        solved = [r for r in report if r["loss"] is not None]
+        summary = {
+            "model": model_label, "output": str(out_dir), "format": recipe.output.format,
+            "bits": grid_spec.bits, "group_size": grid_spec.group_size,
+            "symmetric": grid_spec.symmetric, "method": recipe.solver.method,
+            "layers": len(report),
+            "mean_loss": sum(r["loss"] for r in solved) / max(len(solved), 1),
+            "workers": backend.size, "resumed_blocks": resumed,
+            "worker_busy_seconds": stats,
+            "peak_memory_bytes": peak_memory_bytes(torch.device(device)),
+            "device": str(device),
+        }
+        calibrations = [r["calibration"] for r in report if r["calibration"] != "dense"]
+        if calibrations:
+            summary["experts"] = {how: calibrations.count(how)
+                                  for how in ("routed", "all-tokens", "rtn")}
+        writer.finalize(
+            config=config.to_dict(), source_dir=model_dir, ignore=ignore,
+            extra_files={
+                "recipe.yaml": yaml.safe_dump(to_mapping(recipe), sort_keys=False),
+                "report.jsonl": "".join(json.dumps(r) + "\n" for r in report),
+            })
+        timings["write"] += time.perf_counter() - t
+    except BaseException:
+        writer.abort()
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    summary["seconds"] = {k: round(v, 3) for k, v in timings.items()}
+    summary["seconds"]["total"] = round(time.perf_counter() - started, 3)
+    return summary
+
+
+def _run_block_with_restarts(coord: Coordinator, b: int, num_blocks: int, work: Path,
+                             attempts: int = 3) -> BlockOutput:
+    """Run block ``b``; when a worker dies, bring restarted workers up to block ``b`` from the
+    committed blocks and redo the block on every worker (results are deterministic, so the redo
+    writes the same bytes)."""
+    for attempt in range(attempts):
+        try:
+            return coord.run_block(b, num_blocks)
+        except WorkerLost as exc:
+            if attempt == attempts - 1:
+                raise
+            restarted = coord.backend.restarted()
+            log.warning("worker lost on block %d (%s); restarted %s, redoing the block", b, exc,
+                        restarted)
+            for w in range(coord.backend.size):
+                coord.backend.get([coord.backend.call(w, "release_block")])
+            for done in range(b):
+                out = read_commit(work, done)
+                coord.replay(done, num_blocks, out, restarted)
+    raise AssertionError("unreachable")
+
+
+def _write_block(writer: CheckpointWriter, index: TensorIndex, prefix: str, out: BlockOutput,
+                 recipe: Recipe) -> None:
+    spec = recipe.grid
+    for name, (codes, scale, zero) in out.quantized.items():
+        grid = Grid(spec.bits, spec.effective_group_size(codes.shape[1]), codes.shape[1],
+                    spec.symmetric, scale, zero)
+        writer.add_quantized(out.disk[name], codes, grid)
+    written = {f"{out.disk[name]}.weight" for name in out.quantized} | set(out.consumed)
+    for disk, name in zip(index.names(), index.module_names()):
+        if name.startswith(prefix + ".") and disk not in written:
+            writer.add_tensor(disk, index.read(disk))

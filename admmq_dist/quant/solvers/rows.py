@@ -1,0 +1,92 @@
+"""Solving a layer in fixed blocks of output rows, so any number of workers gets the same bytes.
+
+Every method here is separable over output rows — the objective ``tr(ΔHΔᵀ)`` is a sum over rows,
+the grid is fitted row by row, GPTQ's column updates and ADMM-Q's updates act on each row alone —
+so a layer can be cut into row blocks solved anywhere. The blocks are *canonical*: their
+boundaries depend only on the layer's shape and ``row_block``, never on how many workers there
+are, and a block's result is a function of that block alone (its own matrix products, its own
+early stop). Which worker solves which block therefore cannot change a single bit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..grid import Grid
+from ..hessian import loss_terms
+from .result import SolverResult
+from .rtn import rtn
+from .solve import SolverSettings, solve
+
+
+def row_blocks(rows: int, row_block: int) -> list[tuple[int, int]]:
+    """``ceil(rows / row_block)`` contiguous ``(start, stop)`` blocks of near-equal size."""
+    if rows < 1 or row_block < 1:
+        raise ValueError(f"rows={rows} and row_block={row_block} must be positive")
+    n = math.ceil(rows / row_block)
+    base, extra = divmod(rows, n)
+    bounds, start = [], 0
+    for i in range(n):
+        stop = start + base + (1 if i < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+@dataclass(frozen=True)
+class BlockResult:
+    """One row block's codes and dequantized weight, with its share of the loss."""
+
+    start: int
+    stop: int
+    method: str
+    codes: torch.Tensor
+    weight: torch.Tensor
+    loss_num: float
+    loss_den: float
+    iterations: int
+    seconds: float
+
+
+def solve_block(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
+                settings: SolverSettings, start: int, stop: int) -> BlockResult:
+    """Solve rows ``start:stop`` of ``weight`` (``[out, in]``) on the rows' part of ``grid``.
+
+    ``hessian`` None rounds to nearest (an expert with no calibration signal); the loss is then 0/0.
+    """
+    t = time.perf_counter()
+    w = weight[start:stop]
+    g = grid.row_slice(start, stop)
+    if hessian is None:
+        result = rtn(w, None, g)
+        num, den = 0.0, 0.0
+    else:
+        result = solve(w, hessian, g, settings)
+        num, den = loss_terms(result.weight, w.float(), hessian)
+    return BlockResult(start, stop, result.method, result.codes, result.weight, num, den,
+                       result.iterations, time.perf_counter() - t)
+
+
+def combine(blocks: list[BlockResult], grid: Grid) -> SolverResult:
+    """The layer's result from all its row blocks (in any order)."""
+    blocks = sorted(blocks, key=lambda b: b.start)
+    if blocks[0].start != 0 or blocks[-1].stop != grid.rows or any(
+            a.stop != b.start for a, b in zip(blocks, blocks[1:])):
+        raise ValueError("row blocks do not tile the layer")
+    num = sum(b.loss_num for b in blocks)
+    den = sum(b.loss_den for b in blocks)
+    loss = num / den if den > 0 else float("nan")
+    return SolverResult(blocks[0].method, torch.cat([b.codes for b in blocks]), grid,
+                        torch.cat([b.weight for b in blocks]), loss,
+                        max(b.iterations for b in blocks), sum(b.seconds for b in blocks))
+
+
+def solve_rows(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
+               settings: SolverSettings, row_block: int) -> SolverResult:
+    """All row blocks of one layer, one after another (what one worker alone would do)."""
+    return combine([solve_block(weight, hessian, grid, settings, a, b)
+                    for a, b in row_blocks(weight.shape[0], row_block)], grid)

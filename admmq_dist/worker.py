@@ -1,0 +1,288 @@
+"""A worker: one device, a shard of the calibration batches, and the current decoder block.
+
+The coordinator (:mod:`admmq_dist.coordinator`) drives workers through the sequential protocol
+block by block; a worker never decides anything about the plan. It is plain Python so that the
+in-process run and the tests use it directly; :mod:`admmq_dist.cluster` wraps it in a Ray actor.
+Every method takes and returns plain tensors, dicts and lists, so calls can cross processes.
+
+Why activations stay put: a worker's shard of hidden states is the largest thing in a run (samples
+x tokens x hidden, per block), so only Hessian partial sums (hidden² per group) and solved weights
+move between workers — "data-parallel sequential" in ``architecture.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .model.arch import find_blocks, target_linears
+from .model.capture import Stage, block_output, calibration_stages, record_block_calls
+from .model.loading import TensorIndex, build_skeleton, materialize, release
+from .model.moe import ExpertList, expert_lists, is_router, load_fused_into, unfuse_experts
+from .quant.grid import fit_grid
+from .quant.hessian import HessianAccumulator
+from .quant.solvers.rows import BlockResult, solve_block
+from .recipe import Recipe
+
+ALL_TOKENS = "all-tokens:"  # key prefix of an expert list's every-token input accumulator
+
+
+def tied_names(model) -> dict[str, str]:
+    """Output embeddings that share the input embeddings' weight are absent from the files."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return {}
+    out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+    names = {id(m): n for n, m in model.named_modules()}
+    if out_emb is None or in_emb is None:
+        return {}
+    return {f"{names[id(out_emb)]}.weight": f"{names[id(in_emb)]}.weight"}
+
+
+def load_block(block: torch.nn.Module, prefix: str, index: TensorIndex, device: torch.device,
+               dtype: torch.dtype, state: dict[str, torch.Tensor] | None = None) -> set[str]:
+    """Materialize one block from ``state`` (module-path names, as :meth:`Worker.block_state`
+    returns) or from the checkpoint files. Experts stored fused are split as they load.
+
+    Returns the checkpoint names of fused tensors consumed that way (written back per expert).
+    """
+    def read(name):
+        return state[name] if state is not None else index.read(name)
+
+    def has(name):
+        return name in state if state is not None else name in index
+
+    fused, consumed = [], set()
+    for path, experts in expert_lists(block).items():
+        first = f"{prefix}.{path}.0.{experts.roles[0]}.weight"
+        if not has(first) and has(f"{prefix}.{path}.gate_up_proj"):
+            load_fused_into(experts, read(f"{prefix}.{path}.gate_up_proj").to(device, dtype),
+                            read(f"{prefix}.{path}.down_proj").to(device, dtype))
+            fused.append(path)
+            consumed |= {index.disk_name(f"{prefix}.{path}.{p}") for p in ("gate_up_proj", "down_proj")}
+    if state is None:
+        materialize(block, prefix, index, device, dtype, exclude=tuple(fused))
+    else:
+        from accelerate.utils import set_module_tensor_to_device
+
+        skip = tuple(f + "." for f in fused)
+        for name, _ in list(block.state_dict(keep_vars=True).items()):
+            if skip and name.startswith(skip):
+                continue
+            value = state[f"{prefix}.{name}"]
+            value = value.to(dtype) if value.is_floating_point() else value
+            set_module_tensor_to_device(block, name, device, value=value)
+        for name, buffer in list(block.named_buffers()):
+            if buffer.device != device:
+                owner, _, leaf = name.rpartition(".")
+                (block.get_submodule(owner) if owner else block)._buffers[leaf] = buffer.to(device)
+    return consumed
+
+
+def block_linears(block: torch.nn.Module, skip: tuple[str, ...]) -> dict[str, torch.nn.Linear]:
+    """The linears of ``block`` to quantize: routers stay dense in mixture-of-experts blocks."""
+    linears = target_linears(block, skip)
+    if expert_lists(block):
+        linears = {n: m for n, m in linears.items() if not is_router(n)}
+    return linears
+
+
+class Worker:
+    """Holds its calibration shard's hidden states and, while it is being solved, one block.
+
+    ``batches`` maps global batch indices to token ids: the indices order Hessian sums
+    canonically (:class:`HessianAccumulator`), which makes results independent of sharding.
+    """
+
+    def __init__(self, model_dir: str, recipe: Recipe, batches: dict[int, torch.Tensor],
+                 device: str, threads: int | None = None) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device(device)
+        self.recipe = recipe
+        self.model_dir = Path(model_dir)
+        self.config, self.model = build_skeleton(self.model_dir, torch.float32)
+        self.index = TensorIndex(self.model_dir, getattr(self.config, "model_type", None))
+        from .pipeline import output_dtype
+
+        self.dtype = (torch.float32 if self.device.type == "cpu"
+                      else output_dtype(recipe, self.config))
+        self.layout, self.blocks = find_blocks(self.model)
+        self.moe = [bool(unfuse_experts(self.blocks[b], self.layout.block_prefix(b),
+                                        self.index.module_names()))
+                    for b in range(self.layout.num_blocks)]
+        materialize(self.model, "", self.index, self.device, self.dtype,
+                    tied=tied_names(self.model), exclude=(self.layout.prefix,))
+        self.batch_ids = sorted(batches)
+        calls = record_block_calls(self.model, self.blocks,
+                                   [batches[i] for i in self.batch_ids], self.device)
+        self.hidden = [h.to(self.dtype) for h in calls.first_hidden]
+        self.args, self.kwargs = calls.args, calls.kwargs
+        self.current: int | None = None
+        self.linears: dict[str, torch.nn.Linear] = {}
+        self._parts: dict[str, HessianAccumulator] = {}
+        self._hessians: dict[str, torch.Tensor] = {}
+        self.busy = {"forward": 0.0, "solve": 0.0}
+        self.token = f"{os.getpid()}-{time.time_ns()}"
+
+    # -------------------------------------------------------------------------------- blocks
+
+    def num_blocks(self) -> int:
+        return self.layout.num_blocks
+
+    def block_prefix(self) -> str:
+        return self.layout.prefix
+
+    def has_experts(self) -> bool:
+        return any(self.moe)
+
+    def ping(self) -> str:
+        """A token that changes when the worker is rebuilt (a restarted Ray actor)."""
+        return self.token
+
+    def block_state(self, b: int) -> dict[str, torch.Tensor]:
+        """Block ``b``'s tensors read from the checkpoint (module-path names), for sharing."""
+        prefix = self.layout.block_prefix(b) + "."
+        return {name: self.index.read(name) for name in self.index.module_names()
+                if name.startswith(prefix)}
+
+    def load_block(self, b: int, state: dict[str, torch.Tensor] | None = None) -> list[str]:
+        if self.current is not None:
+            self.release_block()
+        consumed = load_block(self.blocks[b], self.layout.block_prefix(b), self.index,
+                              self.device, self.dtype, state)
+        self.current = b
+        self.linears = block_linears(self.blocks[b], self.recipe.output.skip)
+        return sorted(consumed)
+
+    def release_block(self) -> None:
+        if self.current is not None:
+            release(self.blocks[self.current])
+        self.current, self.linears = None, {}
+        self._parts, self._hessians = {}, {}
+
+    def plan(self) -> dict:
+        """The current block's stages and the shapes of its linears (from the first batch, which
+        worker 0 always holds, so the plan never depends on the sharding)."""
+        b = self._block()
+        stages = calibration_stages(self.blocks[b], self.linears, self.hidden[0],
+                                    self.args[b][0], self.kwargs[b][0])
+        return {"stages": stages,
+                "shapes": {n: tuple(m.weight.shape) for n, m in self.linears.items()},
+                "skipped": sorted(n for n in target_linears(self.blocks[b], self.recipe.output.skip)
+                                  if n not in self.linears)}
+
+    # ------------------------------------------------------------------------------ capture
+
+    @torch.no_grad()
+    def capture(self, stage: Stage, calibrate_all: list[int] = ()) -> dict:
+        """Accumulate the stage's Hessians over this worker's batches (kept here until fetched
+        with :meth:`hessian_part`); returns the tokens routed to each expert, if any."""
+        b = self._block()
+        block = self.blocks[b]
+        self._parts, self._hessians = {}, {}
+        batch = {"index": 0}
+        handles = []
+
+        def hook(acc):
+            return lambda module, inputs: acc.add(inputs[0], batch["index"])
+
+        for group in stage.groups:
+            first = self.linears[group[0]]
+            self._parts[group[0]] = HessianAccumulator(first.in_features, self.device)
+            handles.append(first.register_forward_pre_hook(hook(self._parts[group[0]])))
+        experts: ExpertList | None = None
+        if stage.experts is not None:
+            experts = block.get_submodule(stage.experts)
+            experts.reset_counts()
+            experts.calibrate_all = frozenset(calibrate_all)
+            if stage.role == 0:
+                acc = HessianAccumulator(experts[0].linears()[0].in_features, self.device)
+                self._parts[ALL_TOKENS + stage.experts] = acc
+                handles.append(experts.register_forward_pre_hook(hook(acc)))
+        t = time.perf_counter()
+        try:
+            for i, h in enumerate(self.hidden):
+                batch["index"] = self.batch_ids[i]
+                block(h, *self.args[b][i], **self.kwargs[b][i])
+        finally:
+            for handle in handles:
+                handle.remove()
+            if experts is not None:
+                experts.calibrate_all = frozenset()
+        self.busy["forward"] += time.perf_counter() - t
+        return {"routed": list(experts.routed_tokens) if experts is not None else None}
+
+    def hessian_part(self, key: str) -> dict:
+        """This worker's partial sums for one group (``key``: its first linear, or
+        ``ALL_TOKENS + experts path``), to be merged on the layer's owner."""
+        return self._parts[key].state()
+
+    # -------------------------------------------------------------------------------- solve
+
+    @torch.no_grad()
+    def solve(self, name: str, key: str | None, rows: list[tuple[int, int]], *parts: dict) -> dict:
+        """Solve row blocks ``rows`` of linear ``name`` against the Hessian merged from ``parts``
+        (every worker's partial sums for ``key``); ``key`` None rounds to nearest.
+
+        Returns ``{"blocks": [BlockResult], "grid": {"scale", "zero"} or None}``; the grid comes
+        with the block that starts at row 0.
+        """
+        t = time.perf_counter()
+        hessian, tokens = None, None
+        if key is not None:
+            if key not in self._hessians:
+                acc = HessianAccumulator.from_state(parts[0], self.device)
+                for part in parts[1:]:
+                    acc.merge(HessianAccumulator.from_state(part, self.device))
+                self._hessians[key] = (acc.hessian(), acc.num_rows)
+            hessian, tokens = self._hessians[key]
+        weight = self.linears[name].weight.detach().float()
+        # The grid is fitted to the whole layer by every solver of a part of it: the same bits
+        # everywhere, and a row block's grid is its rows of the whole (fitting is row-wise).
+        grid = fit_grid(weight, self.recipe.grid)
+        out = [solve_block(weight, hessian, grid, self.recipe.solver, start, stop)
+               for start, stop in rows]
+        self.busy["solve"] += time.perf_counter() - t
+        blocks = [BlockResult(r.start, r.stop, r.method, r.codes.cpu(), r.weight.cpu(),
+                              r.loss_num, r.loss_den, r.iterations, r.seconds) for r in out]
+        first = any(start == 0 for start, _ in rows)
+        return {"blocks": blocks, "tokens": tokens,
+                "grid": {"scale": grid.scale.cpu(), "zero": grid.zero.cpu()} if first else None}
+
+    @torch.no_grad()
+    def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Put solved (dequantized) weights in place; later stages see the quantized layers."""
+        for name, w in weights.items():
+            linear = self.linears[name]
+            linear.weight.copy_(w.to(linear.weight.device, linear.weight.dtype))
+
+    # ---------------------------------------------------------------------------- propagate
+
+    def propagate(self) -> None:
+        """Run the (quantized) block on this worker's shard: the next block's inputs."""
+        b = self._block()
+        t = time.perf_counter()
+        with torch.no_grad():
+            self.hidden = [block_output(self.blocks[b](h, *self.args[b][i], **self.kwargs[b][i]))
+                           for i, h in enumerate(self.hidden)]
+        self.busy["forward"] += time.perf_counter() - t
+
+    def replay(self, b: int, weights: dict[str, torch.Tensor],
+               state: dict[str, torch.Tensor] | None = None) -> None:
+        """Bring this worker past block ``b`` with that block's committed quantized weights
+        (resume, or a restarted worker catching up): load, set, propagate, release."""
+        self.load_block(b, state)
+        self.set_weights(weights)
+        self.propagate()
+        self.release_block()
+
+    def stats(self) -> dict:
+        return dict(self.busy)
+
+    def _block(self) -> int:
+        if self.current is None:
+            raise RuntimeError("no block is loaded on this worker")
+        return self.current
