@@ -41,6 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     q.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if present)")
     q.add_argument("--json", action="store_true", help="print one JSON summary line at the end")
+    run = q.add_argument_group("distribution")
+    run.add_argument("--workers", type=int, default=None,
+                     help="run N Ray workers (one GPU each; CPU workers without GPUs); starts a "
+                     "local Ray instance unless --address is given")
+    run.add_argument("--address", default=None,
+                     help="join an existing Ray cluster: 'auto' or ray://host:port")
+    run.add_argument("--threads", type=int, default=None, help="CPU threads per worker")
+    run.add_argument("--resume", action="store_true",
+                     help="finish an interrupted run from its committed blocks (same model, "
+                     "recipe and calibration data)")
     grid = q.add_argument_group("grid")
     grid.add_argument("--bits", type=int, choices=(2, 3, 4, 8))
     grid.add_argument("--group-size", type=_group_size, metavar="N|channel",
@@ -148,7 +158,8 @@ def cmd_quantize(args) -> int:
     recipe = _recipe_from_args(args)
     summary = quantize_model(_model_or_embedded(args.model), args.output, recipe,
                              device=_device(args.device), overwrite=args.overwrite,
-                             progress=True)
+                             progress=True, workers=args.workers, address=args.address,
+                             threads=args.threads, resume=args.resume)
     print(f"wrote {summary['layers']} quantized linears to {args.output} "
           f"({summary['format']}, {summary['bits']}-bit, group {summary['group_size']}); "
           f"mean relative loss {summary['mean_loss']:.5f}; "

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -63,10 +64,10 @@ class RayBackend:
         return len(self.actors)
 
     def start(self, model_dir: str, recipe, shards, device: str, threads: int | None) -> None:
-        actor_cls = ray.remote(Worker).options(max_restarts=self.max_restarts,
-                                               max_task_retries=0)
+        actor_cls = ray.remote(Worker)
         self.actors = [
             actor_cls.options(
+                max_restarts=self.max_restarts, max_task_retries=0,
                 num_cpus=self.threads, num_gpus=1 if self.gpu else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg,
                                                                      placement_group_bundle_index=i),
@@ -80,7 +81,7 @@ class RayBackend:
     def get(self, futures):
         try:
             return ray.get(list(futures))
-        except RayActorError as exc:
+        except (RayActorError, ActorUnavailableError) as exc:
             raise WorkerLost(str(exc).splitlines()[0]) from exc
         except RayTaskError as exc:
             # An exception inside a worker: re-raise it as itself, with the worker's traceback.
@@ -90,7 +91,17 @@ class RayBackend:
         """Workers rebuilt since they were started or last checked (waits for them to be up)."""
         out = []
         for w, actor in enumerate(self.actors):
-            token = ray.get(actor.ping.remote(), timeout=600)
+            deadline = time.monotonic() + 600
+            while True:
+                try:
+                    token = ray.get(actor.ping.remote(), timeout=600)
+                    break
+                except (RayActorError, ActorUnavailableError):
+                    # Restarting: Ray rebuilds the actor (its constructor replays block 0's
+                    # calibration capture) before it answers again.
+                    if time.monotonic() > deadline:
+                        raise WorkerLost(f"worker {w} did not come back within 10 minutes") from None
+                    time.sleep(1)
             if token != self._tokens[w]:
                 out.append(w)
                 self._tokens[w] = token

@@ -75,6 +75,7 @@ def quantize_model(model: str, out_dir: Path, recipe: Recipe, *, device: torch.d
     model_dir = resolve_model_dir(model)
     config, _ = build_skeleton(model_dir, torch.float32)
     batches = calibration_batches(model_dir, recipe)
+    previous_threads = torch.get_num_threads()
     if workers is None and address is None:
         backend = LocalBackend(1)
         if threads:
@@ -91,6 +92,7 @@ def quantize_model(model: str, out_dir: Path, recipe: Recipe, *, device: torch.d
                    progress=progress, on_block=on_block)
     finally:
         backend.shutdown()
+        torch.set_num_threads(previous_threads)
 
 
 def backend_uses_gpu(backend, device) -> bool:
