@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .checkpoint import CheckpointWriter
+from .checkpoint.writer import remove_stale_partials
 from .model.capture import Stage
 from .model.loading import TensorIndex
 from .quant.grid import Grid
@@ -187,6 +188,8 @@ def prepare_work_dir(out_dir: Path, prints: dict[str, str], resume: bool, overwr
                     f"cannot resume into {out_dir}: the {', '.join(changed)} changed since the "
                     f"interrupted run (fingerprints in {manifest}); rerun without --resume and "
                     "with --overwrite to start over")
+            for path in remove_stale_partials(out_dir):
+                log.info("removed %s, left by the interrupted run", path)
             return work
         if not resume and not overwrite:
             raise ResumeError(

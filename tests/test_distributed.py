@@ -126,3 +126,41 @@ def test_an_interrupted_run_resumes_into_the_same_bytes(model_dir, tmp_path):
     assert summary["resumed_blocks"] == 2
     assert digest(out) == digest(tmp_path / "ref")
     assert not work.exists()
+
+
+def test_kill_9_then_resume_from_the_command_line(model_dir, tmp_path):
+    """SIGKILL the CLI once a block is committed (no cleanup runs), then --resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    common = ["--bits", "3", "--group-size", "32", "--num-samples", "8", "--seq-len", "48",
+              "--batch-size", "2", "--iterations", "150", "--threads", "1"]
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    cli = [sys.executable, "-m", "admmq_dist.cli", "quantize", str(model_dir)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run(cli + ["-o", str(ref)] + common, check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(cli + ["-o", str(out)] + common, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    work = work_dir_for(out)
+    deadline = time.monotonic() + 300
+    while not (work / "block-00000.safetensors").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if out.exists():
+        pytest.skip("the run finished before it could be killed")
+    # The killed run left its work folder and a half-written checkpoint folder beside the output.
+    assert (work / "manifest.json").is_file()
+    result = subprocess.run(cli + ["-o", str(out), "--resume", "--json"] + common, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["resumed_blocks"] >= 1
+    assert digest(out) == digest(ref)
+    assert not work.exists()
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert leftovers == []

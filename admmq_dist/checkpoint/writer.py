@@ -114,6 +114,16 @@ def _dump_json(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
 
 
+def remove_stale_partials(out_dir: Path) -> list[Path]:
+    """Delete the temporary folders killed writers left beside ``out_dir`` (only when the caller
+    knows no other writer for ``out_dir`` is running, as when resuming); returns them."""
+    out_dir = Path(out_dir)
+    stale = sorted(out_dir.parent.glob(f".{out_dir.name}.partial-*"))
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
 def _looks_like_checkpoint(folder: Path) -> bool:
     """Whether ``folder`` is something ``overwrite=True`` may delete: empty, or a model folder."""
     entries = list(folder.iterdir())
