@@ -176,6 +176,10 @@ def cmd_eval(args) -> int:
     result = perplexity(_model_or_embedded(args.model), dataset=args.dataset, split=args.split,
                         text_field=args.text_field, seq_len=args.seq_len,
                         max_windows=args.max_windows, device=_device(args.device))
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under accelerate launch: one report
+        return 0
     print(f"perplexity {result['ppl']:.4f} over {result['windows']} windows of "
           f"{result['seq_len']} tokens", file=sys.stderr)
     if args.json:
