@@ -452,7 +452,9 @@ def run(model_dir: Path, model_label: str, out_dir: Path, recipe: Recipe, batche
             "mean_loss": sum(r["loss"] for r in solved) / max(len(solved), 1),
             "workers": backend.size, "resumed_blocks": resumed,
             "worker_busy_seconds": stats,
-            "peak_memory_bytes": peak_memory_bytes(torch.device(device)),
+            # Workers' compute-device peaks (host RSS for CPU workers), and the driver's RSS.
+            "peak_memory_bytes": max(s["peak_memory_bytes"] for s in stats),
+            "driver_peak_rss_bytes": peak_memory_bytes(torch.device("cpu")),
             "device": str(device),
         }
         calibrations = [r["calibration"] for r in report if r["calibration"] != "dense"]

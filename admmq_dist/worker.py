@@ -124,7 +124,7 @@ class Worker:
         self.linears: dict[str, torch.nn.Linear] = {}
         self._parts: dict[str, HessianAccumulator] = {}
         self._hessians: dict[str, torch.Tensor] = {}
-        self.busy = {"forward": 0.0, "solve": 0.0}
+        self.busy = {"forward": 0.0, "merge": 0.0, "solve": 0.0}
         self.token = f"{os.getpid()}-{time.time_ns()}"
 
     # -------------------------------------------------------------------------------- blocks
@@ -239,6 +239,8 @@ class Worker:
                     acc.merge(HessianAccumulator.from_state(part, self.device))
                 self._hessians[key] = (acc.hessian(), acc.num_rows)
             hessian, tokens = self._hessians[key]
+        self.busy["merge"] += time.perf_counter() - t
+        t = time.perf_counter()
         weight = self.linears[name].weight.detach().float()
         # The grid is fitted to the whole layer by every solver of a part of it: the same bits
         # everywhere, and a row block's grid is its rows of the whole (fitting is row-wise).
@@ -280,7 +282,10 @@ class Worker:
         self.release_block()
 
     def stats(self) -> dict:
-        return dict(self.busy)
+        """Busy seconds per activity and this worker's peak memory (device, or host RSS)."""
+        from .pipeline import peak_memory_bytes
+
+        return {**self.busy, "peak_memory_bytes": peak_memory_bytes(self.device)}
 
     def _block(self) -> int:
         if self.current is None:
