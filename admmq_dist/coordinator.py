@@ -434,8 +434,14 @@ def run(model_dir: Path, model_label: str, out_dir: Path, recipe: Recipe, batche
             report.extend(out.report)
             ignore.extend(i for i in out.ignore if i not in ignore)
             solved = [r["loss"] for r in out.report if r["loss"] is not None]
-            if solved:
-                bar.set_postfix(loss=f"{sum(solved) / len(solved):.4f}")
+            postfix = {"loss": f"{sum(solved) / len(solved):.4f}"} if solved else {}
+            if backend.size > 1 and progress:
+                # Every worker's share of the wall time so far: the cluster's progress at a glance.
+                busy = backend.get([backend.call(w, "stats") for w in range(backend.size)])
+                elapsed = max(time.perf_counter() - started, 1e-9)
+                postfix["busy"] = "/".join(
+                    f"{(s['forward'] + s['merge'] + s['solve']) / elapsed:.0%}" for s in busy)
+            bar.set_postfix(postfix)
             if on_block is not None:
                 on_block(b)
         t = time.perf_counter()

@@ -91,13 +91,17 @@ def admmq(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
           settings: ADMMSettings = ADMMSettings(), *,
           activations: torch.Tensor | None = None,
           init_codes: torch.Tensor | None = None,
+          init_dual: torch.Tensor | None = None,
           gptq_settings: GPTQSettings = GPTQSettings()) -> SolverResult:
     """Run ADMM-Q on one layer.
 
     ``weight``: ``[m, n]``; ``hessian``: ``[n, n]`` undamped ``X Xᵀ / N``. With
     ``w_update="gradient"`` the Hessian may be ``None`` and ``activations`` (``[N, n]`` calibration
-    inputs) drive mini-batch gradient W-steps instead. ``init_codes`` overrides ``settings.init``.
-    Returns the best iterate by the true objective (the initial codes included).
+    inputs) drive mini-batch gradient W-steps instead. ``init_codes`` overrides ``settings.init``;
+    with ``init_dual`` (the unscaled dual ``Y = ρU`` of an earlier run, ``[m, n]``) the run is a warm
+    start — a later round of the depth-parallel schedule, on a Hessian from quantized inputs.
+    Returns the best iterate by the true objective (the initial codes included); ``state`` holds
+    the final dual and ρ for the next warm start.
     """
     start = time.perf_counter()
     w0 = weight.float()
@@ -123,11 +127,12 @@ def admmq(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
         codes0 = gptq(w0, h0, grid, gptq_settings).codes
     else:
         codes0 = grid.codes(loop.W0)  # dead input columns already zeroed
-    best_codes, best_loss, iterations, history = _run(loop, codes0, grid, settings)
+    dual0 = None if init_dual is None else init_dual.to(device=device, dtype=torch.float32)
+    best_codes, best_loss, iterations, history, rho = _run(loop, codes0, grid, settings, dual0)
     deq = grid.dequantize(best_codes)
     loss = relative_loss(deq, w0, h0) if h0 is not None else best_loss
     return SolverResult("admmq", best_codes, grid, deq, loss, iterations,
-                        time.perf_counter() - start, history)
+                        time.perf_counter() - start, history, state={"dual": loop.Y, "rho": rho})
 
 
 class _ExactLoop:
@@ -150,10 +155,10 @@ class _ExactLoop:
         norm = float(((self.RW0 ** 2) @ self.ell).sum())
         self.norm = norm if norm > 0 else 1.0
 
-    def start(self, Z: torch.Tensor) -> torch.Tensor:
+    def start(self, Z: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Tensor:
         self.RZ = Z @ self.to_rotated
-        self.RY = torch.zeros_like(self.RZ)
-        self.Y = torch.zeros_like(Z)
+        self.Y = torch.zeros_like(Z) if Y is None else Y.clone()
+        self.RY = torch.zeros_like(self.RZ) if Y is None else self.Y @ self.to_rotated
         return self.row_loss_rotated(self.RZ)
 
     def row_loss_rotated(self, RZ: torch.Tensor) -> torch.Tensor:
@@ -215,9 +220,9 @@ class _InexactLoop:
             total += ((chunk @ delta.T) ** 2).sum(dim=0)
         return total / (self.x.shape[0] * self.norm)
 
-    def start(self, Z: torch.Tensor) -> torch.Tensor:
+    def start(self, Z: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Tensor:
         self.Z = Z
-        self.Y = torch.zeros_like(Z)
+        self.Y = torch.zeros_like(Z) if Y is None else Y.clone()
         self.W = Z.clone()
         return self._row_loss(Z)
 
@@ -276,8 +281,10 @@ def _top_eigenvalue(x: torch.Tensor, gen: torch.Generator, steps: int = 30) -> f
     return lam * 1.05  # a margin: power iteration approaches λmax from below
 
 
-def _run(loop, codes0: torch.Tensor, grid: Grid, settings: ADMMSettings):
-    """The ADMM iterations; ``loop`` supplies the W-step. Returns the best codes row by row."""
+def _run(loop, codes0: torch.Tensor, grid: Grid, settings: ADMMSettings,
+         dual0: torch.Tensor | None = None):
+    """The ADMM iterations; ``loop`` supplies the W-step. Returns the best codes row by row, the
+    best loss, the iterations run, the history and the ρ the next iteration would have used."""
     scale, zero = grid.expanded()
     inv_scale = 1.0 / scale
     # clamp(round(v / s) + z, 0, maxq) - z == clamp(round(v / s), -z, maxq - z): z is an integer.
@@ -285,7 +292,7 @@ def _run(loop, codes0: torch.Tensor, grid: Grid, settings: ADMMSettings):
     Z = dequantize_codes(codes0, scale, zero)
     # The objective is a sum over rows that do not interact, so the best iterate is kept row by
     # row: a row that oscillates is taken at its own best moment, not at the matrix's.
-    best_rows = loop.start(Z)
+    best_rows = loop.start(Z, dual0)
     best_Z = Z
     history: dict[str, list[float]] = {"loss": [float(best_rows.sum())], "best_loss": [],
                                        "rho": [], "changed": []}
@@ -336,4 +343,4 @@ def _run(loop, codes0: torch.Tensor, grid: Grid, settings: ADMMSettings):
             quiet = 0
         slow = settings.rho_slow_from is not None and rho >= settings.rho_slow_from
         rho *= settings.rho_growth_slow if slow else settings.rho_growth
-    return grid.codes(best_Z), float(best_rows.sum()), iterations, history
+    return grid.codes(best_Z), float(best_rows.sum()), iterations, history, rho

@@ -26,6 +26,8 @@ class SolverResult:
     iterations: int
     seconds: float
     history: dict[str, list[float]] = field(default_factory=dict)
+    # What a later warm start needs (ADMM-Q: the unscaled dual "dual" [out, in] and "rho").
+    state: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
         return {"method": self.method, "loss": self.loss, "iterations": self.iterations,

@@ -51,10 +51,12 @@ class SolverSettings:
 
 
 def solve(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid,
-          settings: SolverSettings = SolverSettings()) -> SolverResult:
+          settings: SolverSettings = SolverSettings(), warm: dict | None = None) -> SolverResult:
     """Quantize ``weight`` (``[out, in]``) on ``grid`` against ``hessian`` (``[in, in]``).
 
-    The reported time and iterations include the local-search polish.
+    ``warm`` (ADMM-Q only): ``{"codes", "dual"}`` of an earlier run to start from, with
+    ``settings.admm`` holding the warm schedule. The reported time and iterations include the
+    local-search polish.
     """
     start = time.perf_counter()
     if settings.method == "rtn":
@@ -63,11 +65,14 @@ def solve(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid,
         result = gptq(weight, hessian, grid, settings.gptq)
     else:
         # ADMM-Q's GPTQ start uses the same GPTQ settings as the GPTQ method.
-        result = admmq(weight, hessian, grid, settings.admm, gptq_settings=settings.gptq)
+        result = admmq(weight, hessian, grid, settings.admm, gptq_settings=settings.gptq,
+                       init_codes=None if warm is None else warm["codes"],
+                       init_dual=None if warm is None else warm.get("dual"))
     if settings.sweeps:
         polished = local_search(weight, hessian, grid, result.codes, settings.sweeps,
                                 method=result.method)
         history = {**result.history, "local_search_loss": polished.history["loss"]}
         result = SolverResult(result.method, polished.codes, grid, polished.weight, polished.loss,
-                              result.iterations, time.perf_counter() - start, history)
+                              result.iterations, time.perf_counter() - start, history,
+                              result.state)
     return result
