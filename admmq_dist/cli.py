@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     solver.add_argument("--rho-start", type=float)
     solver.add_argument("--rho-growth", type=float)
     solver.add_argument("--local-search-sweeps", type=int)
+    solver.add_argument("--schedule", choices=("sequential", "depth-parallel"),
+                        help="block by block (default), or every block at once then correction "
+                        "rounds (ADMM-Q warm starts)")
+    solver.add_argument("--rounds", type=int, help="depth-parallel: most correction rounds (3)")
     solver.add_argument("--damp", type=float, help="GPTQ damping (fraction of mean diag H)")
     solver.add_argument("--no-act-order", dest="act_order", action="store_false", default=None)
     cal = q.add_argument_group("calibration")
@@ -111,7 +115,7 @@ def _recipe_from_args(args):
             updates["grid"][arg] = getattr(args, arg)
     if hasattr(args, "group_size"):  # None (per-channel) is a value here, so absence is SUPPRESS
         updates["grid"]["group_size"] = args.group_size
-    for arg in ("method", "local_search_sweeps"):
+    for arg in ("method", "local_search_sweeps", "schedule", "rounds"):
         if getattr(args, arg) is not None:
             updates["solver"][arg] = getattr(args, arg)
     for arg in ("iterations", "rho_start", "rho_growth"):

@@ -20,7 +20,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .coordinator import WorkerLost
-from .worker import Worker
+from .worker import ShardWorker, Worker
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ class RayBackend:
         return len(self.actors)
 
     def start(self, model_dir: str, recipe, shards, device: str, threads: int | None) -> None:
-        actor_cls = ray.remote(Worker)
+        actor_cls = ray.remote(ShardWorker if recipe.solver.schedule == "depth-parallel"
+                               else Worker)
         self.actors = [
             actor_cls.options(
                 max_restarts=self.max_restarts, max_task_retries=0,

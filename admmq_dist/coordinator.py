@@ -40,7 +40,7 @@ from .model.loading import TensorIndex
 from .quant.grid import Grid
 from .quant.solvers.rows import combine, row_blocks
 from .recipe import Recipe, to_mapping
-from .worker import ALL_TOKENS, Worker
+from .worker import ALL_TOKENS, ShardWorker, Worker
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,8 @@ class LocalBackend:
 
     def start(self, model_dir: str, recipe: Recipe, shards: list[dict[int, torch.Tensor]],
               device: str, threads: int | None = None) -> None:
-        self.workers = [Worker(model_dir, recipe, shard, device, None) for shard in shards]
+        cls = ShardWorker if recipe.solver.schedule == "depth-parallel" else Worker
+        self.workers = [cls(model_dir, recipe, shard, device, None) for shard in shards]
 
     @property
     def size(self) -> int:
@@ -393,8 +394,11 @@ def run(model_dir: Path, model_label: str, out_dir: Path, recipe: Recipe, batche
     prints = fingerprints(model_dir, recipe, batches)
     work = prepare_work_dir(out_dir, prints, resume, overwrite)
     t = time.perf_counter()
-    backend.start(str(model_dir), recipe, shard_batches(batches, backend.requested), device,
-                  threads)
+    depth_parallel = recipe.solver.schedule == "depth-parallel"
+    # Depth-parallel workers own blocks, not batches: every batch flows through every worker.
+    shards = ([dict(enumerate(batches))] * backend.requested if depth_parallel
+              else shard_batches(batches, backend.requested))
+    backend.start(str(model_dir), recipe, shards, device, threads)
     timings["load"] += time.perf_counter() - t
     num_blocks = backend.get([backend.call(0, "num_blocks")])[0]
     layout_prefix = backend.get([backend.call(0, "block_prefix")])[0]
@@ -412,17 +416,25 @@ def run(model_dir: Path, model_label: str, out_dir: Path, recipe: Recipe, batche
     report: list[dict] = []
     ignore = list(recipe.output.skip)
     resumed = 0
+    rounds = None
     try:
-        bar = tqdm(range(num_blocks), desc="blocks", unit="block", disable=not progress,
+        if depth_parallel:
+            if resume:
+                raise ResumeError("--resume continues sequential runs only; the depth-parallel "
+                                  "schedule restarts from round 0")
+            done, rounds = _depth_parallel(backend, recipe, index, f"{layout_prefix}.",
+                                           num_blocks, len(batches), timings, progress)
+        bar = tqdm(range(num_blocks), desc="blocks", unit="block",
+                   disable=not progress or depth_parallel,
                    mininterval=1 if sys.stderr.isatty() else 30)
         for b in bar:
-            out = read_commit(work, b)
-            if out is not None:
+            out = done[b] if depth_parallel else read_commit(work, b)
+            if out is not None and not depth_parallel:
                 resumed += 1
                 t = time.perf_counter()
                 coord.replay(b, num_blocks, out, list(range(backend.size)))
                 timings["forward"] += time.perf_counter() - t
-            else:
+            elif out is None:
                 out = _run_block_with_restarts(coord, b, num_blocks, work)
                 t = time.perf_counter()
                 commit_block(work, b, out)
@@ -467,6 +479,9 @@ def run(model_dir: Path, model_label: str, out_dir: Path, recipe: Recipe, batche
         if calibrations:
             summary["experts"] = {how: calibrations.count(how)
                                   for how in ("routed", "all-tokens", "rtn")}
+        if rounds is not None:
+            summary["schedule"] = "depth-parallel"
+            summary["rounds"] = rounds
         writer.finalize(
             config=config.to_dict(), source_dir=model_dir, ignore=ignore,
             extra_files={
@@ -516,3 +531,69 @@ def _write_block(writer: CheckpointWriter, index: TensorIndex, prefix: str, out:
     for disk, name in zip(index.names(), index.module_names()):
         if name.startswith(prefix + ".") and disk not in written:
             writer.add_tensor(disk, index.read(disk))
+
+
+def _depth_parallel(backend, recipe: Recipe, index: TensorIndex, blocks_prefix: str,
+                    num_blocks: int, num_batches: int, timings: dict, progress: bool):
+    """Round 0 and the correction rounds; returns every block's output and per-round figures.
+
+    Workers own contiguous block ranges for the whole run. Each round is one pipelined forward —
+    batch ``i`` flows worker to worker (Ray queues the calls, so every worker computes at once on
+    a different batch) while every worker accumulates the Hessians of all its layers — followed
+    by every worker solving all its layers at once. Round 0 starts cold from the float model's
+    inputs; later rounds warm-start each layer from its codes and dual on Hessians from the
+    quantized model's inputs. Every layer sees every batch in order on its owner, so the bytes
+    do not depend on the number of workers.
+    """
+    n = backend.size
+    bounds = [num_blocks * k // n for k in range(n + 1)]
+    backend.get([backend.call(k, "own", list(range(bounds[k], bounds[k + 1]))) for k in range(n)])
+    warm = recipe.solver.warm()
+    history = []
+    stats = []
+    for r in range(recipe.solver.rounds + 1):
+        t = time.perf_counter()
+        backend.get([backend.call(k, "start_round") for k in range(n)])
+        last = []
+        for i in range(num_batches):
+            h = None
+            for k in range(n):
+                h = backend.call(k, "forward_shard", i, h)
+            last.append(h)
+        backend.get(last)
+        del last
+        timings["forward"] += time.perf_counter() - t
+        t = time.perf_counter()
+        stats = [row for part in backend.get([backend.call(k, "end_round", warm) for k in range(n)])
+                 for row in part]
+        timings["solve"] += time.perf_counter() - t
+        sizes = [1.0 for _ in stats]
+        changed = sum(s["changed"] * z for s, z in zip(stats, sizes)) / max(sum(sizes), 1)
+        history.append({"round": r, "changed": changed,
+                        "mean_loss": sum(s["loss"] for s in stats) / max(len(stats), 1),
+                        "iterations": sum(s["iterations"] for s in stats),
+                        "forward_seconds": round(timings["forward"], 3),
+                        "solve_seconds": round(timings["solve"], 3)})
+        if progress:
+            print(f"round {r}: mean loss {history[-1]['mean_loss']:.5f}, "
+                  f"{changed:.2%} of codes changed", file=sys.stderr, flush=True)
+        if r >= 1 and changed < recipe.solver.round_stop_changed:
+            break
+    outputs = {}
+    owner = {b: k for k in range(n) for b in range(bounds[k], bounds[k + 1])}
+    for b in range(num_blocks):
+        prefix = f"{blocks_prefix}{b}"
+        out = BlockOutput()
+        results = backend.get([backend.call(owner[b], "results", b)])[0]
+        rows = [s for s in stats if s["block"] == b]
+        for row in rows:
+            name = row["layer"]
+            out.quantized[name] = results[name]
+            out.disk[name] = index.disk_name(f"{prefix}.{name}.weight")[: -len(".weight")]
+            out.report.append({"layer": f"{prefix}.{name}", "block": b, "method": row["method"],
+                               "shape": list(results[name][0].shape), "loss": row["loss"],
+                               "iterations": row["iterations"], "seconds": round(row["seconds"], 4),
+                               "calibration": "dense", "tokens": row["tokens"],
+                               "group": row["group"], "changed_last_round": row["changed"]})
+        outputs[b] = out
+    return outputs, history

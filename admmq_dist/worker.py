@@ -24,7 +24,7 @@ from .model.loading import TensorIndex, build_skeleton, materialize, release
 from .model.moe import ExpertList, expert_lists, is_router, load_fused_into, unfuse_experts
 from .quant.grid import fit_grid
 from .quant.hessian import HessianAccumulator
-from .quant.solvers.rows import BlockResult, solve_block
+from .quant.solvers.rows import BlockResult, combine, row_blocks, solve_block
 from .recipe import Recipe
 
 ALL_TOKENS = "all-tokens:"  # key prefix of an expert list's every-token input accumulator
@@ -116,9 +116,11 @@ class Worker:
         materialize(self.model, "", self.index, self.device, self.dtype,
                     tied=tied_names(self.model), exclude=(self.layout.prefix,))
         self.batch_ids = sorted(batches)
+        self.seq_len = int(batches[self.batch_ids[0]].shape[1])
         calls = record_block_calls(self.model, self.blocks,
                                    [batches[i] for i in self.batch_ids], self.device)
         self.hidden = [h.to(self.dtype) for h in calls.first_hidden]
+        self.first_hidden = self.hidden
         self.args, self.kwargs = calls.args, calls.kwargs
         self.current: int | None = None
         self.linears: dict[str, torch.nn.Linear] = {}
@@ -291,3 +293,116 @@ class Worker:
         if self.current is None:
             raise RuntimeError("no block is loaded on this worker")
         return self.current
+
+
+class ShardWorker(Worker):
+    """The depth-parallel schedule's worker: owns a contiguous range of blocks for the whole run,
+    sees every calibration batch as it flows through its blocks (a pipelined forward), and keeps
+    each of its layers' ADMM-Q state (codes, dual, ρ) from round to round."""
+
+    def own(self, blocks: list[int]) -> None:
+        self.owned = list(blocks)
+        self.layers: dict[tuple[int, str], torch.nn.Linear] = {}
+        self.groups: dict[int, list[list[str]]] = {}
+        self.float_weights: dict[tuple[int, str], torch.Tensor] = {}
+        self.state: dict[tuple[int, str], dict] = {}
+        for b in self.owned:
+            load_block(self.blocks[b], self.layout.block_prefix(b), self.index, self.device,
+                       self.dtype)
+            for name, linear in block_linears(self.blocks[b], self.recipe.output.skip).items():
+                self.layers[(b, name)] = linear
+                self.float_weights[(b, name)] = linear.weight.detach().float().clone()
+        for b in self.owned:
+            self._groups(b)
+        if self.owned and self.owned[0] != 0:
+            self.hidden = self.first_hidden = []  # only the first shard starts from embeddings
+
+    @torch.no_grad()
+    def start_round(self) -> None:
+        """Hooks on every group's first linear: one accumulator per (block, group)."""
+        self._accs: dict[tuple[int, str], HessianAccumulator] = {}
+        self._handles = []
+        self._batch = 0
+
+        def hook(acc):
+            return lambda module, inputs: acc.add(inputs[0], self._batch)
+
+        for b in self.owned:
+            for group in self._groups(b):
+                first = self.layers[(b, group[0])]
+                acc = HessianAccumulator(first.in_features, self.device)
+                self._accs[(b, group[0])] = acc
+                self._handles.append(first.register_forward_pre_hook(hook(acc)))
+
+    def _groups(self, b: int) -> list[list[str]]:
+        if b not in self.groups:
+            linears = {n: m for (bb, n), m in self.layers.items() if bb == b}
+            # Which linears share an input is structure, not values: a zero input of the
+            # block's shape finds it on any shard (only the first shard holds real inputs).
+            probe = torch.zeros(1, self.seq_len, self.config.get_text_config().hidden_size,
+                                dtype=self.dtype, device=self.device)
+            stages = calibration_stages(self.blocks[b], linears, probe, self.args[b][0],
+                                        self.kwargs[b][0])
+            if any(st.experts for st in stages):
+                raise ValueError("the depth-parallel schedule does not handle mixture-of-experts "
+                                 "blocks yet; use --schedule sequential")
+            self.groups[b] = [g for st in stages for g in st.groups]
+        return self.groups[b]
+
+    @torch.no_grad()
+    def forward_shard(self, i: int, hidden: torch.Tensor | None) -> torch.Tensor:
+        """Run global batch ``i`` through this worker's blocks; returns the hidden states."""
+        t = time.perf_counter()
+        local = self.batch_ids.index(i)
+        h = self.first_hidden[local] if hidden is None else hidden.to(self.device, self.dtype)
+        self._batch = i
+        for b in self.owned:
+            h = block_output(self.blocks[b](h, *self.args[b][local], **self.kwargs[b][local]))
+        self.busy["forward"] += time.perf_counter() - t
+        return h.cpu() if self.device.type != "cpu" else h
+
+    @torch.no_grad()
+    def end_round(self, warm_settings) -> list[dict]:
+        """Solve every owned layer on this round's Hessians (warm-started after round 0 with
+        ``warm_settings``, a SolverSettings), put the quantized weights in place; per layer:
+        loss, iterations, the fraction of codes that changed."""
+        for handle in self._handles:
+            handle.remove()
+        t = time.perf_counter()
+        out = []
+        for b in self.owned:
+            for group in self._groups(b):
+                hessian = self._accs[(b, group[0])].hessian()
+                for name in group:
+                    weight = self.float_weights[(b, name)]
+                    grid = fit_grid(weight, self.recipe.grid)
+                    previous = self.state.get((b, name))
+                    settings = self.recipe.solver if previous is None else warm_settings
+                    blocks = []
+                    for k, (start, stop) in enumerate(row_blocks(weight.shape[0],
+                                                                 settings.row_block)):
+                        warm = None
+                        if previous is not None:
+                            warm = {"codes": previous["codes"][start:stop],
+                                    "dual": previous["duals"][k]}
+                        blocks.append(solve_block(weight, hessian, grid, settings, start, stop,
+                                                  warm=warm))
+                    result = combine(blocks, grid)
+                    changed = 1.0 if previous is None else float(
+                        (result.codes != previous["codes"]).float().mean())
+                    self.state[(b, name)] = {"codes": result.codes, "grid": grid,
+                                             "duals": [blk.state.get("dual") for blk in blocks]}
+                    self.layers[(b, name)].weight.copy_(
+                        grid.dequantize(result.codes).to(self.layers[(b, name)].weight.dtype))
+                    out.append({"block": b, "layer": name, "loss": result.loss,
+                                "iterations": result.iterations, "changed": changed,
+                                "tokens": self._accs[(b, group[0])].num_rows,
+                                "method": result.method, "group": group,
+                                "seconds": result.seconds})
+        self.busy["solve"] += time.perf_counter() - t
+        return out
+
+    def results(self, b: int) -> dict:
+        """Codes and grids of block ``b``'s layers, for the writer."""
+        return {name: (st["codes"].cpu(), st["grid"].scale.cpu(), st["grid"].zero.cpu())
+                for (bb, name), st in self.state.items() if bb == b}

@@ -164,3 +164,28 @@ def test_kill_9_then_resume_from_the_command_line(model_dir, tmp_path):
     assert not work.exists()
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]
     assert leftovers == []
+
+
+@pytest.mark.ray
+def test_depth_parallel_rounds_write_the_same_bytes_for_any_worker_count(model_dir, tmp_path):
+    settings = {"solver": {**SETTINGS["solver"], "schedule": "depth-parallel", "rounds": 2}}
+    local = quantize_model(str(model_dir), tmp_path / "local", override(Recipe(), {**SETTINGS, **settings}),
+                           device=torch.device("cpu"), progress=False, threads=1)
+    two = quantize_model(str(model_dir), tmp_path / "two", override(Recipe(), {**SETTINGS, **settings}),
+                         device=torch.device("cpu"), progress=False, threads=1, workers=2)
+    assert digest(tmp_path / "local") == digest(tmp_path / "two")
+    assert [r["round"] for r in local["rounds"]] == [0, 1, 2]
+    # Round 0 moves every code; corrections move a minority of them.
+    assert local["rounds"][0]["changed"] == 1.0
+    assert 0 < local["rounds"][2]["changed"] < 0.5
+    sequential = quantize(model_dir, tmp_path / "seq")
+    assert local["layers"] == sequential["layers"] == 21
+
+
+def test_depth_parallel_needs_admmq_and_refuses_resume(model_dir, tmp_path):
+    with pytest.raises(ValueError, match="admmq"):
+        override(Recipe(), {"solver": {"schedule": "depth-parallel", "method": "gptq"}})
+    recipe = override(Recipe(), {**SETTINGS, "solver": {"schedule": "depth-parallel"}})
+    with pytest.raises(ResumeError, match="depth-parallel"):
+        quantize_model(str(model_dir), tmp_path / "x", recipe, device=torch.device("cpu"),
+                       progress=False, resume=True)

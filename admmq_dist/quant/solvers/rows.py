@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -50,13 +50,16 @@ class BlockResult:
     loss_den: float
     iterations: int
     seconds: float
+    state: dict = field(default_factory=dict)
 
 
 def solve_block(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
-                settings: SolverSettings, start: int, stop: int) -> BlockResult:
+                settings: SolverSettings, start: int, stop: int,
+                warm: dict | None = None) -> BlockResult:
     """Solve rows ``start:stop`` of ``weight`` (``[out, in]``) on the rows' part of ``grid``.
 
     ``hessian`` None rounds to nearest (an expert with no calibration signal); the loss is then 0/0.
+    ``warm`` (``{"codes", "dual"}`` of these rows) warm-starts ADMM-Q.
     """
     t = time.perf_counter()
     w = weight[start:stop]
@@ -65,10 +68,10 @@ def solve_block(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
         result = rtn(w, None, g)
         num, den = 0.0, 0.0
     else:
-        result = solve(w, hessian, g, settings)
+        result = solve(w, hessian, g, settings, warm=warm)
         num, den = loss_terms(result.weight, w.float(), hessian)
     return BlockResult(start, stop, result.method, result.codes, result.weight, num, den,
-                       result.iterations, time.perf_counter() - t)
+                       result.iterations, time.perf_counter() - t, result.state)
 
 
 def combine(blocks: list[BlockResult], grid: Grid) -> SolverResult:

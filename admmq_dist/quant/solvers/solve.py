@@ -31,16 +31,39 @@ class SolverSettings:
     # Layers are solved in blocks of about this many output rows (see solvers/rows.py): the unit
     # of work spread over workers, fixed so that results never depend on the worker count.
     row_block: int = 512
+    # "sequential": block by block, each on the outputs of the quantized blocks before it.
+    # "depth-parallel": every block at once from the float model's inputs (round 0), then up to
+    # `rounds` corrections, each a pipelined forward through the quantized model and a warm-started
+    # ADMM-Q of round_iterations from ρ = round_rho_start; stops when fewer than
+    # round_stop_changed of the codes moved.
+    schedule: Literal["sequential", "depth-parallel"] = "sequential"
+    rounds: int = 3
+    round_iterations: int = 40
+    round_rho_start: float = 0.3
+    round_stop_changed: float = 1e-3
 
     def __post_init__(self) -> None:
         if self.row_block < 1:
             raise ValueError(f"row_block={self.row_block} must be at least 1")
+        if self.schedule not in ("sequential", "depth-parallel"):
+            raise ValueError(f"schedule={self.schedule!r} must be 'sequential' or 'depth-parallel'")
+        if self.rounds < 0 or self.round_iterations < 1 or not self.round_rho_start > 0:
+            raise ValueError("rounds must be >= 0, round_iterations >= 1, round_rho_start > 0")
+        if self.schedule == "depth-parallel" and self.method != "admmq":
+            raise ValueError("the depth-parallel schedule warm-starts ADMM-Q; use method admmq")
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} must be one of {METHODS}")
         if self.local_search_sweeps is not None and self.local_search_sweeps < 0:
             raise ValueError(
                 f"local_search_sweeps={self.local_search_sweeps} must be non-negative"
             )
+
+    def warm(self) -> "SolverSettings":
+        """The settings of a depth-parallel correction round."""
+        import dataclasses
+
+        return dataclasses.replace(self, admm=dataclasses.replace(
+            self.admm, rho_start=self.round_rho_start, iterations=self.round_iterations))
 
     @property
     def sweeps(self) -> int:
