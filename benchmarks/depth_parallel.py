@@ -77,6 +77,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--model", default=None, help="another model folder (default: SmolLM2)")
+    parser.add_argument("--eval-dataset", default=None, help="evaluation text (default: WikiText-2)")
     args = parser.parse_args(argv)
     if args.quick:
         args.num_samples, args.eval_windows = 32, 40
@@ -84,11 +86,13 @@ def main(argv=None) -> int:
     from admmq_dist.model.embedded import embedded_model_folder
     from admmq_dist.quant.solvers.solve import SolverSettings
 
-    model = str(embedded_model_folder())
+    model = args.model or str(embedded_model_folder())
     common = ["--bits", "3", "--group-size", "64", "--asym", "--num-samples",
               str(args.num_samples), "--seq-len", "512"]
     dist = ["--workers", str(args.workers), "--threads", "1"]
     evaluate = ["--seq-len", "512", "--max-windows", str(args.eval_windows)]
+    if args.eval_dataset:
+        evaluate += ["--dataset", args.eval_dataset]
     started = time.perf_counter()
     base = cli("eval", model, *evaluate)
     rows = []

@@ -125,6 +125,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--model", default=None, help="another model folder (default: SmolLM2)")
     args = parser.parse_args(argv)
     if args.quick:
         args.num_samples, args.seq_len = 8, 256
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
     from admmq_dist.quant.solvers.admmq import ADMMSettings
     from admmq_dist.quant.solvers.solve import SolverSettings
 
-    model = str(embedded_model_folder())
+    model = args.model or str(embedded_model_folder())
     runs = {}
     with tempfile.TemporaryDirectory(prefix="admmq-scaling-") as tmp:
         for workers in (1, 2):
