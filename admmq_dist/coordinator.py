@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -219,6 +220,10 @@ class Coordinator:
         self.index = index
         self.block_prefix = block_prefix
         self.timings = timings
+        # Per expert list (block-relative path): how each expert is calibrated and its routed
+        # tokens, decided at the gate/up stage and used again at the down stage.
+        self._expert_how: dict[str, dict[int, str]] = {}
+        self._expert_tokens: dict[str, list[int]] = {}
 
     def _get(self, futures):
         return self.backend.get(futures)
@@ -265,7 +270,7 @@ class Coordinator:
         plan = self._get([self.backend.call(0, "plan")])[0]
         prefix = self.block_prefix(b)
         out = BlockOutput(consumed=consumed)
-        out.ignore = [f"re:.*\\.{_re_escape(self._disk_rel(prefix, n))}$" for n in plan["skipped"]]
+        out.ignore = [f"re:.*\\.{re.escape(self._disk_rel(prefix, n))}$" for n in plan["skipped"]]
         n = self.backend.size
         rb = self.recipe.solver.row_block
         for stage in plan["stages"]:
@@ -368,17 +373,8 @@ class Coordinator:
                                 "tokens": self._expert_tokens[stage.experts][e]}
         return result
 
-    _expert_how: dict
-    _expert_tokens: dict
-
     def _disk_rel(self, prefix: str, name: str) -> str:
         return self.index.disk_name(f"{prefix}.{name}.weight")[len(prefix) + 1: -len(".weight")]
-
-
-def _re_escape(text: str) -> str:
-    import re
-
-    return re.escape(text)
 
 
 def run(model_dir: Path, model_label: str, out_dir: Path, recipe: Recipe, batches, backend,
@@ -408,7 +404,6 @@ def run(model_dir: Path, model_label: str, out_dir: Path, recipe: Recipe, batche
             "mixture-of-experts checkpoints must be symmetric: vLLM's quantized MoE kernels and "
             "transformers' expert loader read no zero points; use --sym")
     coord = Coordinator(backend, recipe, index, lambda b: f"{layout_prefix}.{b}", timings)
-    coord._expert_how, coord._expert_tokens = {}, {}
     writer = CheckpointWriter(out_dir, format=recipe.output.format, bits=grid_spec.bits,
                               group_size=grid_spec.group_size, symmetric=grid_spec.symmetric,
                               dtype=output_dtype(recipe, config), overwrite=overwrite,
