@@ -414,11 +414,8 @@ def run(model_dir: Path, model_label: str, out_dir: Path, recipe: Recipe, batche
     rounds = None
     try:
         if depth_parallel:
-            if resume:
-                raise ResumeError("--resume continues sequential runs only; the depth-parallel "
-                                  "schedule restarts from round 0")
             done, rounds = _depth_parallel(backend, recipe, index, f"{layout_prefix}.",
-                                           num_blocks, len(batches), timings, progress)
+                                           num_blocks, len(batches), timings, progress, work)
         bar = tqdm(range(num_blocks), desc="blocks", unit="block",
                    disable=not progress or depth_parallel,
                    mininterval=1 if sys.stderr.isatty() else 30)
@@ -529,7 +526,8 @@ def _write_block(writer: CheckpointWriter, index: TensorIndex, prefix: str, out:
 
 
 def _depth_parallel(backend, recipe: Recipe, index: TensorIndex, blocks_prefix: str,
-                    num_blocks: int, num_batches: int, timings: dict, progress: bool):
+                    num_blocks: int, num_batches: int, timings: dict, progress: bool,
+                    work: Path):
     """Round 0 and the correction rounds; returns every block's output and per-round figures.
 
     Workers own contiguous block ranges for the whole run. Each round is one pipelined forward —
@@ -538,15 +536,27 @@ def _depth_parallel(backend, recipe: Recipe, index: TensorIndex, blocks_prefix: 
     by every worker solving all its layers at once. Round 0 starts cold from the float model's
     inputs; later rounds warm-start each layer from its codes and dual on Hessians from the
     quantized model's inputs. Every layer sees every batch in order on its owner, so the bytes
-    do not depend on the number of workers.
+    do not depend on the number of workers. After every round each worker commits its layers'
+    codes and duals to ``work`` and the coordinator marks the round done, so a resumed run (any
+    number of workers) continues from the last finished round with the same bytes.
     """
     n = backend.size
     bounds = [num_blocks * k // n for k in range(n + 1)]
     backend.get([backend.call(k, "own", list(range(bounds[k], bounds[k + 1]))) for k in range(n)])
     warm = recipe.solver.warm()
-    history = []
-    stats = []
-    for r in range(recipe.solver.rounds + 1):
+    history: list[dict] = []
+    stats: list[dict] = []
+    first = 0
+    finished = sorted(work.glob("round-*.done"))
+    if finished:
+        marker = json.loads(finished[-1].read_text())
+        history, stats = marker["history"], marker["stats"]
+        first = marker["round"] + 1
+        backend.get([backend.call(k, "load_round", str(work), marker["round"]) for k in range(n)])
+        log.info("resuming the depth-parallel schedule after round %d", marker["round"])
+        if marker.get("stopped"):
+            first = recipe.solver.rounds + 1
+    for r in range(first, recipe.solver.rounds + 1):
         t = time.perf_counter()
         backend.get([backend.call(k, "start_round") for k in range(n)])
         last = []
@@ -572,7 +582,13 @@ def _depth_parallel(backend, recipe: Recipe, index: TensorIndex, blocks_prefix: 
         if progress:
             print(f"round {r}: mean loss {history[-1]['mean_loss']:.5f}, "
                   f"{changed:.2%} of codes changed", file=sys.stderr, flush=True)
-        if r >= 1 and changed < recipe.solver.round_stop_changed:
+        stop = r >= 1 and changed < recipe.solver.round_stop_changed
+        backend.get([backend.call(k, "save_round", str(work), r) for k in range(n)])
+        tmp = work / f".round-{r:03d}.done.tmp"
+        tmp.write_text(json.dumps({"round": r, "history": history, "stats": stats,
+                                   "stopped": stop}))
+        os.replace(tmp, work / f"round-{r:03d}.done")
+        if stop:
             break
     outputs = {}
     owner = {b: k for k in range(n) for b in range(bounds[k], bounds[k + 1])}

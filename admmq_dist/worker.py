@@ -406,3 +406,51 @@ class ShardWorker(Worker):
         """Codes and grids of block ``b``'s layers, for the writer."""
         return {name: (st["codes"].cpu(), st["grid"].scale.cpu(), st["grid"].zero.cpu())
                 for (bb, name), st in self.state.items() if bb == b}
+
+    def save_round(self, folder: str, r: int) -> None:
+        """Commit every owned block's layer states after round ``r`` (temp file, then rename)."""
+        from safetensors.torch import save_file
+
+        for b in self.owned:
+            tensors = {}
+            for (bb, name), st in self.state.items():
+                if bb != b:
+                    continue
+                tensors[f"{name}.codes"] = st["codes"].to(torch.uint8).cpu().contiguous()
+                tensors[f"{name}.scale"] = st["grid"].scale.cpu().contiguous()
+                tensors[f"{name}.zero"] = st["grid"].zero.cpu().contiguous()
+                for k, dual in enumerate(st["duals"]):
+                    if dual is not None:
+                        tensors[f"{name}.dual.{k}"] = dual.cpu().contiguous()
+            final = Path(folder) / f"round-{r:03d}-block-{b:05d}.safetensors"
+            tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+            save_file(tensors, str(tmp))
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+
+    @torch.no_grad()
+    def load_round(self, folder: str, r: int) -> None:
+        """Restore the layer states committed after round ``r`` and put their weights in place."""
+        from safetensors import safe_open
+
+        from .quant.grid import Grid
+
+        for b in self.owned:
+            path = Path(folder) / f"round-{r:03d}-block-{b:05d}.safetensors"
+            with safe_open(path, "pt") as f:
+                keys = set(f.keys())
+                for (bb, name), linear in self.layers.items():
+                    if bb != b:
+                        continue
+                    codes = f.get_tensor(f"{name}.codes").to(torch.int32).to(self.device)
+                    scale = f.get_tensor(f"{name}.scale").to(self.device)
+                    zero = f.get_tensor(f"{name}.zero").to(self.device)
+                    spec = self.recipe.grid
+                    grid = Grid(spec.bits, spec.effective_group_size(codes.shape[1]),
+                                codes.shape[1], spec.symmetric, scale, zero)
+                    blocks = row_blocks(codes.shape[0], self.recipe.solver.row_block)
+                    duals = [f.get_tensor(f"{name}.dual.{k}").to(self.device)
+                             if f"{name}.dual.{k}" in keys else None for k in range(len(blocks))]
+                    self.state[(b, name)] = {"codes": codes, "grid": grid, "duals": duals}
+                    linear.weight.copy_(grid.dequantize(codes).to(linear.weight.dtype))

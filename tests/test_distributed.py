@@ -169,11 +169,14 @@ def test_kill_9_then_resume_from_the_command_line(model_dir, tmp_path):
 @pytest.mark.ray
 def test_depth_parallel_rounds_write_the_same_bytes_for_any_worker_count(model_dir, tmp_path):
     settings = {"solver": {**SETTINGS["solver"], "schedule": "depth-parallel", "rounds": 2}}
-    local = quantize_model(str(model_dir), tmp_path / "local", override(Recipe(), {**SETTINGS, **settings}),
+    recipe = override(Recipe(), {**SETTINGS, **settings})
+    local = quantize_model(str(model_dir), tmp_path / "local", recipe,
                            device=torch.device("cpu"), progress=False, threads=1)
-    two = quantize_model(str(model_dir), tmp_path / "two", override(Recipe(), {**SETTINGS, **settings}),
+    two = quantize_model(str(model_dir), tmp_path / "two", recipe,
                          device=torch.device("cpu"), progress=False, threads=1, workers=2)
     assert digest(tmp_path / "local") == digest(tmp_path / "two")
+    # Both schedules of the two-worker run reported their rounds.
+    assert [r["round"] for r in two["rounds"]] == [0, 1, 2]
     assert [r["round"] for r in local["rounds"]] == [0, 1, 2]
     # Round 0 moves every code; corrections move a minority of them.
     assert local["rounds"][0]["changed"] == 1.0
@@ -182,10 +185,40 @@ def test_depth_parallel_rounds_write_the_same_bytes_for_any_worker_count(model_d
     assert local["layers"] == sequential["layers"] == 21
 
 
-def test_depth_parallel_needs_admmq_and_refuses_resume(model_dir, tmp_path):
+def test_depth_parallel_needs_admmq_and_resumes_between_rounds(model_dir, tmp_path, monkeypatch):
+    from admmq_dist.worker import ShardWorker
+
     with pytest.raises(ValueError, match="admmq"):
         override(Recipe(), {"solver": {"schedule": "depth-parallel", "method": "gptq"}})
-    recipe = override(Recipe(), {**SETTINGS, "solver": {"schedule": "depth-parallel"}})
-    with pytest.raises(ResumeError, match="depth-parallel"):
-        quantize_model(str(model_dir), tmp_path / "x", recipe, device=torch.device("cpu"),
-                       progress=False, resume=True)
+    recipe = override(Recipe(), {**SETTINGS, "solver": {**SETTINGS["solver"],
+                                                        "schedule": "depth-parallel", "rounds": 2}})
+
+    def run(out, **kw):
+        return quantize_model(str(model_dir), out, recipe, device=torch.device("cpu"),
+                              progress=False, threads=1, **kw)
+
+    reference = run(tmp_path / "ref")
+    calls = []
+    original = ShardWorker.end_round
+
+    def end_round(self, warm):
+        calls.append(1)
+        if len(calls) == 3:  # round 2: the process "dies" with rounds 0 and 1 committed
+            raise KeyboardInterrupt
+        return original(self, warm)
+
+    monkeypatch.setattr(ShardWorker, "end_round", end_round)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "out")
+    monkeypatch.setattr(ShardWorker, "end_round", original)
+    assert sorted(p.name for p in work_dir_for(tmp_path / "out").glob("round-*.done")) == [
+        "round-000.done", "round-001.done"]
+    resumed = run(tmp_path / "out", resume=True)
+
+    def figures(summary):
+        return [(h["round"], h["changed"], h["mean_loss"], h["iterations"])
+                for h in summary["rounds"]]
+
+    assert [h["round"] for h in resumed["rounds"]] == [0, 1, 2]
+    assert figures(resumed) == figures(reference)
+    assert digest(tmp_path / "out") == digest(tmp_path / "ref")
