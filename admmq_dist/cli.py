@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -90,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="leave modules whose name contains NAME unquantized (repeatable; "
                           "default: lm_head)")
 
+    rep = q.add_argument_group("report")
+    rep.add_argument("--compare", action="store_true", default=None,
+                     help="also solve every layer with GPTQ and RTN on the same Hessian and "
+                          "report their losses (report.jsonl, report.html)")
+    rep.add_argument("--no-html-report", dest="html", action="store_false", default=None,
+                     help="write report.jsonl only")
+
     e = sub.add_parser("eval", help="token perplexity of a model or written checkpoint")
     e.add_argument("model", nargs="?", default=None,
                    help=f"hub id or local folder (default: the {EMBEDDED})")
@@ -134,6 +142,8 @@ def _recipe_from_args(args):
             updates["output"][arg] = getattr(args, arg)
     if args.skip:
         updates["output"]["skip"] = list(args.skip)
+    updates["report"] = {k: getattr(args, k) for k in ("compare", "html")
+                         if getattr(args, k) is not None}
     return override(recipe, updates)
 
 
@@ -203,12 +213,35 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except KeyboardInterrupt:
-        print("admmq: interrupted; nothing was written", file=sys.stderr)
+        if args.debug:
+            raise
+        if args.command == "quantize":
+            print(f"\nadmmq: interrupted; no checkpoint was written to {args.output}. Finished "
+                  "blocks are kept: rerun the same command with --resume to continue",
+                  file=sys.stderr)
+        else:
+            print("\nadmmq: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, OSError) as exc:
+    except OSError as exc:
+        if args.debug:
+            raise
+        if exc.errno == errno.ENOSPC:
+            print(f"admmq: error: the disk is full ({exc.filename or 'while writing'}); no "
+                  "checkpoint was written — free space and rerun with --resume", file=sys.stderr)
+        else:
+            print(f"admmq: error: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
         if args.debug:
             raise
         print(f"admmq: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug, or a failure no check anticipated: still one line
+        if args.debug:
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"admmq: error: {type(exc).__name__}: {first} (rerun with --debug for the "
+              "traceback)", file=sys.stderr)
         return 1
 
 

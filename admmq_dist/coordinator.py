@@ -39,7 +39,7 @@ from .checkpoint.writer import remove_stale_partials
 from .model.capture import Stage
 from .model.loading import TensorIndex
 from .quant.grid import Grid
-from .quant.solvers.rows import combine, row_blocks
+from .quant.solvers.rows import combine, layer_history, row_blocks
 from .recipe import Recipe, to_mapping
 from .worker import ALL_TOKENS, ShardWorker, Worker
 
@@ -224,6 +224,11 @@ class Coordinator:
         # tokens, decided at the gate/up stage and used again at the down stage.
         self._expert_how: dict[str, dict[int, str]] = {}
         self._expert_tokens: dict[str, list[int]] = {}
+        # A tqdm bar over every linear of the run (its total is set from the first block's plan).
+        self.layer_bar = None
+        # check_width(module, in_features) from the writer: run on a block's linears before any
+        # of its forward passes, so a group size the format cannot hold fails in seconds.
+        self.check_width = None
 
     def _get(self, futures):
         return self.backend.get(futures)
@@ -268,7 +273,15 @@ class Coordinator:
         consumed = self.load(b, num_blocks)
         self.timings["load"] += time.perf_counter() - t
         plan = self._get([self.backend.call(0, "plan")])[0]
+        if self.layer_bar is not None and not self.layer_bar.total:
+            per_block = sum(len(g) for st in plan["stages"] for g in st.groups)
+            self.layer_bar.reset(total=per_block * num_blocks)
+            self.layer_bar.update(per_block * b)  # blocks resumed from commits
         prefix = self.block_prefix(b)
+        if self.check_width is not None:
+            for name, (_, cols) in plan["shapes"].items():
+                if name not in plan["skipped"]:
+                    self.check_width(f"{prefix}.{name}", cols)
         out = BlockOutput(consumed=consumed)
         out.ignore = [f"re:.*\\.{re.escape(self._disk_rel(prefix, n))}$" for n in plan["skipped"]]
         n = self.backend.size
@@ -325,8 +338,10 @@ class Coordinator:
                         "iterations": result.iterations, "seconds": round(result.seconds, 4),
                         "calibration": how[name]["calibration"],
                         "tokens": how[name]["tokens"] if how[name]["tokens"] is not None else tokens,
-                        "group": group})
+                        "group": group, **layer_history(blocks)})
             self._get([self.backend.call(w, "set_weights", stage_weights) for w in range(n)])
+            if self.layer_bar is not None:
+                self.layer_bar.update(len(stage_weights))
         t = time.perf_counter()
         self._get([self.backend.call(w, "propagate") for w in range(n)])
         self.timings["forward"] += time.perf_counter() - t
@@ -381,14 +396,30 @@ def run(model_dir: Path, model_label: str, out_dir: Path, recipe: Recipe, batche
         *, device: str, threads: int | None, config, overwrite: bool, resume: bool,
         progress: bool, on_block=None) -> dict:
     """The whole job; ``on_block(b)`` is called after block ``b`` is committed."""
-    from .pipeline import output_dtype, peak_memory_bytes
-
     started = time.perf_counter()
     timings = {"load": 0.0, "forward": 0.0, "solve": 0.0, "write": 0.0, "commit": 0.0}
     index = TensorIndex(model_dir, getattr(config, "model_type", None))
-    grid_spec = recipe.grid
     prints = fingerprints(model_dir, recipe, batches)
     work = prepare_work_dir(out_dir, prints, resume, overwrite)
+    try:
+        return _run(model_dir, model_label, out_dir, recipe, batches, backend, device=device,
+                    threads=threads, config=config, overwrite=overwrite, progress=progress,
+                    on_block=on_block, started=started, timings=timings, index=index,
+                    work=work)
+    except BaseException:
+        # A run that committed nothing leaves nothing to resume: a bad group size or a refused
+        # model must not make the next attempt ask for --resume or --overwrite.
+        if not any(work.glob("block-*.safetensors")) and not any(work.glob("round-*.done")):
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _run(model_dir: Path, model_label: str, out_dir: Path, recipe: Recipe, batches, backend,
+         *, device: str, threads: int | None, config, overwrite: bool, progress: bool, on_block,
+         started: float, timings: dict, index: TensorIndex, work: Path) -> dict:
+    from .pipeline import output_dtype, peak_memory_bytes
+
+    grid_spec = recipe.grid
     t = time.perf_counter()
     depth_parallel = recipe.solver.schedule == "depth-parallel"
     # Depth-parallel workers own blocks, not batches: every batch flows through every worker.
@@ -408,6 +439,7 @@ def run(model_dir: Path, model_label: str, out_dir: Path, recipe: Recipe, batche
                               group_size=grid_spec.group_size, symmetric=grid_spec.symmetric,
                               dtype=output_dtype(recipe, config), overwrite=overwrite,
                               max_shard_bytes=int(recipe.output.max_shard_gb * 1024**3))
+    coord.check_width = writer.check_width
     report: list[dict] = []
     ignore = list(recipe.output.skip)
     resumed = 0
@@ -415,10 +447,16 @@ def run(model_dir: Path, model_label: str, out_dir: Path, recipe: Recipe, batche
     try:
         if depth_parallel:
             done, rounds = _depth_parallel(backend, recipe, index, f"{layout_prefix}.",
-                                           num_blocks, len(batches), timings, progress, work)
+                                           num_blocks, len(batches), timings, progress, work,
+                                           writer.check_width)
         bar = tqdm(range(num_blocks), desc="blocks", unit="block",
                    disable=not progress or depth_parallel,
                    mininterval=1 if sys.stderr.isatty() else 30)
+        # Layers below blocks: on big models a block takes minutes, and the layer bar's ETA moves.
+        # Only on a terminal: in a log file a nested bar is a stream of cursor escapes.
+        coord.layer_bar = tqdm(desc="layers", unit="layer", position=1, leave=False,
+                               disable=not progress or depth_parallel or not sys.stderr.isatty(),
+                               mininterval=1 if sys.stderr.isatty() else 30)
         for b in bar:
             out = done[b] if depth_parallel else read_commit(work, b)
             if out is not None and not depth_parallel:
@@ -448,6 +486,7 @@ def run(model_dir: Path, model_label: str, out_dir: Path, recipe: Recipe, batche
             bar.set_postfix(postfix)
             if on_block is not None:
                 on_block(b)
+        coord.layer_bar.close()
         t = time.perf_counter()
         for disk, name in zip(index.names(), index.module_names()):
             if not name.startswith(layout_prefix + "."):
@@ -474,12 +513,21 @@ def run(model_dir: Path, model_label: str, out_dir: Path, recipe: Recipe, batche
         if rounds is not None:
             summary["schedule"] = "depth-parallel"
             summary["rounds"] = rounds
-        writer.finalize(
-            config=config.to_dict(), source_dir=model_dir, ignore=ignore,
-            extra_files={
-                "recipe.yaml": yaml.safe_dump(to_mapping(recipe), sort_keys=False),
-                "report.jsonl": "".join(json.dumps(r) + "\n" for r in report),
-            })
+        recipe_yaml = yaml.safe_dump(to_mapping(recipe), sort_keys=False)
+        extra = {"recipe.yaml": recipe_yaml,
+                 "report.jsonl": "".join(json.dumps(r) + "\n" for r in report)}
+        if recipe.report.html:
+            from .report import render_html
+
+            # The page's time breakdown is the run's up to here (the final renames are not in it).
+            timings["write"] += time.perf_counter() - t
+            t = time.perf_counter()
+            seconds = {k: round(v, 3) for k, v in timings.items()}
+            seconds["total"] = round(time.perf_counter() - started, 3)
+            extra["report.html"] = render_html(report, {**summary, "seconds": seconds},
+                                               recipe_yaml)
+        writer.finalize(config=config.to_dict(), source_dir=model_dir, ignore=ignore,
+                        extra_files=extra)
         timings["write"] += time.perf_counter() - t
     except BaseException:
         writer.abort()
@@ -527,7 +575,7 @@ def _write_block(writer: CheckpointWriter, index: TensorIndex, prefix: str, out:
 
 def _depth_parallel(backend, recipe: Recipe, index: TensorIndex, blocks_prefix: str,
                     num_blocks: int, num_batches: int, timings: dict, progress: bool,
-                    work: Path):
+                    work: Path, check_width):
     """Round 0 and the correction rounds; returns every block's output and per-round figures.
 
     Workers own contiguous block ranges for the whole run. Each round is one pipelined forward —
@@ -543,6 +591,9 @@ def _depth_parallel(backend, recipe: Recipe, index: TensorIndex, blocks_prefix: 
     n = backend.size
     bounds = [num_blocks * k // n for k in range(n + 1)]
     backend.get([backend.call(k, "own", list(range(bounds[k], bounds[k + 1]))) for k in range(n)])
+    for widths in backend.get([backend.call(k, "layer_widths") for k in range(n)]):
+        for (b, name), cols in sorted(widths.items()):
+            check_width(f"{blocks_prefix}{b}.{name}", cols)
     warm = recipe.solver.warm()
     history: list[dict] = []
     stats: list[dict] = []
@@ -605,6 +656,7 @@ def _depth_parallel(backend, recipe: Recipe, index: TensorIndex, blocks_prefix: 
                                "shape": list(results[name][0].shape), "loss": row["loss"],
                                "iterations": row["iterations"], "seconds": round(row["seconds"], 4),
                                "calibration": "dense", "tokens": row["tokens"],
-                               "group": row["group"], "changed_last_round": row["changed"]})
+                               "group": row["group"], "changed_last_round": row["changed"],
+                               **{k: row[k] for k in ("residual", "rho", "compare") if k in row}})
         outputs[b] = out
     return outputs, history

@@ -71,11 +71,23 @@ class OutputSettings:
 
 
 @dataclass(frozen=True)
+class ReportSettings:
+    """What the run report beside the checkpoint holds."""
+
+    # Also solve every layer with GPTQ and round-to-nearest on the same Hessian and report their
+    # losses beside ADMM-Q's (the written codes are ADMM-Q's; costs one GPTQ solve per layer).
+    compare: bool = False
+    # report.html: plots and tables inlined in one file (report.jsonl is always written).
+    html: bool = True
+
+
+@dataclass(frozen=True)
 class Recipe:
     grid: GridSpec = field(default_factory=GridSpec)
     solver: SolverSettings = field(default_factory=SolverSettings)
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
+    report: ReportSettings = field(default_factory=ReportSettings)
 
 
 class RecipeError(ValueError):

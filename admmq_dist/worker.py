@@ -24,7 +24,7 @@ from .model.loading import TensorIndex, build_skeleton, materialize, release
 from .model.moe import ExpertList, expert_lists, is_router, load_fused_into, unfuse_experts
 from .quant.grid import fit_grid
 from .quant.hessian import HessianAccumulator
-from .quant.solvers.rows import BlockResult, combine, row_blocks, solve_block
+from .quant.solvers.rows import BlockResult, combine, layer_history, row_blocks, solve_block
 from .recipe import Recipe
 
 ALL_TOKENS = "all-tokens:"  # key prefix of an expert list's every-token input accumulator
@@ -247,11 +247,13 @@ class Worker:
         # The grid is fitted to the whole layer by every solver of a part of it: the same bits
         # everywhere, and a row block's grid is its rows of the whole (fitting is row-wise).
         grid = fit_grid(weight, self.recipe.grid)
-        out = [solve_block(weight, hessian, grid, self.recipe.solver, start, stop)
+        out = [solve_block(weight, hessian, grid, self.recipe.solver, start, stop,
+                           compare=self.recipe.report.compare)
                for start, stop in rows]
         self.busy["solve"] += time.perf_counter() - t
         blocks = [BlockResult(r.start, r.stop, r.method, r.codes.cpu(), r.weight.cpu(),
-                              r.loss_num, r.loss_den, r.iterations, r.seconds) for r in out]
+                              r.loss_num, r.loss_den, r.iterations, r.seconds,
+                              history=report_curves(r.history), compare=r.compare) for r in out]
         first = any(start == 0 for start, _ in rows)
         return {"blocks": blocks, "tokens": tokens,
                 "grid": {"scale": grid.scale.cpu(), "zero": grid.zero.cpu()} if first else None}
@@ -316,6 +318,10 @@ class ShardWorker(Worker):
             self._groups(b)
         if self.owned and self.owned[0] != 0:
             self.hidden = self.first_hidden = []  # only the first shard starts from embeddings
+
+    def layer_widths(self) -> dict[tuple[int, str], int]:
+        """``in_features`` of every owned linear, for the writer's checks before any solve."""
+        return {key: linear.in_features for key, linear in self.layers.items()}
 
     @torch.no_grad()
     def start_round(self) -> None:
@@ -386,7 +392,7 @@ class ShardWorker(Worker):
                             warm = {"codes": previous["codes"][start:stop],
                                     "dual": previous["duals"][k]}
                         blocks.append(solve_block(weight, hessian, grid, settings, start, stop,
-                                                  warm=warm))
+                                                  warm=warm, compare=self.recipe.report.compare))
                     result = combine(blocks, grid)
                     changed = 1.0 if previous is None else float(
                         (result.codes != previous["codes"]).float().mean())
@@ -398,7 +404,7 @@ class ShardWorker(Worker):
                                 "iterations": result.iterations, "changed": changed,
                                 "tokens": self._accs[(b, group[0])].num_rows,
                                 "method": result.method, "group": group,
-                                "seconds": result.seconds})
+                                "seconds": result.seconds, **layer_history(blocks)})
         self.busy["solve"] += time.perf_counter() - t
         return out
 
@@ -454,3 +460,8 @@ class ShardWorker(Worker):
                              if f"{name}.dual.{k}" in keys else None for k in range(len(blocks))]
                     self.state[(b, name)] = {"codes": codes, "grid": grid, "duals": duals}
                     linear.weight.copy_(grid.dequantize(codes).to(linear.weight.dtype))
+
+
+def report_curves(history: dict) -> dict:
+    """The parts of a solver's history the run report plots (they travel to the coordinator)."""
+    return {k: history[k] for k in ("residual", "rho", "weight_norm") if k in history}

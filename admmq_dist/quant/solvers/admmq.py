@@ -294,8 +294,11 @@ def _run(loop, codes0: torch.Tensor, grid: Grid, settings: ADMMSettings,
     # row: a row that oscillates is taken at its own best moment, not at the matrix's.
     best_rows = loop.start(Z, dual0)
     best_Z = Z
+    # "residual" is the primal residual ‖W − Z‖_F per iteration (the report plots it beside ρ);
+    # "weight_norm" holds ‖W0‖_F so that row blocks' residuals combine into a layer's.
     history: dict[str, list[float]] = {"loss": [float(best_rows.sum())], "best_loss": [],
-                                       "rho": [], "changed": []}
+                                       "rho": [], "changed": [], "residual": [],
+                                       "weight_norm": [float(torch.linalg.vector_norm(loop.W0))]}
     gen = None
     if settings.projection == "random":
         gen = torch.Generator(device=Z.device).manual_seed(settings.seed)
@@ -325,6 +328,7 @@ def _run(loop, codes0: torch.Tensor, grid: Grid, settings: ADMMSettings,
             changed = int(torch.count_nonzero(new_hard != hard)) / P.numel()
         else:
             changed = float("nan")
+        history["residual"].append(float(torch.linalg.vector_norm(W - Znew)))
         rows_loss = loop.z_done(Znew, Zhard, rho)
         Z, hard = Znew, new_hard
         iterations = it + 1

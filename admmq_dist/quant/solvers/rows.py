@@ -10,6 +10,7 @@ early stop). Which worker solves which block therefore cannot change a single bi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -51,27 +52,67 @@ class BlockResult:
     iterations: int
     seconds: float
     state: dict = field(default_factory=dict)
+    # The solver's per-iteration history (ADMM-Q: "residual", "rho", "weight_norm", ...).
+    history: dict = field(default_factory=dict)
+    # method -> (loss numerator, denominator) of baselines solved on the same rows and Hessian.
+    compare: dict = field(default_factory=dict)
 
 
 def solve_block(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
                 settings: SolverSettings, start: int, stop: int,
-                warm: dict | None = None) -> BlockResult:
+                warm: dict | None = None, compare: bool = False) -> BlockResult:
     """Solve rows ``start:stop`` of ``weight`` (``[out, in]``) on the rows' part of ``grid``.
 
     ``hessian`` None rounds to nearest (an expert with no calibration signal); the loss is then 0/0.
-    ``warm`` (``{"codes", "dual"}`` of these rows) warm-starts ADMM-Q.
+    ``warm`` (``{"codes", "dual"}`` of these rows) warm-starts ADMM-Q. ``compare`` also solves the
+    rows with GPTQ and round-to-nearest (their losses only; the codes are ``settings.method``'s).
     """
     t = time.perf_counter()
     w = weight[start:stop]
     g = grid.row_slice(start, stop)
+    baselines = {}
     if hessian is None:
         result = rtn(w, None, g)
         num, den = 0.0, 0.0
     else:
         result = solve(w, hessian, g, settings, warm=warm)
         num, den = loss_terms(result.weight, w.float(), hessian)
+    seconds = time.perf_counter() - t
+    if compare and hessian is not None:
+        for method in ("gptq", "rtn"):
+            other = solve(w, hessian, g, dataclasses.replace(settings, method=method))
+            baselines[method] = loss_terms(other.weight, w.float(), hessian)
     return BlockResult(start, stop, result.method, result.codes, result.weight, num, den,
-                       result.iterations, time.perf_counter() - t, result.state)
+                       result.iterations, seconds, result.state, result.history, baselines)
+
+
+def layer_history(blocks: list[BlockResult]) -> dict:
+    """A layer's ADMM-Q curves from its row blocks': the relative primal residual
+    ``‖W − Z‖_F / ‖W0‖_F`` and ρ per iteration (a block that stopped early holds its last value),
+    and the baselines' relative losses. Empty lists for methods without iterations."""
+    blocks = sorted(blocks, key=lambda b: b.start)
+    curves = [b.history for b in blocks if b.history.get("residual")]
+    out: dict = {"residual": [], "rho": []}
+    if curves:
+        length = max(len(c["residual"]) for c in curves)
+        norm = math.sqrt(sum(c["weight_norm"][0] ** 2 for c in curves)) or 1.0
+        for i in range(length):
+            squares = sum(c["residual"][min(i, len(c["residual"]) - 1)] ** 2 for c in curves)
+            out["residual"].append(_short(math.sqrt(squares) / norm))
+        out["rho"] = [_short(r) for r in max(curves, key=lambda c: len(c["rho"]))["rho"]]
+    methods = {m for b in blocks for m in b.compare}
+    if methods:
+        out["compare"] = {}
+        for m in sorted(methods):
+            num = sum(b.compare[m][0] for b in blocks if m in b.compare)
+            den = sum(b.compare[m][1] for b in blocks if m in b.compare)
+            out["compare"][m] = num / den if den > 0 else None
+    return out
+
+
+def _short(x: float) -> float:
+    """Four significant digits: plenty for a plot, and report.jsonl stays small."""
+    return float(f"{x:.4g}")
 
 
 def combine(blocks: list[BlockResult], grid: Grid) -> SolverResult:
