@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# The tests never reach the hub (the machines have no access): hub ids must fail fast, offline.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def synthetic_layer(rows: int, cols: int, num_tokens: int, seed: int, outliers: int = 4,

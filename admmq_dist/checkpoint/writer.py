@@ -351,6 +351,18 @@ class CheckpointWriter:
                 "replace a folder that does not look like a checkpoint (remove it by hand)"
             )
 
+    def check_width(self, module: str, in_features: int) -> None:
+        """Raise ValueError if a linear ``in_features`` wide cannot be stored in groups of this
+        writer's group size (callers check every layer before spending time quantizing)."""
+        group_size = in_features if self.group_size is None else self.group_size
+        if in_features % group_size != 0:
+            raise ValueError(
+                f"{module}: in_features={in_features} is not divisible by group_size={group_size}; "
+                f"the last group would be ragged, which {self.format} cannot store. Choose a group "
+                "size that divides every quantized layer's input width, use per-channel "
+                f"quantization, or add {module!r} to the ignore list"
+            )
+
     def _check_layer(
         self, module: str, codes: torch.Tensor, grid: Grid
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -368,13 +380,7 @@ class CheckpointWriter:
             raise ValueError(
                 f"{module}: grid has group size {grid.group_size} but the writer writes {what}"
             )
-        if cols % expected_gs != 0:
-            raise ValueError(
-                f"{module}: in_features={cols} is not divisible by group_size={expected_gs}; "
-                f"the last group would be ragged, which {self.format} cannot store. Choose a group "
-                "size that divides every quantized layer's input width, use per-channel "
-                f"quantization, or add {module!r} to the ignore list"
-            )
+        self.check_width(module, cols)
         num_groups = cols // expected_gs
         if tuple(grid.scale.shape) != (rows, num_groups) or tuple(grid.zero.shape) != (rows, num_groups):
             raise ValueError(

@@ -121,6 +121,12 @@ def build_skeleton(model_dir: Path, dtype: torch.dtype):
         config = AutoConfig.from_pretrained(model_dir)
     except Exception as exc:
         raise ModelLoadError(f"cannot read the config of {model_dir}: {exc}") from None
+    heads = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+    architectures = getattr(config, "architectures", None) or []
+    if architectures and not any(a.endswith(heads) for a in architectures):
+        raise ModelLoadError(
+            f"{model_dir} holds a {', '.join(architectures)}, not a causal language model; "
+            "admmq quantizes decoder LLMs (…ForCausalLM checkpoints)")
     try:
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -158,7 +164,17 @@ def materialize(module: nn.Module, prefix: str, index: TensorIndex, device: torc
             raise ModelLoadError(f"tensor {full!r} is missing from the checkpoint files")
         value = index.read(source)
         if value.is_floating_point():
+            bad = value.numel() - int(torch.isfinite(value).sum())
+            if bad:
+                raise ModelLoadError(
+                    f"tensor {source!r} holds {bad} NaN or Inf values; the checkpoint is damaged "
+                    "or was saved in a dtype that overflowed — repair the weights before "
+                    "quantizing")
             value = value.to(dtype)
+            if not bool(torch.isfinite(value).all()):
+                raise ModelLoadError(
+                    f"tensor {source!r} overflows when cast to {dtype}: its values exceed that "
+                    "dtype's range; quantize on a device where it loads in float32 or bfloat16")
         set_module_tensor_to_device(module, name, device, value=value)
 
 
