@@ -98,6 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--no-html-report", dest="html", action="store_false", default=None,
                      help="write report.jsonl only")
 
+    i = sub.add_parser("inspect", help="what a written checkpoint holds: format, bits, groups, "
+                       "quantized and skipped modules, size, compression ratio, recipe")
+    i.add_argument("folder", type=Path)
+    i.add_argument("--json", action="store_true", help="print the details as one JSON line")
+    v = sub.add_parser("verify", help="check a written checkpoint: index, shapes and dtypes "
+                       "against the config, codes in range, scales, packing round trips")
+    v.add_argument("folder", type=Path)
+    v.add_argument("--max-problems", type=int, default=20, help="stop listing after this many")
+    v.add_argument("--json", action="store_true", help='print {"ok": ..., "problems": [...]}')
+
     e = sub.add_parser("eval", help="token perplexity of a model or written checkpoint")
     e.add_argument("model", nargs="?", default=None,
                    help=f"hub id or local folder (default: the {EMBEDDED})")
@@ -201,6 +211,29 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    from .checkpoint.inspect import format_inspection, inspect_checkpoint
+
+    info = inspect_checkpoint(args.folder)
+    print(json.dumps(info, default=str) if args.json else format_inspection(info))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .checkpoint.inspect import verify_checkpoint
+
+    problems = verify_checkpoint(args.folder, max_problems=args.max_problems)
+    if args.json:
+        print(json.dumps({"ok": not problems, "problems": problems}))
+    if problems:
+        print(f"admmq: {args.folder} failed verification:", file=sys.stderr)
+        for line in problems:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    print(f"{args.folder}: OK", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -209,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    handler = {"quantize": cmd_quantize, "eval": cmd_eval}[args.command]
+    handler = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect,
+               "verify": cmd_verify}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:
