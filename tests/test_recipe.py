@@ -68,3 +68,47 @@ def test_shipped_recipes_load():
 def test_gptq_settings_live_under_solver_gptq_only():
     with pytest.raises(RecipeError, match="unknown recipe key 'solver.admm.gptq'"):
         override(Recipe(), {"solver": {"admm": {"gptq": {"damp": 0.05}}}})
+
+
+# Family recipes: what each file name promises. 4-bit: symmetric compressed-tensors (vLLM's fast
+# W4A16 kernels). 3-bit dense: symmetric GPTQ v1 (vLLM serves 3-bit only through GPTQ, and v1
+# holds only symmetric grids). MoE: always symmetric (the pipeline refuses asymmetric MoE); 3-bit
+# MoE stays compressed-tensors, as GPTQ cannot keep Qwen's shared_expert_gate dense.
+FAMILY_RECIPES = {
+    "llama3-w4-g128.yaml": (4, "compressed-tensors"),
+    "llama3-w3-g128.yaml": (3, "gptq"),
+    "qwen3-w4-g128.yaml": (4, "compressed-tensors"),
+    "qwen3-w3-g128.yaml": (3, "gptq"),
+    "mistral-w4-g128.yaml": (4, "compressed-tensors"),
+    "mistral-w3-g128.yaml": (3, "gptq"),
+    "gemma3-w4-g128.yaml": (4, "compressed-tensors"),
+    "gemma3-w3-g128.yaml": (3, "gptq"),
+    "moe-w4-g128.yaml": (4, "compressed-tensors"),
+    "moe-w3-g128.yaml": (3, "compressed-tensors"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_RECIPES))
+def test_family_recipes_resolve_to_what_their_names_promise(name):
+    from pathlib import Path
+
+    bits, fmt = FAMILY_RECIPES[name]
+    path = Path(__file__).resolve().parent.parent / "recipes" / name
+    recipe = load_recipe(path)
+    assert (recipe.grid.bits, recipe.grid.group_size, recipe.grid.symmetric) == (bits, 128, True)
+    assert recipe.output.format == fmt
+    assert f"-w{bits}-g128" in name
+    assert (recipe.calibration.seq_len, recipe.calibration.num_samples) == (2048, 128)
+    assert recipe.calibration.dataset is None
+    assert recipe.solver.method == "admmq"
+    assert "lm_head" in recipe.output.skip
+    if fmt == "gptq":
+        # GPTQ v1 has no per-module skip list: the writer refuses anything but lm_head.
+        assert recipe.output.skip == ("lm_head",)
+    if name.startswith("moe-"):
+        assert recipe.solver.schedule == "sequential"  # depth-parallel refuses MoE blocks
+        assert recipe.calibration.expert_fallback == "all-tokens"
+    if name.startswith("gemma3-w4"):
+        assert "re:.*vision_tower.*" in recipe.output.skip
+    # The recipe is everything that differs from the defaults: resolving it again is stable.
+    assert override(Recipe(), to_mapping(recipe)) == recipe
