@@ -146,11 +146,15 @@ def _params_from_range(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmet
     if symmetric:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = -xmax
-    # An all-zero group still needs a positive scale (GPTQ's rule).
-    both_zero = (xmin == 0) & (xmax == 0)
+    # An all-zero group still needs a positive scale (GPTQ's rule). So does a group whose range
+    # is too small for its step to be a normal float32 (the step would underflow to 0): its
+    # weights are below 1e-37 and round to zero on the fallback grid.
+    both_zero = (xmax - xmin) < maxq * torch.finfo(torch.float32).tiny
     xmin = torch.where(both_zero, torch.full_like(xmin, -1.0), xmin)
     xmax = torch.where(both_zero, torch.full_like(xmax, 1.0), xmax)
     scale = (xmax - xmin) / maxq
+    # A range near float32's limit overflows as a difference but not as a step.
+    scale = torch.where(torch.isfinite(scale), scale, xmax / maxq - xmin / maxq)
     if symmetric:
         zero = torch.full_like(scale, (maxq + 1) // 2)
     else:
