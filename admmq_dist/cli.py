@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="block by block (default), or every block at once then correction "
                         "rounds (ADMM-Q warm starts)")
     solver.add_argument("--rounds", type=int, help="depth-parallel: most correction rounds (3)")
+    solver.add_argument("--round-checkpoints", action="store_true",
+                        help="depth-parallel: also write OUT.round-R as each round leaves the "
+                             "model (to compare rounds)")
+    solver.add_argument("--segments", type=int, help="depth-parallel: segments of blocks "
+                        "(default one per worker; fix it for bytes independent of --workers)")
     solver.add_argument("--damp", type=float, help="GPTQ damping (fraction of mean diag H)")
     solver.add_argument("--no-act-order", dest="act_order", action="store_false", default=None)
     cal = q.add_argument_group("calibration")
@@ -133,7 +138,7 @@ def _recipe_from_args(args):
             updates["grid"][arg] = getattr(args, arg)
     if hasattr(args, "group_size"):  # None (per-channel) is a value here, so absence is SUPPRESS
         updates["grid"]["group_size"] = args.group_size
-    for arg in ("method", "local_search_sweeps", "schedule", "rounds"):
+    for arg in ("method", "local_search_sweeps", "schedule", "rounds", "segments"):
         if getattr(args, arg) is not None:
             updates["solver"][arg] = getattr(args, arg)
     for arg in ("iterations", "rho_start", "rho_growth"):
@@ -183,7 +188,8 @@ def cmd_quantize(args) -> int:
     summary = quantize_model(_model_or_embedded(args.model), args.output, recipe,
                              device=_device(args.device), overwrite=args.overwrite,
                              progress=True, workers=args.workers, address=args.address,
-                             threads=args.threads, resume=args.resume)
+                             threads=args.threads, resume=args.resume,
+                             round_checkpoints=args.round_checkpoints)
     print(f"wrote {summary['layers']} quantized linears to {args.output} "
           f"({summary['format']}, {summary['bits']}-bit, group {summary['group_size']}); "
           f"mean relative loss {summary['mean_loss']:.5f}; "

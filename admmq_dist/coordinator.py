@@ -394,8 +394,9 @@ class Coordinator:
 
 def run(model_dir: Path, model_label: str, out_dir: Path, recipe: Recipe, batches, backend,
         *, device: str, threads: int | None, config, overwrite: bool, resume: bool,
-        progress: bool, on_block=None) -> dict:
-    """The whole job; ``on_block(b)`` is called after block ``b`` is committed."""
+        progress: bool, on_block=None, round_checkpoints: bool = False) -> dict:
+    """The whole job; ``on_block(b)`` is called after block ``b`` is committed;
+    ``round_checkpoints`` (depth-parallel) also writes ``<out>.round-<r>`` after every round."""
     started = time.perf_counter()
     timings = {"load": 0.0, "forward": 0.0, "solve": 0.0, "write": 0.0, "commit": 0.0}
     index = TensorIndex(model_dir, getattr(config, "model_type", None))
@@ -405,7 +406,7 @@ def run(model_dir: Path, model_label: str, out_dir: Path, recipe: Recipe, batche
         return _run(model_dir, model_label, out_dir, recipe, batches, backend, device=device,
                     threads=threads, config=config, overwrite=overwrite, progress=progress,
                     on_block=on_block, started=started, timings=timings, index=index,
-                    work=work)
+                    work=work, round_checkpoints=round_checkpoints)
     except BaseException:
         # A run that committed nothing leaves nothing to resume: a bad group size or a refused
         # model must not make the next attempt ask for --resume or --overwrite.
@@ -416,7 +417,8 @@ def run(model_dir: Path, model_label: str, out_dir: Path, recipe: Recipe, batche
 
 def _run(model_dir: Path, model_label: str, out_dir: Path, recipe: Recipe, batches, backend,
          *, device: str, threads: int | None, config, overwrite: bool, progress: bool, on_block,
-         started: float, timings: dict, index: TensorIndex, work: Path) -> dict:
+         started: float, timings: dict, index: TensorIndex, work: Path,
+         round_checkpoints: bool = False) -> dict:
     from .pipeline import output_dtype, peak_memory_bytes
 
     grid_spec = recipe.grid
@@ -446,9 +448,28 @@ def _run(model_dir: Path, model_label: str, out_dir: Path, recipe: Recipe, batch
     rounds = None
     try:
         if depth_parallel:
+            def write_round(r: int, outputs: dict[int, BlockOutput]) -> None:
+                """A checkpoint of the model as round ``r`` left it, beside the output."""
+                target = out_dir.parent / f"{out_dir.name}.round-{r}"
+                extra = CheckpointWriter(target, format=recipe.output.format,
+                                         bits=grid_spec.bits, group_size=grid_spec.group_size,
+                                         symmetric=grid_spec.symmetric,
+                                         dtype=output_dtype(recipe, config), overwrite=True,
+                                         max_shard_bytes=int(recipe.output.max_shard_gb * 1024**3))
+                with extra:
+                    skip = list(recipe.output.skip)
+                    for b, out in outputs.items():
+                        _write_block(extra, index, f"{layout_prefix}.{b}", out, recipe)
+                        skip += [i for i in out.ignore if i not in skip]
+                    for disk, name in zip(index.names(), index.module_names()):
+                        if not name.startswith(layout_prefix + "."):
+                            extra.add_tensor(disk, index.read(disk))
+                    extra.finalize(config=config.to_dict(), source_dir=model_dir, ignore=skip)
+
             done, rounds = _depth_parallel(backend, recipe, index, f"{layout_prefix}.",
                                            num_blocks, len(batches), timings, progress, work,
-                                           writer.check_width)
+                                           writer.check_width,
+                                           write_round if round_checkpoints else None)
         bar = tqdm(range(num_blocks), desc="blocks", unit="block",
                    disable=not progress or depth_parallel,
                    mininterval=1 if sys.stderr.isatty() else 30)
@@ -575,41 +596,73 @@ def _write_block(writer: CheckpointWriter, index: TensorIndex, prefix: str, out:
 
 def _depth_parallel(backend, recipe: Recipe, index: TensorIndex, blocks_prefix: str,
                     num_blocks: int, num_batches: int, timings: dict, progress: bool,
-                    work: Path, check_width):
+                    work: Path, check_width, on_round=None):
     """Round 0 and the correction rounds; returns every block's output and per-round figures.
 
-    Workers own contiguous block ranges for the whole run. Each round is one pipelined forward —
-    batch ``i`` flows worker to worker (Ray queues the calls, so every worker computes at once on
-    a different batch) while every worker accumulates the Hessians of all its layers — followed
-    by every worker solving all its layers at once. Round 0 starts cold from the float model's
-    inputs; later rounds warm-start each layer from its codes and dual on Hessians from the
-    quantized model's inputs. Every layer sees every batch in order on its owner, so the bytes
-    do not depend on the number of workers. After every round each worker commits its layers'
-    codes and duals to ``work`` and the coordinator marks the round done, so a resumed run (any
-    number of workers) continues from the last finished round with the same bytes.
+    The blocks are cut into ``solver.segments`` contiguous segments (one per worker by default),
+    and workers own whole segments for the whole run. Round 0: one pipelined forward of the float
+    model — batches flow from worker to worker, all computing at once — leaves every segment its
+    float input, then every worker quantizes its segments at once, sequentially inside each
+    (stage by stage, block by block, as the sequential schedule does). Round r re-solves the
+    segments from r on, warm-started, each from the output the segment before it produced in
+    round r - 1: segment r - 1 was then solved on final inputs, so after round r segments 0…r are
+    exactly sequential and the error left is only downstream. The result depends on the segments,
+    never on how many workers hold them. Every round is committed (layer states and segment
+    outputs), so a resumed run continues from the last finished round with the same bytes.
     """
-    n = backend.size
-    bounds = [num_blocks * k // n for k in range(n + 1)]
-    backend.get([backend.call(k, "own", list(range(bounds[k], bounds[k + 1]))) for k in range(n)])
+    num_segments = min(recipe.solver.segments or backend.size, num_blocks)
+    n = min(backend.size, num_segments)
+    seg_bounds = [num_blocks * j // num_segments for j in range(num_segments + 1)]
+    segments = {j: list(range(seg_bounds[j], seg_bounds[j + 1])) for j in range(num_segments)}
+    owned = {k: list(range(num_segments * k // n, num_segments * (k + 1) // n)) for k in range(n)}
+    seg_owner = {j: k for k, js in owned.items() for j in js}
+    backend.get([backend.call(k, "own", {j: segments[j] for j in owned[k]}) for k in range(n)])
     for widths in backend.get([backend.call(k, "layer_widths") for k in range(n)]):
         for (b, name), cols in sorted(widths.items()):
             check_width(f"{blocks_prefix}{b}.{name}", cols)
     warm = recipe.solver.warm()
     history: list[dict] = []
-    stats: list[dict] = []
+    latest: dict[tuple[int, str], dict] = {}
+    started, aside = time.perf_counter(), 0.0  # aside: time spent writing round checkpoints
+    owner = {b: seg_owner[j] for j, blocks in segments.items() for b in blocks}
+
+    def collect() -> dict[int, BlockOutput]:
+        """Every block's current codes and report rows, as the writer takes them."""
+        outputs = {}
+        for b in range(num_blocks):
+            prefix = f"{blocks_prefix}{b}"
+            out = BlockOutput()
+            results = backend.get([backend.call(owner[b], "results", b)])[0]
+            for row in (x for x in latest.values() if x["block"] == b):
+                name = row["layer"]
+                out.quantized[name] = results[name]
+                out.disk[name] = index.disk_name(f"{prefix}.{name}.weight")[: -len(".weight")]
+                out.report.append({
+                    "layer": f"{prefix}.{name}", "block": b, "method": row["method"],
+                    "shape": list(results[name][0].shape), "loss": row["loss"],
+                    "iterations": row["iterations"], "seconds": round(row["seconds"], 4),
+                    "calibration": "dense", "tokens": row["tokens"], "group": row["group"],
+                    "changed_last_round": row["changed"],
+                    **{k: row[k] for k in ("residual", "rho", "compare") if k in row}})
+            outputs[b] = out
+        return outputs
+
     first = 0
     finished = sorted(work.glob("round-*.done"))
     if finished:
         marker = json.loads(finished[-1].read_text())
-        history, stats = marker["history"], marker["stats"]
+        history = marker["history"]
+        latest = {(row["block"], row["layer"]): row for row in marker["rows"]}
         first = marker["round"] + 1
-        backend.get([backend.call(k, "load_round", str(work), marker["round"]) for k in range(n)])
+        solved_in = {j: min(j, marker["round"]) for j in range(num_segments)}
+        backend.get([backend.call(k, "load_round", str(work),
+                                  {j: solved_in[j] for j in owned[k]}) for k in range(n)])
+        _exchange(backend, seg_owner, list(range(1, num_segments)))
         log.info("resuming the depth-parallel schedule after round %d", marker["round"])
         if marker.get("stopped"):
             first = recipe.solver.rounds + 1
-    for r in range(first, recipe.solver.rounds + 1):
+    elif first == 0:
         t = time.perf_counter()
-        backend.get([backend.call(k, "start_round") for k in range(n)])
         last = []
         for i in range(num_batches):
             h = None
@@ -619,44 +672,48 @@ def _depth_parallel(backend, recipe: Recipe, index: TensorIndex, blocks_prefix: 
         backend.get(last)
         del last
         timings["forward"] += time.perf_counter() - t
+    for r in range(first, recipe.solver.rounds + 1):
+        dirty = [j for j in range(num_segments) if j >= r]
+        if not dirty:  # every segment was solved on final inputs
+            break
         t = time.perf_counter()
-        stats = [row for part in backend.get([backend.call(k, "end_round", warm) for k in range(n)])
-                 for row in part]
+        rows = [row for part in backend.get([
+            backend.call(k, "run_round", r, warm, [j for j in owned[k] if j in dirty])
+            for k in range(n)]) for row in part]
         timings["solve"] += time.perf_counter() - t
-        sizes = [1.0 for _ in stats]
-        changed = sum(s["changed"] * z for s, z in zip(stats, sizes)) / max(sum(sizes), 1)
-        history.append({"round": r, "changed": changed,
-                        "mean_loss": sum(s["loss"] for s in stats) / max(len(stats), 1),
-                        "iterations": sum(s["iterations"] for s in stats),
-                        "forward_seconds": round(timings["forward"], 3),
-                        "solve_seconds": round(timings["solve"], 3)})
+        for row in latest.values():
+            row["changed"] = 0.0
+        latest.update({(row["block"], row["layer"]): row for row in rows})
+        sizes = sum(row["size"] for row in latest.values())
+        changed = sum(row["changed"] * row["size"] for row in latest.values()) / max(sizes, 1)
+        history.append({"round": r, "changed": changed, "segments_solved": len(dirty),
+                        "mean_loss": sum(x["loss"] for x in latest.values()) / max(len(latest), 1),
+                        "iterations": sum(row["iterations"] for row in rows),
+                        "seconds": round(time.perf_counter() - t, 3),
+                        "elapsed_seconds": round(time.perf_counter() - started - aside, 3)})
         if progress:
-            print(f"round {r}: mean loss {history[-1]['mean_loss']:.5f}, "
-                  f"{changed:.2%} of codes changed", file=sys.stderr, flush=True)
+            print(f"round {r}: {len(dirty)} of {num_segments} segments solved, mean loss "
+                  f"{history[-1]['mean_loss']:.5f}, {changed:.2%} of codes changed",
+                  file=sys.stderr, flush=True)
         stop = r >= 1 and changed < recipe.solver.round_stop_changed
-        backend.get([backend.call(k, "save_round", str(work), r) for k in range(n)])
+        backend.get([backend.call(k, "save_round", str(work), r,
+                                  [j for j in owned[k] if j in dirty]) for k in range(n)])
         tmp = work / f".round-{r:03d}.done.tmp"
-        tmp.write_text(json.dumps({"round": r, "history": history, "stats": stats,
-                                   "stopped": stop}))
+        tmp.write_text(json.dumps({"round": r, "history": history, "stopped": stop,
+                                   "rows": list(latest.values())}))
         os.replace(tmp, work / f"round-{r:03d}.done")
+        if on_round is not None:
+            t = time.perf_counter()
+            on_round(r, collect())
+            aside += time.perf_counter() - t
         if stop:
             break
-    outputs = {}
-    owner = {b: k for k in range(n) for b in range(bounds[k], bounds[k + 1])}
-    for b in range(num_blocks):
-        prefix = f"{blocks_prefix}{b}"
-        out = BlockOutput()
-        results = backend.get([backend.call(owner[b], "results", b)])[0]
-        rows = [s for s in stats if s["block"] == b]
-        for row in rows:
-            name = row["layer"]
-            out.quantized[name] = results[name]
-            out.disk[name] = index.disk_name(f"{prefix}.{name}.weight")[: -len(".weight")]
-            out.report.append({"layer": f"{prefix}.{name}", "block": b, "method": row["method"],
-                               "shape": list(results[name][0].shape), "loss": row["loss"],
-                               "iterations": row["iterations"], "seconds": round(row["seconds"], 4),
-                               "calibration": "dense", "tokens": row["tokens"],
-                               "group": row["group"], "changed_last_round": row["changed"],
-                               **{k: row[k] for k in ("residual", "rho", "compare") if k in row}})
-        outputs[b] = out
-    return outputs, history
+        # The next round's inputs: what each re-solved segment now outputs.
+        _exchange(backend, seg_owner, [j + 1 for j in dirty if j + 1 < num_segments])
+    return collect(), history
+
+
+def _exchange(backend, seg_owner: dict[int, int], targets: list[int]) -> None:
+    """Give each segment in ``targets`` the latest output of the segment before it."""
+    outs = {j: backend.call(seg_owner[j - 1], "segment_output", j - 1) for j in targets}
+    backend.get([backend.call(seg_owner[j], "set_input", j, outs[j]) for j in targets])

@@ -63,12 +63,14 @@ def peak_memory_bytes(device: torch.device) -> int:
 def quantize_model(model: str, out_dir: Path, recipe: Recipe, *, device: torch.device,
                    overwrite: bool = False, progress: bool = True, workers: int | None = None,
                    address: str | None = None, threads: int | None = None,
-                   resume: bool = False, on_block=None) -> dict:
+                   resume: bool = False, on_block=None, round_checkpoints: bool = False) -> dict:
     """Quantize ``model`` (hub id or folder) into a checkpoint at ``out_dir``; returns a summary.
 
     ``workers``/``address`` run the workers as Ray actors (a local Ray instance, or the cluster
     at ``address``); otherwise one worker runs in this process. ``threads`` limits each worker's
     CPU threads. ``resume`` finishes an interrupted run from its committed blocks.
+    ``round_checkpoints`` (depth-parallel schedule) also writes the model as each round left it,
+    to ``<out_dir>.round-<r>`` (for comparing rounds; the final output is unaffected).
     """
     from .coordinator import LocalBackend, run
 
@@ -89,7 +91,7 @@ def quantize_model(model: str, out_dir: Path, recipe: Recipe, *, device: torch.d
         return run(model_dir, model, Path(out_dir), recipe, batches, backend,
                    device="cuda" if backend_uses_gpu(backend, device) else str(device),
                    threads=threads, config=config, overwrite=overwrite, resume=resume,
-                   progress=progress, on_block=on_block)
+                   progress=progress, on_block=on_block, round_checkpoints=round_checkpoints)
     finally:
         backend.shutdown()
         torch.set_num_threads(previous_threads)

@@ -298,14 +298,18 @@ class Worker:
 
 
 class ShardWorker(Worker):
-    """The depth-parallel schedule's worker: owns a contiguous range of blocks for the whole run,
-    sees every calibration batch as it flows through its blocks (a pipelined forward), and keeps
-    each of its layers' ADMM-Q state (codes, dual, ρ) from round to round."""
+    """The depth-parallel schedule's worker. It owns one or more *segments* — contiguous runs of
+    blocks — for the whole run and quantizes them the sequential way (stage by stage, block by
+    block, each on the outputs of the quantized blocks before it) from the segment's input, which
+    is the float model's activations in round 0 and the previous segment's output from the round
+    before afterwards. Every worker holds every calibration batch; each layer keeps its ADMM-Q
+    state (codes, dual) from round to round for warm starts."""
 
-    def own(self, blocks: list[int]) -> None:
-        self.owned = list(blocks)
+    def own(self, segments: dict[int, list[int]]) -> None:
+        self.segments = {s: list(blocks) for s, blocks in sorted(segments.items())}
+        self.owned = [b for blocks in self.segments.values() for b in blocks]
         self.layers: dict[tuple[int, str], torch.nn.Linear] = {}
-        self.groups: dict[int, list[list[str]]] = {}
+        self.stages: dict[int, list[list[list[str]]]] = {}
         self.float_weights: dict[tuple[int, str], torch.Tensor] = {}
         self.state: dict[tuple[int, str], dict] = {}
         for b in self.owned:
@@ -315,36 +319,24 @@ class ShardWorker(Worker):
                 self.layers[(b, name)] = linear
                 self.float_weights[(b, name)] = linear.weight.detach().float().clone()
         for b in self.owned:
-            self._groups(b)
-        if self.owned and self.owned[0] != 0:
-            self.hidden = self.first_hidden = []  # only the first shard starts from embeddings
+            self._stages(b)
+        # Each segment's input per batch: the embeddings for segment 0, else set by the
+        # pipelined float forward (round 0) and by the coordinator (later rounds).
+        self.inputs: dict[int, list] = {s: [None] * len(self.batch_ids) for s in self.segments}
+        if 0 in self.inputs:
+            self.inputs[0] = list(self.first_hidden)
+        self.outputs: dict[int, list[torch.Tensor]] = {}
 
     def layer_widths(self) -> dict[tuple[int, str], int]:
         """``in_features`` of every owned linear, for the writer's checks before any solve."""
         return {key: linear.in_features for key, linear in self.layers.items()}
 
-    @torch.no_grad()
-    def start_round(self) -> None:
-        """Hooks on every group's first linear: one accumulator per (block, group)."""
-        self._accs: dict[tuple[int, str], HessianAccumulator] = {}
-        self._handles = []
-        self._batch = 0
-
-        def hook(acc):
-            return lambda module, inputs: acc.add(inputs[0], self._batch)
-
-        for b in self.owned:
-            for group in self._groups(b):
-                first = self.layers[(b, group[0])]
-                acc = HessianAccumulator(first.in_features, self.device)
-                self._accs[(b, group[0])] = acc
-                self._handles.append(first.register_forward_pre_hook(hook(acc)))
-
-    def _groups(self, b: int) -> list[list[str]]:
-        if b not in self.groups:
+    def _stages(self, b: int) -> list[list[list[str]]]:
+        """Block ``b``'s true-sequential stages, each a list of groups sharing an input."""
+        if b not in self.stages:
             linears = {n: m for (bb, n), m in self.layers.items() if bb == b}
             # Which linears share an input is structure, not values: a zero input of the
-            # block's shape finds it on any shard (only the first shard holds real inputs).
+            # block's shape finds it on any worker.
             probe = torch.zeros(1, self.seq_len, self.config.get_text_config().hidden_size,
                                 dtype=self.dtype, device=self.device)
             stages = calibration_stages(self.blocks[b], linears, probe, self.args[b][0],
@@ -352,59 +344,98 @@ class ShardWorker(Worker):
             if any(st.experts for st in stages):
                 raise ValueError("the depth-parallel schedule does not handle mixture-of-experts "
                                  "blocks yet; use --schedule sequential")
-            self.groups[b] = [g for st in stages for g in st.groups]
-        return self.groups[b]
+            self.stages[b] = [list(st.groups) for st in stages]
+        return self.stages[b]
 
     @torch.no_grad()
     def forward_shard(self, i: int, hidden: torch.Tensor | None) -> torch.Tensor:
-        """Run global batch ``i`` through this worker's blocks; returns the hidden states."""
+        """Round 0's pipelined forward of the float model: run global batch ``i`` through this
+        worker's blocks, keeping each segment's input; returns the hidden states."""
         t = time.perf_counter()
         local = self.batch_ids.index(i)
         h = self.first_hidden[local] if hidden is None else hidden.to(self.device, self.dtype)
-        self._batch = i
-        for b in self.owned:
-            h = block_output(self.blocks[b](h, *self.args[b][local], **self.kwargs[b][local]))
+        for s, blocks in self.segments.items():
+            if s != 0:
+                self.inputs[s][local] = h
+            for b in blocks:
+                h = block_output(self.blocks[b](h, *self.args[b][local], **self.kwargs[b][local]))
         self.busy["forward"] += time.perf_counter() - t
         return h.cpu() if self.device.type != "cpu" else h
 
+    def set_input(self, s: int, hidden: list[torch.Tensor]) -> None:
+        """Segment ``s``'s input for the next round (the previous segment's latest output)."""
+        self.inputs[s] = [h.to(self.device, self.dtype) for h in hidden]
+
+    def segment_output(self, s: int) -> list[torch.Tensor]:
+        return [h.cpu() for h in self.outputs[s]]
+
     @torch.no_grad()
-    def end_round(self, warm_settings) -> list[dict]:
-        """Solve every owned layer on this round's Hessians (warm-started after round 0 with
-        ``warm_settings``, a SolverSettings), put the quantized weights in place; per layer:
-        loss, iterations, the fraction of codes that changed."""
-        for handle in self._handles:
-            handle.remove()
+    def run_round(self, r: int, warm_settings, segments: list[int]) -> list[dict]:
+        """Quantize the owned ``segments`` sequentially from their inputs — cold in round 0,
+        warm-started with ``warm_settings`` (a SolverSettings) later; per layer: loss,
+        iterations, the fraction of codes that changed, and the report's curves."""
+        out = []
+        for s in segments:
+            h = self.inputs[s]
+            for b in self.segments[s]:
+                for groups in self._stages(b):
+                    out += self._solve_stage(b, groups, h, warm_settings)
+                t = time.perf_counter()
+                h = [block_output(self.blocks[b](x, *self.args[b][i], **self.kwargs[b][i]))
+                     for i, x in enumerate(h)]
+                self.busy["forward"] += time.perf_counter() - t
+            self.outputs[s] = h
+        return out
+
+    def _solve_stage(self, b: int, groups: list[list[str]], hidden: list[torch.Tensor],
+                     warm_settings) -> list[dict]:
+        t = time.perf_counter()
+        accs, handles = {}, []
+        batch = {"index": 0}
+
+        def hook(acc):
+            return lambda module, inputs: acc.add(inputs[0], batch["index"])
+
+        for group in groups:
+            first = self.layers[(b, group[0])]
+            accs[group[0]] = HessianAccumulator(first.in_features, self.device)
+            handles.append(first.register_forward_pre_hook(hook(accs[group[0]])))
+        try:
+            for i, x in enumerate(hidden):
+                batch["index"] = self.batch_ids[i]
+                self.blocks[b](x, *self.args[b][i], **self.kwargs[b][i])
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.busy["forward"] += time.perf_counter() - t
         t = time.perf_counter()
         out = []
-        for b in self.owned:
-            for group in self._groups(b):
-                hessian = self._accs[(b, group[0])].hessian()
-                for name in group:
-                    weight = self.float_weights[(b, name)]
-                    grid = fit_grid(weight, self.recipe.grid)
-                    previous = self.state.get((b, name))
-                    settings = self.recipe.solver if previous is None else warm_settings
-                    blocks = []
-                    for k, (start, stop) in enumerate(row_blocks(weight.shape[0],
-                                                                 settings.row_block)):
-                        warm = None
-                        if previous is not None:
-                            warm = {"codes": previous["codes"][start:stop],
-                                    "dual": previous["duals"][k]}
-                        blocks.append(solve_block(weight, hessian, grid, settings, start, stop,
-                                                  warm=warm, compare=self.recipe.report.compare))
-                    result = combine(blocks, grid)
-                    changed = 1.0 if previous is None else float(
-                        (result.codes != previous["codes"]).float().mean())
-                    self.state[(b, name)] = {"codes": result.codes, "grid": grid,
-                                             "duals": [blk.state.get("dual") for blk in blocks]}
-                    self.layers[(b, name)].weight.copy_(
-                        grid.dequantize(result.codes).to(self.layers[(b, name)].weight.dtype))
-                    out.append({"block": b, "layer": name, "loss": result.loss,
-                                "iterations": result.iterations, "changed": changed,
-                                "tokens": self._accs[(b, group[0])].num_rows,
-                                "method": result.method, "group": group,
-                                "seconds": result.seconds, **layer_history(blocks)})
+        for group in groups:
+            hessian = accs[group[0]].hessian()
+            for name in group:
+                weight = self.float_weights[(b, name)]
+                grid = fit_grid(weight, self.recipe.grid)
+                previous = self.state.get((b, name))
+                settings = self.recipe.solver if previous is None else warm_settings
+                blocks = []
+                for k, (start, stop) in enumerate(row_blocks(weight.shape[0], settings.row_block)):
+                    warm = None
+                    if previous is not None:
+                        warm = {"codes": previous["codes"][start:stop], "dual": previous["duals"][k]}
+                    blocks.append(solve_block(weight, hessian, grid, settings, start, stop,
+                                              warm=warm, compare=self.recipe.report.compare))
+                result = combine(blocks, grid)
+                changed = 1.0 if previous is None else float(
+                    (result.codes != previous["codes"]).float().mean())
+                self.state[(b, name)] = {"codes": result.codes, "grid": grid,
+                                         "duals": [blk.state.get("dual") for blk in blocks]}
+                linear = self.layers[(b, name)]
+                linear.weight.copy_(grid.dequantize(result.codes).to(linear.weight.dtype))
+                out.append({"block": b, "layer": name, "loss": result.loss,
+                            "iterations": result.iterations, "changed": changed,
+                            "size": result.codes.numel(), "tokens": accs[group[0]].num_rows,
+                            "method": result.method, "group": group,
+                            "seconds": result.seconds, **layer_history(blocks)})
         self.busy["solve"] += time.perf_counter() - t
         return out
 
@@ -413,22 +444,27 @@ class ShardWorker(Worker):
         return {name: (st["codes"].cpu(), st["grid"].scale.cpu(), st["grid"].zero.cpu())
                 for (bb, name), st in self.state.items() if bb == b}
 
-    def save_round(self, folder: str, r: int) -> None:
-        """Commit every owned block's layer states after round ``r`` (temp file, then rename)."""
+    def save_round(self, folder: str, r: int, segments: list[int]) -> None:
+        """Commit the owned ``segments`` solved in round ``r``: their layers' codes, grids and
+        duals, and the segment's output (the next segment's input) — temp file, then rename."""
         from safetensors.torch import save_file
 
-        for b in self.owned:
+        for s in segments:
             tensors = {}
-            for (bb, name), st in self.state.items():
-                if bb != b:
-                    continue
-                tensors[f"{name}.codes"] = st["codes"].to(torch.uint8).cpu().contiguous()
-                tensors[f"{name}.scale"] = st["grid"].scale.cpu().contiguous()
-                tensors[f"{name}.zero"] = st["grid"].zero.cpu().contiguous()
-                for k, dual in enumerate(st["duals"]):
-                    if dual is not None:
-                        tensors[f"{name}.dual.{k}"] = dual.cpu().contiguous()
-            final = Path(folder) / f"round-{r:03d}-block-{b:05d}.safetensors"
+            for b in self.segments[s]:
+                for (bb, name), st in self.state.items():
+                    if bb != b:
+                        continue
+                    key = f"{b}.{name}"
+                    tensors[f"{key}.codes"] = st["codes"].to(torch.uint8).cpu().contiguous()
+                    tensors[f"{key}.scale"] = st["grid"].scale.cpu().contiguous()
+                    tensors[f"{key}.zero"] = st["grid"].zero.cpu().contiguous()
+                    for k, dual in enumerate(st["duals"]):
+                        if dual is not None:
+                            tensors[f"{key}.dual.{k}"] = dual.cpu().contiguous()
+            for i, h in enumerate(self.outputs[s]):
+                tensors[f"output.{i}"] = h.cpu().contiguous()
+            final = Path(folder) / f"round-{r:03d}-segment-{s:05d}.safetensors"
             tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
             save_file(tensors, str(tmp))
             with open(tmp, "rb") as f:
@@ -436,28 +472,32 @@ class ShardWorker(Worker):
             os.replace(tmp, final)
 
     @torch.no_grad()
-    def load_round(self, folder: str, r: int) -> None:
-        """Restore the layer states committed after round ``r`` and put their weights in place."""
+    def load_round(self, folder: str, solved_in: dict[int, int]) -> None:
+        """Restore the owned segments' states and outputs from the rounds that last solved them
+        (``solved_in``: segment -> round), and put the quantized weights in place."""
         from safetensors import safe_open
 
         from .quant.grid import Grid
 
-        for b in self.owned:
-            path = Path(folder) / f"round-{r:03d}-block-{b:05d}.safetensors"
+        for s, blocks in self.segments.items():
+            path = Path(folder) / f"round-{solved_in[s]:03d}-segment-{s:05d}.safetensors"
             with safe_open(path, "pt") as f:
                 keys = set(f.keys())
-                for (bb, name), linear in self.layers.items():
-                    if bb != b:
+                self.outputs[s] = [f.get_tensor(f"output.{i}").to(self.device, self.dtype)
+                                   for i in range(len(self.batch_ids))]
+                for (b, name), linear in self.layers.items():
+                    if b not in blocks:
                         continue
-                    codes = f.get_tensor(f"{name}.codes").to(torch.int32).to(self.device)
-                    scale = f.get_tensor(f"{name}.scale").to(self.device)
-                    zero = f.get_tensor(f"{name}.zero").to(self.device)
+                    key = f"{b}.{name}"
+                    codes = f.get_tensor(f"{key}.codes").to(torch.int32).to(self.device)
                     spec = self.recipe.grid
                     grid = Grid(spec.bits, spec.effective_group_size(codes.shape[1]),
-                                codes.shape[1], spec.symmetric, scale, zero)
-                    blocks = row_blocks(codes.shape[0], self.recipe.solver.row_block)
-                    duals = [f.get_tensor(f"{name}.dual.{k}").to(self.device)
-                             if f"{name}.dual.{k}" in keys else None for k in range(len(blocks))]
+                                codes.shape[1], spec.symmetric,
+                                f.get_tensor(f"{key}.scale").to(self.device),
+                                f.get_tensor(f"{key}.zero").to(self.device))
+                    parts = row_blocks(codes.shape[0], self.recipe.solver.row_block)
+                    duals = [f.get_tensor(f"{key}.dual.{k}").to(self.device)
+                             if f"{key}.dual.{k}" in keys else None for k in range(len(parts))]
                     self.state[(b, name)] = {"codes": codes, "grid": grid, "duals": duals}
                     linear.weight.copy_(grid.dequantize(codes).to(linear.weight.dtype))
 

@@ -168,21 +168,44 @@ def test_kill_9_then_resume_from_the_command_line(model_dir, tmp_path):
 
 @pytest.mark.ray
 def test_depth_parallel_rounds_write_the_same_bytes_for_any_worker_count(model_dir, tmp_path):
-    settings = {"solver": {**SETTINGS["solver"], "schedule": "depth-parallel", "rounds": 2}}
+    settings = {"solver": {**SETTINGS["solver"], "schedule": "depth-parallel", "rounds": 3,
+                           "segments": 3}}
     recipe = override(Recipe(), {**SETTINGS, **settings})
     local = quantize_model(str(model_dir), tmp_path / "local", recipe,
-                           device=torch.device("cpu"), progress=False, threads=1)
+                           device=torch.device("cpu"), progress=False, threads=1,
+                           round_checkpoints=True)
     two = quantize_model(str(model_dir), tmp_path / "two", recipe,
                          device=torch.device("cpu"), progress=False, threads=1, workers=2)
     assert digest(tmp_path / "local") == digest(tmp_path / "two")
-    # Both schedules of the two-worker run reported their rounds.
-    assert [r["round"] for r in two["rounds"]] == [0, 1, 2]
-    assert [r["round"] for r in local["rounds"]] == [0, 1, 2]
-    # Round 0 moves every code; corrections move a minority of them.
+
+    def tensors(folder):
+        return hashlib.sha256(b"".join(p.read_bytes()
+                                       for p in sorted(folder.glob("*.safetensors")))).hexdigest()
+
+    # The model as each round left it: the last round's is the output; earlier ones differ.
+    rounds = [tensors(tmp_path / f"local.round-{r}") for r in range(3)]
+    assert rounds[2] == tensors(tmp_path / "local") and len(set(rounds)) == 3
+    # Three segments: round r re-solves segments r.. on new inputs; after round 2 the last one
+    # was solved on final inputs, so round 3 has nothing to do.
+    for run in (local, two):
+        assert [(r["round"], r["segments_solved"]) for r in run["rounds"]] == [(0, 3), (1, 2), (2, 1)]
     assert local["rounds"][0]["changed"] == 1.0
-    assert 0 < local["rounds"][2]["changed"] < 0.5
+    assert 0 < local["rounds"][2]["changed"] < local["rounds"][1]["changed"] < 0.5
+    assert local["layers"] == 21
+
+
+def test_one_depth_parallel_segment_is_the_sequential_schedule(model_dir, tmp_path):
+    """A single segment is quantized block by block from the embeddings: the sequential
+    protocol, byte for byte (the Hessians merge canonically, row blocks are fixed)."""
+    recipe = override(Recipe(), {**SETTINGS, "solver": {**SETTINGS["solver"],
+                                                        "schedule": "depth-parallel",
+                                                        "segments": 1}})
+    one = quantize_model(str(model_dir), tmp_path / "one", recipe, device=torch.device("cpu"),
+                         progress=False, threads=1)
     sequential = quantize(model_dir, tmp_path / "seq")
-    assert local["layers"] == sequential["layers"] == 21
+    assert [r["round"] for r in one["rounds"]] == [0]
+    assert digest(tmp_path / "one") == digest(tmp_path / "seq")
+    assert one["mean_loss"] == pytest.approx(sequential["mean_loss"], rel=1e-12)
 
 
 def test_depth_parallel_needs_admmq_and_resumes_between_rounds(model_dir, tmp_path, monkeypatch):
@@ -191,7 +214,8 @@ def test_depth_parallel_needs_admmq_and_resumes_between_rounds(model_dir, tmp_pa
     with pytest.raises(ValueError, match="admmq"):
         override(Recipe(), {"solver": {"schedule": "depth-parallel", "method": "gptq"}})
     recipe = override(Recipe(), {**SETTINGS, "solver": {**SETTINGS["solver"],
-                                                        "schedule": "depth-parallel", "rounds": 2}})
+                                                        "schedule": "depth-parallel", "rounds": 2,
+                                                        "segments": 3}})
 
     def run(out, **kw):
         return quantize_model(str(model_dir), out, recipe, device=torch.device("cpu"),
@@ -199,18 +223,18 @@ def test_depth_parallel_needs_admmq_and_resumes_between_rounds(model_dir, tmp_pa
 
     reference = run(tmp_path / "ref")
     calls = []
-    original = ShardWorker.end_round
+    original = ShardWorker.run_round
 
-    def end_round(self, warm):
-        calls.append(1)
-        if len(calls) == 3:  # round 2: the process "dies" with rounds 0 and 1 committed
+    def run_round(self, r, warm, segments):
+        calls.append(r)
+        if r == 2:  # the process "dies" in round 2 with rounds 0 and 1 committed
             raise KeyboardInterrupt
-        return original(self, warm)
+        return original(self, r, warm, segments)
 
-    monkeypatch.setattr(ShardWorker, "end_round", end_round)
+    monkeypatch.setattr(ShardWorker, "run_round", run_round)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "out")
-    monkeypatch.setattr(ShardWorker, "end_round", original)
+    monkeypatch.setattr(ShardWorker, "run_round", original)
     assert sorted(p.name for p in work_dir_for(tmp_path / "out").glob("round-*.done")) == [
         "round-000.done", "round-001.done"]
     resumed = run(tmp_path / "out", resume=True)

@@ -32,11 +32,15 @@ class SolverSettings:
     # of work spread over workers, fixed so that results never depend on the worker count.
     row_block: int = 512
     # "sequential": block by block, each on the outputs of the quantized blocks before it.
-    # "depth-parallel": every block at once from the float model's inputs (round 0), then up to
-    # `rounds` corrections, each a pipelined forward through the quantized model and a warm-started
-    # ADMM-Q of round_iterations from ρ = round_rho_start; stops when fewer than
-    # round_stop_changed of the codes moved.
+    # "depth-parallel": every segment at once from the float model's inputs (round 0), then up
+    # to `rounds` corrections, each re-solving the segments downstream of the last exact one on
+    # their predecessor's new output, warm-started for round_iterations from ρ = round_rho_start;
+    # stops when fewer than round_stop_changed of the codes moved.
     schedule: Literal["sequential", "depth-parallel"] = "sequential"
+    # depth-parallel: contiguous segments of blocks, each quantized sequentially inside; None is
+    # one per worker (the fewest rounds to reach sequential quality, but then the bytes depend on
+    # the worker count); a number fixes them, so any worker count writes the same bytes.
+    segments: int | None = None
     rounds: int = 3
     round_iterations: int = 40
     round_rho_start: float = 0.3
@@ -47,6 +51,8 @@ class SolverSettings:
             raise ValueError(f"row_block={self.row_block} must be at least 1")
         if self.schedule not in ("sequential", "depth-parallel"):
             raise ValueError(f"schedule={self.schedule!r} must be 'sequential' or 'depth-parallel'")
+        if self.segments is not None and self.segments < 1:
+            raise ValueError(f"segments={self.segments} must be at least 1 (or null: one per worker)")
         if self.rounds < 0 or self.round_iterations < 1 or not self.round_rho_start > 0:
             raise ValueError("rounds must be >= 0, round_iterations >= 1, round_rho_start > 0")
         if self.schedule == "depth-parallel" and self.method != "admmq":
