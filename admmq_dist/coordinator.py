@@ -229,6 +229,9 @@ class Coordinator:
         # check_width(module, in_features) from the writer: run on a block's linears before any
         # of its forward passes, so a group size the format cannot hold fails in seconds.
         self.check_width = None
+        # check_ignore_entries(entries) from the writer: the modules a block keeps dense (an MoE
+        # block's shared-expert gate) must be representable, checked before the block's work.
+        self.check_ignore = None
 
     def _get(self, futures):
         return self.backend.get(futures)
@@ -284,6 +287,8 @@ class Coordinator:
                     self.check_width(f"{prefix}.{name}", cols)
         out = BlockOutput(consumed=consumed)
         out.ignore = [f"re:.*\\.{re.escape(self._disk_rel(prefix, n))}$" for n in plan["skipped"]]
+        if self.check_ignore is not None:
+            self.check_ignore(out.ignore)
         n = self.backend.size
         rb = self.recipe.solver.row_block
         for stage in plan["stages"]:
@@ -442,6 +447,8 @@ def _run(model_dir: Path, model_label: str, out_dir: Path, recipe: Recipe, batch
                               dtype=output_dtype(recipe, config), overwrite=overwrite,
                               max_shard_bytes=int(recipe.output.max_shard_gb * 1024**3))
     coord.check_width = writer.check_width
+    coord.check_ignore = writer.check_ignore_entries
+    writer.check_ignore_entries(list(recipe.output.skip))
     report: list[dict] = []
     ignore = list(recipe.output.skip)
     resumed = 0

@@ -209,3 +209,24 @@ def test_ctrl_c_stops_cleanly_and_resume_continues(capsys, tmp_path, model, text
 def test_debug_shows_the_traceback(tmp_path, model, text):
     with pytest.raises(ValueError, match="group_size=48"):
         main(["--debug", *args(model, tmp_path / "o", text, "--group-size", "48")])
+
+
+def test_modules_gptq_cannot_keep_dense_are_refused_before_any_work(capsys, tmp_path, model,
+                                                                   text, monkeypatch):
+    refused(capsys, args(model, tmp_path / "o", text, "--format", "gptq", "--sym", "--skip",
+                         "down_proj"), "GPTQ checkpoints cannot mark", "compressed-tensors")
+    # Qwen2-MoE's shared-expert gate stays dense: found on the first block, not at the end.
+    moe = tiny_model_dir(tmp_path / "moe", "qwen2_moe", num_hidden_layers=2)
+    calls = []
+    import admmq_dist.coordinator as coordinator
+
+    original = coordinator.Coordinator._capture
+
+    def capture(self, *a, **k):
+        calls.append(1)
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(coordinator.Coordinator, "_capture", capture)
+    refused(capsys, args(moe, tmp_path / "o", text, "--format", "gptq", "--sym"),
+            "shared_expert_gate", "compressed-tensors")
+    assert calls == []  # refused before the first capture pass

@@ -561,7 +561,9 @@ class CheckpointWriter:
         self._state = "finalized"
         return self.out_dir
 
-    def _check_ignore(self, ignore: list[str]) -> None:
+    def check_ignore_entries(self, ignore: list[str]) -> None:
+        """Raise ValueError if this format cannot keep ``ignore`` dense (callers check before
+        spending time quantizing)."""
         if self.format == "gptq":
             # A GPTQ v1 config has no per-module skip list that every reader honours: transformers
             # (optimum) converts every Linear inside the decoder blocks, and lm_head is governed by
@@ -572,6 +574,10 @@ class CheckpointWriter:
                     f"GPTQ checkpoints cannot mark {extra} as unquantized (readers quantize every "
                     "linear in the decoder blocks); use --format compressed-tensors"
                 )
+
+    def _check_ignore(self, ignore: list[str]) -> None:
+        self.check_ignore_entries(ignore)
+        if self.format == "gptq":
             if "lm_head" in self._quantized:
                 raise ValueError("quantizing lm_head is not supported for GPTQ; keep it in the ignore list")
             return
