@@ -613,7 +613,9 @@ def _depth_parallel(backend, recipe: Recipe, index: TensorIndex, blocks_prefix: 
     (stage by stage, block by block, as the sequential schedule does). Round r re-solves the
     segments from r on, warm-started, each from the output the segment before it produced in
     round r - 1: segment r - 1 was then solved on final inputs, so after round r segments 0…r are
-    exactly sequential and the error left is only downstream. The result depends on the segments,
+    exactly sequential and the error left is only downstream. Segment r, whose inputs are final in
+    round r, is solved cold (the full schedule, as the sequential schedule would), the later ones
+    warm-started. The result depends on the segments,
     never on how many workers hold them. Every round is committed (layer states and segment
     outputs), so a resumed run continues from the last finished round with the same bytes.
     """
@@ -684,8 +686,10 @@ def _depth_parallel(backend, recipe: Recipe, index: TensorIndex, blocks_prefix: 
         if not dirty:  # every segment was solved on final inputs
             break
         t = time.perf_counter()
+        # Segment r has final inputs from this round on: its result is final, so it gets the
+        # full schedule from a GPTQ start; the segments after it are warm-started corrections.
         rows = [row for part in backend.get([
-            backend.call(k, "run_round", r, warm, [j for j in owned[k] if j in dirty])
+            backend.call(k, "run_round", r, warm, [j for j in owned[k] if j in dirty], [r])
             for k in range(n)]) for row in part]
         timings["solve"] += time.perf_counter() - t
         for row in latest.values():

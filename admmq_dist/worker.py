@@ -370,16 +370,18 @@ class ShardWorker(Worker):
         return [h.cpu() for h in self.outputs[s]]
 
     @torch.no_grad()
-    def run_round(self, r: int, warm_settings, segments: list[int]) -> list[dict]:
-        """Quantize the owned ``segments`` sequentially from their inputs — cold in round 0,
-        warm-started with ``warm_settings`` (a SolverSettings) later; per layer: loss,
-        iterations, the fraction of codes that changed, and the report's curves."""
+    def run_round(self, r: int, warm_settings, segments: list[int],
+                  cold: list[int] = ()) -> list[dict]:
+        """Quantize the owned ``segments`` sequentially from their inputs: the ``cold`` ones (and
+        every layer without a state yet) with the full schedule, the others warm-started with
+        ``warm_settings`` (a SolverSettings); per layer: loss, iterations, the fraction of codes
+        that changed, and the report's curves."""
         out = []
         for s in segments:
             h = self.inputs[s]
             for b in self.segments[s]:
                 for groups in self._stages(b):
-                    out += self._solve_stage(b, groups, h, warm_settings)
+                    out += self._solve_stage(b, groups, h, warm_settings, s in cold)
                 t = time.perf_counter()
                 h = [block_output(self.blocks[b](x, *self.args[b][i], **self.kwargs[b][i]))
                      for i, x in enumerate(h)]
@@ -388,7 +390,7 @@ class ShardWorker(Worker):
         return out
 
     def _solve_stage(self, b: int, groups: list[list[str]], hidden: list[torch.Tensor],
-                     warm_settings) -> list[dict]:
+                     warm_settings, cold: bool) -> list[dict]:
         t = time.perf_counter()
         accs, handles = {}, []
         batch = {"index": 0}
@@ -416,11 +418,11 @@ class ShardWorker(Worker):
                 weight = self.float_weights[(b, name)]
                 grid = fit_grid(weight, self.recipe.grid)
                 previous = self.state.get((b, name))
-                settings = self.recipe.solver if previous is None else warm_settings
+                settings = self.recipe.solver if previous is None or cold else warm_settings
                 blocks = []
                 for k, (start, stop) in enumerate(row_blocks(weight.shape[0], settings.row_block)):
                     warm = None
-                    if previous is not None:
+                    if previous is not None and not cold:
                         warm = {"codes": previous["codes"][start:stop], "dual": previous["duals"][k]}
                     blocks.append(solve_block(weight, hessian, grid, settings, start, stop,
                                               warm=warm, compare=self.recipe.report.compare))
