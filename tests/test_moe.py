@@ -154,7 +154,7 @@ def test_under_routed_experts_fall_back_and_the_report_says_which(tmp_path):
         out = tmp_path / fallback
         summary = quantize(src, out, grid={"bits": 3, "group_size": 32, "symmetric": True},
                            calibration={**FAST["calibration"], "min_expert_tokens": 10**6,
-                                        "expert_fallback": fallback})
+                                        "expert_fallback": fallback, "num_samples": 32})
         assert summary["experts"][fallback] == 24 and summary["experts"]["routed"] == 0
         rows = [json.loads(line) for line in (out / "report.jsonl").read_text().splitlines()]
         expert_rows = [r for r in rows if ".experts." in r["layer"]]
@@ -164,6 +164,8 @@ def test_under_routed_experts_fall_back_and_the_report_says_which(tmp_path):
         with torch.no_grad():
             errors[fallback] = float((load(out)(ids).logits - load(src)(ids).logits).pow(2).mean())
     # Calibrated from every token beats rounding (the Hessian still knows the input statistics).
+    # 32 samples: from 8 (512 tokens for 4 experts' Hessians) the margin was a few percent and
+    # moved with the tokenizer's training (0.97× at tokenizers 0.23; 0.72× from 32 samples).
     assert errors["all-tokens"] < 0.9 * errors["rtn"]
 
 
