@@ -437,6 +437,9 @@ def _run(model_dir: Path, model_label: str, out_dir: Path, recipe: Recipe, batch
     num_blocks = backend.get([backend.call(0, "num_blocks")])[0]
     layout_prefix = backend.get([backend.call(0, "block_prefix")])[0]
     moe = backend.get([backend.call(0, "has_experts")])[0]
+    # Linears outside the blocks are copied dense whatever the recipe skips (lm_head): the
+    # ignore list names them exactly, as compressed-tensors matches names, not substrings.
+    outer = backend.get([backend.call(0, "outer_linears")])[0]
     if moe and not grid_spec.symmetric:
         raise ValueError(
             "mixture-of-experts checkpoints must be symmetric: vLLM's quantized MoE kernels and "
@@ -450,7 +453,7 @@ def _run(model_dir: Path, model_label: str, out_dir: Path, recipe: Recipe, batch
     coord.check_ignore = writer.check_ignore_entries
     writer.check_ignore_entries(list(recipe.output.skip))
     report: list[dict] = []
-    ignore = list(recipe.output.skip)
+    ignore = list(outer)
     resumed = 0
     rounds = None
     try:
@@ -464,7 +467,7 @@ def _run(model_dir: Path, model_label: str, out_dir: Path, recipe: Recipe, batch
                                          dtype=output_dtype(recipe, config), overwrite=True,
                                          max_shard_bytes=int(recipe.output.max_shard_gb * 1024**3))
                 with extra:
-                    skip = list(recipe.output.skip)
+                    skip = list(outer)
                     for b, out in outputs.items():
                         _write_block(extra, index, f"{layout_prefix}.{b}", out, recipe)
                         skip += [i for i in out.ignore if i not in skip]

@@ -137,6 +137,14 @@ class Worker:
     def block_prefix(self) -> str:
         return self.layout.prefix
 
+    def outer_linears(self) -> list[str]:
+        """Checkpoint names of the linears outside the decoder blocks (``lm_head``): they are
+        copied as they are, so the checkpoint's ignore list must name them."""
+        prefix = self.layout.prefix + "."
+        return sorted(self.index.disk_name(f"{n}.weight")[: -len(".weight")]
+                      for n, m in self.model.named_modules()
+                      if isinstance(m, torch.nn.Linear) and not n.startswith(prefix))
+
     def has_experts(self) -> bool:
         return any(self.moe)
 
@@ -173,7 +181,9 @@ class Worker:
                                     self.args[b][0], self.kwargs[b][0])
         return {"stages": stages,
                 "shapes": {n: tuple(m.weight.shape) for n, m in self.linears.items()},
-                "skipped": sorted(n for n in target_linears(self.blocks[b], self.recipe.output.skip)
+                # Everything not solved: the recipe's skips and the routers. Each is named to the
+                # checkpoint's ignore list, which engines match exactly (not as substrings).
+                "skipped": sorted(n for n in target_linears(self.blocks[b])
                                   if n not in self.linears)}
 
     # ------------------------------------------------------------------------------ capture

@@ -156,3 +156,32 @@ def test_every_dense_family_quantizes_and_loads(tmp_path, arch):
         a, b = quant(ids).logits, floatm(ids).logits
     assert torch.isfinite(a).all()
     assert float((a - b).abs().max()) < 0.05 * float(b.abs().max())
+
+
+@pytest.mark.parametrize("skip", [["lm_head", "self_attn"], []])
+def test_skipped_modules_load_dense_from_the_checkpoint(llama_dir, tmp_path, skip):
+    """compressed-tensors matches ignore entries by exact name or regex, not substring: the
+    checkpoint must name every module it left dense, including lm_head when the recipe does not
+    skip it (linears outside the blocks are copied as they are)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "q"
+    summary = run(llama_dir, out, grid={"bits": 4, "group_size": 32},
+                  output={"dtype": "float32", "skip": skip})
+    assert summary["layers"] == (6 if skip else 14)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    source = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    written = {k for f in out.glob("*.safetensors") for k in load_file(f)}
+    with torch.no_grad():
+        for name, module in source.named_modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            loaded = model.get_submodule(name)
+            dense = name == "lm_head" or (skip and "self_attn" in name)
+            # Dense modules load as the float weights; quantized ones have packed codes on disk.
+            assert ("weight_packed" not in dict(loaded.named_parameters())) if dense else True
+            if dense:
+                assert torch.equal(loaded.weight, module.weight), name
+            else:
+                assert f"{name}.weight_packed" in written, name
