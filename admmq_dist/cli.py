@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--min-expert-tokens", type=int, help="MoE: experts routed fewer calibration "
                      "tokens use --expert-fallback (default: the hidden size)")
     cal.add_argument("--expert-fallback", choices=("all-tokens", "rtn"))
+    cal.add_argument("--asymmetric", type=float, metavar="STRENGTH",
+                     help="asymmetric calibration (GPTAQ), 0..1: also match the float model's "
+                     "outputs on its own activations, correcting earlier layers' error (0.25 is "
+                     "GPTAQ's choice; one more forward pass per block)")
     out = q.add_argument_group("output")
     out.add_argument("--format", choices=("compressed-tensors", "gptq"))
     out.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"))
@@ -149,7 +153,7 @@ def _recipe_from_args(args):
     if args.act_order is not None:
         updates["solver"]["gptq"]["act_order"] = args.act_order
     for arg in ("dataset", "split", "text_field", "num_samples", "seq_len", "batch_size", "seed",
-                "min_expert_tokens", "expert_fallback"):
+                "min_expert_tokens", "expert_fallback", "asymmetric"):
         if getattr(args, arg) is not None:
             updates["calibration"][arg] = getattr(args, arg)
     for arg in ("format", "dtype"):

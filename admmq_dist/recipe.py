@@ -43,8 +43,18 @@ class CalibrationSettings:
     # "all-tokens" runs it on every token reaching the block for its Hessians, "rtn" rounds it.
     min_expert_tokens: int | None = None
     expert_fallback: Literal["all-tokens", "rtn"] = "all-tokens"
+    # Asymmetric calibration (GPTAQ): each layer also pulls its quantized outputs toward the float
+    # model's outputs — float weights on the float model's own activations — by this much, so the
+    # error earlier layers left behind is corrected instead of carried on. 0 is GPTQ's objective
+    # (match the float weights on the quantized model's inputs); 1 the exact asymmetric objective,
+    # which over-fits the calibration tokens. Costs one more forward pass per block and the float
+    # model's activations of the block being solved. Dense layers only: experts see different
+    # tokens in the two models.
+    asymmetric: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.asymmetric <= 1.0:
+            raise ValueError(f"asymmetric={self.asymmetric} must lie in [0, 1]")
         for name in ("num_samples", "seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
@@ -88,6 +98,12 @@ class Recipe:
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
     report: ReportSettings = field(default_factory=ReportSettings)
+
+    def __post_init__(self) -> None:
+        if self.calibration.asymmetric and self.solver.schedule == "depth-parallel":
+            raise ValueError("calibration.asymmetric needs the float model's activations at every "
+                             "block, which the depth-parallel schedule does not keep; use the "
+                             "sequential schedule or set asymmetric to 0")
 
 
 class RecipeError(ValueError):

@@ -23,7 +23,7 @@ from .model.capture import Stage, block_output, calibration_stages, record_block
 from .model.loading import TensorIndex, build_skeleton, materialize, release
 from .model.moe import ExpertList, expert_lists, is_router, load_fused_into, unfuse_experts
 from .quant.grid import fit_grid
-from .quant.hessian import HessianAccumulator
+from .quant.hessian import HessianAccumulator, asymmetric_target
 from .quant.solvers.rows import BlockResult, combine, layer_history, row_blocks, solve_block
 from .recipe import Recipe
 
@@ -121,6 +121,11 @@ class Worker:
                                    [batches[i] for i in self.batch_ids], self.device)
         self.hidden = [h.to(self.dtype) for h in calls.first_hidden]
         self.first_hidden = self.hidden
+        # Asymmetric calibration: the float model's hidden states run beside the quantized ones,
+        # and while a block is loaded, its float pass (each dense linear's inputs, the outputs).
+        self.asymmetric = recipe.calibration.asymmetric if recipe.solver.method != "rtn" else 0.0
+        self.float_hidden = self.hidden
+        self._float: dict | None = None
         self.args, self.kwargs = calls.args, calls.kwargs
         self.current: int | None = None
         self.linears: dict[str, torch.nn.Linear] = {}
@@ -165,6 +170,8 @@ class Worker:
                               self.device, self.dtype, state)
         self.current = b
         self.linears = block_linears(self.blocks[b], self.recipe.output.skip)
+        if self.asymmetric:
+            self._float_pass()
         return sorted(consumed)
 
     def release_block(self) -> None:
@@ -172,6 +179,35 @@ class Worker:
             release(self.blocks[self.current])
         self.current, self.linears = None, {}
         self._parts, self._hessians = {}, {}
+        self._float = None
+
+    @torch.no_grad()
+    def _float_pass(self) -> None:
+        """Run the just-loaded (float) block on the float model's hidden states, keeping what
+        every dense linear received per batch and the block's outputs. Linears that share an
+        input share one stored tensor. Experts are left out: the float and the quantized model
+        route different tokens to them, so their activations do not pair up."""
+        b = self._block()
+        experts = tuple(p + "." for p in expert_lists(self.blocks[b]))
+        dense = {n: m for n, m in self.linears.items() if not n.startswith(experts)}
+        inputs: dict[str, list] = {n: [] for n in dense}
+        seen: dict[str, torch.Tensor] = {}
+        handles = [m.register_forward_pre_hook(
+            lambda module, args, name=n: seen.setdefault(name, args[0])) for n, m in dense.items()]
+        outputs = []
+        t = time.perf_counter()
+        try:
+            for i, h in enumerate(self.float_hidden):
+                seen.clear()
+                outputs.append(block_output(self.blocks[b](h, *self.args[b][i],
+                                                           **self.kwargs[b][i])))
+                for n in dense:
+                    inputs[n].append(seen.get(n))
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.busy["forward"] += time.perf_counter() - t
+        self._float = {"inputs": inputs, "outputs": outputs}
 
     def plan(self) -> dict:
         """The current block's stages and the shapes of its linears (from the first batch, which
@@ -195,16 +231,24 @@ class Worker:
         b = self._block()
         block = self.blocks[b]
         self._parts, self._hessians = {}, {}
-        batch = {"index": 0}
+        batch = {"index": 0, "local": 0}
         handles = []
 
-        def hook(acc):
-            return lambda module, inputs: acc.add(inputs[0], batch["index"])
+        def hook(acc, references=None):
+            if references is None:
+                return lambda module, inputs: acc.add(inputs[0], batch["index"])
+            return lambda module, inputs: acc.add(inputs[0], batch["index"],
+                                                  references[batch["local"]])
 
         for group in stage.groups:
             first = self.linears[group[0]]
-            self._parts[group[0]] = HessianAccumulator(first.in_features, self.device)
-            handles.append(first.register_forward_pre_hook(hook(self._parts[group[0]])))
+            refs = None
+            if self._float is not None and stage.experts is None:
+                refs = self._float["inputs"].get(group[0])
+                refs = refs if refs is not None and all(r is not None for r in refs) else None
+            self._parts[group[0]] = HessianAccumulator(first.in_features, self.device,
+                                                       cross=refs is not None)
+            handles.append(first.register_forward_pre_hook(hook(self._parts[group[0]], refs)))
         experts: ExpertList | None = None
         if stage.experts is not None:
             experts = block.get_submodule(stage.experts)
@@ -217,7 +261,7 @@ class Worker:
         t = time.perf_counter()
         try:
             for i, h in enumerate(self.hidden):
-                batch["index"] = self.batch_ids[i]
+                batch["index"], batch["local"] = self.batch_ids[i], i
                 block(h, *self.args[b][i], **self.kwargs[b][i])
         finally:
             for handle in handles:
@@ -243,17 +287,22 @@ class Worker:
         with the block that starts at row 0.
         """
         t = time.perf_counter()
-        hessian, tokens = None, None
+        hessian, tokens, cross = None, None, None
         if key is not None:
             if key not in self._hessians:
                 acc = HessianAccumulator.from_state(parts[0], self.device)
                 for part in parts[1:]:
                     acc.merge(HessianAccumulator.from_state(part, self.device))
-                self._hessians[key] = (acc.hessian(), acc.num_rows)
-            hessian, tokens = self._hessians[key]
+                self._hessians[key] = (acc.hessian(), acc.num_rows,
+                                       acc.cross() if acc.has_cross else None)
+            hessian, tokens, cross = self._hessians[key]
         self.busy["merge"] += time.perf_counter() - t
         t = time.perf_counter()
         weight = self.linears[name].weight.detach().float()
+        if key is not None and cross is not None:
+            # The asymmetric objective is the ordinary one with a moved target (see the function).
+            weight = asymmetric_target(weight, hessian, cross, self.asymmetric,
+                                       self.recipe.solver.gptq.damp)
         # The grid is fitted to the whole layer by every solver of a part of it: the same bits
         # everywhere, and a row block's grid is its rows of the whole (fitting is row-wise).
         grid = fit_grid(weight, self.recipe.grid)
@@ -285,6 +334,9 @@ class Worker:
             self.hidden = [block_output(self.blocks[b](h, *self.args[b][i], **self.kwargs[b][i]))
                            for i, h in enumerate(self.hidden)]
         self.busy["forward"] += time.perf_counter() - t
+        if self._float is not None:
+            self.float_hidden = self._float["outputs"]
+            self._float = None
 
     def replay(self, b: int, weights: dict[str, torch.Tensor],
                state: dict[str, torch.Tensor] | None = None) -> None:

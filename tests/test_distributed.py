@@ -36,8 +36,9 @@ def digest(folder):
     return h.hexdigest()
 
 
-def quantize(model_dir, out, **kw):
-    recipe = override(Recipe(), SETTINGS)
+def quantize(model_dir, out, asymmetric=0.0, **kw):
+    recipe = override(Recipe(), {**SETTINGS, "calibration": {**SETTINGS["calibration"],
+                                                             "asymmetric": asymmetric}})
     return quantize_model(str(model_dir), out, recipe, device=torch.device("cpu"),
                           progress=False, threads=1, **kw)
 
@@ -69,6 +70,17 @@ def test_one_and_two_ray_workers_write_the_in_process_bytes(model_dir, tmp_path)
     assert all(s["solve"] > 0 for s in two["worker_busy_seconds"])
     assert 0 < local["mean_loss"] < 0.2
     assert not work_dir_for(tmp_path / "two").exists()
+
+
+@pytest.mark.ray
+def test_asymmetric_calibration_writes_the_same_bytes_on_two_ray_workers(model_dir, tmp_path):
+    """The float model's activations stay on the worker that holds their batches; only the
+    cross-term partial sums move, merged in the same canonical tree as the Hessians."""
+    local = quantize(model_dir, tmp_path / "local", asymmetric=0.25)
+    two = quantize(model_dir, tmp_path / "two", workers=2, asymmetric=0.25)
+    plain = quantize(model_dir, tmp_path / "plain")
+    assert digest(tmp_path / "local") == digest(tmp_path / "two") != digest(tmp_path / "plain")
+    assert two["workers"] == 2 and 0 < local["mean_loss"] < 0.2 and plain["mean_loss"] > 0
 
 
 @pytest.mark.ray
@@ -126,6 +138,21 @@ def test_an_interrupted_run_resumes_into_the_same_bytes(model_dir, tmp_path):
     assert summary["resumed_blocks"] == 2
     assert digest(out) == digest(tmp_path / "ref")
     assert not work.exists()
+
+
+def test_a_resumed_asymmetric_run_rebuilds_the_float_stream(model_dir, tmp_path):
+    """Replaying committed blocks must carry the float model's activations forward too."""
+    quantize(model_dir, tmp_path / "ref", asymmetric=0.5)
+
+    def interrupt(b):
+        if b == 1:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        quantize(model_dir, out, asymmetric=0.5, on_block=interrupt)
+    summary = quantize(model_dir, out, asymmetric=0.5, resume=True)
+    assert summary["resumed_blocks"] == 2 and digest(out) == digest(tmp_path / "ref")
 
 
 def test_kill_9_then_resume_from_the_command_line(model_dir, tmp_path):

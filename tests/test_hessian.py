@@ -89,3 +89,50 @@ def test_damp_and_relative_loss():
     assert torch.equal(torch.diagonal(damp(h, 0.5)), torch.tensor([2.0, 4.0]))
     w0 = torch.tensor([[1.0, 1.0]])
     assert relative_loss(w0 + torch.tensor([[0.0, 1.0]]), w0, h) == pytest.approx(3.0 / 4.0)
+
+
+def test_cross_terms_average_and_merge_like_the_hessian():
+    data = batches()
+    g = torch.Generator().manual_seed(5)
+    refs = [x + 0.1 * torch.randn(x.shape, generator=g) for x in data]
+    whole = HessianAccumulator(24, cross=True)
+    for i, (x, r) in enumerate(zip(data, refs)):
+        whole.add(x, i, r)
+    x = torch.cat([b.reshape(-1, 24) for b in data]).double()
+    r = torch.cat([b.reshape(-1, 24) for b in refs]).double()
+    assert torch.allclose(whole.cross().double(), (r - x).T @ x / x.shape[0], atol=1e-5)
+    assert torch.equal(whole.hessian(), single_pass(data).hessian())
+    odd, even = HessianAccumulator(24, cross=True), HessianAccumulator(24, cross=True)
+    for i, (x, r) in enumerate(zip(data, refs)):
+        (odd if i % 2 else even).add(x, i, r)
+    merged = HessianAccumulator.from_state(odd.state())
+    merged.merge(HessianAccumulator.from_state(even.state()))
+    assert torch.equal(merged.cross(), whole.cross())
+    with pytest.raises(ValueError, match="reference"):
+        whole.add(data[0], 99)
+    with pytest.raises(ValueError, match="cross"):
+        merged.merge(single_pass(data[:1]))
+    with pytest.raises(ValueError, match="without cross"):
+        single_pass(data).cross()
+
+
+def test_asymmetric_target_turns_the_asymmetric_loss_into_the_ordinary_one():
+    """‖W X_ref − Q X‖² − ‖(Q − W̃) X‖² is the same for every Q (strength 1, no damping)."""
+    from admmq_dist.quant.hessian import asymmetric_target
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(400, 16, generator=g, dtype=torch.float64)
+    ref = x + 0.3 * torch.randn(400, 16, generator=g, dtype=torch.float64)
+    w = torch.randn(6, 16, generator=g, dtype=torch.float64)
+    h, cross = x.T @ x / 400, (ref - x).T @ x / 400
+    target = asymmetric_target(w, h, cross, 1.0, 0.0)
+    gaps = []
+    for _ in range(4):
+        q = w + 0.2 * torch.randn(6, 16, generator=g, dtype=torch.float64)
+        asym = ((ref @ w.T - x @ q.T) ** 2).sum() / 400
+        ordinary = (((q - target) @ h) * (q - target)).sum()
+        gaps.append(float(asym - ordinary))
+    assert max(gaps) - min(gaps) < 1e-9 * abs(gaps[0]) + 1e-9
+    assert torch.equal(asymmetric_target(w, h, cross, 0.0, 0.01), w)
+    half = asymmetric_target(w, h, cross, 0.5, 0.0)
+    assert torch.allclose(half, (w + target) / 2, atol=1e-10)

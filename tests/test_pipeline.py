@@ -158,6 +158,31 @@ def test_every_dense_family_quantizes_and_loads(tmp_path, arch):
     assert float((a - b).abs().max()) < 0.05 * float(b.abs().max())
 
 
+def test_asymmetric_calibration_brings_the_outputs_closer_to_the_float_model(tmp_path):
+    """GPTAQ's objective: each layer also corrects what earlier quantized layers got wrong, so the
+    whole model's logits move toward the float model's (measured: 0.0069 -> 0.0029 mean squared
+    error for GPTQ at 3 bits on this model)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_model_dir(tmp_path / "src", "llama", num_hidden_layers=4)
+    floatm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ids = torch.randint(0, 300, (4, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = floatm(ids).logits
+    errors = {}
+    for strength in (0.0, 1.0):
+        out = tmp_path / f"asym{strength}"
+        recipe = override(Recipe(), {"grid": {"bits": 3, "group_size": 32},
+                                     "solver": {"method": "gptq"},
+                                     "calibration": {**FAST["calibration"], "num_samples": 16,
+                                                     "asymmetric": strength}})
+        quantize_model(str(folder), out, recipe, device=torch.device("cpu"), progress=False)
+        quant = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        with torch.no_grad():
+            errors[strength] = float(((quant(ids).logits - reference) ** 2).mean())
+    assert errors[1.0] < 0.75 * errors[0.0] and errors[0.0] < 0.02
+
+
 @pytest.mark.parametrize("skip", [["lm_head", "self_attn"], []])
 def test_skipped_modules_load_dense_from_the_checkpoint(llama_dir, tmp_path, skip):
     """compressed-tensors matches ignore entries by exact name or regex, not substring: the

@@ -20,66 +20,104 @@ class HessianAccumulator:
     Call :meth:`add` once per batch with that batch's global index (its position in the
     calibration set, the same however the set is sharded); :meth:`merge` folds in another shard's
     accumulator; :meth:`hessian` returns the average ``[n, n]``.
+
+    With ``cross=True`` it also accumulates ``Σ (x_ref − x) xᵀ``, where ``x_ref`` is what the same
+    tokens looked like in the float model (asymmetric calibration, :func:`asymmetric_target`).
     """
 
-    def __init__(self, num_inputs: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, num_inputs: int, device: torch.device | str = "cpu",
+                 cross: bool = False) -> None:
         self.num_inputs = num_inputs
         self.device = torch.device(device)
         self.num_rows = 0
         # (level, index) -> sum over batches [index * 2**level, (index + 1) * 2**level)
         self._nodes: dict[tuple[int, int], torch.Tensor] = {}
+        self._cross: dict[tuple[int, int], torch.Tensor] | None = {} if cross else None
 
-    def add(self, activations: torch.Tensor, batch_index: int) -> None:
-        """Add one batch; ``activations`` is ``[..., num_inputs]`` in any float dtype."""
+    @property
+    def has_cross(self) -> bool:
+        return self._cross is not None
+
+    def add(self, activations: torch.Tensor, batch_index: int,
+            reference: torch.Tensor | None = None) -> None:
+        """Add one batch; ``activations`` is ``[..., num_inputs]`` in any float dtype, and
+        ``reference`` (required with ``cross``) the float model's activations for the same tokens."""
         if activations.shape[-1] != self.num_inputs:
             raise ValueError(
                 f"activations have {activations.shape[-1]} features, expected {self.num_inputs}"
             )
         if batch_index < 0:
             raise ValueError(f"batch_index must be non-negative, got {batch_index}")
+        if (reference is None) == self.has_cross:
+            raise ValueError("reference activations are required exactly when cross=True")
         x = activations.reshape(-1, self.num_inputs).to(device=self.device, dtype=torch.float32)
-        self._insert(0, batch_index, x.T @ x, x.shape[0])
+        if reference is not None:
+            if reference.shape != activations.shape:
+                raise ValueError(f"reference activations have shape {tuple(reference.shape)}, "
+                                 f"expected {tuple(activations.shape)}")
+            ref = reference.reshape(-1, self.num_inputs).to(device=self.device, dtype=torch.float32)
+            self._insert(self._cross, 0, batch_index, (ref - x).T @ x)
+        self._insert(self._nodes, 0, batch_index, x.T @ x)
+        self.num_rows += x.shape[0]
 
     def merge(self, other: "HessianAccumulator") -> None:
         """Fold in a disjoint set of batches accumulated elsewhere (any order gives the same bytes)."""
         if other.num_inputs != self.num_inputs:
             raise ValueError(f"cannot merge Hessians of width {other.num_inputs} and {self.num_inputs}")
+        if other.has_cross != self.has_cross:
+            raise ValueError("cannot merge an accumulator with cross terms into one without")
         for (level, index), value in sorted(other._nodes.items()):
-            self._insert(level, index, value.to(self.device), 0)
+            self._insert(self._nodes, level, index, value.to(self.device))
+        for (level, index), value in sorted((other._cross or {}).items()):
+            self._insert(self._cross, level, index, value.to(self.device))
         self.num_rows += other.num_rows
 
-    def _insert(self, level: int, index: int, value: torch.Tensor, rows: int) -> None:
-        if (level, index) in self._nodes:
+    @staticmethod
+    def _insert(nodes: dict, level: int, index: int, value: torch.Tensor) -> None:
+        if (level, index) in nodes:
             raise ValueError(f"batch range ({level}, {index}) was added twice")
-        self.num_rows += rows
-        while (level, index ^ 1) in self._nodes:
-            sibling = self._nodes.pop((level, index ^ 1))
+        while (level, index ^ 1) in nodes:
+            sibling = nodes.pop((level, index ^ 1))
             left, right = (sibling, value) if index & 1 else (value, sibling)
             value = left + right
             level, index = level + 1, index >> 1
-        self._nodes[(level, index)] = value
+        nodes[(level, index)] = value
 
     def state(self) -> dict:
         """A picklable snapshot (for moving partial sums between workers)."""
-        return {"num_inputs": self.num_inputs, "num_rows": self.num_rows,
-                "nodes": {k: v.cpu() for k, v in self._nodes.items()}}
+        out = {"num_inputs": self.num_inputs, "num_rows": self.num_rows,
+               "nodes": {k: v.cpu() for k, v in self._nodes.items()}}
+        if self._cross is not None:
+            out["cross"] = {k: v.cpu() for k, v in self._cross.items()}
+        return out
 
     @classmethod
     def from_state(cls, state: dict, device: torch.device | str = "cpu") -> "HessianAccumulator":
-        acc = cls(state["num_inputs"], device)
+        acc = cls(state["num_inputs"], device, cross="cross" in state)
         acc.num_rows = state["num_rows"]
         acc._nodes = {k: v.to(acc.device) for k, v in state["nodes"].items()}
+        if "cross" in state:
+            acc._cross = {k: v.to(acc.device) for k, v in state["cross"].items()}
         return acc
 
-    def hessian(self) -> torch.Tensor:
-        """``Σ x xᵀ / num_rows`` as float32 ``[n, n]``; the remaining subtrees combine left to right."""
+    def _total(self, nodes: dict) -> torch.Tensor:
         if self.num_rows == 0:
             raise ValueError("no calibration activations were accumulated for this layer")
         total = None
-        for key in sorted(self._nodes, key=lambda k: k[1] << k[0]):
-            value = self._nodes[key]
+        for key in sorted(nodes, key=lambda k: k[1] << k[0]):
+            value = nodes[key]
             total = value.clone() if total is None else total + value
         return total / self.num_rows
+
+    def hessian(self) -> torch.Tensor:
+        """``Σ x xᵀ / num_rows`` as float32 ``[n, n]``; the remaining subtrees combine left to right."""
+        return self._total(self._nodes)
+
+    def cross(self) -> torch.Tensor:
+        """``Σ (x_ref − x) xᵀ / num_rows`` as float32 ``[n, n]`` (``cross=True`` only)."""
+        if self._cross is None:
+            raise ValueError("this accumulator was made without cross terms")
+        return self._total(self._cross)
 
 
 def dead_inputs(hessian: torch.Tensor) -> torch.Tensor:
@@ -135,3 +173,28 @@ def relative_loss(weight: torch.Tensor, reference: torch.Tensor, hessian: torch.
     """``tr(Δ H Δᵀ) / tr(W0 H W0ᵀ)`` with ``Δ = weight - reference``, in float64."""
     num, den = loss_terms(weight, reference, hessian)
     return num / den if den > 0 else num
+
+
+def asymmetric_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor,
+                      strength: float, damping: float) -> torch.Tensor:
+    """The weight whose layer loss on the quantized model's inputs is GPTAQ's asymmetric objective.
+
+    ``‖W X_ref − Q X‖²`` (float weights on the float model's inputs ``X_ref``, quantized weights on
+    the quantized model's inputs ``X``) equals ``‖(Q − W̃) X‖²`` up to a constant, with
+    ``W̃ = W + W ΔXXᵀ H⁻¹`` (``ΔXXᵀ = cross``, ``H = hessian``, both averaged over tokens). So any
+    solver of the ordinary problem solves the asymmetric one when handed ``W̃`` as its target.
+    ``strength`` scales the correction (GPTAQ uses 0.25: the exact ``W̃`` over-fits the calibration
+    tokens); ``H`` is damped by ``damping · mean(diag H)`` and dead inputs are treated as in
+    :func:`condition`. Shapes: weight ``[out, in]``, hessian and cross ``[in, in]``.
+    """
+    if strength == 0:
+        return weight
+    h = hessian.double().clone()
+    dead = dead_inputs(hessian)
+    h[dead, dead] = 1.0
+    h.diagonal().add_(damping * torch.diagonal(h).mean())
+    factor = torch.linalg.cholesky(h)
+    correction = weight.double() @ cross.double()  # [out, in]
+    # X H = C  <=>  H Xᵀ = Cᵀ (H symmetric)
+    correction = torch.cholesky_solve(correction.T, factor).T
+    return (weight.double() + strength * correction).to(weight.dtype)
