@@ -131,6 +131,8 @@ def main(argv=None) -> int:
                 print(f"{method} {schedule} segments {segs} round {h['round']}: ppl {ppl:.4f}, "
                       f"{h['changed']:.2%} changed, {elapsed:.0f}s so far", file=sys.stderr,
                       flush=True)
+    import environment
+
     seq = next(r for r in rows if r["method"] == "admmq" and r["schedule"] == "sequential")
     gptq = rows[0]
     lines = ["# Depth-parallel ADMM-Q: SmolLM2-135M, 3 bits", "",
@@ -141,7 +143,8 @@ def main(argv=None) -> int:
              f"- depth-parallel: up to {args.rounds} correction rounds of "
              f"{SolverSettings().round_iterations} warm iterations; each row is the model as that "
              "round left it (`--round-checkpoints`); `segments` 2 is one per worker here, 30 is "
-             "one per block (what a run on 30+ GPUs does)", "",
+             "one per block (what a run on 30+ GPUs does)",
+             f"- environment: {environment.describe()}", "",
              "| method | schedule | segments | round | segments solved | ppl | ppl / sequential "
              "ADMM-Q | gap / GPTQ gap | codes changed | solver iterations (all layers) "
              "| wall s (cumulative) |",

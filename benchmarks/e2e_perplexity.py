@@ -23,6 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import environment  # noqa: E402  (benchmarks/environment.py)
 
 
 def admmq(*args: str) -> dict:
@@ -43,8 +46,8 @@ def main(argv=None) -> int:
     parser.add_argument("--bits", type=int, nargs="+", default=[3, 4])
     parser.add_argument("--methods", nargs="+",
                         default=["rtn", "gptq", "admmq", "gptq+asym", "admmq+asym"],
-                        help="METHOD or METHOD+asym (asymmetric calibration at --asymmetric; "
-                        "gptq+asym is GPTAQ)")
+                        help="METHOD, METHOD+asym (asymmetric calibration at --asymmetric; "
+                        "gptq+asym is GPTAQ) or METHOD+asym=S (at strength S)")
     parser.add_argument("--asymmetric", type=float, default=0.25,
                         help="strength of the +asym variants")
     parser.add_argument("--num-samples", type=int, default=128)
@@ -53,6 +56,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--output", default=None,
+                        help="results file name under benchmarks/results/ (default: "
+                        "e2e_perplexity[_quick].md)")
     args = parser.parse_args(argv)
     if args.quick:
         args.num_samples, args.eval_windows = 32, 40
@@ -70,7 +76,11 @@ def main(argv=None) -> int:
             for method in args.methods:
                 out = Path(tmp) / f"w{bits}-{method}"
                 base_method, _, variant = method.partition("+")
-                extra = ["--asymmetric", str(args.asymmetric)] if variant == "asym" else []
+                variant, _, strength = variant.partition("=")
+                if variant not in ("", "asym"):
+                    parser.error(f"unknown method variant '+{variant}' in '{method}'")
+                extra = (["--asymmetric", strength or str(args.asymmetric)] if variant == "asym"
+                         else [])
                 q = admmq("quantize", model, "-o", str(out), "--bits", str(bits),
                           "--group-size", "64", "--asym", "--method", base_method, *extra,
                           "--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len))
@@ -89,11 +99,13 @@ def main(argv=None) -> int:
              f"- evaluation: {base['windows']} windows of {args.seq_len} tokens from the first half "
              f"({base['tokens']} predicted tokens); float perplexity {base['ppl']:.4f}",
              "- grid: group 64, asymmetric, compressed-tensors pack-quantized; lm_head unquantized",
-             f"- `+asym`: asymmetric calibration (`--asymmetric {args.asymmetric}`): each layer "
+             f"- `+asym`: asymmetric calibration (`--asymmetric {args.asymmetric}`, or the "
+             "strength after `=`): each layer "
              "also matches the float model's outputs on the float model's activations; "
              "`gptq+asym` is GPTAQ",
              "- the model's weights passed through 4-bit GGUF (Q4_1) at the source, so 3 bits is "
-             "the telling setting", "",
+             "the telling setting",
+             f"- environment: {environment.describe()}", "",
              "| bits | method | ppl | gap to float | gap / gptq gap | mean layer loss | time s "
              "| time / gptq | forward s | solve s | write s | peak GiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -121,7 +133,7 @@ def main(argv=None) -> int:
     print(report)
     if not args.no_write:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        name = "e2e_perplexity_quick.md" if args.quick else "e2e_perplexity.md"
+        name = args.output or ("e2e_perplexity_quick.md" if args.quick else "e2e_perplexity.md")
         (RESULTS / name).write_text(report)
     if args.json:
         print(json.dumps(summary))
