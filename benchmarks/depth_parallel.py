@@ -44,8 +44,10 @@ def predict_depth_parallel(shape, gpus: int, tokens: int, iterations: int, warm_
     """Wall time of round 0 plus ``rounds`` corrections, one segment per GPU, under scaling.py's
     GPU assumptions: the busiest GPU quantizes its segment sequentially every round (4 capture
     passes and 1 propagation pass per block over every calibration token, and the block's
-    solves: cold in round 0, warm after), after one pipelined float forward that fills the
-    segments' inputs; between rounds each segment's output goes to the next GPU."""
+    solves), after one pipelined float forward that fills the segments' inputs; between rounds
+    each segment's output goes to the next GPU. Every round waits for a cold solve: in round r
+    the segment whose input just became final gets the full schedule (the others warm
+    corrections, which finish earlier), so a round costs what round 0 does."""
     from scaling import GPU
 
     layers, hidden, inter, kv = shape
@@ -67,7 +69,10 @@ def predict_depth_parallel(shape, gpus: int, tokens: int, iterations: int, warm_
     hand_off = tokens * hidden * 2 / bw
     per_round_forward = per_gpu_blocks * 5 * block_pass
     forward = float_forward + (rounds + 1) * per_round_forward
-    total_solve = solve(iterations) + rounds * solve(warm_iterations)
+    # The critical path of every round is the cold segment; warm_iterations is what the other
+    # GPUs spend, within that time.
+    assert warm_iterations <= iterations
+    total_solve = (rounds + 1) * solve(iterations)
     transfer = (rounds + 1) * hand_off
     return {"forward": forward, "solve": total_solve, "transfer": transfer,
             "total": forward + total_solve + transfer}
@@ -82,6 +87,8 @@ def main(argv=None) -> int:
                         help="segment counts to run (2 = one per worker; 30 = one per block)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--cost-model-only", action="store_true",
+                        help="print the cost model and stop (it needs no measurement)")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--model", default=None, help="another model folder (default: SmolLM2)")
     parser.add_argument("--eval-dataset", default=None, help="evaluation text (default: WikiText-2)")
@@ -92,6 +99,10 @@ def main(argv=None) -> int:
     from admmq_dist.model.embedded import embedded_model_folder
     from admmq_dist.quant.solvers.solve import SolverSettings
 
+    if args.cost_model_only:
+        lines, _ = cost_model(args.rounds)
+        print("\n".join(lines))
+        return 0
     model = args.model or str(embedded_model_folder())
     common = ["--bits", "3", "--group-size", "64", "--asym", "--num-samples",
               str(args.num_samples), "--seq-len", "512"]
@@ -164,23 +175,8 @@ def main(argv=None) -> int:
               "(writing the per-round checkpoints excluded). "
               f"Whole benchmark {time.perf_counter() - started:.0f}s.", ""]
 
-    from scaling import SHAPES, predict
-
-    settings = SolverSettings()
-    lines += ["## Cost model (70B-shaped, 128 x 2048 calibration tokens, assumptions of "
-              "`scaling.py`)", "",
-              "| GPUs | data-parallel sequential s | depth-parallel, one segment per GPU, "
-              f"{args.rounds} rounds s | speed-up |", "|---|---|---|---|"]
-    model_rows = {}
-    for gpus in (8, 64):
-        dp = predict(SHAPES["Llama-3-70B"], gpus, 128 * 2048, settings.admm.iterations,
-                     settings.row_block)
-        deep = predict_depth_parallel(SHAPES["Llama-3-70B"], gpus, 128 * 2048,
-                                      settings.admm.iterations, settings.round_iterations,
-                                      args.rounds)
-        model_rows[gpus] = dp["total"] / deep["total"]
-        lines.append(f"| {gpus} | {dp['total']:.0f} | {deep['total']:.0f} | "
-                     f"{dp['total'] / deep['total']:.1f}x |")
+    model_lines, model_rows = cost_model(args.rounds)
+    lines += model_lines
     report = "\n".join(lines) + "\n"
     print(report)
     final = {}
@@ -194,6 +190,29 @@ def main(argv=None) -> int:
         name = "depth_parallel_quick.md" if args.quick else "depth_parallel.md"
         (RESULTS / name).write_text(report)
     return 0
+
+
+def cost_model(rounds: int) -> tuple[list[str], dict[int, float]]:
+    """The cost model's table lines and its speed-up by GPU count (no measurement needed)."""
+    from admmq_dist.quant.solvers.solve import SolverSettings
+    from scaling import SHAPES, predict
+
+    settings = SolverSettings()
+    lines = ["## Cost model (70B-shaped, 128 x 2048 calibration tokens, assumptions of "
+              "`scaling.py`)", "",
+              "| GPUs | data-parallel sequential s | depth-parallel, one segment per GPU, "
+              f"{rounds} rounds s | speed-up |", "|---|---|---|---|"]
+    model_rows = {}
+    for gpus in (8, 64):
+        dp = predict(SHAPES["Llama-3-70B"], gpus, 128 * 2048, settings.admm.iterations,
+                     settings.row_block)
+        deep = predict_depth_parallel(SHAPES["Llama-3-70B"], gpus, 128 * 2048,
+                                      settings.admm.iterations, settings.round_iterations,
+                                      rounds)
+        model_rows[gpus] = dp["total"] / deep["total"]
+        lines.append(f"| {gpus} | {dp['total']:.0f} | {deep['total']:.0f} | "
+                     f"{dp['total'] / deep['total']:.1f}x |")
+    return lines, model_rows
 
 
 if __name__ == "__main__":
