@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import time
@@ -141,7 +140,6 @@ class BlockOutput:
     disk: dict[str, str] = field(default_factory=dict)
     report: list[dict] = field(default_factory=list)
     consumed: list[str] = field(default_factory=list)
-    ignore: list[str] = field(default_factory=list)
 
 
 def commit_block(work: Path, b: int, out: BlockOutput) -> None:
@@ -152,7 +150,7 @@ def commit_block(work: Path, b: int, out: BlockOutput) -> None:
         tensors[f"{name}.scale"] = scale.contiguous()
         tensors[f"{name}.zero"] = zero.contiguous()
     meta = {"report": json.dumps(out.report), "consumed": json.dumps(out.consumed),
-            "ignore": json.dumps(out.ignore), "disk": json.dumps(out.disk)}
+            "disk": json.dumps(out.disk)}
     final = work / f"block-{b:05d}.safetensors"
     tmp = work / f".block-{b:05d}.tmp-{os.getpid()}"
     save_file(tensors, str(tmp), metadata=meta)
@@ -174,7 +172,6 @@ def read_commit(work: Path, b: int) -> BlockOutput | None:
                                    f.get_tensor(f"{name}.scale"), f.get_tensor(f"{name}.zero"))
     out.report = json.loads(meta["report"])
     out.consumed = json.loads(meta["consumed"])
-    out.ignore = json.loads(meta["ignore"])
     return out
 
 
@@ -229,9 +226,6 @@ class Coordinator:
         # check_width(module, in_features) from the writer: run on a block's linears before any
         # of its forward passes, so a group size the format cannot hold fails in seconds.
         self.check_width = None
-        # check_ignore_entries(entries) from the writer: the modules a block keeps dense (an MoE
-        # block's shared-expert gate) must be representable, checked before the block's work.
-        self.check_ignore = None
 
     def _get(self, futures):
         return self.backend.get(futures)
@@ -286,9 +280,6 @@ class Coordinator:
                 if name not in plan["skipped"]:
                     self.check_width(f"{prefix}.{name}", cols)
         out = BlockOutput(consumed=consumed)
-        out.ignore = [f"re:.*\\.{re.escape(self._disk_rel(prefix, n))}$" for n in plan["skipped"]]
-        if self.check_ignore is not None:
-            self.check_ignore(out.ignore)
         n = self.backend.size
         rb = self.recipe.solver.row_block
         for stage in plan["stages"]:
@@ -393,15 +384,15 @@ class Coordinator:
                                 "tokens": self._expert_tokens[stage.experts][e]}
         return result
 
-    def _disk_rel(self, prefix: str, name: str) -> str:
-        return self.index.disk_name(f"{prefix}.{name}.weight")[len(prefix) + 1: -len(".weight")]
-
 
 def run(model_dir: Path, model_label: str, out_dir: Path, recipe: Recipe, batches, backend,
         *, device: str, threads: int | None, config, overwrite: bool, resume: bool,
-        progress: bool, on_block=None, round_checkpoints: bool = False) -> dict:
+        progress: bool, on_block=None, round_checkpoints: bool = False,
+        notes: tuple[str, ...] = ()) -> dict:
     """The whole job; ``on_block(b)`` is called after block ``b`` is committed;
-    ``round_checkpoints`` (depth-parallel) also writes ``<out>.round-<r>`` after every round."""
+    ``round_checkpoints`` (depth-parallel) also writes ``<out>.round-<r>`` after every round;
+    ``notes`` (choices made for the user, engines that will not serve the layout) head the
+    checkpoint's ``recipe.yaml`` as comments and go into the summary."""
     started = time.perf_counter()
     timings = {"load": 0.0, "forward": 0.0, "solve": 0.0, "write": 0.0, "commit": 0.0}
     index = TensorIndex(model_dir, getattr(config, "model_type", None))
@@ -411,7 +402,7 @@ def run(model_dir: Path, model_label: str, out_dir: Path, recipe: Recipe, batche
         return _run(model_dir, model_label, out_dir, recipe, batches, backend, device=device,
                     threads=threads, config=config, overwrite=overwrite, progress=progress,
                     on_block=on_block, started=started, timings=timings, index=index,
-                    work=work, round_checkpoints=round_checkpoints)
+                    work=work, round_checkpoints=round_checkpoints, notes=notes)
     except BaseException:
         # A run that committed nothing leaves nothing to resume: a bad group size or a refused
         # model must not make the next attempt ask for --resume or --overwrite.
@@ -423,7 +414,7 @@ def run(model_dir: Path, model_label: str, out_dir: Path, recipe: Recipe, batche
 def _run(model_dir: Path, model_label: str, out_dir: Path, recipe: Recipe, batches, backend,
          *, device: str, threads: int | None, config, overwrite: bool, progress: bool, on_block,
          started: float, timings: dict, index: TensorIndex, work: Path,
-         round_checkpoints: bool = False) -> dict:
+         round_checkpoints: bool = False, notes: tuple[str, ...] = ()) -> dict:
     from .pipeline import output_dtype, peak_memory_bytes
 
     grid_spec = recipe.grid
@@ -436,24 +427,18 @@ def _run(model_dir: Path, model_label: str, out_dir: Path, recipe: Recipe, batch
     timings["load"] += time.perf_counter() - t
     num_blocks = backend.get([backend.call(0, "num_blocks")])[0]
     layout_prefix = backend.get([backend.call(0, "block_prefix")])[0]
-    moe = backend.get([backend.call(0, "has_experts")])[0]
-    # Linears outside the blocks are copied dense whatever the recipe skips (lm_head): the
-    # ignore list names them exactly, as compressed-tensors matches names, not substrings.
-    outer = backend.get([backend.call(0, "outer_linears")])[0]
-    if moe and not grid_spec.symmetric:
-        raise ValueError(
-            "mixture-of-experts checkpoints must be symmetric: vLLM's quantized MoE kernels and "
-            "transformers' expert loader read no zero points; use --sym")
+    # Everything with a 2-D weight that stays dense is named in the ignore list (exactly).
+    dense = backend.get([backend.call(0, "dense_modules")])[0]
     coord = Coordinator(backend, recipe, index, lambda b: f"{layout_prefix}.{b}", timings)
     writer = CheckpointWriter(out_dir, format=recipe.output.format, bits=grid_spec.bits,
                               group_size=grid_spec.group_size, symmetric=grid_spec.symmetric,
-                              dtype=output_dtype(recipe, config), overwrite=overwrite,
+                              dtype=output_dtype(recipe, model_dir), overwrite=overwrite,
                               max_shard_bytes=int(recipe.output.max_shard_gb * 1024**3))
     coord.check_width = writer.check_width
-    coord.check_ignore = writer.check_ignore_entries
     writer.check_ignore_entries(list(recipe.output.skip))
+    writer.check_ignore_entries([name for name, linear_in_block in dense.items() if linear_in_block])
     report: list[dict] = []
-    ignore = list(outer)
+    ignore = list(dense)
     resumed = 0
     rounds = None
     try:
@@ -464,17 +449,15 @@ def _run(model_dir: Path, model_label: str, out_dir: Path, recipe: Recipe, batch
                 extra = CheckpointWriter(target, format=recipe.output.format,
                                          bits=grid_spec.bits, group_size=grid_spec.group_size,
                                          symmetric=grid_spec.symmetric,
-                                         dtype=output_dtype(recipe, config), overwrite=True,
+                                         dtype=output_dtype(recipe, model_dir), overwrite=True,
                                          max_shard_bytes=int(recipe.output.max_shard_gb * 1024**3))
                 with extra:
-                    skip = list(outer)
                     for b, out in outputs.items():
                         _write_block(extra, index, f"{layout_prefix}.{b}", out, recipe)
-                        skip += [i for i in out.ignore if i not in skip]
                     for disk, name in zip(index.names(), index.module_names()):
                         if not name.startswith(layout_prefix + "."):
                             extra.add_tensor(disk, index.read(disk))
-                    extra.finalize(config=config.to_dict(), source_dir=model_dir, ignore=skip)
+                    extra.finalize(config=config.to_dict(), source_dir=model_dir, ignore=ignore)
 
             done, rounds = _depth_parallel(backend, recipe, index, f"{layout_prefix}.",
                                            num_blocks, len(batches), timings, progress, work,
@@ -505,7 +488,6 @@ def _run(model_dir: Path, model_label: str, out_dir: Path, recipe: Recipe, batch
             _write_block(writer, index, f"{layout_prefix}.{b}", out, recipe)
             timings["write"] += time.perf_counter() - t
             report.extend(out.report)
-            ignore.extend(i for i in out.ignore if i not in ignore)
             solved = [r["loss"] for r in out.report if r["loss"] is not None]
             postfix = {"loss": f"{sum(solved) / len(solved):.4f}"} if solved else {}
             if backend.size > 1 and progress:
@@ -536,6 +518,7 @@ def _run(model_dir: Path, model_label: str, out_dir: Path, recipe: Recipe, batch
             "peak_memory_bytes": max(s["peak_memory_bytes"] for s in stats),
             "driver_peak_rss_bytes": peak_memory_bytes(torch.device("cpu")),
             "device": str(device),
+            "notes": list(notes),
         }
         calibrations = [r["calibration"] for r in report if r["calibration"] != "dense"]
         if calibrations:
@@ -544,7 +527,8 @@ def _run(model_dir: Path, model_label: str, out_dir: Path, recipe: Recipe, batch
         if rounds is not None:
             summary["schedule"] = "depth-parallel"
             summary["rounds"] = rounds
-        recipe_yaml = yaml.safe_dump(to_mapping(recipe), sort_keys=False)
+        recipe_yaml = "".join(f"# {note}\n" for note in notes) + yaml.safe_dump(
+            to_mapping(recipe), sort_keys=False)
         extra = {"recipe.yaml": recipe_yaml,
                  "report.jsonl": "".join(json.dumps(r) + "\n" for r in report)}
         if recipe.report.html:

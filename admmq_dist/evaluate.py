@@ -37,6 +37,7 @@ def perplexity(model: str, *, dataset: str | None = None, split: str = "test",
     from accelerate.utils import reduce
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .checkpoint.compat import fix_asymmetric_loading
     from .model.loading import resolve_model_dir
 
     model_dir = resolve_model_dir(model)
@@ -53,6 +54,7 @@ def perplexity(model: str, *, dataset: str | None = None, split: str = "test",
     if state.num_processes > 1:
         device = state.device
     dtype = torch.float32 if device.type == "cpu" else None
+    fix_asymmetric_loading()  # transformers >= 5.23 (see the function)
     lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or "auto").to(device).eval()
     total, count = 0.0, 0
     for w in range(state.process_index, windows, state.num_processes):

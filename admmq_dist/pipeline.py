@@ -10,6 +10,7 @@ the backend (in-process, or Ray actors) and prepares the calibration batches.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import logging
 import resource
@@ -17,8 +18,10 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint.serving import Layout, check_servable, default_symmetric
 from .model.calibration import read_text, token_windows
-from .model.loading import build_skeleton, resolve_model_dir
+from .model.loading import build_skeleton, resolve_model_dir, source_dtype
+from .model.moe import has_fused_experts
 from .recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -32,13 +35,29 @@ def default_calibration_text() -> str:
         encoding="utf-8")
 
 
-def output_dtype(recipe: Recipe, config) -> torch.dtype:
+def output_dtype(recipe: Recipe, model_dir: Path) -> torch.dtype:
+    """The dtype of the checkpoint's scales and dense tensors: the recipe's, or with ``auto`` the
+    one the model was saved in (a bfloat16 model stays bfloat16)."""
     if recipe.output.dtype != "auto":
         return DTYPES[recipe.output.dtype]
-    dtype = getattr(config, "dtype", None)
-    if isinstance(dtype, str):
-        dtype = DTYPES.get(dtype)
-    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+    return source_dtype(Path(model_dir))
+
+
+def settle_recipe(recipe: Recipe, experts: bool) -> tuple[Recipe, list[str]]:
+    """The recipe with the choices it leaves open made for this model (the grid's symmetry), and
+    one line per such choice and per engine that will not serve the result. Raises ValueError,
+    before any work, when no engine would serve it."""
+    notes = []
+    if recipe.grid.symmetric is None:
+        symmetric, why = default_symmetric(recipe.output.format, experts)
+        recipe = dataclasses.replace(
+            recipe, grid=dataclasses.replace(recipe.grid, symmetric=symmetric))
+        if why:
+            notes.append(why)
+    grid = recipe.grid
+    notes += check_servable(Layout(recipe.output.format, grid.bits, grid.symmetric,
+                                   grid.group_size, experts))
+    return recipe, notes
 
 
 def calibration_batches(model_dir: Path, recipe: Recipe) -> list[torch.Tensor]:
@@ -75,7 +94,11 @@ def quantize_model(model: str, out_dir: Path, recipe: Recipe, *, device: torch.d
     from .coordinator import LocalBackend, run
 
     model_dir = resolve_model_dir(model)
-    config, _ = build_skeleton(model_dir, torch.float32)
+    config, skeleton = build_skeleton(model_dir, torch.float32)
+    recipe, notes = settle_recipe(recipe, has_fused_experts(skeleton))
+    del skeleton
+    for note in notes:
+        log.warning("%s", note)
     batches = calibration_batches(model_dir, recipe)
     previous_threads = torch.get_num_threads()
     if workers is None and address is None:
@@ -91,7 +114,8 @@ def quantize_model(model: str, out_dir: Path, recipe: Recipe, *, device: torch.d
         return run(model_dir, model, Path(out_dir), recipe, batches, backend,
                    device="cuda" if backend_uses_gpu(backend, device) else str(device),
                    threads=threads, config=config, overwrite=overwrite, resume=resume,
-                   progress=progress, on_block=on_block, round_checkpoints=round_checkpoints)
+                   progress=progress, on_block=on_block, round_checkpoints=round_checkpoints,
+                   notes=tuple(notes))
     finally:
         backend.shutdown()
         torch.set_num_threads(previous_threads)

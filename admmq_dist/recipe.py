@@ -69,7 +69,7 @@ class OutputSettings:
     """What the checkpoint looks like."""
 
     format: Literal["compressed-tensors", "gptq"] = "compressed-tensors"
-    # "auto": the model's own dtype from its config (float16 where it names none).
+    # "auto": the dtype the model was saved in (its config, else its safetensors headers).
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     # Module names (or parts of names) left unquantized; lm_head by default, as every tool does.
     skip: tuple[str, ...] = ("lm_head",)
@@ -93,7 +93,9 @@ class ReportSettings:
 
 @dataclass(frozen=True)
 class Recipe:
-    grid: GridSpec = field(default_factory=GridSpec)
+    # symmetric=None: chosen per model and format by the pipeline (symmetric for GPTQ and
+    # mixture-of-experts models, where engines read no zero points; asymmetric otherwise).
+    grid: GridSpec = field(default_factory=lambda: GridSpec(symmetric=None))
     solver: SolverSettings = field(default_factory=SolverSettings)
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
     output: OutputSettings = field(default_factory=OutputSettings)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .model.arch import find_blocks, target_linears
+from .model.arch import find_blocks, target_linears, weight_modules
 from .model.capture import Stage, block_output, calibration_stages, record_block_calls
 from .model.loading import TensorIndex, build_skeleton, materialize, release
 from .model.moe import ExpertList, expert_lists, is_router, load_fused_into, unfuse_experts
@@ -108,7 +108,7 @@ class Worker:
         from .pipeline import output_dtype
 
         self.dtype = (torch.float32 if self.device.type == "cpu"
-                      else output_dtype(recipe, self.config))
+                      else output_dtype(recipe, self.model_dir))
         self.layout, self.blocks = find_blocks(self.model)
         self.moe = [bool(unfuse_experts(self.blocks[b], self.layout.block_prefix(b),
                                         self.index.module_names()))
@@ -142,13 +142,23 @@ class Worker:
     def block_prefix(self) -> str:
         return self.layout.prefix
 
-    def outer_linears(self) -> list[str]:
-        """Checkpoint names of the linears outside the decoder blocks (``lm_head``): they are
-        copied as they are, so the checkpoint's ignore list must name them."""
-        prefix = self.layout.prefix + "."
-        return sorted(self.index.disk_name(f"{n}.weight")[: -len(".weight")]
-                      for n, m in self.model.named_modules()
-                      if isinstance(m, torch.nn.Linear) and not n.startswith(prefix))
+    def dense_modules(self) -> dict[str, bool]:
+        """Every module with a 2-D weight that the run leaves dense — ``lm_head``, the recipe's
+        skips, routers and shared-expert gates whatever their class, projectors — by checkpoint
+        name (and module path where transformers renames it, since each engine matches its own
+        names), mapped to whether it is an ``nn.Linear`` inside the decoder blocks. The ignore
+        list names them all, exactly: engines match names, not substrings."""
+        solved = {f"{self.layout.block_prefix(b)}.{n}"
+                  for b in range(self.layout.num_blocks)
+                  for n in block_linears(self.blocks[b], self.recipe.output.skip)}
+        inside = self.layout.prefix + "."
+        out = {}
+        for name, is_linear in weight_modules(self.model).items():
+            if name not in solved:
+                disk = self.index.disk_name(f"{name}.weight")[: -len(".weight")]
+                for entry in {name, disk}:
+                    out[entry] = is_linear and name.startswith(inside)
+        return dict(sorted(out.items()))
 
     def has_experts(self) -> bool:
         return any(self.moe)

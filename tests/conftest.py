@@ -10,6 +10,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from admmq_dist.checkpoint.compat import fix_asymmetric_loading  # noqa: E402
+
+# Tests load asymmetric checkpoints through transformers, which >= 5.23 cannot do without this
+# (an upstream bug; tests/test_checkpoint.py shows both sides of it in a fresh process).
+fix_asymmetric_loading()
+
 
 def synthetic_layer(rows: int, cols: int, num_tokens: int, seed: int, outliers: int = 4,
                     dead: int = 0):

@@ -181,6 +181,39 @@ def test_compressed_tensors_loads_through_transformers_float32(tmp_path, bits, g
     assert rel_err(logits(loaded), logits(ref)) < 1e-6  # measured: bit-identical logits
 
 
+def test_asymmetric_loading_fix_is_what_newer_transformers_need(tmp_path):
+    """transformers >= 5.23 with compressed-tensors <= 0.20.1 refuses asymmetric pack-quantized
+    checkpoints (an upstream bug, admmq_dist/checkpoint/compat.py); the fix makes them load, and
+    on older releases loading works either way. Each side runs in a fresh process: the tests'
+    own process has the fix in place (conftest)."""
+    import subprocess
+    import sys
+
+    from packaging.version import Version
+
+    model = tiny_model()
+    quant = quantize(model, 4, 32, False)
+    out = write(model, quant, tmp_path / "q", fmt="compressed-tensors", bits=4, group_size=32,
+                symmetric=False, dtype=torch.float32)
+    script = ("import sys, torch, transformers\n"
+              "if sys.argv[2] == 'fix':\n"
+              "    from admmq_dist.checkpoint.compat import fix_asymmetric_loading\n"
+              "    assert fix_asymmetric_loading()\n"
+              "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], "
+              "dtype=torch.float32)\n"
+              "m(input_ids=torch.zeros(1, 1, dtype=torch.long))\n")
+    runs = {how: subprocess.run([sys.executable, "-c", script, str(out), how],
+                                capture_output=True, text=True, timeout=300)
+            for how in ("plain", "fix")}
+    assert runs["fix"].returncode == 0, runs["fix"].stderr[-2000:]
+    if Version(transformers.__version__) >= Version("5.23"):
+        assert runs["plain"].returncode != 0 and "weight_zero_point" in runs["plain"].stderr, (
+            "transformers now loads asymmetric checkpoints unaided: the upstream bug is fixed, "
+            "retire admmq_dist/checkpoint/compat.py")
+    else:
+        assert runs["plain"].returncode == 0, runs["plain"].stderr[-2000:]
+
+
 @pytest.mark.parametrize("bits,group_size,symmetric,dtype", [
     (4, 32, True, torch.float16), (4, 32, False, torch.float16), (8, None, False, torch.float16),
     (2, None, True, torch.float16), (3, 32, False, torch.bfloat16), (4, None, True, torch.bfloat16),
@@ -606,8 +639,11 @@ def test_finalize_validates_its_inputs(tmp_path):
     fill(writer)
     with pytest.raises(ValueError, match="already has a quantization_config"):
         writer.finalize(config={"quantization_config": {}}, source_dir=None, ignore=[])
+    # GPTQ configs have no ignore list: readers convert every linear in the blocks, so callers
+    # check the dense ones they would keep before any work.
     writer = small_writer(tmp_path / "q", format="gptq")
-    fill(writer)
     with pytest.raises(ValueError, match="use --format compressed-tensors"):
-        finalize(writer, ignore=["lm_head", "model.layers.0.mlp.down_proj"])
+        writer.check_ignore_entries(["lm_head", "model.layers.0.mlp.down_proj"])
+    writer.check_ignore_entries(["lm_head"])
+    writer.abort()
     assert list(tmp_path.iterdir()) == []

@@ -4,6 +4,7 @@ Hessians, written under the checkpoint's per-expert names, loaded back by transf
 import json
 
 import pytest
+import yaml
 import torch
 from safetensors import safe_open
 
@@ -121,9 +122,15 @@ def test_moe_checkpoint_uses_per_expert_names_and_loads_exactly(tmp_path, arch):
         # Routers stay dense, under the checkpoint's own names.
         assert f"model.layers.{b}.{container}.gate.weight" in names
     config = json.loads((out / "config.json").read_text())["quantization_config"]
+    # Every dense module is named exactly, whatever its class (routers are TopKRouter modules in
+    # transformers 5, linear layers in vLLM), under the checkpoint's names and the module paths.
+    for b in range(2):
+        assert f"model.layers.{b}.{container}.gate" in config["ignore"]
+        assert f"model.layers.{b}.mlp.gate" in config["ignore"]
     if arch == "qwen2_moe":
         assert "model.layers.0.mlp.shared_expert_gate.weight" in names
-        assert "re:.*\\.mlp\\.shared_expert_gate$" in config["ignore"]
+        assert "model.layers.1.mlp.shared_expert_gate" in config["ignore"]
+    assert not any(".experts." in entry for entry in config["ignore"])
 
     # transformers fuses the experts again as it loads; the result is exactly our weights.
     quant = load(out)
@@ -187,11 +194,39 @@ def test_all_token_calibration_runs_the_expert_on_every_token_without_changing_o
     assert torch.allclose(routed, everything, atol=1e-6)
 
 
-def test_asymmetric_moe_is_refused_before_any_work(tmp_path):
+def test_defaults_work_on_moe_and_pick_a_symmetric_grid_saying_why(tmp_path):
+    """No grid flags on a mixture-of-experts model: the asymmetric default cannot be served by
+    transformers (it reads no expert zero points), so the run picks symmetric and says so."""
     src = tiny_model_dir(tmp_path / "src", "mixtral")
-    with pytest.raises(ValueError, match="symmetric"):
-        quantize(src, tmp_path / "out", grid={"bits": 4, "group_size": 32, "symmetric": False})
-    assert not (tmp_path / "out").exists()
+    summary = quantize(src, tmp_path / "out", grid={"bits": 4, "group_size": 32})
+    assert summary["symmetric"] is True
+    assert len(summary["notes"]) == 1 and "symmetric grid" in summary["notes"][0]
+    recipe_yaml = (tmp_path / "out" / "recipe.yaml").read_text()
+    assert recipe_yaml.startswith("# symmetric grid: a mixture-of-experts model")
+    assert yaml.safe_load(recipe_yaml)["grid"]["symmetric"] is True
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert config["config_groups"]["group_0"]["weights"]["symmetric"] is True
+    # A dense model keeps the asymmetric default, with nothing to say.
+    dense = quantize(tiny_model_dir(tmp_path / "dense", "llama"), tmp_path / "dense-out",
+                     grid={"bits": 4, "group_size": 32})
+    assert dense["symmetric"] is False and dense["notes"] == []
+
+
+def test_explicit_asymmetric_moe_warns_and_unservable_moe_is_refused_before_any_work(tmp_path):
+    src = tiny_model_dir(tmp_path / "src", "mixtral")
+    summary = quantize(src, tmp_path / "out", grid={"bits": 4, "group_size": 32,
+                                                      "symmetric": False})
+    assert summary["symmetric"] is False
+    assert [n for n in summary["notes"] if n.startswith("transformers will not serve")]
+    packed = set()
+    for file in (tmp_path / "out").glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            packed |= {n for n in f.keys() if n.endswith("weight_zero_point")}
+    assert "model.layers.0.block_sparse_moe.experts.0.w1.weight_zero_point" in packed
+    # 8-bit experts with zero points: no vLLM MoE kernel and no transformers loader.
+    with pytest.raises(ValueError, match="no engine serves 8-bit asymmetric"):
+        quantize(src, tmp_path / "out8", grid={"bits": 8, "group_size": 32, "symmetric": False})
+    assert not (tmp_path / "out8").exists()
 
 
 def test_a_checkpoint_with_fused_expert_tensors_is_split_on_load(tmp_path):
@@ -230,7 +265,11 @@ def test_cli_flags_reach_the_expert_calibration(tmp_path, capsys):
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["experts"] == {"routed": 0, "all-tokens": 0, "rtn": 24}
+    # A layout no engine serves is refused in one line, naming the flag that fixes it.
     asym = [a if a != "--sym" else "--asym" for a in args]
     asym[asym.index("-o") + 1] = str(tmp_path / "asym")
+    asym[asym.index("--bits") + 1] = "8"
     assert main(asym) == 1
-    assert "--sym" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no engine serves 8-bit asymmetric" in err and err.rstrip().endswith("use --sym")
+    assert not (tmp_path / "asym").exists()

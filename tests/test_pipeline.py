@@ -210,3 +210,37 @@ def test_skipped_modules_load_dense_from_the_checkpoint(llama_dir, tmp_path, ski
                 assert torch.equal(loaded.weight, module.weight), name
             else:
                 assert f"{name}.weight_packed" in written, name
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dtype_auto_keeps_the_models_own_dtype(tmp_path, fmt, dtype):
+    """A bfloat16 model is written bfloat16 (config, embeddings, norms, scales), a float16 one
+    float16 — also when its config names no dtype and only the safetensors headers tell. GPTQ
+    scales are float16 whatever the model (the format's readers expect it)."""
+    from safetensors import safe_open
+
+    name = str(dtype).removeprefix("torch.")
+    src = tiny_model_dir(tmp_path / "src", "llama", dtype=dtype)
+    assert json.loads((src / "config.json").read_text())["dtype"] == name
+    bare = tmp_path / "bare"  # the same model, its config silent about the dtype
+    bare.mkdir()
+    for file in src.iterdir():
+        (bare / file.name).write_bytes(file.read_bytes())
+    config = json.loads((src / "config.json").read_text())
+    config.pop("dtype")
+    (bare / "config.json").write_text(json.dumps(config))
+    for source in (src, bare):
+        out = tmp_path / f"out-{source.name}"
+        run(source, out, solver={"method": "rtn"},
+            grid={"bits": 4, "group_size": 32, "symmetric": True},
+            output={"format": fmt})
+        written = json.loads((out / "config.json").read_text())
+        assert written["dtype"] == name
+        with safe_open(next(out.glob("*.safetensors")), "pt") as f:
+            assert f.get_tensor("model.embed_tokens.weight").dtype == dtype
+            assert f.get_tensor("model.norm.weight").dtype == dtype
+            assert f.get_tensor("lm_head.weight").dtype == dtype
+            scale = "weight_scale" if fmt == "compressed-tensors" else "scales"
+            expected = dtype if fmt == "compressed-tensors" else torch.float16
+            assert f.get_tensor(f"model.layers.0.mlp.up_proj.{scale}").dtype == expected

@@ -16,7 +16,7 @@ def test_nested_overrides_apply_and_keep_the_rest(tmp_path):
                     "solver: {admm: {rho_growth: 1.02, iterations: 300}, gptq: {damp: 0.05}}\n")
     recipe = load_recipe(path)
     assert recipe.grid.bits == 3 and recipe.grid.group_size is None
-    assert recipe.grid.symmetric is False
+    assert recipe.grid.symmetric is None  # left to the pipeline (auto)
     assert recipe.solver.admm.rho_growth == 1.02 and recipe.solver.admm.iterations == 300
     assert recipe.solver.admm.rho_start == Recipe().solver.admm.rho_start
     assert recipe.solver.gptq.damp == 0.05

@@ -34,8 +34,9 @@ def byte_tokenizer(vocab_size: int = 320):
                                    model_max_length=1 << 20)
 
 
-def tiny_model_dir(root: Path, model_type: str = "llama", seed: int = 0, **overrides) -> Path:
-    """Save a tiny random model of ``model_type`` with a tokenizer into ``root``."""
+def tiny_model_dir(root: Path, model_type: str = "llama", seed: int = 0,
+                   dtype: torch.dtype = torch.float32, **overrides) -> Path:
+    """Save a tiny random model of ``model_type`` with a tokenizer into ``root``, in ``dtype``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = byte_tokenizer()
@@ -62,6 +63,6 @@ def tiny_model_dir(root: Path, model_type: str = "llama", seed: int = 0, **overr
             if "norm" in name and param.dim() == 1:
                 param.mul_(torch.exp(0.7 * torch.randn_like(param)))
     root.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(root)
+    model.to(dtype).save_pretrained(root)
     tokenizer.save_pretrained(root)
     return root

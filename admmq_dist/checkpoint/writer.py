@@ -298,9 +298,10 @@ class CheckpointWriter:
         ``generation_config.json`` found in ``source_dir``, and ``extra_files`` (name -> text or
         bytes); then move the folder into place as ``out_dir`` and return it.
 
-        ``ignore`` lists the linear layers left unquantized (``"lm_head"``; compressed-tensors
-        also takes ``"re:<regex>"`` entries). Any failure removes the temporary folder and leaves
-        an existing ``out_dir`` untouched.
+        ``ignore`` lists the modules left unquantized (``"lm_head"``, routers; compressed-tensors
+        also takes ``"re:<regex>"`` entries); a GPTQ config has no such list, so for GPTQ callers
+        check the dense linears readers would convert with :meth:`check_ignore_entries` first.
+        Any failure removes the temporary folder and leaves an existing ``out_dir`` untouched.
         """
         self._check_open()
         try:
@@ -411,7 +412,13 @@ class CheckpointWriter:
             )
 
         scale_dtype = torch.float16 if self.format == "gptq" else self.dtype
-        scale = grid.scale.detach().cpu().to(scale_dtype)
+        scale = grid.scale.detach().cpu()
+        if self.format == "gptq" and self.dtype == torch.bfloat16:
+            # GPTQ stores float16 scales but vLLM holds them in the model's dtype: rounded to
+            # bfloat16 first, they survive both conversions exactly (bfloat16's 8-bit mantissa
+            # fits float16's 11) instead of being rounded a second time as vLLM loads them.
+            scale = scale.to(torch.bfloat16)
+        scale = scale.to(scale_dtype)
         if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
             raise ValueError(
                 f"{module}: some scales are not positive finite numbers once stored as {scale_dtype} "
@@ -576,8 +583,9 @@ class CheckpointWriter:
                 )
 
     def _check_ignore(self, ignore: list[str]) -> None:
-        self.check_ignore_entries(ignore)
         if self.format == "gptq":
+            # GPTQ configs carry no ignore list; which dense modules readers would convert (the
+            # nn.Linear ones inside the blocks) only the caller knows: check_ignore_entries.
             if "lm_head" in self._quantized:
                 raise ValueError("quantizing lm_head is not supported for GPTQ; keep it in the ignore list")
             return

@@ -64,7 +64,18 @@ def target_linears(block: nn.Module, skip: tuple[str, ...] = ()) -> dict[str, nn
     return linears
 
 
-def module_dtype(module: nn.Module) -> torch.dtype:
-    for param in module.parameters():
-        return param.dtype
-    return torch.float32
+def weight_modules(model: nn.Module) -> dict[str, bool]:
+    """Every module that holds a 2-D ``weight`` of its own, by qualified name, mapped to whether
+    it is an ``nn.Linear``; embeddings are left out.
+
+    Not only ``nn.Linear``: transformers 5 builds mixture-of-experts routers as ``…TopKRouter``
+    modules and vision projectors as custom classes, while engines (vLLM) build any of them as a
+    linear layer with the checkpoint's quantization scheme unless the ignore list names it.
+    """
+    out = {}
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        if (weight is not None and weight.dim() == 2 and weight.is_floating_point()
+                and not isinstance(module, nn.Embedding)):
+            out[name] = isinstance(module, nn.Linear)
+    return out

@@ -113,6 +113,40 @@ class TensorIndex:
             return f.get_tensor(disk)
 
 
+_DTYPE_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_HEADER_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+
+
+def source_dtype(model_dir: Path) -> torch.dtype:
+    """The dtype the model was saved in: what its ``config.json`` says (``dtype``, the older
+    ``torch_dtype``, or its text config's), else the floating dtype holding most bytes in the
+    safetensors files. Read from the files, not from a built model: building one (as
+    :func:`build_skeleton` does, in float32) rewrites ``config.dtype``."""
+    config_file = model_dir / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    for section in (config, config.get("text_config") or {}):
+        for key in ("dtype", "torch_dtype"):
+            name = section.get(key)
+            if isinstance(name, str) and name.removeprefix("torch.") in _DTYPE_NAMES:
+                return _DTYPE_NAMES[name.removeprefix("torch.")]
+    index = TensorIndex(model_dir)
+    sizes: dict[torch.dtype, int] = {}
+    for path in sorted(set(index.files.values())):
+        with safe_open(path, "pt") as f:
+            for name in f.keys():
+                piece = f.get_slice(name)
+                dtype = _HEADER_DTYPES.get(piece.get_dtype())
+                if dtype is not None:
+                    numel = 1
+                    for dim in piece.get_shape():
+                        numel *= dim
+                    sizes[dtype] = sizes.get(dtype, 0) + numel * dtype.itemsize
+    if not sizes:
+        raise ModelLoadError(f"{model_dir} holds no float16/bfloat16/float32 tensors and its "
+                             "config names no dtype; pass --dtype")
+    return max(sizes, key=sizes.get)
+
+
 def build_skeleton(model_dir: Path, dtype: torch.dtype):
     """``(config, model)`` with every parameter on the meta device (buffers are real)."""
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -109,6 +109,12 @@ def _is_fused_experts(module: nn.Module) -> bool:
         p.dim() == 3 for p in params.values())
 
 
+def has_fused_experts(model: nn.Module) -> bool:
+    """Whether ``model`` (a transformers 5 model, meta weights are fine) has mixture-of-experts
+    layers: transformers fuses every expert list into 3-D tensors."""
+    return any(_is_fused_experts(m) for m in model.modules())
+
+
 def _checkpoint_naming(names, container: str) -> tuple[str, str, str] | None:
     """The per-expert linear names the checkpoint uses under ``container`` (a module path)."""
     pattern = re.compile(re.escape(container) + r"\.0\.(\w+)\.weight$")

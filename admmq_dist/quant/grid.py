@@ -24,11 +24,14 @@ class GridSpec:
 
     ``group_size=None`` means one group per row (per-channel). A group size that does not divide
     the input width leaves a ragged last group; checkpoint writers that cannot hold that refuse it.
+    ``symmetric=None`` is "not chosen yet" (a recipe's default): whoever knows the model and the
+    checkpoint format settles it (the pipeline: symmetric where engines read no zero points)
+    before a grid is fitted.
     """
 
     bits: int = 4
     group_size: int | None = 128
-    symmetric: bool = False
+    symmetric: bool | None = False
     range_search: Literal["minmax", "mse"] = "minmax"
     # GPTQ's range search: shrink [xmin, xmax] by 1 - k / mse_steps for k < mse_max_shrink *
     # mse_steps, keep the shrink with the smallest sum |projection error| ** mse_norm per group.
@@ -43,6 +46,8 @@ class GridSpec:
             raise ValueError(
                 f"group_size={self.group_size!r} must be a positive integer, or None for per-channel"
             )
+        if self.symmetric not in (True, False, None):
+            raise ValueError(f"symmetric={self.symmetric!r} must be true, false or null (auto)")
         if self.range_search not in ("minmax", "mse"):
             raise ValueError(f"range_search={self.range_search!r} must be 'minmax' or 'mse'")
         if not self.mse_norm > 0:
@@ -168,6 +173,9 @@ def fit_grid(weight: torch.Tensor, spec: GridSpec) -> Grid:
         raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
     if not torch.isfinite(weight).all():
         raise ValueError("the weight holds NaN or Inf values; cannot fit a quantization grid")
+    if spec.symmetric is None:
+        raise ValueError("the grid's symmetric setting is not chosen (None); pass "
+                         "symmetric=True or False")
     rows, cols = weight.shape
     gs = spec.effective_group_size(cols)
     ngroups = spec.num_groups(cols)
