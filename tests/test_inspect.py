@@ -135,6 +135,11 @@ def test_inspect_reports_the_settings_modules_and_sizes(checkpoints, sources, na
     assert ("per-channel" if group is None else f"group size {group}") in text
     assert ("asymmetric" if not symmetric else "symmetric") in text
     assert "14 quantized, 1 skipped (lm_head)" in text
+    # What serves where, as the CLI warns and the README's table says (checkpoint/serving.py).
+    reader = "transformers" if fmt == "compressed-tensors" else "transformers + GPTQModel"
+    assert info["served_by"] == {"vLLM 0.33.0": "yes" if bits != 3 or fmt != "gptq" else "no",
+                                 reader: "yes"}
+    assert f"Serves in:   vLLM 0.33.0: yes" in text
     assert f"{info['compression_ratio']:.1f}x" in text
     assert "MB" in text and "method rtn" in text
 
@@ -181,6 +186,14 @@ def test_verify_passes_a_moe_checkpoint(sources, tmp_path):
     assert len(info["quantized_modules"]) == LAYERS * (4 + 4 * 3)
     assert "model.layers.0.block_sparse_moe.experts.3.w2" in info["quantized_modules"]
     assert "model.layers.0.block_sparse_moe.gate" in info["skipped_modules"]
+    assert info["served_by"] == {"vLLM 0.33.0": "yes", "transformers": "yes"}
+    # The Qwen3-MoE bug class: a router stored dense but missing from the ignore list.
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"]["ignore"] = ["lm_head"]
+    (out / "config.json").write_text(json.dumps(config))
+    problems = verify_checkpoint(out)
+    assert len(problems) == LAYERS and all("not named in the ignore list" in p for p in problems)
+    assert problems[0].startswith("model.layers.0.block_sparse_moe.gate: ")
 
 
 def test_a_tensor_missing_from_the_index(checkpoints, tmp_path):

@@ -73,21 +73,21 @@ def test_gptq_settings_live_under_solver_gptq_only():
         override(Recipe(), {"solver": {"admm": {"gptq": {"damp": 0.05}}}})
 
 
-# Family recipes: what each file name promises. 4-bit: symmetric compressed-tensors (vLLM's fast
-# W4A16 kernels). 3-bit dense: symmetric GPTQ v1 (vLLM serves 3-bit only through GPTQ, and v1
-# holds only symmetric grids). MoE: always symmetric (the pipeline refuses asymmetric MoE); 3-bit
-# MoE stays compressed-tensors, as GPTQ cannot keep Qwen's shared_expert_gate dense.
+# Family recipes: what each file name promises, (bits, symmetric, format). 4-bit dense: symmetric
+# compressed-tensors. 3-bit dense: asymmetric compressed-tensors (vLLM 0.33 serves 2/3-bit from
+# compressed-tensors and refuses 3-bit GPTQ). MoE: symmetric (transformers reads no expert zero
+# points), compressed-tensors. Every one must be served by vLLM and transformers alike.
 FAMILY_RECIPES = {
-    "llama3-w4-g128.yaml": (4, "compressed-tensors"),
-    "llama3-w3-g128.yaml": (3, "gptq"),
-    "qwen3-w4-g128.yaml": (4, "compressed-tensors"),
-    "qwen3-w3-g128.yaml": (3, "gptq"),
-    "mistral-w4-g128.yaml": (4, "compressed-tensors"),
-    "mistral-w3-g128.yaml": (3, "gptq"),
-    "gemma3-w4-g128.yaml": (4, "compressed-tensors"),
-    "gemma3-w3-g128.yaml": (3, "gptq"),
-    "moe-w4-g128.yaml": (4, "compressed-tensors"),
-    "moe-w3-g128.yaml": (3, "compressed-tensors"),
+    "llama3-w4-g128.yaml": (4, True, "compressed-tensors"),
+    "llama3-w3-g128.yaml": (3, False, "compressed-tensors"),
+    "qwen3-w4-g128.yaml": (4, True, "compressed-tensors"),
+    "qwen3-w3-g128.yaml": (3, False, "compressed-tensors"),
+    "mistral-w4-g128.yaml": (4, True, "compressed-tensors"),
+    "mistral-w3-g128.yaml": (3, False, "compressed-tensors"),
+    "gemma3-w4-g128.yaml": (4, True, "compressed-tensors"),
+    "gemma3-w3-g128.yaml": (3, False, "compressed-tensors"),
+    "moe-w4-g128.yaml": (4, True, "compressed-tensors"),
+    "moe-w3-g128.yaml": (3, True, "compressed-tensors"),
 }
 
 
@@ -95,19 +95,20 @@ FAMILY_RECIPES = {
 def test_family_recipes_resolve_to_what_their_names_promise(name):
     from pathlib import Path
 
-    bits, fmt = FAMILY_RECIPES[name]
+    from admmq_dist.checkpoint.serving import Layout, check_servable
+
+    bits, symmetric, fmt = FAMILY_RECIPES[name]
     path = Path(__file__).resolve().parent.parent / "recipes" / name
     recipe = load_recipe(path)
-    assert (recipe.grid.bits, recipe.grid.group_size, recipe.grid.symmetric) == (bits, 128, True)
+    assert (recipe.grid.bits, recipe.grid.group_size, recipe.grid.symmetric) == \
+        (bits, 128, symmetric)
     assert recipe.output.format == fmt
     assert f"-w{bits}-g128" in name
+    layout = Layout(fmt, bits, symmetric, 128, experts=name.startswith("moe-"))
+    assert check_servable(layout) == []  # no engine left out
     assert (recipe.calibration.seq_len, recipe.calibration.num_samples) == (2048, 128)
     assert recipe.calibration.dataset is None
     assert recipe.solver.method == "admmq"
-    assert "lm_head" in recipe.output.skip
-    if fmt == "gptq":
-        # GPTQ v1 has no per-module skip list: the writer refuses anything but lm_head.
-        assert recipe.output.skip == ("lm_head",)
     if name.startswith("moe-"):
         assert recipe.solver.schedule == "sequential"  # depth-parallel refuses MoE blocks
         assert recipe.calibration.expert_fallback == "all-tokens"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from admmq_dist.checkpoint.serving import Layout, served_by
 from admmq_dist.quant.packing import (
     SUPPORTED_BITS,
     _dense_words,
@@ -205,8 +207,8 @@ def inspect_checkpoint(folder) -> dict:
     ``skipped_modules`` (2-D linear weights left dense, sorted), ``ignore`` (from the config),
     ``num_tensors``, ``num_shards``, ``missing_shards``, ``size_on_disk_bytes`` (all files),
     ``tensor_bytes``, ``unquantized_bytes_estimate`` (quantized modules at 16 bits, the rest as
-    stored), ``compression_ratio`` (estimate / tensor bytes) and ``recipe`` (``recipe.yaml``
-    parsed, or None).
+    stored), ``compression_ratio`` (estimate / tensor bytes), ``recipe`` (``recipe.yaml``
+    parsed, or None) and ``served_by`` (engine -> "yes" or why not: :mod:`.serving`).
 
     Raises FileNotFoundError for a missing folder or ``config.json`` and ValueError for a folder
     that is not a quantized checkpoint.
@@ -245,6 +247,12 @@ def inspect_checkpoint(folder) -> dict:
         and name[: -len(".weight")] not in qset
         and not _is_embedding(name[: -len(".weight")]) and "norm" not in name.lower())
 
+    served = None
+    if settings["bits"] in SUPPORTED_BITS and isinstance(settings["symmetric"], bool):
+        served = served_by(Layout(fmt, settings["bits"], settings["symmetric"],
+                                  settings["group_size"],
+                                  experts=any(".experts." in m for m in quantized)))
+
     size_on_disk = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     recipe = None
     if (folder / RECIPE_NAME).is_file():
@@ -273,6 +281,7 @@ def inspect_checkpoint(folder) -> dict:
         "unquantized_bytes_estimate": estimate,
         "compression_ratio": estimate / tensor_bytes if tensor_bytes else None,
         "recipe": recipe,
+        "served_by": served,
     }
 
 
@@ -341,6 +350,8 @@ def format_inspection(info: dict) -> str:
     lines.append(size)
     if info.get("missing_shards"):
         lines.append(f"Missing:     {_names(info['missing_shards'])}")
+    for engine, verdict in (info.get("served_by") or {}).items():
+        lines.append(f"Serves in:   {engine}: {verdict}")
     recipe = info.get("recipe")
     if isinstance(recipe, dict):
         lines.append(f"Recipe:      {_recipe_summary(recipe)}")
@@ -435,9 +446,30 @@ def verify_checkpoint(folder, max_problems: int = 20) -> list[str]:
             files = _check_files(folder, problems, stack)
             if files is not None:
                 _check_tensors(folder, config, settings, files, problems)
+                _check_ignore_covers_dense(settings, files, problems)
         except _Enough:
             pass
     return problems.result()
+
+
+def _check_ignore_covers_dense(settings: dict, files: _Files, problems: _Problems) -> None:
+    """compressed-tensors: every module stored with a dense 2-D weight must be named in the
+    ignore list, or engines (vLLM) build it quantized and fail on its dense weight."""
+    if settings["format"] != "compressed-tensors":
+        return
+    ignore = settings["ignore"]
+
+    def ignored(module: str) -> bool:
+        return any(re.match(e[3:], module) if e.startswith("re:") else e == module
+                   for e in ignore)
+
+    for name in sorted(files.all_names):
+        module = name[: -len(".weight")]
+        if (name.endswith(".weight") and name in files.meta and len(files.meta[name][0]) == 2
+                and f"{module}.weight_packed" not in files.all_names
+                and not _is_embedding(module) and not ignored(module)):
+            problems.add(f"{module}: stored dense but not named in the ignore list; vLLM builds "
+                         "it quantized and fails to load its weight")
 
 
 def _check_files(folder: Path, problems: _Problems, stack: ExitStack) -> _Files | None:
