@@ -110,9 +110,8 @@ class Worker:
         self.dtype = (torch.float32 if self.device.type == "cpu"
                       else output_dtype(recipe, self.model_dir))
         self.layout, self.blocks = find_blocks(self.model)
-        self.moe = [bool(unfuse_experts(self.blocks[b], self.layout.block_prefix(b),
-                                        self.index.module_names()))
-                    for b in range(self.layout.num_blocks)]
+        for b in range(self.layout.num_blocks):
+            unfuse_experts(self.blocks[b], self.layout.block_prefix(b), self.index.module_names())
         materialize(self.model, "", self.index, self.device, self.dtype,
                     tied=tied_names(self.model), exclude=(self.layout.prefix,))
         self.batch_ids = sorted(batches)
@@ -159,9 +158,6 @@ class Worker:
                 for entry in {name, disk}:
                     out[entry] = is_linear and name.startswith(inside)
         return dict(sorted(out.items()))
-
-    def has_experts(self) -> bool:
-        return any(self.moe)
 
     def ping(self) -> str:
         """A token that changes when the worker is rebuilt (a restarted Ray actor)."""

@@ -244,3 +244,39 @@ def test_dtype_auto_keeps_the_models_own_dtype(tmp_path, fmt, dtype):
             scale = "weight_scale" if fmt == "compressed-tensors" else "scales"
             expected = dtype if fmt == "compressed-tensors" else torch.float16
             assert f.get_tensor(f"model.layers.0.mlp.up_proj.{scale}").dtype == expected
+
+
+def test_layouts_vllm_does_not_serve_are_named_before_any_work(llama_dir, tmp_path, caplog):
+    """vLLM 0.33 refuses 2/3-bit GPTQ at startup: the run warns (GPTQModel/transformers still load
+    it), naming the format vLLM does serve it from, before calibrating anything."""
+    import logging
+
+    from admmq_dist import pipeline
+
+    calibrated = []
+    original = pipeline.calibration_batches
+
+    def spy(*args):
+        calibrated.append(caplog.records[:])
+        return original(*args)
+
+    pipeline.calibration_batches = spy
+    try:
+        with caplog.at_level(logging.WARNING, logger="admmq_dist.pipeline"):
+            summary = run(llama_dir, tmp_path / "g3", solver={"method": "rtn"},
+                          grid={"bits": 3, "group_size": 32}, output={"format": "gptq"})
+    finally:
+        pipeline.calibration_batches = original
+    assert summary["symmetric"] is True  # chosen for GPTQ, and said
+    assert summary["notes"][0].startswith("symmetric grid: GPTQ v1")
+    vllm = [n for n in summary["notes"] if n.startswith("vLLM 0.33.0 will not serve")]
+    assert len(vllm) == 1 and "3-bit" in vllm[0] and "--format compressed-tensors" in vllm[0]
+    assert [r.getMessage() for r in calibrated[0]] == summary["notes"]  # warned before the work
+    header = (tmp_path / "g3" / "recipe.yaml").read_text().splitlines()[:2]
+    assert header == [f"# {note}" for note in summary["notes"]]
+    # 4-bit GPTQ and 3-bit compressed-tensors: nothing to say beyond the GPTQ symmetry.
+    assert run(llama_dir, tmp_path / "g4", solver={"method": "rtn"},
+               grid={"bits": 4, "group_size": 32},
+               output={"format": "gptq"})["notes"] == [summary["notes"][0]]
+    assert run(llama_dir, tmp_path / "c3", solver={"method": "rtn"},
+               grid={"bits": 3, "group_size": 32})["notes"] == []

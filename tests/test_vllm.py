@@ -107,8 +107,21 @@ def test_defaults_on_every_moe_family_load_into_vllm_exactly(models, tmp_path, a
     summary = quantize(models(arch), out, grid={"group_size": 32})
     result = check_with_vllm(out)
     assert result.compared_layers == summary["layers"]
+    assert result.refused == {}
     ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
     assert any(entry.endswith("mlp.gate") for entry in ignore)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 8])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_every_moe_bit_width_the_cli_accepts_loads_into_vllm(models, tmp_path, arch, bits):
+    """Grouped symmetric experts at every width (4 is the defaults' test above)."""
+    out = tmp_path / "q"
+    summary = quantize(models(arch), out, grid={"bits": bits, "group_size": 32})
+    assert [n for n in summary["notes"] if "will not serve" in n] == []
+    result = check_with_vllm(out)
+    assert result.compared_layers == summary["layers"]
+    assert result.refused == {}
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
