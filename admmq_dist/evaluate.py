@@ -7,14 +7,16 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint.compat import fix_asymmetric_loading
+from .model.calibration import read_text, split_text
+from .model.loading import resolve_model_dir
+
 # Tests and benchmarks evaluate on the first half of this file (the second half calibrates).
 WIKITEXT_TEST = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / \
     "wikitext-2-raw" / "wiki.test.raw"
 
 
 def evaluation_text(dataset: str | None, split: str, text_field: str) -> str:
-    from .model.calibration import read_text, split_text
-
     if dataset is not None:
         return read_text(dataset, split=split, text_field=text_field)
     if not WIKITEXT_TEST.is_file():
@@ -36,9 +38,6 @@ def perplexity(model: str, *, dataset: str | None = None, split: str = "test",
     from accelerate import PartialState
     from accelerate.utils import reduce
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .checkpoint.compat import fix_asymmetric_loading
-    from .model.loading import resolve_model_dir
 
     model_dir = resolve_model_dir(model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

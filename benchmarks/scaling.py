@@ -86,7 +86,7 @@ def fit_costs(run: dict, hidden: int, num_blocks: int, tokens: int, params_per_b
 
 def predict(shape: tuple, gpus: int, tokens: int, iterations: int, row_block: int) -> dict:
     """Wall time of the data-parallel schedule under the GPU assumptions."""
-    from admmq_dist.coordinator import assign
+    from admmq_dist.run.plan import assign
     from admmq_dist.quant.solvers.rows import row_blocks
 
     layers, hidden, inter, kv = shape

@@ -178,11 +178,11 @@ def test_disk_full_while_writing_leaves_no_checkpoint_and_resumes(capsys, tmp_pa
 
 
 def test_ctrl_c_stops_cleanly_and_resume_continues(capsys, tmp_path, model, text, monkeypatch):
-    import admmq_dist.coordinator as coordinator
+    import admmq_dist.run.sequential as sequential
 
     reference = tmp_path / "ref"
     assert main(args(model, reference, text, "--method", "admmq")) == 0
-    original = coordinator.commit_block
+    original = sequential.commit_block
     calls = []
 
     def commit_then_interrupt(work, b, out):
@@ -190,7 +190,7 @@ def test_ctrl_c_stops_cleanly_and_resume_continues(capsys, tmp_path, model, text
         calls.append(b)
         raise KeyboardInterrupt  # the user presses Ctrl-C right after block 0 is committed
 
-    monkeypatch.setattr(coordinator, "commit_block", commit_then_interrupt)
+    monkeypatch.setattr(sequential, "commit_block", commit_then_interrupt)
     out = tmp_path / "o"
     refused(capsys, args(model, out, text, "--method", "admmq"), "interrupted", "--resume",
             code=130)
@@ -218,15 +218,33 @@ def test_modules_gptq_cannot_keep_dense_are_refused_before_any_work(capsys, tmp_
     # Qwen2-MoE's shared-expert gate stays dense: found on the first block, not at the end.
     moe = tiny_model_dir(tmp_path / "moe", "qwen2_moe", num_hidden_layers=2)
     calls = []
-    import admmq_dist.coordinator as coordinator
+    from admmq_dist.run.sequential import SequentialSchedule
 
-    original = coordinator.Coordinator._capture
+    original = SequentialSchedule._capture
 
     def capture(self, *a, **k):
         calls.append(1)
         return original(self, *a, **k)
 
-    monkeypatch.setattr(coordinator.Coordinator, "_capture", capture)
+    monkeypatch.setattr(SequentialSchedule, "_capture", capture)
     refused(capsys, args(moe, tmp_path / "o", text, "--format", "gptq", "--sym"),
             "shared_expert_gate", "compressed-tensors")
     assert calls == []  # refused before the first capture pass
+
+
+@pytest.mark.parametrize("argv, needle, command", [
+    (["quantize", "-o", "x", "--bits", "5"], "argument --bits: invalid choice: 5", "quantize"),
+    (["quantize", "--bits", "4"], "the following arguments are required: -o/--output",
+     "quantize"),
+    (["quantize", "-o", "x", "--sym", "--asym"], "not allowed with argument", "quantize"),
+    (["verify"], "the following arguments are required: folder", "verify"),
+    (["nonsense"], "invalid choice: 'nonsense'", None),
+])
+def test_usage_mistakes_cost_one_line_and_a_hint(capsys, argv, needle, command):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("admmq: error: ") and needle in err
+    prog = "admmq" if command is None else f"admmq {command}"
+    assert err.rstrip().endswith(f"(see `{prog} --help`)")

@@ -19,7 +19,7 @@ import pytest
 import torch
 import transformers
 
-from admmq_dist.pipeline import quantize_model
+from admmq_dist.run.job import quantize_model
 from admmq_dist.recipe import Recipe, override
 
 from tiny import tiny_model_dir

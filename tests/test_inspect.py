@@ -14,13 +14,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny import sample_text, tiny_model_dir
 
-from admmq_dist.checkpoint.inspect import (
-    format_inspection,
-    inspect_checkpoint,
-    verify_checkpoint,
-)
-from admmq_dist.pipeline import quantize_model
+from admmq_dist.checkpoint.inspect import format_inspection, inspect_checkpoint
+from admmq_dist.checkpoint.verify import verify_checkpoint
 from admmq_dist.recipe import Recipe, override
+from admmq_dist.run.job import quantize_model
 
 LINEARS_PER_LAYER = 7  # q, k, v, o, gate, up, down
 LAYERS = 2
@@ -139,7 +136,7 @@ def test_inspect_reports_the_settings_modules_and_sizes(checkpoints, sources, na
     reader = "transformers" if fmt == "compressed-tensors" else "transformers + GPTQModel"
     assert info["served_by"] == {"vLLM 0.33.0": "yes" if bits != 3 or fmt != "gptq" else "no",
                                  reader: "yes"}
-    assert f"Serves in:   vLLM 0.33.0: yes" in text
+    assert "Serves in:   vLLM 0.33.0: yes" in text
     assert f"{info['compression_ratio']:.1f}x" in text
     assert "MB" in text and "method rtn" in text
 

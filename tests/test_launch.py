@@ -85,28 +85,3 @@ def test_accelerate_launched_evaluation_matches_one_process(tmp_path):
     expected = json.loads(one.stdout.strip().splitlines()[-1])
     assert lines[0]["tokens"] == expected["tokens"] == 5 * 63
     assert abs(lines[0]["ppl"] - expected["ppl"]) < 1e-9 * expected["ppl"]
-
-
-def test_the_layout_keeps_its_layers():
-    """Math imports no model or cluster code; model plumbing no Ray; one module imports Ray."""
-    import ast
-
-    package = ROOT / "admmq_dist"
-    imports = {}
-    for path in package.rglob("*.py"):
-        names = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names |= {a.name for a in node.names}
-            elif isinstance(node, ast.ImportFrom):
-                names.add(("." * node.level) + (node.module or ""))
-        imports[path.relative_to(package).as_posix()] = names
-    ray_users = sorted(p for p, names in imports.items() if any(n.split(".")[0] == "ray" for n in names))
-    assert ray_users == ["cluster.py"]
-    for path, names in imports.items():
-        if path.startswith("quant/"):
-            assert not any(n.lstrip(".").startswith(("model", "worker", "coordinator", "cluster",
-                                                      "pipeline", "transformers"))
-                           or n.startswith("...") for n in names), (path, names)
-        if path.startswith("model/"):
-            assert not any("cluster" in n or "coordinator" in n for n in names), (path, names)

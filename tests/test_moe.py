@@ -12,7 +12,7 @@ from admmq_dist.model.arch import find_blocks
 from admmq_dist.model.capture import calibration_stages, record_block_calls
 from admmq_dist.model.loading import TensorIndex
 from admmq_dist.model.moe import ExpertList, Expert, expert_lists, load_fused_into, unfuse_experts
-from admmq_dist.pipeline import quantize_model
+from admmq_dist.run.job import quantize_model
 from admmq_dist.quant.packing import unpack_compressed_tensors_weight
 from admmq_dist.recipe import Recipe, override
 

@@ -8,7 +8,7 @@ import torch
 from admmq_dist.cli import main
 from admmq_dist.model.arch import UnsupportedModelError, find_blocks, target_linears
 from admmq_dist.model.capture import block_output, input_groups, record_block_calls
-from admmq_dist.pipeline import quantize_model
+from admmq_dist.run.job import quantize_model
 from admmq_dist.recipe import Recipe, override
 
 from tiny import tiny_model_dir
@@ -251,22 +251,22 @@ def test_layouts_vllm_does_not_serve_are_named_before_any_work(llama_dir, tmp_pa
     it), naming the format vLLM does serve it from, before calibrating anything."""
     import logging
 
-    from admmq_dist import pipeline
+    from admmq_dist.run import job
 
     calibrated = []
-    original = pipeline.calibration_batches
+    original = job.calibration_batches
 
     def spy(*args):
         calibrated.append(caplog.records[:])
         return original(*args)
 
-    pipeline.calibration_batches = spy
+    job.calibration_batches = spy
     try:
-        with caplog.at_level(logging.WARNING, logger="admmq_dist.pipeline"):
+        with caplog.at_level(logging.WARNING, logger="admmq_dist.run.job"):
             summary = run(llama_dir, tmp_path / "g3", solver={"method": "rtn"},
                           grid={"bits": 3, "group_size": 32}, output={"format": "gptq"})
     finally:
-        pipeline.calibration_batches = original
+        job.calibration_batches = original
     assert summary["symmetric"] is True  # chosen for GPTQ, and said
     assert summary["notes"][0].startswith("symmetric grid: GPTQ v1")
     vllm = [n for n in summary["notes"] if n.startswith("vLLM 0.33.0 will not serve")]

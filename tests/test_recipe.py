@@ -117,3 +117,39 @@ def test_family_recipes_resolve_to_what_their_names_promise(name):
     assert recipe.output.skip == ("lm_head",)
     # The recipe is everything that differs from the defaults: resolving it again is stable.
     assert override(Recipe(), to_mapping(recipe)) == recipe
+
+
+def test_every_recipe_flag_sets_the_field_it_names():
+    """The CLI's flags come from one table (cli.RECIPE_FLAGS); each must reach its recipe path,
+    and a flag left out must leave the recipe's value alone."""
+    from admmq_dist.cli import RECIPE_FLAGS, _recipe_from_args, build_parser
+
+    def value_of(recipe, path):
+        for key in path.split("."):
+            recipe = getattr(recipe, key)
+        return recipe
+
+    base = ["quantize", "-o", "out"]
+    untouched = _recipe_from_args(build_parser().parse_args(base))
+    assert untouched == Recipe()
+    for flag, path, kwargs in RECIPE_FLAGS:
+        action = kwargs.get("action")
+        if action in ("store_true", "store_false"):
+            argv, expected = [flag], action == "store_true"
+        elif "choices" in kwargs:
+            argv, expected = [flag, str(kwargs["choices"][0])], kwargs["choices"][0]
+        elif path == "grid.group_size":
+            argv, expected = [flag, "channel"], None
+        elif action == "append":
+            argv, expected = [flag, "attn", flag, "mlp"], ("attn", "mlp")
+        elif kwargs.get("type") is int:
+            argv, expected = [flag, "7"], 7
+        elif kwargs.get("type") is float:  # 1.5: a valid growth, penalty, damping or strength
+            value = 1.5 if path.endswith(("rho_growth", "rho_start")) else 0.5
+            argv, expected = [flag, str(value)], value
+        else:
+            argv, expected = [flag, "x.txt"], "x.txt"
+        recipe = _recipe_from_args(build_parser().parse_args([*base, *argv]))
+        assert value_of(recipe, path) == expected, flag
+        if value_of(untouched, path) != expected:
+            assert recipe != untouched, f"{flag} changed nothing"

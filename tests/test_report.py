@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from admmq_dist.pipeline import quantize_model
+from admmq_dist.run.job import quantize_model
 from admmq_dist.recipe import Recipe, override
 from admmq_dist.report import module_type, render_html
 

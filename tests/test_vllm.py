@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("vllm", reason="vLLM is not installed (CI runs these in .venv-vllm)")
 
 from admmq_dist.checkpoint.serving import Layout, vllm_gaps  # noqa: E402
-from admmq_dist.pipeline import quantize_model  # noqa: E402
+from admmq_dist.run.job import quantize_model  # noqa: E402
 from admmq_dist.recipe import Recipe, override  # noqa: E402
 
 from tiny import tiny_model_dir  # noqa: E402

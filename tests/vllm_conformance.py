@@ -523,7 +523,6 @@ def kernels_at_real_shapes(config: dict, folder: Path) -> Conformance:
     ``config`` (a ``config.json`` with its ``quantization_config``; a layer or two suffice), built
     on the meta device: no weights are allocated, only the choices are made. Tiny test models
     cannot answer this: kernels take or refuse layers by their shapes."""
-    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config))

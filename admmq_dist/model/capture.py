@@ -1,5 +1,6 @@
-"""Hooks around decoder blocks: the inputs every block is called with, and which linears share an
-input (and therefore one Hessian).
+"""Hooks around decoder blocks: the inputs every block is called with, which linears share an
+input (and therefore one Hessian), and the one hook-based capture of those inputs — into Hessians
+(:func:`capture_hessians`) or kept as they are (:func:`record_inputs`).
 
 Blocks are called by the model with keyword arguments the model computes once (rotary position
 embeddings, attention masks — which may differ per block, as in Gemma's sliding-window layers).
@@ -14,6 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from ..quant.hessian import HessianAccumulator
+from .moe import expert_lists
 
 
 class _StopForward(Exception):
@@ -109,8 +113,6 @@ def calibration_stages(block: nn.Module, linears: dict[str, nn.Linear], hidden: 
     Experts are grouped by their structure (gate/up of each expert, then every down) rather than
     by what one sample happens to route, and placed where the block first calls them.
     """
-    from .moe import expert_lists
-
     experts = expert_lists(block)
     in_experts = {n for n in linears for p in experts if n.startswith(p + ".")}
     seen: list[tuple[object, list[str]]] = []
@@ -185,3 +187,57 @@ def _first_sample(kwargs: dict) -> dict:
         else:
             out[key] = value
     return out
+
+
+@torch.no_grad()
+def capture_hessians(block: nn.Module,
+                     inputs_of: dict[str, tuple[nn.Module, int, list | None]],
+                     hidden: list[torch.Tensor], args: list[tuple], kwargs: list[dict],
+                     batch_ids: list[int], device: torch.device) -> dict[str, HessianAccumulator]:
+    """Run ``block`` on every local batch (``hidden[i]`` with ``args[i]``/``kwargs[i]``; its global
+    index ``batch_ids[i]`` orders the sums canonically) and accumulate, per key of ``inputs_of``
+    (``(module, input width, per-batch reference inputs or None)``), the module's input into a
+    Hessian — with GPTAQ's cross term against the references when the entry carries them."""
+    accumulators, handles = {}, []
+    batch = {"index": 0, "local": 0}
+
+    def hook(acc: HessianAccumulator, references: list | None):
+        if references is None:
+            return lambda module, inputs: acc.add(inputs[0], batch["index"])
+        return lambda module, inputs: acc.add(inputs[0], batch["index"],
+                                              references[batch["local"]])
+
+    for key, (module, width, references) in inputs_of.items():
+        accumulators[key] = HessianAccumulator(width, device, cross=references is not None)
+        handles.append(module.register_forward_pre_hook(hook(accumulators[key], references)))
+    try:
+        for i, h in enumerate(hidden):
+            batch["index"], batch["local"] = batch_ids[i], i
+            block(h, *args[i], **kwargs[i])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return accumulators
+
+
+@torch.no_grad()
+def record_inputs(block: nn.Module, modules: dict[str, nn.Module], hidden: list[torch.Tensor],
+                  args: list[tuple], kwargs: list[dict]) -> tuple[dict[str, list], list]:
+    """Run ``block`` on every local batch, keeping what each of ``modules`` receives per batch
+    (None where a batch never reaches it; modules sharing an input share the tensor) and the
+    block's outputs."""
+    inputs: dict[str, list] = {n: [] for n in modules}
+    seen: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_pre_hook(
+        lambda module, a, name=n: seen.setdefault(name, a[0])) for n, m in modules.items()]
+    outputs = []
+    try:
+        for i, h in enumerate(hidden):
+            seen.clear()
+            outputs.append(block_output(block(h, *args[i], **kwargs[i])))
+            for n in modules:
+                inputs[n].append(seen.get(n))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return inputs, outputs

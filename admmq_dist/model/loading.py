@@ -16,6 +16,8 @@ from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from torch import nn
 
+from .moe import expert_lists, load_fused_into
+
 # What a quantization run needs from a hub repository (no optimizer states, no other formats).
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
@@ -44,7 +46,7 @@ def resolve_model_dir(model: str) -> Path:
             "Pass a local folder, or check the name, your network and HF_HUB_OFFLINE") from None
 
 
-def _checkpoint_renamings(model_type: str | None):
+def checkpoint_renamer(model_type: str | None):
     """transformers' key renamings for ``model_type`` (checkpoint name -> module path).
 
     Read from transformers rather than copied: it owns the table (Mixtral's ``block_sparse_moe``
@@ -87,7 +89,7 @@ class TensorIndex:
                     "only safetensors checkpoints can be quantized (convert .bin files first)")
             with safe_open(single, "pt") as f:
                 self.files = {name: single for name in f.keys()}
-        rename = _checkpoint_renamings(model_type)
+        rename = checkpoint_renamer(model_type)
         self._disk = {(rename(n) if rename else n): n for n in self.files}
 
     def __contains__(self, name: str) -> bool:
@@ -210,6 +212,44 @@ def materialize(module: nn.Module, prefix: str, index: TensorIndex, device: torc
                     f"tensor {source!r} overflows when cast to {dtype}: its values exceed that "
                     "dtype's range; quantize on a device where it loads in float32 or bfloat16")
         set_module_tensor_to_device(module, name, device, value=value)
+
+
+def load_block(block: torch.nn.Module, prefix: str, index: TensorIndex, device: torch.device,
+               dtype: torch.dtype, state: dict[str, torch.Tensor] | None = None) -> set[str]:
+    """Materialize one block from ``state`` (module-path names, as a worker that read the block shares
+    it) or from the checkpoint files. Experts stored fused are split as they load.
+
+    Returns the checkpoint names of fused tensors consumed that way (written back per expert).
+    """
+    def read(name):
+        return state[name] if state is not None else index.read(name)
+
+    def has(name):
+        return name in state if state is not None else name in index
+
+    fused, consumed = [], set()
+    for path, experts in expert_lists(block).items():
+        first = f"{prefix}.{path}.0.{experts.roles[0]}.weight"
+        if not has(first) and has(f"{prefix}.{path}.gate_up_proj"):
+            load_fused_into(experts, read(f"{prefix}.{path}.gate_up_proj").to(device, dtype),
+                            read(f"{prefix}.{path}.down_proj").to(device, dtype))
+            fused.append(path)
+            consumed |= {index.disk_name(f"{prefix}.{path}.{p}") for p in ("gate_up_proj", "down_proj")}
+    if state is None:
+        materialize(block, prefix, index, device, dtype, exclude=tuple(fused))
+    else:
+        skip = tuple(f + "." for f in fused)
+        for name, _ in list(block.state_dict(keep_vars=True).items()):
+            if skip and name.startswith(skip):
+                continue
+            value = state[f"{prefix}.{name}"]
+            value = value.to(dtype) if value.is_floating_point() else value
+            set_module_tensor_to_device(block, name, device, value=value)
+        for name, buffer in list(block.named_buffers()):
+            if buffer.device != device:
+                owner, _, leaf = name.rpartition(".")
+                (block.get_submodule(owner) if owner else block)._buffers[leaf] = buffer.to(device)
+    return consumed
 
 
 def release(module: nn.Module) -> None:

@@ -103,7 +103,7 @@ class ExpertList(nn.Module):
         return out
 
 
-def _is_fused_experts(module: nn.Module) -> bool:
+def is_fused_experts(module: nn.Module) -> bool:
     params = dict(module.named_parameters(recurse=False))
     return "gate_up_proj" in params and "down_proj" in params and any(
         p.dim() == 3 for p in params.values())
@@ -112,7 +112,7 @@ def _is_fused_experts(module: nn.Module) -> bool:
 def has_fused_experts(model: nn.Module) -> bool:
     """Whether ``model`` (a transformers 5 model, meta weights are fine) has mixture-of-experts
     layers: transformers fuses every expert list into 3-D tensors."""
-    return any(_is_fused_experts(m) for m in model.modules())
+    return any(is_fused_experts(m) for m in model.modules())
 
 
 def _checkpoint_naming(names, container: str) -> tuple[str, str, str] | None:
@@ -135,7 +135,7 @@ def unfuse_experts(block: nn.Module, block_prefix: str, checkpoint_names) -> lis
     """
     replaced = []
     for name, module in list(block.named_modules()):
-        if not _is_fused_experts(module):
+        if not is_fused_experts(module):
             continue
         params = dict(module.named_parameters(recurse=False))
         gate_up, down = params["gate_up_proj"], params["down_proj"]

@@ -109,6 +109,13 @@ class Grid:
         g = torch.arange(start, stop, device=self.scale.device) // self.group_size
         return self.scale[:, g], self.zero[:, g]
 
+    @classmethod
+    def from_parts(cls, spec: GridSpec, cols: int, scale: torch.Tensor,
+                   zero: torch.Tensor) -> "Grid":
+        """The grid of a ``[rows, cols]`` layer from its stored ``scale`` and ``zero`` (as a
+        commit, a worker or a resumed run hands them over) and the spec they were fitted with."""
+        return cls(spec.bits, spec.effective_group_size(cols), cols, spec.symmetric, scale, zero)
+
     def row_slice(self, start: int, stop: int) -> "Grid":
         """The grid of rows ``start:stop`` (grids are fitted row by row, so this is exact)."""
         return Grid(self.bits, self.group_size, self.cols, self.symmetric,

@@ -40,8 +40,11 @@ import math
 import torch
 from torch import Tensor
 
+from .grid import SUPPORTED_BITS
+
 __all__ = [
-    "SUPPORTED_BITS",
+    "dense_words",
+    "gptq_words",
     "pack_compressed_tensors_weight",
     "unpack_compressed_tensors_weight",
     "pack_compressed_tensors_zero_point",
@@ -51,8 +54,6 @@ __all__ = [
     "pack_gptq_qzeros",
     "unpack_gptq_qzeros",
 ]
-
-SUPPORTED_BITS = (2, 3, 4, 8)
 
 _MASK32 = (1 << 32) - 1
 
@@ -108,12 +109,12 @@ def _check_length(value: int, name: str) -> int:
 # ----------------------------------------------------------------------------- bit stream
 
 
-def _dense_words(length: int, bits: int) -> int:
+def dense_words(length: int, bits: int) -> int:
     """Words the compressed-tensors layout keeps: the stream truncated to whole words."""
     return math.ceil(length * bits / 32)
 
 
-def _gptq_words(length: int, bits: int) -> int:
+def gptq_words(length: int, bits: int) -> int:
     """Words the GPTQ layout keeps: 3-bit readers consume whole 32-value / 3-word blocks."""
     if bits == 3:
         return 3 * math.ceil(length / 32)
@@ -177,7 +178,7 @@ def pack_compressed_tensors_weight(codes: Tensor, bits: int) -> Tensor:
     """Unsigned codes ``[N, K]`` to ``weight_packed`` ``[N, ceil(K*bits/32)]`` int32."""
     _check_bits(bits)
     codes = _check_codes(codes, bits, "codes")
-    return _pack_rows(codes, bits, _dense_words(codes.shape[1], bits))
+    return _pack_rows(codes, bits, dense_words(codes.shape[1], bits))
 
 
 def unpack_compressed_tensors_weight(
@@ -188,7 +189,7 @@ def unpack_compressed_tensors_weight(
     if len(tuple(shape)) != 2:
         raise ValueError(f"shape must be (N, K), got {tuple(shape)!r}")
     n, k = (_check_length(int(s), "shape entries") for s in shape)
-    _check_packed(packed, "weight_packed", (n, _dense_words(k, bits)))
+    _check_packed(packed, "weight_packed", (n, dense_words(k, bits)))
     return _unpack_rows(packed, bits, k)
 
 
@@ -196,7 +197,7 @@ def pack_compressed_tensors_zero_point(zero: Tensor, bits: int) -> Tensor:
     """Unsigned zero points ``[N, G]`` to ``weight_zero_point`` ``[ceil(N*bits/32), G]`` int32."""
     _check_bits(bits)
     zero = _check_codes(zero, bits, "zero")
-    return _pack_rows(zero.T, bits, _dense_words(zero.shape[0], bits)).T.contiguous()
+    return _pack_rows(zero.T, bits, dense_words(zero.shape[0], bits)).T.contiguous()
 
 
 def unpack_compressed_tensors_zero_point(packed: Tensor, bits: int, num_rows: int) -> Tensor:
@@ -204,9 +205,9 @@ def unpack_compressed_tensors_zero_point(packed: Tensor, bits: int, num_rows: in
     _check_bits(bits)
     num_rows = _check_length(num_rows, "num_rows")
     if isinstance(packed, Tensor) and packed.dim() == 2:
-        expected = (_dense_words(num_rows, bits), packed.shape[1])
+        expected = (dense_words(num_rows, bits), packed.shape[1])
     else:
-        expected = (_dense_words(num_rows, bits), -1)
+        expected = (dense_words(num_rows, bits), -1)
     _check_packed(packed, "weight_zero_point", expected)
     return _unpack_rows(packed.T, bits, num_rows).T.contiguous()
 
@@ -218,7 +219,7 @@ def pack_gptq_qweight(codes: Tensor, bits: int) -> Tensor:
     """Unsigned codes ``[N, K]`` to ``qweight`` ``[words(K), N]`` int32 (see module docstring)."""
     _check_bits(bits)
     codes = _check_codes(codes, bits, "codes")
-    return _pack_rows(codes, bits, _gptq_words(codes.shape[1], bits)).T.contiguous()
+    return _pack_rows(codes, bits, gptq_words(codes.shape[1], bits)).T.contiguous()
 
 
 def unpack_gptq_qweight(qweight: Tensor, bits: int, in_features: int) -> Tensor:
@@ -226,9 +227,9 @@ def unpack_gptq_qweight(qweight: Tensor, bits: int, in_features: int) -> Tensor:
     _check_bits(bits)
     in_features = _check_length(in_features, "in_features")
     if isinstance(qweight, Tensor) and qweight.dim() == 2:
-        expected = (_gptq_words(in_features, bits), qweight.shape[1])
+        expected = (gptq_words(in_features, bits), qweight.shape[1])
     else:
-        expected = (_gptq_words(in_features, bits), -1)
+        expected = (gptq_words(in_features, bits), -1)
     _check_packed(qweight, "qweight", expected)
     return _unpack_rows(qweight.T, bits, in_features)
 
@@ -243,7 +244,7 @@ def pack_gptq_qzeros(zero: Tensor, bits: int) -> Tensor:
                 "use symmetric quantization or the compressed-tensors format"
             )
     zero = _check_codes(zero, bits, "zero", low=1)
-    return _pack_rows(zero.T - 1, bits, _gptq_words(zero.shape[0], bits))
+    return _pack_rows(zero.T - 1, bits, gptq_words(zero.shape[0], bits))
 
 
 def unpack_gptq_qzeros(qzeros: Tensor, bits: int, num_rows: int) -> Tensor:
@@ -255,8 +256,8 @@ def unpack_gptq_qzeros(qzeros: Tensor, bits: int, num_rows: int) -> Tensor:
     _check_bits(bits)
     num_rows = _check_length(num_rows, "num_rows")
     if isinstance(qzeros, Tensor) and qzeros.dim() == 2:
-        expected = (qzeros.shape[0], _gptq_words(num_rows, bits))
+        expected = (qzeros.shape[0], gptq_words(num_rows, bits))
     else:
-        expected = (-1, _gptq_words(num_rows, bits))
+        expected = (-1, gptq_words(num_rows, bits))
     _check_packed(qzeros, "qzeros", expected)
     return (_unpack_rows(qzeros, bits, num_rows) + 1).T.contiguous()

@@ -281,6 +281,22 @@ def _top_eigenvalue(x: torch.Tensor, gen: torch.Generator, steps: int = 30) -> f
     return lam * 1.05  # a margin: power iteration approaches λmax from below
 
 
+def _project(settings: ADMMSettings, V: torch.Tensor, P: torch.Tensor, Z: torch.Tensor, gen,
+             row_scale_norm):
+    """The Z-step's projection of ``V = W + U`` given its nearest grid points ``P``: ``(Z, the
+    hard Z the soft variant also passes on or None, the codes' grid points)``."""
+    if settings.projection == "hard":
+        return P, None, P
+    if settings.projection == "random":
+        keep = torch.rand(P.shape, generator=gen, device=P.device) >= settings.random_probability
+        Znew = torch.where(keep, Z, P)
+        return Znew, None, Znew
+    dist = (P - V).norm(dim=1, keepdim=True)
+    t = settings.soft_strength * row_scale_norm
+    frac = torch.where(dist <= t, torch.ones_like(dist), t / dist.clamp_min(1e-30))
+    return V + frac * (P - V), P, P
+
+
 def _run(loop, codes0: torch.Tensor, grid: Grid, settings: ADMMSettings,
          dual0: torch.Tensor | None = None):
     """The ADMM iterations; ``loop`` supplies the W-step. Returns the best codes row by row, the
@@ -311,18 +327,7 @@ def _run(loop, codes0: torch.Tensor, grid: Grid, settings: ADMMSettings,
         W = loop.w_step(rho)
         V = torch.add(W, loop.Y, alpha=1.0 / rho)  # W + U
         P = (V * inv_scale).round_().clamp_(low, high).mul_(scale)
-        Zhard = None
-        if settings.projection == "hard":
-            Znew = new_hard = P
-        elif settings.projection == "random":
-            keep = torch.rand(P.shape, generator=gen, device=P.device) >= settings.random_probability
-            Znew = new_hard = torch.where(keep, Z, P)
-        else:
-            dist = (P - V).norm(dim=1, keepdim=True)
-            t = settings.soft_strength * row_scale_norm
-            frac = torch.where(dist <= t, torch.ones_like(dist), t / dist.clamp_min(1e-30))
-            Znew = V + frac * (P - V)
-            Zhard = new_hard = P
+        Znew, Zhard, new_hard = _project(settings, V, P, Z, gen, row_scale_norm)
         # Counting changed codes costs two passes; below stop_min_rho it only feeds the history.
         if rho > settings.stop_min_rho or it % 5 == 0:
             changed = int(torch.count_nonzero(new_hard != hard)) / P.numel()

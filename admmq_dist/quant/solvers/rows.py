@@ -39,7 +39,7 @@ def row_blocks(rows: int, row_block: int) -> list[tuple[int, int]]:
 
 
 @dataclass(frozen=True)
-class BlockResult:
+class RowBlockResult:
     """One row block's codes and dequantized weight, with its share of the loss."""
 
     start: int
@@ -58,9 +58,9 @@ class BlockResult:
     compare: dict = field(default_factory=dict)
 
 
-def solve_block(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
-                settings: SolverSettings, start: int, stop: int,
-                warm: dict | None = None, compare: bool = False) -> BlockResult:
+def solve_row_block(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
+                    settings: SolverSettings, start: int, stop: int,
+                    warm: dict | None = None, compare: bool = False) -> RowBlockResult:
     """Solve rows ``start:stop`` of ``weight`` (``[out, in]``) on the rows' part of ``grid``.
 
     ``hessian`` None rounds to nearest (an expert with no calibration signal); the loss is then 0/0.
@@ -82,11 +82,11 @@ def solve_block(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
         for method in ("gptq", "rtn"):
             other = solve(w, hessian, g, dataclasses.replace(settings, method=method))
             baselines[method] = loss_terms(other.weight, w.float(), hessian)
-    return BlockResult(start, stop, result.method, result.codes, result.weight, num, den,
+    return RowBlockResult(start, stop, result.method, result.codes, result.weight, num, den,
                        result.iterations, seconds, result.state, result.history, baselines)
 
 
-def layer_history(blocks: list[BlockResult]) -> dict:
+def layer_history(blocks: list[RowBlockResult]) -> dict:
     """A layer's ADMM-Q curves from its row blocks': the relative primal residual
     ``‖W − Z‖_F / ‖W0‖_F`` and ρ per iteration (a block that stopped early holds its last value),
     and the baselines' relative losses. Empty lists for methods without iterations."""
@@ -115,7 +115,7 @@ def _short(x: float) -> float:
     return float(f"{x:.4g}")
 
 
-def combine(blocks: list[BlockResult], grid: Grid) -> SolverResult:
+def combine(blocks: list[RowBlockResult], grid: Grid) -> SolverResult:
     """The layer's result from all its row blocks (in any order)."""
     blocks = sorted(blocks, key=lambda b: b.start)
     if blocks[0].start != 0 or blocks[-1].stop != grid.rows or any(
@@ -127,10 +127,3 @@ def combine(blocks: list[BlockResult], grid: Grid) -> SolverResult:
     return SolverResult(blocks[0].method, torch.cat([b.codes for b in blocks]), grid,
                         torch.cat([b.weight for b in blocks]), loss,
                         max(b.iterations for b in blocks), sum(b.seconds for b in blocks))
-
-
-def solve_rows(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
-               settings: SolverSettings, row_block: int) -> SolverResult:
-    """All row blocks of one layer, one after another (what one worker alone would do)."""
-    return combine([solve_block(weight, hessian, grid, settings, a, b)
-                    for a, b in row_blocks(weight.shape[0], row_block)], grid)

@@ -4,8 +4,11 @@ cluster address is given.
 
 Actors restart when their process or node dies (``max_restarts``); Ray rebuilds a restarted actor
 with its original arguments, so it comes back holding its calibration shard at block 0, and the
-coordinator replays the committed blocks on it (:func:`admmq_dist.coordinator.
-_run_block_with_restarts`).
+sequential schedule replays the committed blocks on it
+(:meth:`admmq_dist.run.sequential.SequentialSchedule.run_block_with_restarts`).
+
+Ray is a dependency of the package, but a machine without it (a bare GPU node) can still run
+in-process: the import is allowed to fail until Ray workers are asked for.
 """
 
 from __future__ import annotations
@@ -14,13 +17,16 @@ import logging
 import os
 import time
 
-import ray
-from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ..recipe import Recipe
+from .backends import WorkerLost, worker_class
 
-from .coordinator import WorkerLost
-from .worker import ShardWorker, Worker
+try:
+    import ray
+    from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+except ImportError:  # pragma: no cover - exercised on machines without Ray
+    ray = None
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +37,9 @@ class RayBackend:
 
     def __init__(self, workers: int, *, address: str | None = None, threads: int | None = None,
                  gpu: bool = False, max_restarts: int = 3) -> None:
+        if ray is None:
+            raise RuntimeError("Ray is not installed here (pip install ray); run without "
+                               "--workers/--address to quantize in this process")
         if workers < 1:
             raise ValueError(f"--workers {workers}: must be at least 1")
         self.requested = workers
@@ -63,9 +72,9 @@ class RayBackend:
     def size(self) -> int:
         return len(self.actors)
 
-    def start(self, model_dir: str, recipe, shards, device: str, threads: int | None) -> None:
-        actor_cls = ray.remote(ShardWorker if recipe.solver.schedule == "depth-parallel"
-                               else Worker)
+    def start(self, model_dir: str, recipe: Recipe, shards, device: str,
+              threads: int | None = None) -> None:
+        actor_cls = ray.remote(worker_class(recipe))
         self.actors = [
             actor_cls.options(
                 max_restarts=self.max_restarts, max_task_retries=0,

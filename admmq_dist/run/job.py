@@ -1,0 +1,315 @@
+"""The main job: a model in, a quantized checkpoint out (``admmq-algorithm.md`` §6).
+
+Settle what the recipe leaves open for this model, cut the calibration text into windows, start
+the workers (in this process, or as Ray actors), run a schedule over the decoder blocks, and
+stream every finished block into the checkpoint writer; the folder appears only when complete,
+with the resolved recipe and the run report beside the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from ..checkpoint.serving import Layout, check_servable, default_symmetric
+from ..checkpoint.writer import CheckpointWriter
+from ..model.calibration import read_text, token_windows
+from ..model.loading import TensorIndex, build_skeleton, resolve_model_dir
+from ..model.moe import has_fused_experts
+from ..quant.grid import Grid
+from ..recipe import Recipe, to_mapping
+from ..report import render_html
+from .backends import LocalBackend
+from .depth_parallel import DepthParallelSchedule
+from .device_model import output_dtype, peak_memory_bytes
+from .plan import shard_batches
+from .ray_backend import RayBackend
+from .sequential import SequentialSchedule
+from .workdir import DecoderBlockOutput, committed_anything, fingerprints, prepare_work_dir
+
+log = logging.getLogger(__name__)
+
+
+def default_calibration_text() -> str:
+    """The calibration text shipped in the package (see ``admmq_dist/data/README.md``)."""
+    return importlib.resources.files("admmq_dist").joinpath("data/calibration.txt").read_text(
+        encoding="utf-8")
+
+
+def calibration_batches(model_dir: Path, recipe: Recipe) -> list[torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    cal = recipe.calibration
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    text = default_calibration_text() if cal.dataset is None else read_text(
+        cal.dataset, split=cal.split, text_field=cal.text_field)
+    windows = token_windows(tokenizer, text, cal.num_samples, cal.seq_len, cal.seed)
+    return list(torch.split(windows, cal.batch_size))
+
+
+def settle_recipe(recipe: Recipe, experts: bool) -> tuple[Recipe, list[str]]:
+    """The recipe with the choices it leaves open made for this model (the grid's symmetry), and
+    one line per such choice and per engine that will not serve the result. Raises ValueError,
+    before any work, when no engine would serve it."""
+    notes = []
+    if recipe.grid.symmetric is None:
+        symmetric, why = default_symmetric(recipe.output.format, experts)
+        recipe = dataclasses.replace(
+            recipe, grid=dataclasses.replace(recipe.grid, symmetric=symmetric))
+        if why:
+            notes.append(why)
+    grid = recipe.grid
+    notes += check_servable(Layout(recipe.output.format, grid.bits, grid.symmetric,
+                                   grid.group_size, experts))
+    return recipe, notes
+
+
+@torch.no_grad()
+def quantize_model(model: str, out_dir: Path, recipe: Recipe, *, device: torch.device,
+                   overwrite: bool = False, progress: bool = True, workers: int | None = None,
+                   address: str | None = None, threads: int | None = None,
+                   resume: bool = False, on_block=None, round_checkpoints: bool = False,
+                   backend=None) -> dict:
+    """Quantize ``model`` (hub id or folder) into a checkpoint at ``out_dir``; returns a summary.
+
+    ``workers``/``address`` run the workers as Ray actors (a local Ray instance, or the cluster
+    at ``address``); otherwise one worker runs in this process. ``threads`` limits each worker's
+    CPU threads. ``resume`` finishes an interrupted run from its committed blocks;
+    ``on_block(b)`` is called after block ``b`` is written. ``round_checkpoints``
+    (depth-parallel) also writes the model as each round left it, to ``<out_dir>.round-<r>``.
+    ``backend`` runs the workers instead (e.g. ``LocalBackend(2)``: two in-process workers).
+    """
+    model_dir = resolve_model_dir(model)
+    config, skeleton = build_skeleton(model_dir, torch.float32)
+    recipe, notes = settle_recipe(recipe, has_fused_experts(skeleton))
+    del skeleton
+    for note in notes:
+        log.warning("%s", note)
+    batches = calibration_batches(model_dir, recipe)
+    previous_threads = torch.get_num_threads()
+    if backend is not None and (workers is not None or address is not None):
+        raise ValueError("pass a backend or workers/address, not both")
+    if backend is None and workers is None and address is None:
+        backend = LocalBackend(1)
+    if isinstance(backend, LocalBackend) and threads:
+        torch.set_num_threads(threads)
+    if backend is None:
+        backend = RayBackend(workers or 1, address=address, threads=threads,
+                             gpu=torch.device(device).type == "cuda")
+    job = Job(model_dir, model, Path(out_dir), recipe, batches, backend, config=config,
+              device="cuda" if getattr(backend, "gpu", False) else str(device), threads=threads,
+              progress=progress, notes=tuple(notes))
+    try:
+        return job.run(overwrite=overwrite, resume=resume, on_block=on_block,
+                       round_checkpoints=round_checkpoints)
+    finally:
+        backend.shutdown()
+        torch.set_num_threads(previous_threads)
+
+
+class Job:
+    """One run: the workers, the resume folder, the schedule, the writer and the summary."""
+
+    def __init__(self, model_dir: Path, label: str, out_dir: Path, recipe: Recipe, batches,
+                 backend, *, config, device: str, threads: int | None, progress: bool,
+                 notes: tuple[str, ...]) -> None:
+        self.model_dir, self.label, self.out_dir = model_dir, label, out_dir
+        self.recipe, self.batches, self.backend, self.config = recipe, batches, backend, config
+        self.device, self.threads, self.progress, self.notes = device, threads, progress, notes
+        self.started = time.perf_counter()
+        self.timings = {"load": 0.0, "forward": 0.0, "solve": 0.0, "write": 0.0, "commit": 0.0}
+        self.index = TensorIndex(model_dir, getattr(config, "model_type", None))
+        self.depth_parallel = recipe.solver.schedule == "depth-parallel"
+
+    def run(self, *, overwrite: bool, resume: bool, on_block, round_checkpoints: bool) -> dict:
+        prints = fingerprints(self.model_dir, self.recipe, self.batches)
+        self.work = prepare_work_dir(self.out_dir, prints, resume, overwrite)
+        try:
+            self._start()
+            writer = self._writer(self.out_dir, overwrite)
+            with writer:
+                summary = self._quantize(writer, on_block, round_checkpoints)
+        except BaseException:
+            # A run that committed nothing leaves nothing to resume: a bad group size or a
+            # refused model must not make the next attempt ask for --resume or --overwrite.
+            if not committed_anything(self.work):
+                shutil.rmtree(self.work, ignore_errors=True)
+            raise
+        shutil.rmtree(self.work, ignore_errors=True)
+        summary["seconds"] = self._seconds()
+        return summary
+
+    def _start(self) -> None:
+        t = time.perf_counter()
+        # Depth-parallel workers own blocks, not batches: every batch flows through every worker.
+        shards = ([dict(enumerate(self.batches))] * self.backend.requested if self.depth_parallel
+                  else shard_batches(self.batches, self.backend.requested))
+        self.backend.start(str(self.model_dir), self.recipe, shards, self.device, self.threads)
+        self.timings["load"] += time.perf_counter() - t
+        first = lambda method: self.backend.get([self.backend.call(0, method)])[0]  # noqa: E731
+        self.num_blocks = first("num_blocks")
+        self.layout_prefix = first("block_prefix")
+        # Everything with a 2-D weight that stays dense is named in the ignore list (exactly).
+        self.dense = first("dense_modules")
+        self.ignore = list(self.dense)
+
+    def _writer(self, target: Path, overwrite: bool) -> CheckpointWriter:
+        grid, output = self.recipe.grid, self.recipe.output
+        writer = CheckpointWriter(target, format=output.format, bits=grid.bits,
+                                  group_size=grid.group_size, symmetric=grid.symmetric,
+                                  dtype=output_dtype(self.recipe, self.model_dir),
+                                  overwrite=overwrite,
+                                  max_shard_bytes=int(output.max_shard_gb * 1024**3))
+        writer.check_ignore_entries(list(output.skip))
+        writer.check_ignore_entries([n for n, linear_in_block in self.dense.items()
+                                     if linear_in_block])
+        return writer
+
+    def _quantize(self, writer: CheckpointWriter, on_block, round_checkpoints: bool) -> dict:
+        report: list[dict] = []
+        rounds = None
+        if self.depth_parallel:
+            schedule = DepthParallelSchedule(self.backend, self.recipe, self.index,
+                                             self.layout_prefix, self.num_blocks,
+                                             len(self.batches), self.timings, self.work)
+            done, rounds = schedule.run(writer.check_width, self.progress,
+                                        self._write_round if round_checkpoints else None)
+            for b in range(self.num_blocks):
+                self._write_block(writer, b, done[b])
+                report.extend(done[b].report)
+                if on_block is not None:
+                    on_block(b)
+            resumed = 0
+        else:
+            resumed = self._sequential(writer, report, on_block)
+        t = time.perf_counter()
+        self._write_outer(writer)
+        summary = self._summary(report, resumed, rounds)
+        if self.recipe.report.html:
+            # The page's time breakdown is the run's up to here (the final renames are not in it).
+            self.timings["write"] += time.perf_counter() - t
+            t = time.perf_counter()
+        extra = self._extra_files(report, summary)
+        writer.finalize(config=self.config.to_dict(), source_dir=self.model_dir,
+                        ignore=self.ignore, extra_files=extra)
+        self.timings["write"] += time.perf_counter() - t
+        return summary
+
+    def _sequential(self, writer: CheckpointWriter, report: list[dict], on_block) -> int:
+        """Every decoder block through the sequential schedule, each written as it finishes;
+        returns how many were resumed from commits."""
+        schedule = SequentialSchedule(self.backend, self.recipe, self.index, self.layout_prefix,
+                                      self.num_blocks, self.timings, self.work,
+                                      writer.check_width)
+        tty = sys.stderr.isatty()
+        resumed = 0
+        # Layers below blocks: on big models a block takes minutes, and the layer bar's ETA
+        # moves. Only on a terminal: in a log file a nested bar is a stream of cursor escapes.
+        with tqdm(total=self.num_blocks, desc="blocks", unit="block", disable=not self.progress,
+                  mininterval=1 if tty else 30) as bar, \
+                tqdm(desc="layers", unit="layer", position=1, leave=False,
+                     disable=not self.progress or not tty, mininterval=1) as layer_bar:
+            schedule.layer_bar = layer_bar
+            for b, out, was_resumed in schedule.blocks():
+                resumed += was_resumed
+                self._write_block(writer, b, out)
+                report.extend(out.report)
+                bar.set_postfix(self._postfix(out))
+                bar.update(1)
+                if on_block is not None:
+                    on_block(b)
+        return resumed
+
+    def _postfix(self, out: DecoderBlockOutput) -> dict:
+        solved = [r["loss"] for r in out.report if r["loss"] is not None]
+        postfix = {"loss": f"{sum(solved) / len(solved):.4f}"} if solved else {}
+        if self.backend.size > 1 and self.progress:
+            # Every worker's share of the wall time so far: the cluster's progress at a glance.
+            busy = self.backend.get([self.backend.call(w, "stats")
+                                     for w in range(self.backend.size)])
+            elapsed = max(time.perf_counter() - self.started, 1e-9)
+            postfix["busy"] = "/".join(
+                f"{(s['forward'] + s['merge'] + s['solve']) / elapsed:.0%}" for s in busy)
+        return postfix
+
+    def _write_block(self, writer: CheckpointWriter, b: int, out: DecoderBlockOutput) -> None:
+        """Block ``b``'s quantized linears, and its dense tensors (norms, routers, skips)."""
+        t = time.perf_counter()
+        prefix = f"{self.layout_prefix}.{b}"
+        for name, (codes, scale, zero) in out.quantized.items():
+            grid = Grid.from_parts(self.recipe.grid, codes.shape[1], scale, zero)
+            writer.add_quantized(out.disk[name], codes, grid)
+        written = {f"{out.disk[name]}.weight" for name in out.quantized} | set(out.consumed)
+        for disk, name in zip(self.index.names(), self.index.module_names()):
+            if name.startswith(prefix + ".") and disk not in written:
+                writer.add_tensor(disk, self.index.read(disk))
+        self.timings["write"] += time.perf_counter() - t
+
+    def _write_outer(self, writer: CheckpointWriter) -> None:
+        """Everything outside the decoder blocks (embeddings, final norm, lm_head), as it is."""
+        for disk, name in zip(self.index.names(), self.index.module_names()):
+            if not name.startswith(self.layout_prefix + "."):
+                writer.add_tensor(disk, self.index.read(disk))
+
+    def _write_round(self, r: int, outputs: dict[int, DecoderBlockOutput]) -> None:
+        """A checkpoint of the model as depth-parallel round ``r`` left it, beside the output."""
+        with self._writer(self.out_dir.parent / f"{self.out_dir.name}.round-{r}", True) as extra:
+            for b, out in outputs.items():
+                self._write_block(extra, b, out)
+            self._write_outer(extra)
+            extra.finalize(config=self.config.to_dict(), source_dir=self.model_dir,
+                           ignore=self.ignore)
+
+    def _summary(self, report: list[dict], resumed: int, rounds) -> dict:
+        grid = self.recipe.grid
+        stats = self.backend.get([self.backend.call(w, "stats")
+                                  for w in range(self.backend.size)])
+        solved = [r for r in report if r["loss"] is not None]
+        summary = {
+            "model": self.label, "output": str(self.out_dir),
+            "format": self.recipe.output.format, "bits": grid.bits,
+            "group_size": grid.group_size, "symmetric": grid.symmetric,
+            "method": self.recipe.solver.method, "layers": len(report),
+            "mean_loss": sum(r["loss"] for r in solved) / max(len(solved), 1),
+            "workers": self.backend.size, "resumed_blocks": resumed,
+            "worker_busy_seconds": stats,
+            # Workers' compute-device peaks (host RSS for CPU workers), and the driver's RSS.
+            "peak_memory_bytes": max(s["peak_memory_bytes"] for s in stats),
+            "driver_peak_rss_bytes": peak_memory_bytes(torch.device("cpu")),
+            "device": str(self.device), "notes": list(self.notes),
+        }
+        calibrations = [r["calibration"] for r in report if r["calibration"] != "dense"]
+        if calibrations:
+            summary["experts"] = {how: calibrations.count(how)
+                                  for how in ("routed", "all-tokens", "rtn")}
+        if rounds is not None:
+            summary["schedule"] = "depth-parallel"
+            summary["rounds"] = rounds
+        return summary
+
+    def _extra_files(self, report: list[dict], summary: dict) -> dict[str, str]:
+        """``recipe.yaml`` (the notes as comments above the resolved settings), ``report.jsonl``
+        and, unless turned off, ``report.html``."""
+        recipe_yaml = "".join(f"# {note}\n" for note in self.notes) + yaml.safe_dump(
+            to_mapping(self.recipe), sort_keys=False)
+        extra = {"recipe.yaml": recipe_yaml,
+                 "report.jsonl": "".join(json.dumps(r) + "\n" for r in report)}
+        if self.recipe.report.html:
+            extra["report.html"] = render_html(report, {**summary, "seconds": self._seconds()},
+                                               recipe_yaml)
+        return extra
+
+    def _seconds(self) -> dict[str, float]:
+        seconds = {k: round(v, 3) for k, v in self.timings.items()}
+        seconds["total"] = round(time.perf_counter() - self.started, 3)
+        return seconds

@@ -1,0 +1,57 @@
+"""One linear layer's solve, as both schedules run it: the Hessian merged from every worker's
+partial sums, the grid fitted to the whole layer, the canonical row blocks solved (cold, or warm
+from the layer's previous codes and duals), and one report row per layer in a single schema."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..quant.grid import Grid
+from ..quant.hessian import HessianAccumulator
+from ..quant.solvers.result import SolverResult
+from ..quant.solvers.rows import RowBlockResult, layer_history, solve_row_block
+from ..quant.solvers.solve import SolverSettings
+
+
+def merge_parts(parts: list[dict], device: torch.device
+                ) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """``(hessian, tokens, cross term or None)`` from every worker's partial sums (in any order:
+    the merge is exact, so the result does not depend on the sharding)."""
+    acc = HessianAccumulator.from_state(parts[0], device)
+    for part in parts[1:]:
+        acc.merge(HessianAccumulator.from_state(part, device))
+    return acc.hessian(), acc.num_rows, acc.cross() if acc.has_cross else None
+
+
+def solve_rows(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
+               settings: SolverSettings, rows: list[tuple[int, int]], *,
+               warm: list[dict | None] | None = None, compare: bool = False
+               ) -> list[RowBlockResult]:
+    """Row blocks ``rows`` of ``weight`` on ``grid`` (fitted to the whole layer: a row block's
+    grid is its rows of the whole, so every solver of a part of the layer agrees on it);
+    ``warm[k]`` warm-starts block ``k`` (``{"codes", "dual"}``)."""
+    return [solve_row_block(weight, hessian, grid, settings, start, stop,
+                            warm=None if warm is None else warm[k], compare=compare)
+            for k, (start, stop) in enumerate(rows)]
+
+
+def portable(blocks: list[RowBlockResult]) -> list[RowBlockResult]:
+    """Row-block results ready to cross to another process: on the CPU, with only the parts of
+    the solver's history the report plots, and without the solver state."""
+    return [dataclasses.replace(
+        b, codes=b.codes.cpu(), weight=b.weight.cpu(), state={},
+        history={k: b.history[k] for k in ("residual", "rho", "weight_norm") if k in b.history})
+        for b in blocks]
+
+
+def report_row(layer: str, block: int, result: SolverResult, blocks: list[RowBlockResult], *,
+               solved: bool, calibration: str, tokens: int | None, group: list[str],
+               **extra) -> dict:
+    """The run report's line for one layer (``report.jsonl``; the HTML report plots it)."""
+    return {"layer": layer, "block": block, "method": result.method,
+            "shape": list(result.codes.shape), "loss": result.loss if solved else None,
+            "iterations": result.iterations, "seconds": round(result.seconds, 4),
+            "calibration": calibration, "tokens": tokens, "group": group,
+            **layer_history(blocks), **extra}

@@ -1,0 +1,48 @@
+"""Who does what, decided so that nothing depends on the number of workers: calibration batches
+cut into contiguous shards by global index, and each stage's layers cut into canonical row blocks
+(:func:`admmq_dist.quant.solvers.rows.row_blocks`) spread over workers by cost."""
+
+from __future__ import annotations
+
+import torch
+
+from ..model.capture import Stage
+from ..quant.solvers.rows import row_blocks
+
+# A unit of solving work: (linear, (first row, stop row), cost).
+Unit = tuple[str, tuple[int, int], int]
+
+
+def shard_batches(batches: list[torch.Tensor], num_workers: int) -> list[dict[int, torch.Tensor]]:
+    """Contiguous shards by global batch index; worker 0 always holds batch 0."""
+    if num_workers < 1:
+        raise ValueError(f"workers={num_workers} must be at least 1")
+    if num_workers > len(batches):
+        raise ValueError(
+            f"{num_workers} workers but only {len(batches)} calibration batches; use fewer "
+            "workers or more --num-samples (or a smaller --batch-size)")
+    bounds = [len(batches) * k // num_workers for k in range(num_workers + 1)]
+    return [{i: batches[i] for i in range(bounds[k], bounds[k + 1])} for k in range(num_workers)]
+
+
+def stage_units(stage: Stage, shapes: dict[str, tuple[int, int]], row_block: int) -> list[Unit]:
+    """Every canonical row block of the stage's linears, costed by its size."""
+    units = []
+    for group in stage.groups:
+        for name in group:
+            rows, cols = shapes[name]
+            for start, stop in row_blocks(rows, row_block):
+                units.append((name, (start, stop), (stop - start) * cols))
+    return units
+
+
+def assign(units: list[Unit], num_workers: int) -> dict[int, list[Unit]]:
+    """Longest-processing-time assignment of units: deterministic (ties go to the lowest
+    worker, equal costs keep plan order)."""
+    load = [0] * num_workers
+    out: dict[int, list] = {w: [] for w in range(num_workers)}
+    for unit in sorted(units, key=lambda u: -u[2]):
+        w = min(range(num_workers), key=lambda k: (load[k], k))
+        load[w] += unit[2]
+        out[w].append(unit)
+    return out

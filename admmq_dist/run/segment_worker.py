@@ -1,0 +1,178 @@
+"""The depth-parallel schedule's worker. It owns one or more *segments* — contiguous runs of
+decoder blocks — for the whole run and quantizes them the sequential way (stage by stage, block
+by block, each on the outputs of the quantized blocks before it) from the segment's input, which
+is the float model's activations in round 0 and the previous segment's output from the round
+before afterwards. Every worker holds every calibration batch; each layer keeps its ADMM-Q state
+(codes, grid, duals) from round to round for warm starts."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..model.capture import block_output, calibration_stages, capture_hessians
+from ..model.loading import load_block
+from ..quant.grid import Grid, fit_grid
+from ..quant.solvers.rows import combine, row_blocks
+from ..quant.solvers.solve import SolverSettings
+from .device_model import DeviceModel, block_linears
+from .layer import report_row, solve_rows
+from .workdir import load_segment_round, save_segment_round
+
+
+class SegmentWorker(DeviceModel):
+    def own(self, segments: dict[int, list[int]]) -> None:
+        """Take ``segments`` (segment -> its decoder blocks): load their blocks for good."""
+        self.segments = {s: list(blocks) for s, blocks in sorted(segments.items())}
+        self.owned = [b for blocks in self.segments.values() for b in blocks]
+        self.layers: dict[tuple[int, str], torch.nn.Linear] = {}
+        self.stages: dict[int, list[list[list[str]]]] = {}
+        self.float_weights: dict[tuple[int, str], torch.Tensor] = {}
+        # Per layer, what the last round left: codes, grid, and each row block's dual.
+        self.layer_states: dict[tuple[int, str], dict] = {}
+        for b in self.owned:
+            load_block(self.blocks[b], self.layout.block_prefix(b), self.index, self.device,
+                       self.dtype)
+            for name, linear in block_linears(self.blocks[b], self.recipe.output.skip).items():
+                self.layers[(b, name)] = linear
+                self.float_weights[(b, name)] = linear.weight.detach().float().clone()
+        for b in self.owned:
+            self._stages(b)
+        # Each segment's input per batch: the embeddings for segment 0, else set by the
+        # pipelined float forward (round 0) and by the schedule (later rounds).
+        self.inputs: dict[int, list] = {s: [None] * len(self.batch_ids) for s in self.segments}
+        if 0 in self.inputs:
+            self.inputs[0] = list(self.first_hidden)
+        self.outputs: dict[int, list[torch.Tensor]] = {}
+
+    def layer_widths(self) -> dict[tuple[int, str], int]:
+        """``in_features`` of every owned linear, for the writer's checks before any solve."""
+        return {key: linear.in_features for key, linear in self.layers.items()}
+
+    def _stages(self, b: int) -> list[list[list[str]]]:
+        """Block ``b``'s true-sequential stages, each a list of groups sharing an input."""
+        if b not in self.stages:
+            linears = {n: m for (bb, n), m in self.layers.items() if bb == b}
+            # Which linears share an input is structure, not values: a zero input of the
+            # block's shape finds it on any worker.
+            probe = torch.zeros(1, self.seq_len, self.config.get_text_config().hidden_size,
+                                dtype=self.dtype, device=self.device)
+            stages = calibration_stages(self.blocks[b], linears, probe, self.args[b][0],
+                                        self.kwargs[b][0])
+            if any(st.experts for st in stages):
+                raise ValueError("the depth-parallel schedule does not handle mixture-of-experts "
+                                 "blocks yet; use --schedule sequential")
+            self.stages[b] = [list(st.groups) for st in stages]
+        return self.stages[b]
+
+    @torch.no_grad()
+    def forward_shard(self, i: int, hidden: torch.Tensor | None) -> torch.Tensor:
+        """Round 0's pipelined forward of the float model: run global batch ``i`` through this
+        worker's blocks, keeping each segment's input; returns the hidden states."""
+        local = self.batch_ids.index(i)
+        h = self.first_hidden[local] if hidden is None else hidden.to(self.device, self.dtype)
+        for s, blocks in self.segments.items():
+            if s != 0:
+                self.inputs[s][local] = h
+            for b in blocks:
+                t = time.perf_counter()
+                h = block_output(self.blocks[b](h, *self.args[b][local], **self.kwargs[b][local]))
+                self.busy["forward"] += time.perf_counter() - t
+        return h.cpu() if self.device.type != "cpu" else h
+
+    def set_input(self, s: int, hidden: list[torch.Tensor]) -> None:
+        """Segment ``s``'s input for the next round (the previous segment's latest output)."""
+        self.inputs[s] = [h.to(self.device, self.dtype) for h in hidden]
+
+    def segment_output(self, s: int) -> list[torch.Tensor]:
+        return [h.cpu() for h in self.outputs[s]]
+
+    @torch.no_grad()
+    def run_round(self, r: int, warm_settings: SolverSettings, segments: list[int],
+                  cold: list[int] = ()) -> list[dict]:
+        """Quantize the owned ``segments`` sequentially from their inputs: the ``cold`` ones (and
+        every layer without a state yet) with the full schedule, the others warm-started with
+        ``warm_settings``. Returns each layer's report row, with the fraction of its codes that
+        changed (``changed``) and its size."""
+        out = []
+        for s in segments:
+            h = self.inputs[s]
+            for b in self.segments[s]:
+                for groups in self._stages(b):
+                    out += self._solve_stage(b, groups, h, warm_settings, s in cold)
+                h = self.forward(b, h)
+            self.outputs[s] = h
+        return out
+
+    def _solve_stage(self, b: int, groups: list[list[str]], hidden: list[torch.Tensor],
+                     warm_settings: SolverSettings, cold: bool) -> list[dict]:
+        t = time.perf_counter()
+        inputs_of = {g[0]: (self.layers[(b, g[0])], self.layers[(b, g[0])].in_features, None)
+                     for g in groups}
+        hessians = capture_hessians(self.blocks[b], inputs_of, hidden, self.args[b],
+                                    self.kwargs[b], self.batch_ids, self.device)
+        self.busy["forward"] += time.perf_counter() - t
+        t = time.perf_counter()
+        out = []
+        for group in groups:
+            hessian = hessians[group[0]].hessian()
+            for name in group:
+                out.append(self._solve_layer(b, name, group, hessian, hessians[group[0]].num_rows,
+                                             warm_settings, cold))
+        self.busy["solve"] += time.perf_counter() - t
+        return out
+
+    def _solve_layer(self, b: int, name: str, group: list[str], hessian: torch.Tensor,
+                     tokens: int, warm_settings: SolverSettings, cold: bool) -> dict:
+        weight = self.float_weights[(b, name)]
+        grid = fit_grid(weight, self.recipe.grid)
+        previous = self.layer_states.get((b, name))
+        warm_start = previous is not None and not cold
+        settings = warm_settings if warm_start else self.recipe.solver
+        rows = row_blocks(weight.shape[0], settings.row_block)
+        warm = ([{"codes": previous["codes"][start:stop], "dual": previous["duals"][k]}
+                 for k, (start, stop) in enumerate(rows)] if warm_start else None)
+        blocks = solve_rows(weight, hessian, grid, settings, rows, warm=warm,
+                            compare=self.recipe.report.compare)
+        result = combine(blocks, grid)
+        changed = 1.0 if previous is None else float(
+            (result.codes != previous["codes"]).float().mean())
+        self.layer_states[(b, name)] = {"codes": result.codes, "grid": grid,
+                                        "duals": [blk.state.get("dual") for blk in blocks]}
+        linear = self.layers[(b, name)]
+        linear.weight.copy_(grid.dequantize(result.codes).to(linear.weight.dtype))
+        return report_row(name, b, result, blocks, solved=True, calibration="dense",
+                          tokens=tokens, group=group, changed=changed,
+                          size=result.codes.numel())
+
+    def results(self, b: int) -> dict:
+        """Codes and grids of block ``b``'s layers, for the writer."""
+        return {name: (st["codes"].cpu(), st["grid"].scale.cpu(), st["grid"].zero.cpu())
+                for (bb, name), st in self.layer_states.items() if bb == b}
+
+    def save_round(self, folder: str, r: int, segments: list[int]) -> None:
+        """Commit the owned ``segments`` solved in round ``r``: their layers' states and each
+        segment's output (the next segment's input)."""
+        for s in segments:
+            states = {(b, name): st for (b, name), st in self.layer_states.items()
+                      if b in self.segments[s]}
+            save_segment_round(folder, r, s, states, self.outputs[s])
+
+    @torch.no_grad()
+    def load_round(self, folder: str, solved_in: dict[int, int]) -> None:
+        """Restore the owned segments' states and outputs from the rounds that last solved them
+        (``solved_in``: segment -> round), and put the quantized weights in place."""
+        spec = self.recipe.grid
+        for s, blocks in self.segments.items():
+            layers = {key: linear.weight.shape for key, linear in self.layers.items()
+                      if key[0] in blocks}
+            outputs, states = load_segment_round(
+                folder, solved_in[s], s, layers, len(self.batch_ids),
+                lambda rows: len(row_blocks(rows, self.recipe.solver.row_block)), self.device)
+            self.outputs[s] = [h.to(self.device, self.dtype) for h in outputs]
+            for key, (codes, scale, zero, duals) in states.items():
+                grid = Grid.from_parts(spec, codes.shape[1], scale, zero)
+                self.layer_states[key] = {"codes": codes, "grid": grid, "duals": duals}
+                linear = self.layers[key]
+                linear.weight.copy_(grid.dequantize(codes).to(linear.weight.dtype))

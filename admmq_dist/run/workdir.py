@@ -1,0 +1,180 @@
+"""The resume folder beside the output (``.<out>.admmq-work``): what an interrupted run must share
+with its resumption (fingerprints in ``manifest.json``), and what it has finished — one commit
+per decoder block (sequential schedule), per round a marker and each re-solved segment's layer
+states and output (depth-parallel). Every file appears atomically (:mod:`admmq_dist.files`), so a
+run killed at any instant resumes into the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import safe_open
+
+from .. import __version__
+from ..checkpoint.publish import remove_stale_partials
+from ..files import save_tensors, write_text
+from ..recipe import Recipe, to_mapping
+
+log = logging.getLogger(__name__)
+
+
+class ResumeError(ValueError):
+    """The interrupted run cannot be resumed as asked; the message says why and what to do."""
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def fingerprints(model_dir: Path, recipe: Recipe, batches: list[torch.Tensor]) -> dict[str, str]:
+    """What a resumed run must share with the interrupted one."""
+    files = sorted((p.name, p.stat().st_size) for p in model_dir.glob("*.safetensors"))
+    config = (model_dir / "config.json").read_bytes() if (model_dir / "config.json").is_file() else b""
+    mapping = to_mapping(recipe)
+    mapping["output"] = {k: v for k, v in mapping["output"].items() if k != "max_shard_gb"}
+    return {
+        "model": _sha(config + json.dumps(files).encode()),
+        "recipe": _sha(yaml.safe_dump(mapping, sort_keys=True).encode()),
+        "calibration": _sha(torch.cat([b.flatten() for b in batches]).numpy().tobytes()),
+        "version": __version__,
+    }
+
+
+def work_dir_for(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.admmq-work"
+
+
+def prepare_work_dir(out_dir: Path, prints: dict[str, str], resume: bool, overwrite: bool) -> Path:
+    """The resume folder, fresh or (``resume``) the interrupted run's when it shares ``prints``."""
+    work = work_dir_for(out_dir)
+    manifest = work / "manifest.json"
+    if work.exists():
+        if resume and manifest.is_file():
+            old = json.loads(manifest.read_text())
+            changed = [k for k in prints if old.get(k) != prints[k]]
+            if changed:
+                raise ResumeError(
+                    f"cannot resume into {out_dir}: the {', '.join(changed)} changed since the "
+                    f"interrupted run (fingerprints in {manifest}); rerun without --resume and "
+                    "with --overwrite to start over")
+            for path in remove_stale_partials(out_dir):
+                log.info("removed %s, left by the interrupted run", path)
+            return work
+        if not resume and not overwrite:
+            raise ResumeError(
+                f"an interrupted run left {work}; pass --resume to finish it, or --overwrite to "
+                "start over")
+        shutil.rmtree(work)
+    elif resume:
+        log.warning("nothing to resume at %s; starting from the first block", work)
+    work.mkdir(parents=True)
+    write_text(manifest, json.dumps(prints, indent=1))
+    return work
+
+
+def committed_anything(work: Path) -> bool:
+    return any(work.glob("block-*.safetensors")) or any(work.glob("round-*.done"))
+
+
+# ------------------------------------------------------------------- sequential: per block
+
+
+@dataclass
+class DecoderBlockOutput:
+    """A finished decoder block: per quantized linear its codes and grid, and the report rows."""
+
+    # block-relative linear name -> (codes, scale, zero); ``disk`` maps it to the checkpoint name
+    quantized: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    disk: dict[str, str] = field(default_factory=dict)
+    report: list[dict] = field(default_factory=list)
+    # Checkpoint tensors the block's quantized linears replace (fused experts split on load).
+    consumed: list[str] = field(default_factory=list)
+
+
+def commit_block(work: Path, b: int, out: DecoderBlockOutput) -> None:
+    tensors = {}
+    for name, (codes, scale, zero) in out.quantized.items():
+        tensors[f"{name}.codes"] = codes.to(torch.uint8).contiguous()
+        tensors[f"{name}.scale"] = scale.contiguous()
+        tensors[f"{name}.zero"] = zero.contiguous()
+    meta = {"report": json.dumps(out.report), "consumed": json.dumps(out.consumed),
+            "disk": json.dumps(out.disk)}
+    save_tensors(tensors, work / f"block-{b:05d}.safetensors", metadata=meta)
+
+
+def read_commit(work: Path, b: int) -> DecoderBlockOutput | None:
+    path = work / f"block-{b:05d}.safetensors"
+    if not path.is_file():
+        return None
+    out = DecoderBlockOutput()
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+        out.disk = json.loads(meta["disk"])
+        for name in out.disk:
+            out.quantized[name] = (f.get_tensor(f"{name}.codes").to(torch.int32),
+                                   f.get_tensor(f"{name}.scale"), f.get_tensor(f"{name}.zero"))
+    out.report = json.loads(meta["report"])
+    out.consumed = json.loads(meta["consumed"])
+    return out
+
+
+# --------------------------------------------------------------- depth-parallel: per round
+
+
+def mark_round(work: Path, r: int, marker: dict) -> None:
+    """Round ``r`` is committed (its segments' files were written first)."""
+    write_text(work / f"round-{r:03d}.done", json.dumps(marker))
+
+
+def last_round_marker(work: Path) -> dict | None:
+    finished = sorted(work.glob("round-*.done"))
+    return json.loads(finished[-1].read_text()) if finished else None
+
+
+def _segment_path(folder: str | Path, r: int, s: int) -> Path:
+    return Path(folder) / f"round-{r:03d}-segment-{s:05d}.safetensors"
+
+
+def save_segment_round(folder: str | Path, r: int, s: int, states: dict[tuple[int, str], dict],
+                       outputs: list[torch.Tensor]) -> None:
+    """Segment ``s`` as round ``r`` left it: each layer's codes, grid and row blocks' duals
+    (``states``: (block, layer) -> state), and the segment's output per batch."""
+    tensors = {}
+    for (b, name), st in states.items():
+        key = f"{b}.{name}"
+        tensors[f"{key}.codes"] = st["codes"].to(torch.uint8).cpu().contiguous()
+        tensors[f"{key}.scale"] = st["grid"].scale.cpu().contiguous()
+        tensors[f"{key}.zero"] = st["grid"].zero.cpu().contiguous()
+        for k, dual in enumerate(st["duals"]):
+            if dual is not None:
+                tensors[f"{key}.dual.{k}"] = dual.cpu().contiguous()
+    for i, h in enumerate(outputs):
+        tensors[f"output.{i}"] = h.cpu().contiguous()
+    save_tensors(tensors, _segment_path(folder, r, s))
+
+
+def load_segment_round(folder: str | Path, r: int, s: int, layers, num_batches: int,
+                       num_row_blocks, device: torch.device):
+    """What :func:`save_segment_round` wrote: ``(outputs, states)`` with ``states`` (block, layer)
+    -> ``(codes, scale, zero, duals)`` for the ``layers`` asked (``(block, layer)`` -> weight
+    shape); ``num_row_blocks(rows)`` says how many duals a layer of ``rows`` rows has."""
+    states = {}
+    with safe_open(_segment_path(folder, r, s), "pt") as f:
+        keys = set(f.keys())
+        outputs = [f.get_tensor(f"output.{i}") for i in range(num_batches)]
+        for (b, name), shape in layers.items():
+            key = f"{b}.{name}"
+            codes = f.get_tensor(f"{key}.codes").to(torch.int32).to(device)
+            duals = [f.get_tensor(f"{key}.dual.{k}").to(device) if f"{key}.dual.{k}" in keys
+                     else None for k in range(num_row_blocks(shape[0]))]
+            states[(b, name)] = (codes, f.get_tensor(f"{key}.scale").to(device),
+                                 f.get_tensor(f"{key}.zero").to(device), duals)
+    return outputs, states

@@ -1,0 +1,201 @@
+"""The sequential schedule's worker: one device, a shard of the calibration batches, and the
+decoder block being quantized.
+
+The schedule (:mod:`admmq_dist.run.sequential`) drives workers block by block; a worker decides
+nothing about the plan. Its methods take and return plain tensors, dicts and lists, so that the
+in-process backend calls them directly and the Ray backend across processes.
+
+Why activations stay put: a worker's shard of hidden states is the largest thing in a run (samples
+x tokens x hidden, per block), so only Hessian partial sums (hidden² per group) and solved weights
+move between workers — "data-parallel sequential" in ``architecture.md``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..model.arch import target_linears
+from ..model.capture import Stage, calibration_stages, capture_hessians, record_inputs
+from ..model.loading import load_block, release
+from ..model.moe import ExpertList, expert_lists
+from ..quant.grid import fit_grid
+from ..quant.hessian import asymmetric_target
+from ..quant.solvers.rows import RowBlockResult
+from ..recipe import Recipe
+from .device_model import DeviceModel, block_linears
+from .experts import ALL_TOKENS
+from .layer import merge_parts, portable, solve_rows
+
+
+class Worker(DeviceModel):
+    """Holds its calibration shard's hidden states and, while it is being solved, one decoder
+    block (``current``)."""
+
+    def __init__(self, model_dir: str, recipe: Recipe, batches: dict[int, torch.Tensor],
+                 device: str, threads: int | None = None) -> None:
+        super().__init__(model_dir, recipe, batches, device, threads)
+        self.hidden = self.first_hidden
+        # Asymmetric calibration: the float model's hidden states run beside the quantized ones,
+        # and while a block is loaded, its float pass (each dense linear's inputs, the outputs).
+        self.asymmetric = recipe.calibration.asymmetric if recipe.solver.method != "rtn" else 0.0
+        self.float_hidden = self.hidden
+        self._float: dict | None = None
+        self.current: int | None = None
+        self.linears: dict[str, torch.nn.Linear] = {}
+        self._parts: dict = {}
+        self._hessians: dict[str, tuple] = {}
+
+    # ------------------------------------------------------------------------- decoder blocks
+
+    def block_state(self, b: int) -> dict[str, torch.Tensor]:
+        """Decoder block ``b``'s tensors read from the checkpoint (module-path names), for
+        sharing with the other workers (one reads the files, all load)."""
+        prefix = self.layout.block_prefix(b) + "."
+        return {name: self.index.read(name) for name in self.index.module_names()
+                if name.startswith(prefix)}
+
+    def load_block(self, b: int, state: dict[str, torch.Tensor] | None = None) -> list[str]:
+        if self.current is not None:
+            self.release_block()
+        consumed = load_block(self.blocks[b], self.layout.block_prefix(b), self.index,
+                              self.device, self.dtype, state)
+        self.current = b
+        self.linears = block_linears(self.blocks[b], self.recipe.output.skip)
+        if self.asymmetric:
+            self._float_pass()
+        return sorted(consumed)
+
+    def release_block(self) -> None:
+        if self.current is not None:
+            release(self.blocks[self.current])
+        self.current, self.linears = None, {}
+        self._parts, self._hessians = {}, {}
+        self._float = None
+
+    def _float_pass(self) -> None:
+        """Run the just-loaded (float) block on the float model's hidden states, keeping what
+        every dense linear received per batch and the block's outputs. Experts are left out: the
+        float and the quantized model route different tokens to them, so their activations do
+        not pair up."""
+        b = self._block()
+        experts = tuple(p + "." for p in expert_lists(self.blocks[b]))
+        dense = {n: m for n, m in self.linears.items() if not n.startswith(experts)}
+        t = time.perf_counter()
+        inputs, outputs = record_inputs(self.blocks[b], dense, self.float_hidden, self.args[b],
+                                        self.kwargs[b])
+        self.busy["forward"] += time.perf_counter() - t
+        self._float = {"inputs": inputs, "outputs": outputs}
+
+    def plan(self) -> dict:
+        """The current block's stages and the shapes of its linears (from the first batch, which
+        worker 0 always holds, so the plan never depends on the sharding)."""
+        b = self._block()
+        stages = calibration_stages(self.blocks[b], self.linears, self.hidden[0],
+                                    self.args[b][0], self.kwargs[b][0])
+        return {"stages": stages,
+                "shapes": {n: tuple(m.weight.shape) for n, m in self.linears.items()},
+                # Linears not solved (the recipe's skips, routers): not checked for widths.
+                "skipped": sorted(n for n in target_linears(self.blocks[b])
+                                  if n not in self.linears)}
+
+    # -------------------------------------------------------------------------------- capture
+
+    def capture(self, stage: Stage, calibrate_all: list[int] = ()) -> dict:
+        """Accumulate the stage's Hessians over this worker's batches (kept here until fetched
+        with :meth:`hessian_part`); returns the tokens routed to each expert, if any."""
+        b = self._block()
+        block = self.blocks[b]
+        inputs_of = {}
+        for group in stage.groups:
+            refs = None
+            if self._float is not None and stage.experts is None:
+                refs = self._float["inputs"].get(group[0])
+                refs = refs if refs is not None and all(r is not None for r in refs) else None
+            first = self.linears[group[0]]
+            inputs_of[group[0]] = (first, first.in_features, refs)
+        experts: ExpertList | None = None
+        if stage.experts is not None:
+            experts = block.get_submodule(stage.experts)
+            experts.reset_counts()
+            experts.calibrate_all = frozenset(calibrate_all)
+            if stage.role == 0:
+                width = experts[0].linears()[0].in_features
+                inputs_of[ALL_TOKENS + stage.experts] = (experts, width, None)
+        t = time.perf_counter()
+        try:
+            self._parts = capture_hessians(block, inputs_of, self.hidden, self.args[b],
+                                           self.kwargs[b], self.batch_ids, self.device)
+        finally:
+            if experts is not None:
+                experts.calibrate_all = frozenset()
+        self._hessians = {}
+        self.busy["forward"] += time.perf_counter() - t
+        return {"routed": list(experts.routed_tokens) if experts is not None else None}
+
+    def hessian_part(self, key: str) -> dict:
+        """This worker's partial sums for one group (``key``: its first linear, or
+        ``ALL_TOKENS + experts path``), to be merged on the layer's owner."""
+        return self._parts[key].state()
+
+    # ---------------------------------------------------------------------------------- solve
+
+    @torch.no_grad()
+    def solve(self, name: str, key: str | None, rows: list[tuple[int, int]], *parts: dict) -> dict:
+        """Solve row blocks ``rows`` of linear ``name`` against the Hessian merged from ``parts``
+        (every worker's partial sums for ``key``); ``key`` None rounds to nearest.
+
+        Returns ``{"blocks": [RowBlockResult], "tokens", "grid": {"scale", "zero"} or None}``;
+        the grid comes with the block that starts at row 0.
+        """
+        t = time.perf_counter()
+        hessian, tokens, cross = None, None, None
+        if key is not None:
+            if key not in self._hessians:
+                self._hessians[key] = merge_parts(list(parts), self.device)
+            hessian, tokens, cross = self._hessians[key]
+        self.busy["merge"] += time.perf_counter() - t
+        t = time.perf_counter()
+        weight = self.linears[name].weight.detach().float()
+        if key is not None and cross is not None:
+            # The asymmetric objective is the ordinary one with a moved target (see the function).
+            weight = asymmetric_target(weight, hessian, cross, self.asymmetric,
+                                       self.recipe.solver.gptq.damp)
+        grid = fit_grid(weight, self.recipe.grid)
+        blocks: list[RowBlockResult] = solve_rows(weight, hessian, grid, self.recipe.solver, rows,
+                                                  compare=self.recipe.report.compare)
+        self.busy["solve"] += time.perf_counter() - t
+        first = any(start == 0 for start, _ in rows)
+        return {"blocks": portable(blocks), "tokens": tokens,
+                "grid": {"scale": grid.scale.cpu(), "zero": grid.zero.cpu()} if first else None}
+
+    @torch.no_grad()
+    def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Put solved (dequantized) weights in place; later stages see the quantized layers."""
+        for name, w in weights.items():
+            linear = self.linears[name]
+            linear.weight.copy_(w.to(linear.weight.device, linear.weight.dtype))
+
+    # ------------------------------------------------------------------------------ propagate
+
+    def propagate(self) -> None:
+        """Run the (quantized) block on this worker's shard: the next block's inputs."""
+        self.hidden = self.forward(self._block(), self.hidden)
+        if self._float is not None:
+            self.float_hidden = self._float["outputs"]
+            self._float = None
+
+    def replay(self, b: int, weights: dict[str, torch.Tensor],
+               state: dict[str, torch.Tensor] | None = None) -> None:
+        """Bring this worker past block ``b`` with that block's committed quantized weights
+        (resume, or a restarted worker catching up): load, set, propagate, release."""
+        self.load_block(b, state)
+        self.set_weights(weights)
+        self.propagate()
+        self.release_block()
+
+    def _block(self) -> int:
+        if self.current is None:
+            raise RuntimeError("no block is loaded on this worker")
+        return self.current

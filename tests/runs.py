@@ -1,0 +1,33 @@
+"""Small whole runs shared by the schedule, resume and Ray tests: a 3-block tiny Llama quantized
+with small row blocks (every layer cut into several, spread over workers), and a digest of what
+a run wrote."""
+
+import hashlib
+import json
+
+import torch
+
+from admmq_dist.recipe import Recipe, override
+from admmq_dist.run.job import quantize_model
+
+SETTINGS = {"grid": {"bits": 3, "group_size": 32},
+            "solver": {"row_block": 24, "admm": {"iterations": 40}},
+            "calibration": {"dataset": None, "num_samples": 8, "seq_len": 48, "batch_size": 2}}
+
+
+def digest(folder):
+    """Hash of every tensor file and of the per-layer report (not the timings)."""
+    h = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        h.update(path.name.encode() + path.read_bytes())
+    for line in (folder / "report.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        h.update(json.dumps([row["layer"], row["loss"], row["tokens"]]).encode())
+    return h.hexdigest()
+
+
+def quantize(model_dir, out, asymmetric=0.0, **kw):
+    recipe = override(Recipe(), {**SETTINGS, "calibration": {**SETTINGS["calibration"],
+                                                             "asymmetric": asymmetric}})
+    return quantize_model(str(model_dir), out, recipe, device=torch.device("cpu"),
+                          progress=False, threads=1, **kw)

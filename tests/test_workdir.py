@@ -1,0 +1,137 @@
+"""run/workdir.py: an interrupted run resumes into the same bytes — after an exception, after
+kill -9, in either schedule — and refuses to resume what changed."""
+
+import json
+
+import pytest
+import torch
+
+from admmq_dist.recipe import Recipe, override
+from admmq_dist.run.job import quantize_model
+from admmq_dist.run.workdir import ResumeError, work_dir_for
+
+from runs import SETTINGS, digest, quantize
+from tiny import tiny_model_dir
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("src"), "llama", num_hidden_layers=3)
+
+
+
+def test_an_interrupted_run_resumes_into_the_same_bytes(model_dir, tmp_path):
+    quantize(model_dir, tmp_path / "ref")
+
+    def interrupt(b):
+        if b == 1:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        quantize(model_dir, out, on_block=interrupt)
+    work = work_dir_for(out)
+    assert not out.exists() and sorted(p.name for p in work.glob("block-*")) == [
+        "block-00000.safetensors", "block-00001.safetensors"]
+    with pytest.raises(ResumeError, match="--resume"):
+        quantize(model_dir, out)
+    changed = override(Recipe(), {**SETTINGS, "grid": {"bits": 4, "group_size": 32}})
+    with pytest.raises(ResumeError, match="recipe changed"):
+        quantize_model(str(model_dir), out, changed, device=torch.device("cpu"), progress=False,
+                       resume=True)
+    summary = quantize(model_dir, out, resume=True)
+    assert summary["resumed_blocks"] == 2
+    assert digest(out) == digest(tmp_path / "ref")
+    assert not work.exists()
+
+
+def test_a_resumed_asymmetric_run_rebuilds_the_float_stream(model_dir, tmp_path):
+    """Replaying committed blocks must carry the float model's activations forward too."""
+    quantize(model_dir, tmp_path / "ref", asymmetric=0.5)
+
+    def interrupt(b):
+        if b == 1:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        quantize(model_dir, out, asymmetric=0.5, on_block=interrupt)
+    summary = quantize(model_dir, out, asymmetric=0.5, resume=True)
+    assert summary["resumed_blocks"] == 2 and digest(out) == digest(tmp_path / "ref")
+
+
+def test_kill_9_then_resume_from_the_command_line(model_dir, tmp_path):
+    """SIGKILL the CLI once a block is committed (no cleanup runs), then --resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    common = ["--bits", "3", "--group-size", "32", "--num-samples", "8", "--seq-len", "48",
+              "--batch-size", "2", "--iterations", "150", "--threads", "1"]
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    cli = [sys.executable, "-m", "admmq_dist.cli", "quantize", str(model_dir)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run(cli + ["-o", str(ref)] + common, check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(cli + ["-o", str(out)] + common, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    work = work_dir_for(out)
+    deadline = time.monotonic() + 300
+    while not (work / "block-00000.safetensors").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if out.exists():
+        pytest.skip("the run finished before it could be killed")
+    # The killed run left its work folder and a half-written checkpoint folder beside the output.
+    assert (work / "manifest.json").is_file()
+    result = subprocess.run(cli + ["-o", str(out), "--resume", "--json"] + common, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["resumed_blocks"] >= 1
+    assert digest(out) == digest(ref)
+    assert not work.exists()
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert leftovers == []
+
+
+def test_depth_parallel_needs_admmq_and_resumes_between_rounds(model_dir, tmp_path, monkeypatch):
+    from admmq_dist.run.segment_worker import SegmentWorker
+
+    with pytest.raises(ValueError, match="admmq"):
+        override(Recipe(), {"solver": {"schedule": "depth-parallel", "method": "gptq"}})
+    recipe = override(Recipe(), {**SETTINGS, "solver": {**SETTINGS["solver"],
+                                                        "schedule": "depth-parallel", "rounds": 2,
+                                                        "segments": 3}})
+
+    def run(out, **kw):
+        return quantize_model(str(model_dir), out, recipe, device=torch.device("cpu"),
+                              progress=False, threads=1, **kw)
+
+    reference = run(tmp_path / "ref")
+    calls = []
+    original = SegmentWorker.run_round
+
+    def run_round(self, r, warm, segments, cold=()):
+        calls.append(r)
+        if r == 2:  # the process "dies" in round 2 with rounds 0 and 1 committed
+            raise KeyboardInterrupt
+        return original(self, r, warm, segments, cold)
+
+    monkeypatch.setattr(SegmentWorker, "run_round", run_round)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "out")
+    monkeypatch.setattr(SegmentWorker, "run_round", original)
+    assert sorted(p.name for p in work_dir_for(tmp_path / "out").glob("round-*.done")) == [
+        "round-000.done", "round-001.done"]
+    resumed = run(tmp_path / "out", resume=True)
+
+    def figures(summary):
+        return [(h["round"], h["changed"], h["mean_loss"], h["iterations"])
+                for h in summary["rounds"]]
+
+    assert [h["round"] for h in resumed["rounds"]] == [0, 1, 2]
+    assert figures(resumed) == figures(reference)
+    assert digest(tmp_path / "out") == digest(tmp_path / "ref")

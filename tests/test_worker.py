@@ -1,0 +1,59 @@
+"""run/worker.py and run/device_model.py: a worker holds its shard of the calibration batches;
+what it hands over (the plan, partial Hessians, solved row blocks) lets any number of workers
+reproduce one worker's bytes."""
+
+import pytest
+import torch
+
+from admmq_dist.recipe import Recipe, override
+from admmq_dist.run.backends import LocalBackend
+from admmq_dist.run.job import calibration_batches, settle_recipe
+from admmq_dist.run.layer import merge_parts
+from admmq_dist.run.plan import shard_batches
+
+from tiny import tiny_model_dir
+
+FAST = {"calibration": {"dataset": None, "num_samples": 8, "seq_len": 32, "batch_size": 2}}
+
+
+def started(src, recipe, workers: int) -> LocalBackend:
+    batches = calibration_batches(src, recipe)
+    backend = LocalBackend(workers)
+    backend.start(str(src), recipe, shard_batches(batches, workers), "cpu")
+    return backend
+
+
+def test_two_workers_hand_over_what_one_worker_computes(tmp_path):
+    src = tiny_model_dir(tmp_path / "src", "llama")
+    recipe, _ = settle_recipe(override(Recipe(), FAST), experts=False)
+    one, two = started(src, recipe, 1), started(src, recipe, 2)
+    for backend in (one, two):
+        for w in range(backend.size):
+            backend.call(w, "load_block", 0)
+    plans = [one.call(0, "plan"), two.call(0, "plan"), two.call(1, "plan")]
+    assert plans[0]["shapes"] == plans[1]["shapes"] == plans[2]["shapes"]
+    stage = plans[0]["stages"][0]
+    assert stage.groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]]
+    for backend in (one, two):
+        for w in range(backend.size):
+            backend.call(w, "capture", stage)
+    key = stage.groups[0][0]
+    whole = merge_parts([one.call(0, "hessian_part", key)], torch.device("cpu"))
+    split = merge_parts([two.call(w, "hessian_part", key) for w in (1, 0)], torch.device("cpu"))
+    assert torch.equal(whole[0], split[0]) and whole[1] == split[1] == 8 * 32
+    # A row block solved on either side of the split is the same row block.
+    parts = [two.call(w, "hessian_part", key) for w in (0, 1)]
+    a = one.call(0, "solve", key, key, [(0, 32)], one.call(0, "hessian_part", key))
+    b = two.call(1, "solve", key, key, [(0, 32)], *parts)
+    assert torch.equal(a["blocks"][0].codes, b["blocks"][0].codes)
+    assert torch.equal(a["grid"]["scale"], b["grid"]["scale"])
+    # Dense modules named for the ignore list: only lm_head in a dense Llama.
+    assert one.call(0, "dense_modules") == {"lm_head": False}
+
+
+def test_a_worker_refuses_to_work_without_a_loaded_block(tmp_path):
+    src = tiny_model_dir(tmp_path / "src", "llama")
+    recipe, _ = settle_recipe(override(Recipe(), FAST), experts=False)
+    backend = started(src, recipe, 1)
+    with pytest.raises(RuntimeError, match="no block is loaded"):
+        backend.call(0, "plan")
