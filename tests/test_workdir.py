@@ -114,11 +114,11 @@ def test_depth_parallel_needs_admmq_and_resumes_between_rounds(model_dir, tmp_pa
     calls = []
     original = SegmentWorker.run_round
 
-    def run_round(self, r, warm, segments, cold=()):
-        calls.append(r)
-        if r == 2:  # the process "dies" in round 2 with rounds 0 and 1 committed
+    def run_round(self, warm, segments, cold=()):
+        calls.append(cold)
+        if cold == [2]:  # the process "dies" in round 2 with rounds 0 and 1 committed
             raise KeyboardInterrupt
-        return original(self, r, warm, segments, cold)
+        return original(self, warm, segments, cold)
 
     monkeypatch.setattr(SegmentWorker, "run_round", run_round)
     with pytest.raises(KeyboardInterrupt):

@@ -48,14 +48,14 @@ def find_blocks(model: nn.Module) -> tuple[BlockLayout, nn.ModuleList]:
 def target_linears(block: nn.Module, skip: tuple[str, ...] = ()) -> dict[str, nn.Linear]:
     """The ``nn.Linear`` modules of one block, by name relative to the block, in module order.
 
-    Refuses blocks whose experts are fused 3-D parameter tensors (mixture-of-experts in recent
-    transformers): those need per-expert routing statistics that this version does not capture.
+    Expert tensors are expected split per expert already (:func:`admmq_dist.model.moe.
+    unfuse_experts`); a 3-D parameter left means a fused layout that could not be split.
     """
     for name, param in block.named_parameters():
         if param.dim() == 3:
             raise UnsupportedModelError(
-                f"parameter '{name}' is a fused {tuple(param.shape)} expert tensor; "
-                "mixture-of-experts blocks are not supported yet")
+                f"parameter '{name}' is a fused {tuple(param.shape)} expert tensor this version "
+                "cannot split into per-expert linears")
     linears = {name: module for name, module in block.named_modules()
                if isinstance(module, nn.Linear) and not any(s and s in name for s in skip)}
     if not linears:

@@ -22,7 +22,7 @@ class Backend(Protocol):
     requested: int  # workers asked for; ``size`` is how many run once started
 
     def start(self, model_dir: str, recipe: Recipe, shards: list[dict[int, torch.Tensor]],
-              device: str, threads: int | None = None) -> None: ...
+              device: str) -> None: ...
 
     @property
     def size(self) -> int: ...
@@ -53,7 +53,7 @@ class LocalBackend:
         self.workers: list = []
 
     def start(self, model_dir: str, recipe: Recipe, shards: list[dict[int, torch.Tensor]],
-              device: str, threads: int | None = None) -> None:
+              device: str) -> None:
         cls = worker_class(recipe)
         self.workers = [cls(model_dir, recipe, shard, device, None) for shard in shards]
 

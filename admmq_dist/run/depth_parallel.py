@@ -112,7 +112,7 @@ class DepthParallelSchedule:
         # full schedule from a GPTQ start; the segments after it are warm-started corrections.
         warm = self.recipe.solver.warm()
         rows = [row for part in self._each(
-            "run_round", lambda k: (r, warm, [j for j in self.owned[k] if j in dirty], [r]))
+            "run_round", lambda k: (warm, [j for j in self.owned[k] if j in dirty], [r]))
             for row in part]
         self.timings["solve"] += time.perf_counter() - t
         for row in self.latest.values():

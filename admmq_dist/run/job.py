@@ -107,7 +107,7 @@ def quantize_model(model: str, out_dir: Path, recipe: Recipe, *, device: torch.d
         backend = RayBackend(workers or 1, address=address, threads=threads,
                              gpu=torch.device(device).type == "cuda")
     job = Job(model_dir, model, Path(out_dir), recipe, batches, backend, config=config,
-              device="cuda" if getattr(backend, "gpu", False) else str(device), threads=threads,
+              device="cuda" if getattr(backend, "gpu", False) else str(device),
               progress=progress, notes=tuple(notes))
     try:
         return job.run(overwrite=overwrite, resume=resume, on_block=on_block,
@@ -121,11 +121,11 @@ class Job:
     """One run: the workers, the resume folder, the schedule, the writer and the summary."""
 
     def __init__(self, model_dir: Path, label: str, out_dir: Path, recipe: Recipe, batches,
-                 backend, *, config, device: str, threads: int | None, progress: bool,
+                 backend, *, config, device: str, progress: bool,
                  notes: tuple[str, ...]) -> None:
         self.model_dir, self.label, self.out_dir = model_dir, label, out_dir
         self.recipe, self.batches, self.backend, self.config = recipe, batches, backend, config
-        self.device, self.threads, self.progress, self.notes = device, threads, progress, notes
+        self.device, self.progress, self.notes = device, progress, notes
         self.started = time.perf_counter()
         self.timings = {"load": 0.0, "forward": 0.0, "solve": 0.0, "write": 0.0, "commit": 0.0}
         self.index = TensorIndex(model_dir, getattr(config, "model_type", None))
@@ -154,7 +154,7 @@ class Job:
         # Depth-parallel workers own blocks, not batches: every batch flows through every worker.
         shards = ([dict(enumerate(self.batches))] * self.backend.requested if self.depth_parallel
                   else shard_batches(self.batches, self.backend.requested))
-        self.backend.start(str(self.model_dir), self.recipe, shards, self.device, self.threads)
+        self.backend.start(str(self.model_dir), self.recipe, shards, self.device)
         self.timings["load"] += time.perf_counter() - t
         first = lambda method: self.backend.get([self.backend.call(0, method)])[0]  # noqa: E731
         self.num_blocks = first("num_blocks")

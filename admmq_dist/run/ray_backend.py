@@ -72,8 +72,7 @@ class RayBackend:
     def size(self) -> int:
         return len(self.actors)
 
-    def start(self, model_dir: str, recipe: Recipe, shards, device: str,
-              threads: int | None = None) -> None:
+    def start(self, model_dir: str, recipe: Recipe, shards, device: str) -> None:
         actor_cls = ray.remote(worker_class(recipe))
         self.actors = [
             actor_cls.options(

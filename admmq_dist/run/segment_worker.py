@@ -89,7 +89,7 @@ class SegmentWorker(DeviceModel):
         return [h.cpu() for h in self.outputs[s]]
 
     @torch.no_grad()
-    def run_round(self, r: int, warm_settings: SolverSettings, segments: list[int],
+    def run_round(self, warm_settings: SolverSettings, segments: list[int],
                   cold: list[int] = ()) -> list[dict]:
         """Quantize the owned ``segments`` sequentially from their inputs: the ``cold`` ones (and
         every layer without a state yet) with the full schedule, the others warm-started with

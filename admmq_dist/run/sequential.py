@@ -84,7 +84,7 @@ class SequentialSchedule:
         owner, n = self.owner(b), self.backend.size
         if n == 1:
             return self.backend.get([self.backend.call(0, "load_block", b)])[0]
-        state = self.backend.call(owner, "block_state", b)
+        state = self.backend.call(owner, "block_tensors", b)
         return self.backend.get([self.backend.call(w, "load_block", b,
                                                    None if w == owner else state)
                                  for w in range(n)])[owner]
@@ -94,7 +94,7 @@ class SequentialSchedule:
         weights = self.weights(out)
         owner = self.owner(b)
         state = None if workers == [owner] or self.backend.size == 1 else \
-            self.backend.call(owner, "block_state", b)
+            self.backend.call(owner, "block_tensors", b)
         self.backend.get([self.backend.call(w, "replay", b, weights,
                                             None if w == owner else state) for w in workers])
 

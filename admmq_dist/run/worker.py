@@ -49,7 +49,7 @@ class Worker(DeviceModel):
 
     # ------------------------------------------------------------------------- decoder blocks
 
-    def block_state(self, b: int) -> dict[str, torch.Tensor]:
+    def block_tensors(self, b: int) -> dict[str, torch.Tensor]:
         """Decoder block ``b``'s tensors read from the checkpoint (module-path names), for
         sharing with the other workers (one reads the files, all load)."""
         prefix = self.layout.block_prefix(b) + "."
