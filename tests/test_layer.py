@@ -56,3 +56,32 @@ def test_row_blocks_solved_apart_cross_processes_lean_and_report_in_one_schema()
     assert len(row["residual"]) == row["iterations"] and row["rho"]
     assert report_row("x", 0, result, light, solved=False, calibration="rtn", tokens=0,
                       group=["x"])["loss"] is None
+
+
+def test_one_factorization_per_hessian_per_worker(tmp_path):
+    """q/k/v share a Hessian, a layer is solved in several row blocks: the eigendecomposition and
+    GPTQ's factor are computed once per Hessian on the worker that solves it — and sharing them
+    changes no byte (tests/test_golden.py)."""
+    from admmq_dist.recipe import Recipe, override
+    from admmq_dist.run.backends import LocalBackend
+    from admmq_dist.run.job import quantize_model
+
+    from tiny import tiny_model_dir
+
+    src = tiny_model_dir(tmp_path / "src", "llama")
+    settings = {"grid": {"bits": 3, "group_size": 32}, "report": {"html": False},
+                "solver": {"row_block": 24, "admm": {"iterations": 20}},
+                "calibration": {"dataset": None, "num_samples": 8, "seq_len": 32,
+                                "batch_size": 2}}
+    for workers in (1, 2):
+        summary = quantize_model(str(src), tmp_path / f"w{workers}", override(Recipe(), settings),
+                                 device=torch.device("cpu"), progress=False,
+                                 backend=LocalBackend(workers))
+        counts = summary["factorizations"]
+        # Per block: q/k/v, o, gate/up, down — four Hessians; 2 blocks; each worker that solves
+        # row blocks of a Hessian factorizes it once (eigh for ADMM-Q, Cholesky for its start).
+        layer_inputs = 2 * 4
+        assert layer_inputs <= counts["hessians"] <= layer_inputs * workers
+        assert counts["eigh"] == counts["cholesky"] == counts["hessians"]
+        if workers == 1:
+            assert counts["eigh"] == layer_inputs

@@ -131,23 +131,36 @@ def condition(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor
     Such a column never affects the layer's output, so any value is optimal; zero keeps it small.
     Returns new ``(weight, hessian)``; the inputs are not modified.
     """
-    if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
-        raise ValueError(f"the Hessian must be square, got shape {tuple(hessian.shape)}")
     if weight.shape[1] != hessian.shape[0]:
         raise ValueError(
             f"weight has {weight.shape[1]} inputs but the Hessian is {hessian.shape[0]} wide"
         )
+    hessian, dead = condition_hessian(hessian)
+    return zero_columns(weight, dead), hessian
+
+
+def condition_hessian(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Hessian half of :func:`condition`: ``(H with H_jj = 1 where dead, dead [n] bool)``."""
+    if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise ValueError(f"the Hessian must be square, got shape {tuple(hessian.shape)}")
     if not torch.isfinite(hessian).all():
         raise ValueError("the Hessian holds NaN or Inf: the calibration activations overflowed")
     dead = dead_inputs(hessian)
     if not dead.any():
-        return weight, hessian
-    weight = weight.clone()
+        return hessian, dead
     hessian = hessian.clone()
-    weight[:, dead] = 0
     idx = torch.nonzero(dead).squeeze(1)
     hessian[idx, idx] = 1.0
-    return weight, hessian
+    return hessian, dead
+
+
+def zero_columns(weight: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """The weight half of :func:`condition`: dead input columns set to zero (a copy if any)."""
+    if not dead.any():
+        return weight
+    weight = weight.clone()
+    weight[:, dead] = 0
+    return weight
 
 
 def damp(hessian: torch.Tensor, fraction: float) -> torch.Tensor:

@@ -86,6 +86,8 @@ class DeviceModel:
         self.first_hidden = [h.to(self.dtype) for h in calls.first_hidden]
         self.args, self.kwargs = calls.args, calls.kwargs
         self.busy = {"forward": 0.0, "merge": 0.0, "solve": 0.0}
+        # Factorizations computed (per Hessian: at most one of each kind on this worker).
+        self.factorizations = {"eigh": 0, "cholesky": 0, "hessians": 0}
         self.token = f"{os.getpid()}-{time.time_ns()}"
 
     @torch.no_grad()
@@ -125,6 +127,14 @@ class DeviceModel:
         """A token that changes when the worker is rebuilt (a restarted Ray actor)."""
         return self.token
 
+    def count_factorizations(self, factors) -> None:
+        """Add a Hessian's factorizations (a retired :class:`HessianFactors`) to the tally."""
+        for kind, count in factors.counts.items():
+            self.factorizations[kind] += count
+        self.factorizations["hessians"] += 1
+
     def stats(self) -> dict:
-        """Busy seconds per activity and this worker's peak memory (device, or host RSS)."""
-        return {**self.busy, "peak_memory_bytes": peak_memory_bytes(self.device)}
+        """Busy seconds per activity, factorizations computed, and this worker's peak memory
+        (device, or host RSS)."""
+        return {**self.busy, "factorizations": dict(self.factorizations),
+                "peak_memory_bytes": peak_memory_bytes(self.device)}

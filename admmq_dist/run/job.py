@@ -282,7 +282,11 @@ class Job:
             "method": self.recipe.solver.method, "layers": len(report),
             "mean_loss": sum(r["loss"] for r in solved) / max(len(solved), 1),
             "workers": self.backend.size, "resumed_blocks": resumed,
-            "worker_busy_seconds": stats,
+            "worker_busy_seconds": [{k: v for k, v in s.items() if k != "factorizations"}
+                                    for s in stats],
+            # Per Hessian (a layer input: q/k/v share one), at most one of each per worker.
+            "factorizations": {kind: sum(s["factorizations"][kind] for s in stats)
+                               for kind in ("eigh", "cholesky", "hessians")},
             # Workers' compute-device peaks (host RSS for CPU workers), and the driver's RSS.
             "peak_memory_bytes": max(s["peak_memory_bytes"] for s in stats),
             "driver_peak_rss_bytes": peak_memory_bytes(torch.device("cpu")),

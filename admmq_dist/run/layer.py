@@ -8,6 +8,7 @@ import dataclasses
 
 import torch
 
+from ..quant.factors import HessianFactors
 from ..quant.grid import Grid
 from ..quant.hessian import HessianAccumulator
 from ..quant.solvers.result import SolverResult
@@ -27,13 +28,18 @@ def merge_parts(parts: list[dict], device: torch.device
 
 def solve_rows(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
                settings: SolverSettings, rows: list[tuple[int, int]], *,
+               factors: HessianFactors | None = None,
                warm: list[dict | None] | None = None, compare: bool = False
                ) -> list[RowBlockResult]:
     """Row blocks ``rows`` of ``weight`` on ``grid`` (fitted to the whole layer: a row block's
     grid is its rows of the whole, so every solver of a part of the layer agrees on it);
-    ``warm[k]`` warm-starts block ``k`` (``{"codes", "dual"}``)."""
+    ``factors`` of ``hessian`` are shared by all of them (and by the other linears reading the
+    same input); ``warm[k]`` warm-starts block ``k`` (``{"codes", "dual"}``)."""
+    if hessian is not None and factors is None:
+        factors = HessianFactors(hessian)
     return [solve_row_block(weight, hessian, grid, settings, start, stop,
-                            warm=None if warm is None else warm[k], compare=compare)
+                            warm=None if warm is None else warm[k], compare=compare,
+                            factors=factors)
             for k, (start, stop) in enumerate(rows)]
 
 

@@ -13,6 +13,7 @@ import torch
 
 from ..model.capture import block_output, calibration_stages, capture_hessians
 from ..model.loading import load_block
+from ..quant.factors import HessianFactors
 from ..quant.grid import Grid, fit_grid
 from ..quant.solvers.rows import combine, row_blocks
 from ..quant.solvers.solve import SolverSettings
@@ -117,14 +118,17 @@ class SegmentWorker(DeviceModel):
         out = []
         for group in groups:
             hessian = hessians[group[0]].hessian()
+            factors = HessianFactors(hessian, self.device)
             for name in group:
-                out.append(self._solve_layer(b, name, group, hessian, hessians[group[0]].num_rows,
-                                             warm_settings, cold))
+                out.append(self._solve_layer(b, name, group, hessian, factors,
+                                             hessians[group[0]].num_rows, warm_settings, cold))
+            self.count_factorizations(factors)
         self.busy["solve"] += time.perf_counter() - t
         return out
 
     def _solve_layer(self, b: int, name: str, group: list[str], hessian: torch.Tensor,
-                     tokens: int, warm_settings: SolverSettings, cold: bool) -> dict:
+                     factors: HessianFactors, tokens: int, warm_settings: SolverSettings,
+                     cold: bool) -> dict:
         weight = self.float_weights[(b, name)]
         grid = fit_grid(weight, self.recipe.grid)
         previous = self.layer_states.get((b, name))
@@ -133,7 +137,7 @@ class SegmentWorker(DeviceModel):
         rows = row_blocks(weight.shape[0], settings.row_block)
         warm = ([{"codes": previous["codes"][start:stop], "dual": previous["duals"][k]}
                  for k, (start, stop) in enumerate(rows)] if warm_start else None)
-        blocks = solve_rows(weight, hessian, grid, settings, rows, warm=warm,
+        blocks = solve_rows(weight, hessian, grid, settings, rows, factors=factors, warm=warm,
                             compare=self.recipe.report.compare)
         result = combine(blocks, grid)
         changed = 1.0 if previous is None else float(

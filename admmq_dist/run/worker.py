@@ -20,6 +20,7 @@ from ..model.arch import target_linears
 from ..model.capture import Stage, calibration_stages, capture_hessians, record_inputs
 from ..model.loading import load_block, release
 from ..model.moe import ExpertList, expert_lists
+from ..quant.factors import HessianFactors
 from ..quant.grid import fit_grid
 from ..quant.hessian import asymmetric_target
 from ..quant.solvers.rows import RowBlockResult
@@ -45,7 +46,7 @@ class Worker(DeviceModel):
         self.current: int | None = None
         self.linears: dict[str, torch.nn.Linear] = {}
         self._parts: dict = {}
-        self._hessians: dict[str, tuple] = {}
+        self._hessians: dict[str, tuple] = {}  # key -> (hessian, tokens, cross term, factors)
 
     # ------------------------------------------------------------------------- decoder blocks
 
@@ -71,8 +72,15 @@ class Worker(DeviceModel):
         if self.current is not None:
             release(self.blocks[self.current])
         self.current, self.linears = None, {}
-        self._parts, self._hessians = {}, {}
+        self._parts = {}
+        self._drop_hessians()
         self._float = None
+
+    def _drop_hessians(self) -> None:
+        """Forget the merged Hessians, counting the factorizations they needed."""
+        for *_, factors in self._hessians.values():
+            self.count_factorizations(factors)
+        self._hessians = {}
 
     def _float_pass(self) -> None:
         """Run the just-loaded (float) block on the float model's hidden states, keeping what
@@ -130,7 +138,7 @@ class Worker(DeviceModel):
         finally:
             if experts is not None:
                 experts.calibrate_all = frozenset()
-        self._hessians = {}
+        self._drop_hessians()
         self.busy["forward"] += time.perf_counter() - t
         return {"routed": list(experts.routed_tokens) if experts is not None else None}
 
@@ -150,11 +158,12 @@ class Worker(DeviceModel):
         the grid comes with the block that starts at row 0.
         """
         t = time.perf_counter()
-        hessian, tokens, cross = None, None, None
+        hessian, tokens, cross, factors = None, None, None, None
         if key is not None:
             if key not in self._hessians:
-                self._hessians[key] = merge_parts(list(parts), self.device)
-            hessian, tokens, cross = self._hessians[key]
+                merged = merge_parts(list(parts), self.device)
+                self._hessians[key] = (*merged, HessianFactors(merged[0], self.device))
+            hessian, tokens, cross, factors = self._hessians[key]
         self.busy["merge"] += time.perf_counter() - t
         t = time.perf_counter()
         weight = self.linears[name].weight.detach().float()
@@ -164,6 +173,7 @@ class Worker(DeviceModel):
                                        self.recipe.solver.gptq.damp)
         grid = fit_grid(weight, self.recipe.grid)
         blocks: list[RowBlockResult] = solve_rows(weight, hessian, grid, self.recipe.solver, rows,
+                                                  factors=factors,
                                                   compare=self.recipe.report.compare)
         self.busy["solve"] += time.perf_counter() - t
         first = any(start == 0 for start, _ in rows)

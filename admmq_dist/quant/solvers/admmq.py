@@ -22,7 +22,8 @@ from typing import Literal
 import torch
 
 from ..grid import Grid, dequantize_codes
-from ..hessian import condition, relative_loss
+from ..factors import HessianFactors
+from ..hessian import relative_loss, zero_columns
 from .gptq import GPTQSettings, gptq
 from .result import SolverResult
 
@@ -92,7 +93,8 @@ def admmq(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
           activations: torch.Tensor | None = None,
           init_codes: torch.Tensor | None = None,
           init_dual: torch.Tensor | None = None,
-          gptq_settings: GPTQSettings = GPTQSettings()) -> SolverResult:
+          gptq_settings: GPTQSettings = GPTQSettings(),
+          factors: HessianFactors | None = None) -> SolverResult:
     """Run ADMM-Q on one layer.
 
     ``weight``: ``[m, n]``; ``hessian``: ``[n, n]`` undamped ``X Xᵀ / N``. With
@@ -101,7 +103,8 @@ def admmq(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
     with ``init_dual`` (the unscaled dual ``Y = ρU`` of an earlier run, ``[m, n]``) the run is a warm
     start — a later round of the depth-parallel schedule, on a Hessian from quantized inputs.
     Returns the best iterate by the true objective (the initial codes included); ``state`` holds
-    the final dual and ρ for the next warm start.
+    the final dual and ρ for the next warm start. ``factors`` (of ``hessian``) shares the
+    eigendecomposition and GPTQ's start factor with every other solve on the same Hessian.
     """
     start = time.perf_counter()
     w0 = weight.float()
@@ -116,15 +119,17 @@ def admmq(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
     else:
         h0 = hessian.to(device=device, dtype=torch.float32)
         x = None
+        if factors is None:
+            factors = HessianFactors(h0)
 
     if settings.w_update == "exact":
-        loop = _ExactLoop(w0, h0, grid, settings)
+        loop = _ExactLoop(w0, factors)
     else:
-        loop = _InexactLoop(w0, h0, x, grid, settings)
+        loop = _InexactLoop(w0, factors, x, settings)
     if init_codes is not None:
         codes0 = init_codes.to(device=device, dtype=torch.int32)
     elif settings.init == "gptq" and h0 is not None:
-        codes0 = gptq(w0, h0, grid, gptq_settings).codes
+        codes0 = gptq(w0, h0, grid, gptq_settings, factors).codes
     else:
         codes0 = grid.codes(loop.W0)  # dead input columns already zeroed
     dual0 = None if init_dual is None else init_dual.to(device=device, dtype=torch.float32)
@@ -142,14 +147,13 @@ class _ExactLoop:
     spec's rescaling ``U ← U / τ`` needs no work of its own.
     """
 
-    def __init__(self, w0: torch.Tensor, h0: torch.Tensor, grid: Grid, settings: ADMMSettings):
-        self.W0, H = condition(w0, h0)
-        d = torch.sqrt(torch.diagonal(H)).double()
-        evals, evecs = torch.linalg.eigh((H.double() / d[:, None]) / d[None, :])
-        self.ell = evals.clamp_min(0).float()
+    def __init__(self, w0: torch.Tensor, factors: HessianFactors):
+        if w0.shape[1] != factors.hessian.shape[0]:
+            raise ValueError(f"weight has {w0.shape[1]} inputs but the Hessian is "
+                             f"{factors.hessian.shape[0]} wide")
+        self.W0 = zero_columns(w0, factors.dead)
         # R(M) = (M D) V and its inverse, with D folded into the matrices: one GEMM each.
-        self.to_rotated = (d[:, None] * evecs).float()
-        self.from_rotated = (evecs.T / d[None, :]).float().contiguous()
+        self.ell, self.to_rotated, self.from_rotated = factors.eigen()
         self.RW0 = self.W0 @ self.to_rotated
         self.RW0_ell = self.RW0 * self.ell
         norm = float(((self.RW0 ** 2) @ self.ell).sum())
@@ -187,10 +191,10 @@ class _InexactLoop:
     """Inexact W-updates: warm-started conjugate gradient on H, or mini-batch gradient steps on
     calibration activations (no ``n×n`` matrix formed)."""
 
-    def __init__(self, w0, h0, x, grid, settings: ADMMSettings):
+    def __init__(self, w0, factors: HessianFactors | None, x, settings: ADMMSettings):
         self.settings = settings
-        if h0 is not None:
-            self.W0, self.H = condition(w0, h0)
+        if factors is not None:
+            self.W0, self.H = zero_columns(w0, factors.dead), factors.hessian
             self.d2 = torch.diagonal(self.H).clone()
         else:
             self.W0, self.H = w0, None

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from ..grid import Grid, codes_of, dequantize_codes
-from ..hessian import condition, damp, relative_loss
+from ..factors import HessianFactors
+from ..hessian import relative_loss, zero_columns
 from .result import SolverResult
 
 
@@ -37,41 +38,31 @@ class GPTQSettings:
             raise ValueError(f"gptq damp_retries={self.damp_retries} must be non-negative")
 
 
-def _upper_cholesky_of_inverse(hessian: torch.Tensor, settings: GPTQSettings) -> torch.Tensor:
-    fraction = settings.damp
-    for _ in range(settings.damp_retries + 1):
-        L, info = torch.linalg.cholesky_ex(damp(hessian, fraction))
-        if info == 0:
-            inv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(inv, upper=True)
-            if info == 0:
-                return U
-        fraction = max(fraction, 1e-4) * settings.damp_retry_factor
-    raise ValueError(
-        "the Hessian is not positive definite even with damping "
-        f"{fraction / settings.damp_retry_factor:g}; the calibration data may be degenerate"
-    )
-
-
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid,
-         settings: GPTQSettings = GPTQSettings()) -> SolverResult:
+         settings: GPTQSettings = GPTQSettings(),
+         factors: HessianFactors | None = None) -> SolverResult:
     """Quantize ``weight`` (``[out, in]``) on ``grid`` against ``hessian`` (``[in, in]``, undamped).
 
-    Runs on the device of ``weight``; returns codes in the original column order.
+    Runs on the device of ``weight``; returns codes in the original column order. ``factors``
+    (of ``hessian``) shares the Cholesky factor with every other solve on the same Hessian.
     """
     start = time.perf_counter()
     w0 = weight.float()
     h0 = hessian.to(device=w0.device, dtype=torch.float32)
-    W, H = condition(w0, h0)
+    if factors is None:
+        factors = HessianFactors(h0)
+    if w0.shape[1] != h0.shape[0]:
+        raise ValueError(f"weight has {w0.shape[1]} inputs but the Hessian is {h0.shape[0]} wide")
+    W = zero_columns(w0, factors.dead)
     rows, cols = W.shape
     scale, zero = grid.expanded()
     maxq = grid.maxq
-    if settings.act_order:
-        perm = torch.argsort(torch.diagonal(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
+    perm, Hinv = factors.gptq(settings.act_order, settings.damp, settings.damp_retry_factor,
+                              settings.damp_retries)
+    if perm is not None:
+        W = W[:, perm]
         scale, zero = scale[:, perm], zero[:, perm]
     W = W.clone()
-    Hinv = _upper_cholesky_of_inverse(H, settings)
     codes = torch.zeros(rows, cols, dtype=torch.int32, device=W.device)
     bs = settings.block_size
     for i1 in range(0, cols, bs):
@@ -90,9 +81,8 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid,
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    if settings.act_order:
-        inverse = torch.argsort(perm)
-        codes = codes[:, inverse]
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
     deq = grid.dequantize(codes)
     loss = relative_loss(deq, w0, h0)
     name = "gptq-act" if settings.act_order else "gptq"

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..factors import HessianFactors
 from ..grid import Grid
 from ..hessian import loss_terms
 from .result import SolverResult
@@ -60,7 +61,8 @@ class RowBlockResult:
 
 def solve_row_block(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
                     settings: SolverSettings, start: int, stop: int,
-                    warm: dict | None = None, compare: bool = False) -> RowBlockResult:
+                    warm: dict | None = None, compare: bool = False,
+                    factors: HessianFactors | None = None) -> RowBlockResult:
     """Solve rows ``start:stop`` of ``weight`` (``[out, in]``) on the rows' part of ``grid``.
 
     ``hessian`` None rounds to nearest (an expert with no calibration signal); the loss is then 0/0.
@@ -75,12 +77,13 @@ def solve_row_block(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Gr
         result = rtn(w, None, g)
         num, den = 0.0, 0.0
     else:
-        result = solve(w, hessian, g, settings, warm=warm)
+        result = solve(w, hessian, g, settings, warm=warm, factors=factors)
         num, den = loss_terms(result.weight, w.float(), hessian)
     seconds = time.perf_counter() - t
     if compare and hessian is not None:
         for method in ("gptq", "rtn"):
-            other = solve(w, hessian, g, dataclasses.replace(settings, method=method))
+            other = solve(w, hessian, g, dataclasses.replace(settings, method=method),
+                          factors=factors)
             baselines[method] = loss_terms(other.weight, w.float(), hessian)
     return RowBlockResult(start, stop, result.method, result.codes, result.weight, num, den,
                        result.iterations, seconds, result.state, result.history, baselines)

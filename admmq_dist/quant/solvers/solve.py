@@ -8,6 +8,7 @@ from typing import Literal
 
 import torch
 
+from ..factors import HessianFactors
 from ..grid import Grid
 from .admmq import ADMMSettings, admmq
 from .gptq import GPTQSettings, gptq
@@ -80,23 +81,25 @@ class SolverSettings:
 
 
 def solve(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid,
-          settings: SolverSettings = SolverSettings(), warm: dict | None = None) -> SolverResult:
+          settings: SolverSettings = SolverSettings(), warm: dict | None = None,
+          factors: HessianFactors | None = None) -> SolverResult:
     """Quantize ``weight`` (``[out, in]``) on ``grid`` against ``hessian`` (``[in, in]``).
 
     ``warm`` (ADMM-Q only): ``{"codes", "dual"}`` of an earlier run to start from, with
     ``settings.admm`` holding the warm schedule. The reported time and iterations include the
-    local-search polish.
+    local-search polish. ``factors`` (of ``hessian``) are shared with every other solve on the
+    same Hessian (:mod:`admmq_dist.quant.factors`).
     """
     start = time.perf_counter()
     if settings.method == "rtn":
         result = rtn(weight, hessian, grid)
     elif settings.method == "gptq":
-        result = gptq(weight, hessian, grid, settings.gptq)
+        result = gptq(weight, hessian, grid, settings.gptq, factors)
     else:
         # ADMM-Q's GPTQ start uses the same GPTQ settings as the GPTQ method.
         result = admmq(weight, hessian, grid, settings.admm, gptq_settings=settings.gptq,
                        init_codes=None if warm is None else warm["codes"],
-                       init_dual=None if warm is None else warm.get("dual"))
+                       init_dual=None if warm is None else warm.get("dual"), factors=factors)
     if settings.sweeps:
         polished = local_search(weight, hessian, grid, result.codes, settings.sweeps,
                                 method=result.method)
