@@ -177,6 +177,10 @@ def render_html(records: list[dict], summary: dict, recipe_yaml: str = "") -> st
             "mean_loss", "workers", "resumed_blocks", "peak_memory_bytes", "device")
     summary_rows = "".join(f"<tr><th>{k}</th><td>{_fmt(summary.get(k))}</td></tr>"
                            for k in keys if k in summary)
+    for kind, count in summary.get("bytes_moved", {}).get("total", {}).items():
+        summary_rows += f"<tr><th>moved: {html.escape(kind)}</th><td>{count / 2**20:.1f} MiB</td></tr>"
+    for kind, count in summary.get("bytes_moved", {}).get("total", {}).items():
+        summary_rows += f"<tr><th>moved: {html.escape(kind)}</th><td>{count / 2**20:.1f} MiB</td></tr>"
     seconds = summary.get("seconds", {})
     summary_rows += "".join(f"<tr><th>{k} s</th><td>{_fmt(float(v))}</td></tr>"
                             for k, v in seconds.items())

@@ -52,3 +52,22 @@ def test_a_backend_and_ray_workers_together_are_refused(tmp_path):
     with pytest.raises(ValueError, match="not both"):
         quantize_model(str(tiny_model_dir(tmp_path / "src", "llama")), tmp_path / "o", Recipe(),
                        device=torch.device("cpu"), workers=2, backend=LocalBackend(2))
+
+
+def test_what_crosses_between_workers_is_counted_and_lean(tmp_path):
+    """Per decoder block: partial Hessians move once each to their owner, the merged Hessian once
+    to each other solver, results and layers as codes (a byte each) with scales and zeros."""
+    src = tiny_model_dir(tmp_path / "src", "llama")
+    one = quantize(src, tmp_path / "w1", 1)["bytes_moved"]
+    two = quantize(src, tmp_path / "w2", 2)["bytes_moved"]
+    assert [row["block"] for row in two["per_block"]] == [0, 1]
+    for kind in ("block_tensors", "hessian_parts", "merged_hessians"):
+        assert one["total"][kind] == 0 and two["total"][kind] > 0, kind
+    # Quantized layers: 2 blocks x (q,k,v,o: 64x64 + 2 of 32x64 ... ) — as uint8 codes they weigh
+    # a quarter of their fp32 weights, plus the grids.
+    dense_fp32 = 2 * 4 * (64 * 64 * 2 + 32 * 64 * 2 + 128 * 64 * 3)
+    assert one["total"]["weights"] < dense_fp32 / 2
+    assert two["total"]["weights"] == 2 * one["total"]["weights"]
+    # Every partial Hessian leaves a worker at most once (no all-to-all): at most one per
+    # Hessian per non-owner worker, i.e. below what one worker's whole tree of sums weighs.
+    assert 0 < two["total"]["hessian_parts"] < 2 * 4 * 128 * 128 * 4 * 3

@@ -72,6 +72,10 @@ def test_the_page_is_self_contained_and_its_plots_are_not_blank(run):
     assert not re.search(r'(src|href)="(?!data:)', page)  # nothing fetched from elsewhere
     for r in records:
         assert r["layer"] in page
+    # What crossed between processes, by kind (summary["bytes_moved"]).
+    for kind, count in summary["bytes_moved"]["total"].items():
+        assert f"<th>moved: {kind}</th><td>{count / 2**20:.1f} MiB</td>" in page
+    assert summary["bytes_moved"]["total"]["weights"] > 0
 
 
 def test_depth_parallel_rounds_get_their_plot():

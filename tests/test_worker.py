@@ -41,12 +41,21 @@ def test_two_workers_hand_over_what_one_worker_computes(tmp_path):
     whole = merge_parts([one.call(0, "hessian_part", key)], torch.device("cpu"))
     split = merge_parts([two.call(w, "hessian_part", key) for w in (1, 0)], torch.device("cpu"))
     assert torch.equal(whole[0], split[0]) and whole[1] == split[1] == 8 * 32
-    # A row block solved on either side of the split is the same row block.
-    parts = [two.call(w, "hessian_part", key) for w in (0, 1)]
-    a = one.call(0, "solve", key, key, [(0, 32)], one.call(0, "hessian_part", key))
-    b = two.call(1, "solve", key, key, [(0, 32)], *parts)
+    # The Hessian is reduced on its owner (worker 0 here) and handed to the other solver; a row
+    # block solved on either side of the split, or by one worker alone, is the same row block.
+    one.call(0, "merge_hessian", key)
+    size = two.call(0, "merge_hessian", key, two.call(1, "hessian_part", key))
+    assert size == 64 * 64 * 4  # the merged Hessian crosses once, fp32, no partial-sum tree
+    a = one.call(0, "solve", key, key, [(0, 32)])
+    b = two.call(1, "solve", key, key, [(0, 32)], two.call(0, "merged_hessian", key))
+    c = two.call(0, "solve", key, key, [(32, 64)])
     assert torch.equal(a["blocks"][0].codes, b["blocks"][0].codes)
-    assert torch.equal(a["grid"]["scale"], b["grid"]["scale"])
+    assert torch.equal(a["grid"]["scale"], b["grid"]["scale"]) and c["grid"] is None
+    # Results travel lean: codes as bytes, no dequantized weight, no solver state.
+    block = b["blocks"][0]
+    assert block.codes.dtype == torch.uint8 and block.weight is None and block.state == {}
+    with pytest.raises(RuntimeError, match="no merged Hessian"):
+        two.call(1, "solve", "self_attn.o_proj", "self_attn.o_proj", [(0, 32)])
     # Dense modules named for the ignore list: only lm_head in a dense Llama.
     assert one.call(0, "dense_modules") == {"lm_head": False}
 

@@ -213,6 +213,7 @@ class Job:
                                       writer.check_width)
         tty = sys.stderr.isatty()
         resumed = 0
+        self.moved = []
         # Layers below blocks: on big models a block takes minutes, and the layer bar's ETA
         # moves. Only on a terminal: in a log file a nested bar is a stream of cursor escapes.
         with tqdm(total=self.num_blocks, desc="blocks", unit="block", disable=not self.progress,
@@ -222,6 +223,7 @@ class Job:
             schedule.layer_bar = layer_bar
             for b, out, was_resumed in schedule.blocks():
                 resumed += was_resumed
+                self.moved.append({"block": b, **out.moved})
                 self._write_block(writer, b, out)
                 report.extend(out.report)
                 bar.set_postfix(self._postfix(out))
@@ -299,6 +301,11 @@ class Job:
         if rounds is not None:
             summary["schedule"] = "depth-parallel"
             summary["rounds"] = rounds
+        else:
+            kinds = sorted({k for row in self.moved for k in row} - {"block"})
+            summary["bytes_moved"] = {
+                "total": {k: sum(row.get(k, 0) for row in self.moved) for k in kinds},
+                "per_block": self.moved}
         return summary
 
     def _extra_files(self, report: list[dict], summary: dict) -> dict[str, str]:

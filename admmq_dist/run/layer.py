@@ -44,12 +44,35 @@ def solve_rows(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
 
 
 def portable(blocks: list[RowBlockResult]) -> list[RowBlockResult]:
-    """Row-block results ready to cross to another process: on the CPU, with only the parts of
-    the solver's history the report plots, and without the solver state."""
+    """Row-block results ready to cross to another process: codes as bytes (every supported
+    width fits 8 bits) on the CPU, no dequantized weight (the grid rebuilds it), no solver state,
+    and only the parts of the solver's history the report plots."""
     return [dataclasses.replace(
-        b, codes=b.codes.cpu(), weight=b.weight.cpu(), state={},
+        b, codes=b.codes.to(device="cpu", dtype=torch.uint8), weight=None, state={},
         history={k: b.history[k] for k in ("residual", "rho", "weight_norm") if k in b.history})
         for b in blocks]
+
+
+def nbytes(value) -> int:
+    """Bytes of the tensors in ``value`` (nested dicts, lists, tuples, dataclasses): what a
+    transfer of it moves."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if dataclasses.is_dataclass(value):
+        return sum(nbytes(getattr(value, f.name)) for f in dataclasses.fields(value))
+    if isinstance(value, dict):
+        return sum(nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(nbytes(v) for v in value)
+    return 0
+
+
+def dequantized(spec, layers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+                ) -> dict[str, torch.Tensor]:
+    """``{name: weight}`` from ``{name: (codes, scale, zero)}`` on the grids ``spec`` fits: what
+    every worker puts in place, computed where it is needed from the compact form."""
+    return {name: Grid.from_parts(spec, codes.shape[1], scale, zero).dequantize(
+        codes.to(torch.int32)) for name, (codes, scale, zero) in layers.items()}
 
 
 def report_row(layer: str, block: int, result: SolverResult, blocks: list[RowBlockResult], *,

@@ -26,9 +26,21 @@ from ..quant.solvers.rows import combine
 from ..recipe import Recipe
 from .backends import WorkerLost
 from .experts import ExpertPolicy
-from .layer import report_row
+from .layer import nbytes, report_row
 from .plan import assign, stage_units
 from .workdir import DecoderBlockOutput, commit_block, read_commit
+
+# What crosses between processes per decoder block (counted as in a Ray run with as many
+# workers): the block's tensors shared by the worker that read them, partial Hessians moved to
+# each Hessian's owner, merged Hessians handed to its other solvers, row-block results to the
+# schedule, and the quantized layers (codes, scales, zeros) to every worker.
+TRANSFERS = ("block_tensors", "hessian_parts", "merged_hessians", "solve_results", "weights")
+
+
+def compact(quantized: dict[str, tuple]) -> dict[str, tuple]:
+    """Committed layers as they travel: codes as bytes, scales and zeros as they are."""
+    return {name: (codes.to(torch.uint8), scale, zero)
+            for name, (codes, scale, zero) in quantized.items()}
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +74,7 @@ class SequentialSchedule:
                 t = time.perf_counter()
                 self.replay(b, out, list(range(self.backend.size)))
                 self.timings["forward"] += time.perf_counter() - t
+                out.moved = {"weights": nbytes(compact(out.quantized)) * self.backend.size}
                 yield b, out, True
                 continue
             out = self.run_block_with_restarts(b)
@@ -79,30 +92,27 @@ class SequentialSchedule:
         """Workers own contiguous shards of decoder blocks (who reads which from the files)."""
         return b * self.backend.size // self.num_blocks
 
-    def load(self, b: int) -> list[str]:
-        """The owner reads block ``b`` from safetensors and shares it with the other workers."""
+    def load(self, b: int, moved: dict[str, int]) -> list[str]:
+        """The owner reads block ``b`` from safetensors and shares it with the other workers;
+        returns the checkpoint tensors its split experts replace."""
         owner, n = self.owner(b), self.backend.size
         if n == 1:
-            return self.backend.get([self.backend.call(0, "load_block", b)])[0]
+            return self.backend.get([self.backend.call(0, "load_block", b)])[0]["consumed"]
         state = self.backend.call(owner, "block_tensors", b)
-        return self.backend.get([self.backend.call(w, "load_block", b,
-                                                   None if w == owner else state)
-                                 for w in range(n)])[owner]
+        loaded = self.backend.get([self.backend.call(w, "load_block", b,
+                                                     None if w == owner else state)
+                                   for w in range(n)])[owner]
+        moved["block_tensors"] += loaded["bytes"] * (n - 1)
+        return loaded["consumed"]
 
     def replay(self, b: int, out: DecoderBlockOutput, workers: list[int]) -> None:
-        """Bring ``workers`` past committed block ``b``."""
-        weights = self.weights(out)
+        """Bring ``workers`` past committed block ``b``: each dequantizes the committed codes
+        itself, the same bytes in a first run, after a resume and after a worker restart."""
         owner = self.owner(b)
         state = None if workers == [owner] or self.backend.size == 1 else \
             self.backend.call(owner, "block_tensors", b)
-        self.backend.get([self.backend.call(w, "replay", b, weights,
+        self.backend.get([self.backend.call(w, "replay", b, compact(out.quantized),
                                             None if w == owner else state) for w in workers])
-
-    def weights(self, out: DecoderBlockOutput) -> dict[str, torch.Tensor]:
-        """The dequantized weights every worker puts in place, computed once from codes and
-        grid: the same bytes in a first run, after a resume and after a worker restart."""
-        return {name: Grid.from_parts(self.recipe.grid, codes.shape[1], scale, zero)
-                .dequantize(codes) for name, (codes, scale, zero) in out.quantized.items()}
 
     def run_block_with_restarts(self, b: int, attempts: int = 3) -> DecoderBlockOutput:
         """Run block ``b``; when a worker dies, bring restarted workers up to block ``b`` from the
@@ -127,7 +137,8 @@ class SequentialSchedule:
         """Quantize block ``b`` on every worker; returns its results (workers keep it loaded and
         propagated)."""
         t = time.perf_counter()
-        out = DecoderBlockOutput(consumed=self.load(b))
+        moved = dict.fromkeys(TRANSFERS, 0)
+        out = DecoderBlockOutput(consumed=self.load(b, moved), moved=moved)
         self.timings["load"] += time.perf_counter() - t
         plan = self.backend.get([self.backend.call(0, "plan")])[0]
         self._start_layer_bar(b, plan)
@@ -135,12 +146,14 @@ class SequentialSchedule:
         for name, (_, cols) in plan["shapes"].items():
             self.check_width(f"{prefix}.{name}", cols)
         for stage in plan["stages"]:
-            how = self._capture(stage, plan)
-            results = self._solve(stage, plan, how)
-            weights = self._collect(b, stage, how, results, out)
-            self._all("set_weights", weights)
+            how, part_bytes = self._capture(stage, plan)
+            results = self._solve(stage, plan, how, part_bytes, moved)
+            layers = self._collect(b, stage, how, results, out)
+            self._all("set_codes", layers)
+            moved["solve_results"] += sum(nbytes(r) for r in results.values())
+            moved["weights"] += nbytes(layers) * self.backend.size
             if self.layer_bar is not None:
-                self.layer_bar.update(len(weights))
+                self.layer_bar.update(len(layers))
         t = time.perf_counter()
         self._all("propagate")
         self.timings["forward"] += time.perf_counter() - t
@@ -152,48 +165,82 @@ class SequentialSchedule:
             self.layer_bar.reset(total=per_block * self.num_blocks)
             self.layer_bar.update(per_block * b)  # blocks resumed from commits
 
-    def _capture(self, stage: Stage, plan: dict) -> dict[str, dict]:
+    def _capture(self, stage: Stage, plan: dict) -> tuple[dict[str, dict], list[dict]]:
         """Capture the stage on every worker; for each linear: the Hessian key its solver merges
-        (None: round to nearest), how it was calibrated and on how many tokens."""
+        (None: round to nearest), how it was calibrated and on how many tokens; and each
+        worker's bytes of partial sums per key."""
         t = time.perf_counter()
         captured = self._all("capture", stage, self.experts.calibrate_all(stage))
         self.timings["forward"] += time.perf_counter() - t
+        part_bytes = [c["part_bytes"] for c in captured]
         if stage.experts is None:
             return {name: {"key": group[0], "calibration": "dense", "tokens": None}
-                    for group in stage.groups for name in group}
+                    for group in stage.groups for name in group}, part_bytes
         if stage.role == 0:
             routed = [sum(c["routed"][e] for c in captured)
                       for e in range(len(captured[0]["routed"]))]
             self.experts.decide(stage, routed, hidden_size=plan["shapes"][stage.groups[0][0]][1])
-        return self.experts.plan(stage)
+        return self.experts.plan(stage), part_bytes
 
-    def _solve(self, stage: Stage, plan: dict, how: dict[str, dict]) -> dict:
-        """Every row block of the stage solved on the worker it is assigned to; each solver is
-        handed every worker's partial Hessian for its layer's group."""
+    def _solve(self, stage: Stage, plan: dict, how: dict[str, dict], part_bytes: list[dict],
+               moved: dict[str, int]) -> dict:
+        """Every row block of the stage solved on the worker it is assigned to. Each Hessian is
+        reduced toward one owner (the worker solving most of its rows: the other workers'
+        partial sums move there once), and the owner hands the merged Hessian to the other
+        solvers of it — not every partial sum to every solver."""
         n = self.backend.size
         assignment = assign(stage_units(stage, plan["shapes"], self.recipe.solver.row_block), n)
-        t = time.perf_counter()
-        calls, part_refs = {}, {}
+        by_worker: list[dict[str, list]] = [{} for _ in range(n)]
         for w in range(n):
-            by_name: dict[str, list] = {}
             for name, rows, _ in assignment[w]:
-                by_name.setdefault(name, []).append(rows)
-            for name, rows in by_name.items():
+                by_worker[w].setdefault(name, []).append(rows)
+        t = time.perf_counter()
+        merged, sizes = self._reduce(how, by_worker, part_bytes, moved)
+        calls = {}
+        for w in range(n):
+            for name, rows in by_worker[w].items():
                 key = how[name]["key"]
-                if key is not None and key not in part_refs:
-                    part_refs[key] = [self.backend.call(k, "hessian_part", key) for k in range(n)]
-                parts = part_refs[key] if key is not None else []
-                calls[(w, name)] = self.backend.call(w, "solve", name, key, rows, *parts)
+                owner_or_ref = merged.get(key)
+                handed = None if owner_or_ref is None or owner_or_ref[0] == w else owner_or_ref[1]
+                calls[(w, name)] = self.backend.call(w, "solve", name, key, rows, handed)
         results = dict(zip(calls, self.backend.get(list(calls.values()))))
+        merged_bytes = self.backend.get([future for _, future in sizes])
+        moved["merged_hessians"] += sum(solvers * size
+                                        for (solvers, _), size in zip(sizes, merged_bytes))
         self.timings["solve"] += time.perf_counter() - t
         return results
 
+    def _reduce(self, how: dict[str, dict], by_worker: list[dict[str, list]],
+                part_bytes: list[dict], moved: dict[str, int]) -> tuple[dict, list]:
+        """Merge every Hessian of the stage on its owner: ``key -> (owner, merged-Hessian
+        future for the other solvers, or None when the owner solves it alone)``, and per key
+        ``(number of other solvers, future of its merged bytes)``."""
+        rows_of: dict[str, list[int]] = {}
+        for w, names in enumerate(by_worker):
+            for name, blocks in names.items():
+                key = how[name]["key"]
+                if key is not None:
+                    count = rows_of.setdefault(key, [0] * len(by_worker))
+                    count[w] += sum(stop - start for start, stop in blocks)
+        out, sizes = {}, []
+        for key, rows in rows_of.items():
+            owner = max(range(len(rows)), key=lambda w: (rows[w], -w))
+            others = [w for w in range(len(rows)) if w != owner]
+            parts = [self.backend.call(w, "hessian_part", key) for w in others]
+            size = self.backend.call(owner, "merge_hessian", key, *parts)
+            moved["hessian_parts"] += sum(part_bytes[w].get(key, 0) for w in others)
+            solvers = [w for w in others if rows[w]]
+            out[key] = (owner, self.backend.call(owner, "merged_hessian", key) if solvers
+                        else None)
+            sizes.append((len(solvers), size))
+        return out, sizes
+
     def _collect(self, b: int, stage: Stage, how: dict[str, dict], results: dict,
-                 out: DecoderBlockOutput) -> dict[str, torch.Tensor]:
+                 out: DecoderBlockOutput) -> dict[str, tuple]:
         """Each linear's row blocks put together: its codes and grid into ``out``, its report
-        row; returns the dequantized weights every worker puts in place."""
+        row; returns what every worker puts in place, ``{name: (codes, scale, zero)}``."""
         prefix = f"{self.layout_prefix}.{b}"
-        weights = {}
+        layers = {}
         for group in stage.groups:
             for name in group:
                 blocks, grid_state, tokens = [], None, None
@@ -204,14 +251,15 @@ class SequentialSchedule:
                         tokens = r["tokens"] if tokens is None else tokens
                 codes = torch.cat([blk.codes for blk in sorted(blocks, key=lambda x: x.start)])
                 full = f"{prefix}.{name}"
-                out.quantized[name] = (codes, grid_state["scale"], grid_state["zero"])
+                out.quantized[name] = (codes.to(torch.int32), grid_state["scale"],
+                                       grid_state["zero"])
                 out.disk[name] = self.index.disk_name(f"{full}.weight")[: -len(".weight")]
                 grid = Grid.from_parts(self.recipe.grid, codes.shape[1], grid_state["scale"],
                                        grid_state["zero"])
-                weights[name] = grid.dequantize(codes)
+                layers[name] = (codes, grid_state["scale"], grid_state["zero"])
                 out.report.append(report_row(
                     full, b, combine(blocks, grid), blocks, solved=how[name]["key"] is not None,
                     calibration=how[name]["calibration"],
                     tokens=how[name]["tokens"] if how[name]["tokens"] is not None else tokens,
                     group=group))
-        return weights
+        return layers

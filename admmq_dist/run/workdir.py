@@ -97,6 +97,9 @@ class DecoderBlockOutput:
     report: list[dict] = field(default_factory=list)
     # Checkpoint tensors the block's quantized linears replace (fused experts split on load).
     consumed: list[str] = field(default_factory=list)
+    # Bytes that crossed between processes while the block was quantized, by kind (not kept in
+    # the commit: a resumed block moved nothing).
+    moved: dict[str, int] = field(default_factory=dict)
 
 
 def commit_block(work: Path, b: int, out: DecoderBlockOutput) -> None:

@@ -27,7 +27,7 @@ from ..quant.solvers.rows import RowBlockResult
 from ..recipe import Recipe
 from .device_model import DeviceModel, block_linears
 from .experts import ALL_TOKENS
-from .layer import merge_parts, portable, solve_rows
+from .layer import dequantized, merge_parts, nbytes, portable, solve_rows
 
 
 class Worker(DeviceModel):
@@ -57,7 +57,9 @@ class Worker(DeviceModel):
         return {name: self.index.read(name) for name in self.index.module_names()
                 if name.startswith(prefix)}
 
-    def load_block(self, b: int, state: dict[str, torch.Tensor] | None = None) -> list[str]:
+    def load_block(self, b: int, state: dict[str, torch.Tensor] | None = None) -> dict:
+        """Load decoder block ``b`` (from the files, or ``state`` shared by the worker that read
+        them); returns the checkpoint tensors its split experts replace and its bytes."""
         if self.current is not None:
             self.release_block()
         consumed = load_block(self.blocks[b], self.layout.block_prefix(b), self.index,
@@ -66,7 +68,9 @@ class Worker(DeviceModel):
         self.linears = block_linears(self.blocks[b], self.recipe.output.skip)
         if self.asymmetric:
             self._float_pass()
-        return sorted(consumed)
+        return {"consumed": sorted(consumed),
+                "bytes": sum(p.numel() * p.element_size()
+                             for p in self.blocks[b].state_dict().values())}
 
     def release_block(self) -> None:
         if self.current is not None:
@@ -140,31 +144,51 @@ class Worker(DeviceModel):
                 experts.calibrate_all = frozenset()
         self._drop_hessians()
         self.busy["forward"] += time.perf_counter() - t
-        return {"routed": list(experts.routed_tokens) if experts is not None else None}
+        return {"routed": list(experts.routed_tokens) if experts is not None else None,
+                "part_bytes": {key: nbytes(acc.state()) for key, acc in self._parts.items()}}
 
     def hessian_part(self, key: str) -> dict:
         """This worker's partial sums for one group (``key``: its first linear, or
-        ``ALL_TOKENS + experts path``), to be merged on the layer's owner."""
+        ``ALL_TOKENS + experts path``), to be merged on the group's owner."""
         return self._parts[key].state()
+
+    def merge_hessian(self, key: str, *parts: dict) -> int:
+        """As the owner of ``key``: merge its own partial sums with every other worker's;
+        returns the bytes the merged Hessian (and cross term) takes to hand over."""
+        t = time.perf_counter()
+        merged = merge_parts([self._parts[key].state(), *parts], self.device)
+        self._hessians[key] = (*merged, HessianFactors(merged[0], self.device))
+        self.busy["merge"] += time.perf_counter() - t
+        return nbytes([merged[0], merged[2]])
+
+    def merged_hessian(self, key: str) -> tuple:
+        """The owner's merged ``(hessian, tokens, cross term)``, for the other solvers of ``key``."""
+        hessian, tokens, cross, _ = self._hessians[key]
+        return hessian.cpu(), tokens, None if cross is None else cross.cpu()
 
     # ---------------------------------------------------------------------------------- solve
 
     @torch.no_grad()
-    def solve(self, name: str, key: str | None, rows: list[tuple[int, int]], *parts: dict) -> dict:
-        """Solve row blocks ``rows`` of linear ``name`` against the Hessian merged from ``parts``
-        (every worker's partial sums for ``key``); ``key`` None rounds to nearest.
+    def solve(self, name: str, key: str | None, rows: list[tuple[int, int]],
+              merged: tuple | None = None) -> dict:
+        """Solve row blocks ``rows`` of linear ``name`` against the Hessian of ``key`` — merged
+        here (this worker owns ``key``), or ``merged`` by the owner; ``key`` None rounds to
+        nearest.
 
         Returns ``{"blocks": [RowBlockResult], "tokens", "grid": {"scale", "zero"} or None}``;
         the grid comes with the block that starts at row 0.
         """
-        t = time.perf_counter()
         hessian, tokens, cross, factors = None, None, None, None
         if key is not None:
             if key not in self._hessians:
-                merged = merge_parts(list(parts), self.device)
-                self._hessians[key] = (*merged, HessianFactors(merged[0], self.device))
+                if merged is None:
+                    raise RuntimeError(f"no merged Hessian for {key!r} on this worker")
+                hessian, tokens, cross = merged
+                hessian = hessian.to(self.device)
+                cross = None if cross is None else cross.to(self.device)
+                self._hessians[key] = (hessian, tokens, cross,
+                                       HessianFactors(hessian, self.device))
             hessian, tokens, cross, factors = self._hessians[key]
-        self.busy["merge"] += time.perf_counter() - t
         t = time.perf_counter()
         weight = self.linears[name].weight.detach().float()
         if key is not None and cross is not None:
@@ -181,9 +205,10 @@ class Worker(DeviceModel):
                 "grid": {"scale": grid.scale.cpu(), "zero": grid.zero.cpu()} if first else None}
 
     @torch.no_grad()
-    def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Put solved (dequantized) weights in place; later stages see the quantized layers."""
-        for name, w in weights.items():
+    def set_codes(self, layers: dict[str, tuple]) -> None:
+        """Put solved layers in place — ``{name: (codes, scale, zero)}``, dequantized here:
+        later stages see the quantized layers."""
+        for name, w in dequantized(self.recipe.grid, layers).items():
             linear = self.linears[name]
             linear.weight.copy_(w.to(linear.weight.device, linear.weight.dtype))
 
@@ -196,12 +221,13 @@ class Worker(DeviceModel):
             self.float_hidden = self._float["outputs"]
             self._float = None
 
-    def replay(self, b: int, weights: dict[str, torch.Tensor],
+    def replay(self, b: int, layers: dict[str, tuple],
                state: dict[str, torch.Tensor] | None = None) -> None:
-        """Bring this worker past block ``b`` with that block's committed quantized weights
-        (resume, or a restarted worker catching up): load, set, propagate, release."""
+        """Bring this worker past block ``b`` with that block's committed layers
+        (``{name: (codes, scale, zero)}``; resume, or a restarted worker catching up): load,
+        set, propagate, release."""
         self.load_block(b, state)
-        self.set_weights(weights)
+        self.set_codes(layers)
         self.propagate()
         self.release_block()
 

@@ -127,6 +127,10 @@ def combine(blocks: list[RowBlockResult], grid: Grid) -> SolverResult:
     num = sum(b.loss_num for b in blocks)
     den = sum(b.loss_den for b in blocks)
     loss = num / den if den > 0 else float("nan")
-    return SolverResult(blocks[0].method, torch.cat([b.codes for b in blocks]), grid,
-                        torch.cat([b.weight for b in blocks]), loss,
+    codes = torch.cat([b.codes for b in blocks]).to(torch.int32)
+    # Row blocks that crossed processes travel without their dequantized weights (codes and the
+    # grid say the same in a quarter of the bytes): rebuild them here.
+    weight = (torch.cat([b.weight for b in blocks]) if all(b.weight is not None for b in blocks)
+              else grid.dequantize(codes))
+    return SolverResult(blocks[0].method, codes, grid, weight, loss,
                         max(b.iterations for b in blocks), sum(b.seconds for b in blocks))
