@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"admmq: error: {exc}", file=sys.stderr)
         return 1
-    except ValueError as exc:
+    except (ValueError, MemoryError) as exc:
         if args.debug:
             raise
         print(f"admmq: error: {exc}", file=sys.stderr)

@@ -161,6 +161,32 @@ def _fmt(value) -> str:
     return html.escape(str(value))
 
 
+def _summary_rows(summary: dict) -> str:
+    """The summary table's rows: settings, results, planned memory, bytes moved, seconds."""
+    keys = ("model", "format", "bits", "group_size", "symmetric", "method", "layers",
+            "mean_loss", "workers", "resumed_blocks", "peak_memory_bytes", "device")
+    summary_rows = "".join(f"<tr><th>{k}</th><td>{_fmt(summary.get(k))}</td></tr>"
+                           for k in keys if k in summary)
+    planned = summary.get("memory_plan")
+    if planned:
+        summary_rows += (f"<tr><th>planned peak memory</th><td>"
+                         f"{planned['peak_bytes'] / 2**30:.2f} GiB "
+                         f"({html.escape(planned['worst'])})</td></tr>")
+    for kind, count in summary.get("bytes_moved", {}).get("total", {}).items():
+        summary_rows += f"<tr><th>moved: {html.escape(kind)}</th><td>{count / 2**20:.1f} MiB</td></tr>"
+    planned = summary.get("memory_plan")
+    if planned:
+        summary_rows += (f"<tr><th>planned peak memory</th><td>"
+                         f"{planned['peak_bytes'] / 2**30:.2f} GiB "
+                         f"({html.escape(planned['worst'])})</td></tr>")
+    for kind, count in summary.get("bytes_moved", {}).get("total", {}).items():
+        summary_rows += f"<tr><th>moved: {html.escape(kind)}</th><td>{count / 2**20:.1f} MiB</td></tr>"
+    seconds = summary.get("seconds", {})
+    summary_rows += "".join(f"<tr><th>{k} s</th><td>{_fmt(float(v))}</td></tr>"
+                            for k, v in seconds.items())
+    return summary_rows
+
+
 def render_html(records: list[dict], summary: dict, recipe_yaml: str = "") -> str:
     """The report page for ``records`` (report.jsonl rows) and ``summary`` (the run summary)."""
     figures = [("Loss across depth", _loss_plot(records)),
@@ -173,17 +199,7 @@ def render_html(records: list[dict], summary: dict, recipe_yaml: str = "") -> st
             slug = re.sub(r"[^a-z]+", "-", title.lower()).strip("-")
             sections.append(f'<h2>{html.escape(title)}</h2>\n<img class="plot" id="{slug}" '
                             f'alt="{html.escape(title)}" src="{_png(fig)}">')
-    keys = ("model", "format", "bits", "group_size", "symmetric", "method", "layers",
-            "mean_loss", "workers", "resumed_blocks", "peak_memory_bytes", "device")
-    summary_rows = "".join(f"<tr><th>{k}</th><td>{_fmt(summary.get(k))}</td></tr>"
-                           for k in keys if k in summary)
-    for kind, count in summary.get("bytes_moved", {}).get("total", {}).items():
-        summary_rows += f"<tr><th>moved: {html.escape(kind)}</th><td>{count / 2**20:.1f} MiB</td></tr>"
-    for kind, count in summary.get("bytes_moved", {}).get("total", {}).items():
-        summary_rows += f"<tr><th>moved: {html.escape(kind)}</th><td>{count / 2**20:.1f} MiB</td></tr>"
-    seconds = summary.get("seconds", {})
-    summary_rows += "".join(f"<tr><th>{k} s</th><td>{_fmt(float(v))}</td></tr>"
-                            for k, v in seconds.items())
+    summary_rows = _summary_rows(summary)
     compare = any("compare" in r for r in records)
     head = ["layer", "method", "shape", "loss"] + (["gptq", "rtn", "vs gptq"] if compare else []) \
         + ["iterations", "seconds", "calibration", "tokens"]

@@ -43,8 +43,9 @@ def test_two_workers_hand_over_what_one_worker_computes(tmp_path):
     assert torch.equal(whole[0], split[0]) and whole[1] == split[1] == 8 * 32
     # The Hessian is reduced on its owner (worker 0 here) and handed to the other solver; a row
     # block solved on either side of the split, or by one worker alone, is the same row block.
-    one.call(0, "merge_hessian", key)
-    size = two.call(0, "merge_hessian", key, two.call(1, "hessian_part", key))
+    one.call(0, "finish_hessian", key)
+    two.call(0, "merge_hessian_part", key, two.call(1, "hessian_part", key))
+    size = two.call(0, "finish_hessian", key)
     assert size == 64 * 64 * 4  # the merged Hessian crosses once, fp32, no partial-sum tree
     a = one.call(0, "solve", key, key, [(0, 32)])
     b = two.call(1, "solve", key, key, [(0, 32)], two.call(0, "merged_hessian", key))

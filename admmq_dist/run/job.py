@@ -213,7 +213,7 @@ class Job:
                                       writer.check_width)
         tty = sys.stderr.isatty()
         resumed = 0
-        self.moved = []
+        self.moved, self.memory = [], []
         # Layers below blocks: on big models a block takes minutes, and the layer bar's ETA
         # moves. Only on a terminal: in a log file a nested bar is a stream of cursor escapes.
         with tqdm(total=self.num_blocks, desc="blocks", unit="block", disable=not self.progress,
@@ -224,6 +224,8 @@ class Job:
             for b, out, was_resumed in schedule.blocks():
                 resumed += was_resumed
                 self.moved.append({"block": b, **out.moved})
+                if out.memory:
+                    self.memory.append({"block": b, **out.memory})
                 self._write_block(writer, b, out)
                 report.extend(out.report)
                 bar.set_postfix(self._postfix(out))
@@ -306,6 +308,13 @@ class Job:
             summary["bytes_moved"] = {
                 "total": {k: sum(row.get(k, 0) for row in self.moved) for k in kinds},
                 "per_block": self.moved}
+            if self.memory:
+                worst = max(self.memory, key=lambda row: row["peak_bytes"])
+                summary["memory_plan"] = {"peak_bytes": worst["peak_bytes"],
+                                          "worst": worst["worst"], "items": worst["items"],
+                                          "per_block": [{"block": r["block"],
+                                                         "peak_bytes": r["peak_bytes"]}
+                                                        for r in self.memory]}
         return summary
 
     def _extra_files(self, report: list[dict], summary: dict) -> dict[str, str]:

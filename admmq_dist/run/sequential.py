@@ -145,6 +145,7 @@ class SequentialSchedule:
         prefix = f"{self.layout_prefix}.{b}"
         for name, (_, cols) in plan["shapes"].items():
             self.check_width(f"{prefix}.{name}", cols)
+        out.memory = self._check_memory(prefix, plan)
         for stage in plan["stages"]:
             how, part_bytes = self._capture(stage, plan)
             results = self._solve(stage, plan, how, part_bytes, moved)
@@ -158,6 +159,21 @@ class SequentialSchedule:
         self._all("propagate")
         self.timings["forward"] += time.perf_counter() - t
         return out
+
+    def _check_memory(self, prefix: str, plan: dict) -> dict:
+        """Every worker's planned peak for the block against its device, before the block's
+        work; returns the largest plan."""
+        plans = self._all("memory_plan", plan["stages"], self.backend.size)
+        for w, p in enumerate(plans):
+            if p["peak"] > p["capacity"]:
+                raise MemoryError(
+                    f"{prefix} needs about {p['describe']} on worker {w}, more than the "
+                    f"{p['capacity'] / 2**30:.1f} GiB its device has; use more workers (each "
+                    "holds fewer calibration tokens), fewer --num-samples or a shorter "
+                    "--seq-len, or devices with more memory")
+        worst = max(range(len(plans)), key=lambda w: plans[w]["peak"])
+        return {"peak_bytes": plans[worst]["peak"], "worker": worst,
+                "worst": f"{prefix}.{plans[worst]['worst']}", "items": plans[worst]["items"]}
 
     def _start_layer_bar(self, b: int, plan: dict) -> None:
         if self.layer_bar is not None and not self.layer_bar.total:
@@ -226,8 +242,10 @@ class SequentialSchedule:
         for key, rows in rows_of.items():
             owner = max(range(len(rows)), key=lambda w: (rows[w], -w))
             others = [w for w in range(len(rows)) if w != owner]
-            parts = [self.backend.call(w, "hessian_part", key) for w in others]
-            size = self.backend.call(owner, "merge_hessian", key, *parts)
+            for w in others:  # one part per call: the owner holds one at a time
+                self.backend.call(owner, "merge_hessian_part", key,
+                                  self.backend.call(w, "hessian_part", key))
+            size = self.backend.call(owner, "finish_hessian", key)
             moved["hessian_parts"] += sum(part_bytes[w].get(key, 0) for w in others)
             solvers = [w for w in others if rows[w]]
             out[key] = (owner, self.backend.call(owner, "merged_hessian", key) if solvers

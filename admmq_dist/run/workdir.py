@@ -100,6 +100,8 @@ class DecoderBlockOutput:
     # Bytes that crossed between processes while the block was quantized, by kind (not kept in
     # the commit: a resumed block moved nothing).
     moved: dict[str, int] = field(default_factory=dict)
+    # The worker's planned peak memory for the block (run.memory; not kept in the commit).
+    memory: dict = field(default_factory=dict)
 
 
 def commit_block(work: Path, b: int, out: DecoderBlockOutput) -> None:

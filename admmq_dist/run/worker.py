@@ -21,13 +21,15 @@ from ..model.capture import Stage, calibration_stages, capture_hessians, record_
 from ..model.loading import load_block, release
 from ..model.moe import ExpertList, expert_lists
 from ..quant.factors import HessianFactors
+from ..quant.hessian import HessianAccumulator
 from ..quant.grid import fit_grid
 from ..quant.hessian import asymmetric_target
 from ..quant.solvers.rows import RowBlockResult
 from ..recipe import Recipe
+from . import memory
 from .device_model import DeviceModel, block_linears
 from .experts import ALL_TOKENS
-from .layer import dequantized, merge_parts, nbytes, portable, solve_rows
+from .layer import dequantized, nbytes, portable, solve_rows
 
 
 class Worker(DeviceModel):
@@ -112,6 +114,22 @@ class Worker(DeviceModel):
                 "skipped": sorted(n for n in target_linears(self.blocks[b])
                                   if n not in self.linears)}
 
+    def memory_plan(self, stages: list[Stage], workers: int) -> dict:
+        """This worker's planned peak memory for the current block (:mod:`.memory`) and what
+        its device can hold."""
+        b = self._block()
+        shapes = {n: tuple(m.weight.shape) for n, m in self.linears.items()}
+        groups = [[(g[0], sum(shapes[n][0] for n in g), shapes[g[0]][1]) for g in stage.groups]
+                  for stage in stages]
+        tokens = sum(int(h.shape[0]) * int(h.shape[1]) for h in self.hidden)
+        plan = memory.plan_block(groups, hidden=int(self.hidden[0].shape[-1]), tokens=tokens,
+                                 batch_range=(self.batch_ids[0], self.batch_ids[-1] + 1),
+                                 act_bytes=self.dtype.itemsize,
+                                 row_block=self.recipe.solver.row_block,
+                                 asymmetric=bool(self.asymmetric), workers=workers)
+        return {"block": b, "peak": plan.peak, "items": plan.items, "worst": plan.worst_stage,
+                "describe": plan.describe(), "capacity": memory.device_capacity(self.device)}
+
     # -------------------------------------------------------------------------------- capture
 
     def capture(self, stage: Stage, calibrate_all: list[int] = ()) -> dict:
@@ -152,13 +170,20 @@ class Worker(DeviceModel):
         ``ALL_TOKENS + experts path``), to be merged on the group's owner."""
         return self._parts[key].state()
 
-    def merge_hessian(self, key: str, *parts: dict) -> int:
-        """As the owner of ``key``: merge its own partial sums with every other worker's;
-        returns the bytes the merged Hessian (and cross term) takes to hand over."""
+    def merge_hessian_part(self, key: str, part: dict) -> None:
+        """As the owner of ``key``: fold one other worker's partial sums into its own. One part
+        per call, so that beside the accumulator only one part is held at a time (the merge is
+        exact in any order)."""
         t = time.perf_counter()
-        merged = merge_parts([self._parts[key].state(), *parts], self.device)
-        self._hessians[key] = (*merged, HessianFactors(merged[0], self.device))
+        self._parts[key].merge(HessianAccumulator.from_state(part, self.device))
         self.busy["merge"] += time.perf_counter() - t
+
+    def finish_hessian(self, key: str) -> int:
+        """As the owner of ``key``: the merged Hessian, kept for solving; returns the bytes it
+        (and its cross term) takes to hand over to the other solvers."""
+        acc = self._parts.pop(key)
+        merged = (acc.hessian(), acc.num_rows, acc.cross() if acc.has_cross else None)
+        self._hessians[key] = (*merged, HessianFactors(merged[0], self.device))
         return nbytes([merged[0], merged[2]])
 
     def merged_hessian(self, key: str) -> tuple:

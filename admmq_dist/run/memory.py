@@ -1,0 +1,136 @@
+"""How much memory a worker needs for one decoder block, planned before the block's work, and
+the refusal when its device cannot hold it.
+
+A worker holds its shard's hidden states (and, with asymmetric calibration, the float model's and
+each dense linear's float inputs), the block's weights, and per stage: the Hessians' trees of
+partial sums while capturing, then the merged Hessians with their factorizations and one row
+block's solver state at a time. The plan counts those tensors from the shapes; it is an estimate
+of the peak (allocator slack and framework buffers come on top), good to a few tens of percent,
+and it is what a 70B run needs to know before it starts.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+# Working arrays per row block and input column, in float32: ADMM-Q's W0, W, Z, dual and their
+# rotated copies, the projection's temporaries and the best iterate (14); GPTQ's start and the
+# local-search gradient reuse them.
+SOLVER_ARRAYS = 14
+# An eigendecomposition holds the scaled Hessian and its eigenvectors in float64 plus LAPACK's
+# workspace (3 x 8 bytes per entry) while it runs, and keeps two float32 rotations (8).
+EIGH_TRANSIENT, EIGH_KEPT = 24, 8
+# GPTQ's factor: the damped and permuted copies, the factor and the inverse (4 x 4) while it
+# runs, and keeps one upper factor (4).
+CHOLESKY_TRANSIENT, CHOLESKY_KEPT = 16, 4
+
+
+def dyadic_pieces(start: int, stop: int) -> int:
+    """How many canonical partial sums (aligned power-of-two batch ranges) a worker holding
+    batches ``[start, stop)`` keeps: its accumulator's tree before the merge."""
+    pieces, i = 0, start
+    while i < stop:
+        size = 1
+        while i % (size * 2) == 0 and i + size * 2 <= stop:
+            size *= 2
+        pieces += 1
+        i += size
+    return pieces
+
+
+@dataclass
+class MemoryPlan:
+    """Planned bytes, by item, for one worker and one decoder block; ``peak`` is their
+    worst-case sum (held items plus the largest stage's working set)."""
+
+    items: dict[str, int] = field(default_factory=dict)
+    peak: int = 0
+    worst_stage: str = ""
+
+    def describe(self) -> str:
+        top = sorted(self.items.items(), key=lambda kv: -kv[1])[:3]
+        return (f"{self.peak / 2**30:.1f} GiB (largest: "
+                + ", ".join(f"{k} {v / 2**30:.1f} GiB" for k, v in top) + ")")
+
+
+def plan_block(groups: list[list[tuple[str, int, int]]], *, hidden: int, tokens: int,
+               batch_range: tuple[int, int], act_bytes: int, row_block: int,
+               asymmetric: bool, workers: int = 1) -> MemoryPlan:
+    """Plan one decoder block on one worker.
+
+    ``groups``: per true-sequential stage, ``(linear, rows, cols)`` of every linear whose
+    Hessian is its own group's (one entry per Hessian: q/k/v count once, with the rows of all
+    three); ``tokens``: this worker's calibration tokens; ``batch_range``: its global batches;
+    ``act_bytes``: bytes per element of activations and weights; ``workers``: how many workers'
+    partial sums the owner of a Hessian receives.
+    """
+    plan = MemoryPlan()
+    streams = 2 if asymmetric else 1
+    # Held through the block: the hidden states (the float stream too), the next block's
+    # inputs while propagating, and the block's weights.
+    plan.items["hidden states"] = (streams + 1) * tokens * hidden * act_bytes
+    plan.items["block weights"] = sum(rows * cols for stage in groups
+                                      for _, rows, cols in stage) * act_bytes
+    if asymmetric:
+        plan.items["float inputs"] = sum(tokens * cols for stage in groups
+                                         for _, _, cols in stage) * act_bytes
+    held = sum(plan.items.values())
+    pieces = dyadic_pieces(*batch_range)
+    worst = 0
+    for stage in groups:
+        capture = sum(streams * pieces * cols * cols * 4 for _, _, cols in stage)
+        # The owner folds the other workers' partial sums in one at a time.
+        merge = max(streams * pieces * cols * cols * 4 for _, _, cols in stage) \
+            if workers > 1 else 0
+        kept = sum((streams * 4 + EIGH_KEPT + CHOLESKY_KEPT) * cols * cols
+                   for _, _, cols in stage)
+        factor = max(max(EIGH_TRANSIENT, CHOLESKY_TRANSIENT) * cols * cols
+                     for _, _, cols in stage)
+        solve = max(SOLVER_ARRAYS * min(rows, row_block) * cols * 4 for _, rows, cols in stage)
+        need = max(capture + merge, kept + max(factor, solve))
+        if need > worst:
+            worst, plan.worst_stage = need, stage[0][0]
+            plan.items["Hessians and factorizations"] = kept + factor
+            plan.items["partial sums"] = capture + merge
+            plan.items["row-block solve"] = solve
+    plan.peak = held + worst
+    return plan
+
+
+def device_capacity(device: torch.device) -> int:
+    """Bytes a worker may use on ``device``: the GPU's total memory, or this host's available
+    memory (MemAvailable) for CPU workers."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def llama_block(hidden: int, intermediate: int, heads: int, kv_heads: int,
+                head_dim: int | None = None) -> list[list[tuple[str, int, int]]]:
+    """A Llama-style decoder block's stages as :func:`plan_block` takes them."""
+    head_dim = head_dim or hidden // heads
+    qkv = (heads + 2 * kv_heads) * head_dim
+    return [[("self_attn.q_proj", qkv, hidden)], [("self_attn.o_proj", hidden, heads * head_dim)],
+            [("mlp.gate_proj", 2 * intermediate, hidden)], [("mlp.down_proj", hidden,
+                                                             intermediate)]]
+
+
+def tokens_per_worker(samples: int, seq_len: int, batch_size: int,
+                      workers: int) -> tuple[int, tuple[int, int]]:
+    """The largest shard's tokens and its batch range, as :func:`plan.shard_batches` cuts."""
+    batches = math.ceil(samples / batch_size)
+    bounds = [batches * k // workers for k in range(workers + 1)]
+    k = max(range(workers), key=lambda w: bounds[w + 1] - bounds[w])
+    count = bounds[k + 1] - bounds[k]
+    return count * batch_size * seq_len, (bounds[k], bounds[k + 1])

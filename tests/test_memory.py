@@ -1,0 +1,57 @@
+"""run/memory.py: a worker's memory for one decoder block, planned from the shapes before any of
+the block's work, and the refusal when the device cannot hold it."""
+
+import pytest
+import torch
+
+from admmq_dist.recipe import Recipe, override
+from admmq_dist.run import memory
+from admmq_dist.run.job import quantize_model
+from admmq_dist.run.memory import dyadic_pieces, llama_block, plan_block, tokens_per_worker
+
+from tiny import tiny_model_dir
+
+
+def test_partial_sums_follow_the_canonical_tree():
+    assert [dyadic_pieces(0, n) for n in (1, 2, 3, 4, 5, 8, 16)] == [1, 1, 2, 1, 2, 1, 1]
+    assert dyadic_pieces(3, 11) == 4  # [3], [4-7], [8-9], [10]
+
+
+def test_llama_70b_block_fits_an_h100_on_one_or_eight_workers():
+    """Llama-3-70B, 128 x 2048 calibration tokens, bfloat16: down_proj's 28672-wide Hessian and
+    its float64 eigendecomposition dominate; the plan fits an 80 GB H100 on 1 and 8 workers."""
+    block = llama_block(8192, 28672, heads=64, kv_heads=8)
+    peaks = {}
+    for workers in (1, 8):
+        tokens, batches = tokens_per_worker(128, 2048, 2, workers)
+        plan = plan_block(block, hidden=8192, tokens=tokens, batch_range=batches, act_bytes=2,
+                          row_block=512, asymmetric=False, workers=workers)
+        assert plan.worst_stage == "mlp.down_proj"
+        # 28672² x (fp32 Hessian + 24 B eigh transient + kept rotations and factor) ≈ 30 GiB
+        assert 25 * 2**30 < plan.items["Hessians and factorizations"] < 36 * 2**30
+        peaks[workers] = plan.peak
+    assert peaks[1] < 80e9 and peaks[8] < peaks[1]
+    # Hidden states shrink with the workers (each holds its shard), the factorizations do not.
+    assert 250e9 > peaks[1] - peaks[8] > 0
+
+
+def test_a_block_the_device_cannot_hold_is_refused_before_its_work(tmp_path, monkeypatch):
+    src = tiny_model_dir(tmp_path / "src", "llama")
+    recipe = override(Recipe(), {"grid": {"group_size": 32},
+                                 "calibration": {"dataset": None, "num_samples": 4,
+                                                 "seq_len": 32, "batch_size": 2}})
+    solved = []
+    monkeypatch.setattr(memory, "device_capacity", lambda device: 200_000)
+    from admmq_dist.run.worker import Worker
+
+    original = Worker.solve
+    monkeypatch.setattr(Worker, "solve", lambda *a, **k: solved.append(1) or original(*a, **k))
+    with pytest.raises(MemoryError, match=r"model.layers.0 needs about .* GiB"):
+        quantize_model(str(src), tmp_path / "out", recipe, device=torch.device("cpu"),
+                       progress=False)
+    assert solved == [] and not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    summary = quantize_model(str(src), tmp_path / "ok", recipe, device=torch.device("cpu"),
+                             progress=False)
+    planned = summary["memory_plan"]
+    assert planned["peak_bytes"] > 0 and planned["worst"].startswith("model.layers.")
