@@ -18,8 +18,9 @@ def test_partial_sums_follow_the_canonical_tree():
 
 
 def test_llama_70b_block_fits_an_h100_on_one_or_eight_workers():
-    """Llama-3-70B, 128 x 2048 calibration tokens, bfloat16: down_proj's 28672-wide Hessian and
-    its float64 eigendecomposition dominate; the plan fits an 80 GB H100 on 1 and 8 workers."""
+    """Llama-3-70B, 128 x 2048 calibration tokens, bfloat16, the exact W-update everywhere:
+    down_proj's 28672-wide Hessian and its float64 eigendecomposition dominate; the plan fits an
+    80 GB H100 on 1 and 8 workers."""
     block = llama_block(8192, 28672, heads=64, kv_heads=8)
     peaks = {}
     for workers in (1, 8):
@@ -33,6 +34,29 @@ def test_llama_70b_block_fits_an_h100_on_one_or_eight_workers():
     assert peaks[1] < 80e9 and peaks[8] < peaks[1]
     # Hidden states shrink with the workers (each holds its shard), the factorizations do not.
     assert 250e9 > peaks[1] - peaks[8] > 0
+
+
+def test_the_default_cg_update_at_70b_widths_plans_no_eigendecomposition():
+    """The default ``w_update="auto"`` solves down_proj (28672 wide) with CG: no float64 eigh
+    (24 B transient + 8 B kept per entry) in the plan; GPTQ's start factor remains. An exact
+    update everywhere plans it."""
+    from admmq_dist.quant.solvers.solve import SolverSettings
+
+    block = llama_block(8192, 28672, heads=64, kv_heads=8)
+    tokens, batches = tokens_per_worker(128, 2048, 2, 1)
+
+    def factors(settings):
+        return plan_block(block, hidden=8192, tokens=tokens, batch_range=batches, act_bytes=2,
+                          row_block=512, asymmetric=False,
+                          eigh_for=settings.uses_eigh).items["Hessians and factorizations"]
+
+    auto, exact = factors(SolverSettings()), factors(override(Recipe(), {
+        "solver": {"admm": {"w_update": "exact"}}}).solver)
+    n2 = 28672**2
+    assert exact - auto == (memory.EIGH_TRANSIENT - memory.CHOLESKY_TRANSIENT + memory.EIGH_KEPT) * n2
+    assert 17 * 2**30 < auto < 20 * 2**30
+    assert not SolverSettings().uses_eigh(28672) and SolverSettings().uses_eigh(8192)
+    assert not override(Recipe(), {"solver": {"method": "gptq"}}).solver.uses_eigh(4096)
 
 
 def test_a_block_the_device_cannot_hold_is_refused_before_its_work(tmp_path, monkeypatch):

@@ -159,3 +159,41 @@ def test_a_warm_start_corrects_codes_for_a_changed_hessian():
     again = admmq(w, h_new, grid, warm_settings, init_codes=first.codes,
                   init_dual=first.state["dual"])
     assert torch.equal(again.codes, warm.codes)
+
+
+def test_auto_w_update_switches_to_cg_at_the_width_without_an_eigendecomposition():
+    """``w_update="auto"`` runs the exact update below ``cg_from_width`` and CG from it (no
+    eigh at all); CG with the default steps stays within 1% of the exact update's loss, and
+    fewer steps lose more (the step count is not a no-op)."""
+    from admmq_dist.quant.factors import HessianFactors
+
+    w, h, _ = synthetic_layer(128, 256, 4096, seed=3)
+    grid = fit_grid(w, GridSpec(bits=3, group_size=64))
+    start = gptq(w, h, grid).codes
+    assert ADMMSettings().w_update == "auto"
+    assert ADMMSettings().w_update_for(16383) == "exact"
+    assert ADMMSettings().w_update_for(16384) == "cg"
+    assert ADMMSettings(w_update="exact").w_update_for(10**6) == "exact"
+
+    def run(**kw):
+        factors = HessianFactors(h)
+        result = admmq(w, h, grid, ADMMSettings(**kw), init_codes=start, factors=factors)
+        return result, factors.counts["eigh"]
+
+    exact, eighs_exact = run(cg_from_width=257)
+    auto_cg, eighs_cg = run(cg_from_width=256)
+    explicit_cg, _ = run(w_update="cg")
+    few_steps, _ = run(w_update="cg", cg_steps=1)
+    assert (eighs_exact, eighs_cg) == (1, 0)
+    assert torch.equal(auto_cg.codes, explicit_cg.codes)
+    assert not torch.equal(auto_cg.codes, exact.codes)
+    assert auto_cg.loss <= 1.01 * exact.loss
+    assert few_steps.loss > 1.02 * exact.loss
+    assert exact.loss < 0.95 * gptq(w, h, grid).loss
+
+
+def test_cg_from_width_is_validated():
+    with pytest.raises(ValueError, match="cg_from_width"):
+        ADMMSettings(cg_from_width=0)
+    with pytest.raises(ValueError, match="w_update"):
+        ADMMSettings(w_update="eigh")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +22,9 @@ import torch
 # rotated copies, the projection's temporaries and the best iterate (14); GPTQ's start and the
 # local-search gradient reuse them.
 SOLVER_ARRAYS = 14
+# The CG W-update's own: W0 H, W H, the residual, the preconditioned residual, the direction, its
+# product with H and the preconditioner (7).
+CG_ARRAYS = 7
 # An eigendecomposition holds the scaled Hessian and its eigenvectors in float64 plus LAPACK's
 # workspace (3 x 8 bytes per entry) while it runs, and keeps two float32 rotations (8).
 EIGH_TRANSIENT, EIGH_KEPT = 24, 8
@@ -59,14 +63,16 @@ class MemoryPlan:
 
 def plan_block(groups: list[list[tuple[str, int, int]]], *, hidden: int, tokens: int,
                batch_range: tuple[int, int], act_bytes: int, row_block: int,
-               asymmetric: bool, workers: int = 1) -> MemoryPlan:
+               asymmetric: bool, workers: int = 1,
+               eigh_for: Callable[[int], bool] = lambda cols: True) -> MemoryPlan:
     """Plan one decoder block on one worker.
 
     ``groups``: per true-sequential stage, ``(linear, rows, cols)`` of every linear whose
     Hessian is its own group's (one entry per Hessian: q/k/v count once, with the rows of all
     three); ``tokens``: this worker's calibration tokens; ``batch_range``: its global batches;
     ``act_bytes``: bytes per element of activations and weights; ``workers``: how many workers'
-    partial sums the owner of a Hessian receives.
+    partial sums the owner of a Hessian receives; ``eigh_for(cols)``: whether a Hessian that
+    wide gets ADMM-Q's eigendecomposition (the exact W-update) or none (CG, GPTQ).
     """
     plan = MemoryPlan()
     streams = 2 if asymmetric else 1
@@ -86,11 +92,12 @@ def plan_block(groups: list[list[tuple[str, int, int]]], *, hidden: int, tokens:
         # The owner folds the other workers' partial sums in one at a time.
         merge = max(streams * pieces * cols * cols * 4 for _, _, cols in stage) \
             if workers > 1 else 0
-        kept = sum((streams * 4 + EIGH_KEPT + CHOLESKY_KEPT) * cols * cols
+        kept = sum((streams * 4 + CHOLESKY_KEPT + EIGH_KEPT * eigh_for(cols)) * cols * cols
                    for _, _, cols in stage)
-        factor = max(max(EIGH_TRANSIENT, CHOLESKY_TRANSIENT) * cols * cols
+        factor = max((EIGH_TRANSIENT if eigh_for(cols) else CHOLESKY_TRANSIENT) * cols * cols
                      for _, _, cols in stage)
-        solve = max(SOLVER_ARRAYS * min(rows, row_block) * cols * 4 for _, rows, cols in stage)
+        solve = max((SOLVER_ARRAYS + CG_ARRAYS * (not eigh_for(cols))) * min(rows, row_block)
+                    * cols * 4 for _, rows, cols in stage)
         need = max(capture + merge, kept + max(factor, solve))
         if need > worst:
             worst, plan.worst_stage = need, stage[0][0]

@@ -126,7 +126,8 @@ class Worker(DeviceModel):
                                  batch_range=(self.batch_ids[0], self.batch_ids[-1] + 1),
                                  act_bytes=self.dtype.itemsize,
                                  row_block=self.recipe.solver.row_block,
-                                 asymmetric=bool(self.asymmetric), workers=workers)
+                                 asymmetric=bool(self.asymmetric), workers=workers,
+                                 eigh_for=self.recipe.solver.uses_eigh)
         return {"block": b, "peak": plan.peak, "items": plan.items, "worst": plan.worst_stage,
                 "describe": plan.describe(), "capacity": memory.device_capacity(self.device)}
 

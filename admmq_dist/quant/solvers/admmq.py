@@ -23,9 +23,10 @@ import torch
 
 from ..grid import Grid, dequantize_codes
 from ..factors import HessianFactors
-from ..hessian import relative_loss, zero_columns
+from ..hessian import relative_loss
 from .gptq import GPTQSettings, gptq
 from .result import SolverResult
+from .w_updates import ExactUpdate, InexactUpdate
 
 
 @dataclass(frozen=True)
@@ -44,15 +45,25 @@ class ADMMSettings:
     rho_slow_from: float | None = 0.3
     rho_growth_slow: float = 1.03
     init: Literal["gptq", "rtn"] = "gptq"
-    w_update: Literal["exact", "cg", "gradient"] = "exact"
+    # "auto": the exact update below cg_from_width inputs, CG at and above it. The exact update
+    # needs one float64 eigh per Hessian and worker (n³, 24 bytes per entry while it runs: 18 GiB
+    # at Llama-3-70B's down_proj, 28672 wide); CG needs none, for three times the iteration time
+    # (six GEMMs for two) and ~0.5% more layer loss. Measured at Llama-3.2-1B shapes
+    # (benchmarks/results/layer_shapes_1b_cpu.md) the eigh costs as much as the CG's extra time on
+    # 0.04-0.065·n rows, so CG is the faster on a worker that solves fewer rows of a Hessian than
+    # that: 70B's down_proj from 8 workers on (1,024 rows each), 405B (16384+ wide) from ~32. The
+    # choice goes by width alone so that the result never depends on the number of workers.
+    w_update: Literal["auto", "exact", "cg", "gradient"] = "auto"
+    cg_from_width: int = 16384
     projection: Literal["hard", "soft", "random"] = "hard"
     # Early stop once the fraction of changed codes stays below stop_tolerance for stop_patience
     # iterations with ρ above stop_min_rho (at small ρ codes may rest and move again).
     stop_tolerance: float = 1e-4
     stop_patience: int = 5
     stop_min_rho: float = 1.0
-    # Inexact W-updates.
-    cg_steps: int = 3
+    # Inexact W-updates. Five warm-started CG steps per iteration keep the layer loss within
+    # ~0.5% of the exact update's on Llama-shaped layers; three lose ~2.5%, one or two ~8%.
+    cg_steps: int = 5
     gradient_steps: int = 4
     gradient_batch_tokens: int = 2048
     # Soft projection: Z moves toward the grid by at most soft_strength * ‖scales‖ of its row.
@@ -72,12 +83,14 @@ class ADMMSettings:
             raise ValueError(f"admm rho_slow_from={self.rho_slow_from} must be positive")
         if not self.rho_growth >= 1:
             raise ValueError(f"admm rho_growth={self.rho_growth} must be at least 1")
-        for name, allowed in (("init", ("gptq", "rtn")), ("w_update", ("exact", "cg", "gradient")),
+        for name, allowed in (("init", ("gptq", "rtn")), ("w_update", ("auto", "exact", "cg", "gradient")),
                               ("projection", ("hard", "soft", "random"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"admm {name}={getattr(self, name)!r} must be one of {allowed}")
         if self.stop_patience < 1:
             raise ValueError(f"admm stop_patience={self.stop_patience} must be at least 1")
+        if self.cg_from_width < 1:
+            raise ValueError(f"admm cg_from_width={self.cg_from_width} must be at least 1")
         if self.cg_steps < 1 or self.gradient_steps < 1 or self.gradient_batch_tokens < 1:
             raise ValueError("admm cg_steps, gradient_steps and gradient_batch_tokens must be >= 1")
         if not self.soft_strength > 0:
@@ -86,6 +99,12 @@ class ADMMSettings:
             raise ValueError(
                 f"admm random_probability={self.random_probability} must lie in (0, 1]"
             )
+
+    def w_update_for(self, width: int) -> str:
+        """The W-update a layer with ``width`` inputs gets (``"auto"`` resolved)."""
+        if self.w_update != "auto":
+            return self.w_update
+        return "cg" if width >= self.cg_from_width else "exact"
 
 
 def admmq(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
@@ -112,8 +131,9 @@ def admmq(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
     if hessian is None:
         if activations is None:
             raise ValueError("admmq needs a Hessian or calibration activations")
-        if settings.w_update != "gradient":
-            raise ValueError("without a Hessian only w_update='gradient' can run; pass the Hessian")
+        if settings.w_update not in ("gradient", "auto"):
+            raise ValueError("without a Hessian only w_update='gradient' (or 'auto', which means "
+                             "it there) can run; pass the Hessian")
         x = activations.reshape(-1, w0.shape[1]).to(device=device, dtype=torch.float32)
         h0 = None
     else:
@@ -122,10 +142,10 @@ def admmq(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
         if factors is None:
             factors = HessianFactors(h0)
 
-    if settings.w_update == "exact":
-        loop = _ExactLoop(w0, factors)
+    if h0 is not None and settings.w_update_for(w0.shape[1]) == "exact":
+        loop = ExactUpdate(w0, factors)
     else:
-        loop = _InexactLoop(w0, factors, x, settings)
+        loop = InexactUpdate(w0, factors, x, settings)
     if init_codes is not None:
         codes0 = init_codes.to(device=device, dtype=torch.int32)
     elif settings.init == "gptq" and h0 is not None:
@@ -138,151 +158,6 @@ def admmq(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
     loss = relative_loss(deq, w0, h0) if h0 is not None else best_loss
     return SolverResult("admmq", best_codes, grid, deq, loss, iterations,
                         time.perf_counter() - start, history, state={"dual": loop.Y, "rho": rho})
-
-
-class _ExactLoop:
-    """The exact W-update in the eigenbasis of the Jacobi-preconditioned Hessian.
-
-    Holds the unscaled dual ``Y = ρ U`` (and ``R(Y)``): it is continuous when ρ changes, so the
-    spec's rescaling ``U ← U / τ`` needs no work of its own.
-    """
-
-    def __init__(self, w0: torch.Tensor, factors: HessianFactors):
-        if w0.shape[1] != factors.hessian.shape[0]:
-            raise ValueError(f"weight has {w0.shape[1]} inputs but the Hessian is "
-                             f"{factors.hessian.shape[0]} wide")
-        self.W0 = zero_columns(w0, factors.dead)
-        # R(M) = (M D) V and its inverse, with D folded into the matrices: one GEMM each.
-        self.ell, self.to_rotated, self.from_rotated = factors.eigen()
-        self.RW0 = self.W0 @ self.to_rotated
-        self.RW0_ell = self.RW0 * self.ell
-        norm = float(((self.RW0 ** 2) @ self.ell).sum())
-        self.norm = norm if norm > 0 else 1.0
-
-    def start(self, Z: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Tensor:
-        self.RZ = Z @ self.to_rotated
-        self.Y = torch.zeros_like(Z) if Y is None else Y.clone()
-        self.RY = torch.zeros_like(self.RZ) if Y is None else self.Y @ self.to_rotated
-        return self.row_loss_rotated(self.RZ)
-
-    def row_loss_rotated(self, RZ: torch.Tensor) -> torch.Tensor:
-        E = RZ - self.RW0
-        return (E.square_() @ self.ell) / self.norm
-
-    def w_step(self, rho: float) -> torch.Tensor:
-        # R(W) = (R(W0) ℓ + ρ R(Z) - R(Y)) / (ℓ + ρ)
-        RW = torch.add(self.RW0_ell, self.RZ, alpha=rho).sub_(self.RY)
-        self.RW = RW.mul_(1.0 / (self.ell + rho))
-        self.W = self.RW @ self.from_rotated
-        return self.W
-
-    def z_done(self, Z: torch.Tensor, Zhard: torch.Tensor | None, rho: float) -> torch.Tensor:
-        """Record the new ``Z``; returns each row's true loss of the hard projection."""
-        RZ = Z @ self.to_rotated
-        self.Y.add_(self.W, alpha=rho).sub_(Z, alpha=rho)
-        self.RY.add_(self.RW, alpha=rho).sub_(RZ, alpha=rho)
-        self.RZ = RZ
-        if Zhard is None:
-            return self.row_loss_rotated(RZ)
-        return self.row_loss_rotated(Zhard @ self.to_rotated)
-
-
-class _InexactLoop:
-    """Inexact W-updates: warm-started conjugate gradient on H, or mini-batch gradient steps on
-    calibration activations (no ``n×n`` matrix formed)."""
-
-    def __init__(self, w0, factors: HessianFactors | None, x, settings: ADMMSettings):
-        self.settings = settings
-        if factors is not None:
-            self.W0, self.H = zero_columns(w0, factors.dead), factors.hessian
-            self.d2 = torch.diagonal(self.H).clone()
-        else:
-            self.W0, self.H = w0, None
-            self.x = x
-            self.d2 = (x * x).mean(dim=0)
-            dead = self.d2 == 0
-            self.W0 = w0.clone()
-            self.W0[:, dead] = 0
-            self.d2[dead] = 1.0
-            self.gen = torch.Generator(device=x.device).manual_seed(settings.seed + 1)
-            # Steps are Jacobi-preconditioned (scaled by D⁻²), so the bound is on H̃ = D⁻¹ H D⁻¹.
-            self.lmax = _top_eigenvalue(x / torch.sqrt(self.d2), self.gen)
-        self.norm = 1.0
-        self.norm = float(self._row_loss(torch.zeros_like(self.W0)).sum())
-        self.norm = self.norm if self.norm > 0 else 1.0
-
-    def _apply_h(self, M: torch.Tensor) -> torch.Tensor:
-        return M @ self.H
-
-    def _row_loss(self, Z: torch.Tensor) -> torch.Tensor:
-        """``[m]``: each row's share of the objective, over the norm."""
-        delta = Z - self.W0
-        if self.H is not None:
-            return (self._apply_h(delta) * delta).sum(dim=1) / self.norm
-        total = torch.zeros(delta.shape[0], device=delta.device)
-        for chunk in torch.split(self.x, 8192):
-            total += ((chunk @ delta.T) ** 2).sum(dim=0)
-        return total / (self.x.shape[0] * self.norm)
-
-    def start(self, Z: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Tensor:
-        self.Z = Z
-        self.Y = torch.zeros_like(Z) if Y is None else Y.clone()
-        self.W = Z.clone()
-        return self._row_loss(Z)
-
-    def w_step(self, rho: float) -> torch.Tensor:
-        s = self.settings
-        target = self.Z - self.Y / rho
-        if self.H is not None:
-            # Row-batched Jacobi-preconditioned CG on W (H + ρD²) = W0 H + ρ (Z - U) D².
-            rhs = self._apply_h(self.W0) + rho * target * self.d2
-            precond = 1.0 / (torch.diagonal(self.H) + rho * self.d2)
-            W = self.W
-            r = rhs - (self._apply_h(W) + rho * W * self.d2)
-            z = r * precond
-            p = z.clone()
-            rz = (r * z).sum(dim=1, keepdim=True)
-            for _ in range(s.cg_steps):
-                Ap = self._apply_h(p) + rho * p * self.d2
-                alpha = rz / (p * Ap).sum(dim=1, keepdim=True).clamp_min(1e-30)
-                W = W + alpha * p
-                r = r - alpha * Ap
-                z = r * precond
-                rz_new = (r * z).sum(dim=1, keepdim=True)
-                p = z + (rz_new / rz.clamp_min(1e-30)) * p
-                rz = rz_new
-        else:
-            # Mini-batch gradient steps: (W - W0) H ≈ ((W - W0) X_Bᵀ) X_B / |B|, preconditioned
-            # by D⁻² so that one step size suits quiet and outlier channels alike.
-            W = self.W
-            eta = 1.0 / (self.lmax + rho)
-            n_tok = self.x.shape[0]
-            for _ in range(s.gradient_steps):
-                idx = torch.randint(0, n_tok, (min(s.gradient_batch_tokens, n_tok),),
-                                    generator=self.gen, device=self.x.device)
-                xb = self.x[idx]
-                grad = ((W - self.W0) @ xb.T) @ xb / xb.shape[0] + rho * (W - target) * self.d2
-                W = W - eta * grad / self.d2
-        self.W = W
-        return W
-
-    def z_done(self, Z: torch.Tensor, Zhard: torch.Tensor | None, rho: float) -> torch.Tensor:
-        self.Y.add_(self.W, alpha=rho).sub_(Z, alpha=rho)
-        self.Z = Z
-        return self._row_loss(Z if Zhard is None else Zhard)
-
-
-def _top_eigenvalue(x: torch.Tensor, gen: torch.Generator, steps: int = 30) -> float:
-    """Largest eigenvalue of ``xᵀ x / N`` by power iteration (the gradient step's Lipschitz bound)."""
-    v = torch.randn(x.shape[1], generator=gen, device=x.device)
-    lam = 0.0
-    for _ in range(steps):
-        w = (x.T @ (x @ v)) / x.shape[0]
-        lam = float(w.norm())
-        if lam == 0:
-            return 1.0
-        v = w / lam
-    return lam * 1.05  # a margin: power iteration approaches λmax from below
 
 
 def _project(settings: ADMMSettings, V: torch.Tensor, P: torch.Tensor, Z: torch.Tensor, gen,

@@ -72,6 +72,10 @@ class SolverSettings:
         return dataclasses.replace(self, admm=dataclasses.replace(
             self.admm, rho_start=self.round_rho_start, iterations=self.round_iterations))
 
+    def uses_eigh(self, width: int) -> bool:
+        """Whether solving a layer with ``width`` inputs computes ADMM-Q's eigendecomposition."""
+        return self.method == "admmq" and self.admm.w_update_for(width) == "exact"
+
     @property
     def sweeps(self) -> int:
         """The local-search sweeps that actually run after the method."""
