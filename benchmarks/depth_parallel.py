@@ -1,10 +1,10 @@
-"""Depth-parallel ADMM-Q rounds against the sequential schedule and GPTQ, and its cost model.
+"""Depth-parallel ADMM-Q rounds against the sequential schedule and GPTQ.
 
 SmolLM2-135M at 3 bits (group 64, asymmetric), the same calibration windows for every run;
 perplexity on held-out WikiText-2 windows of the model as each round left it (rounds 0..3, from
 ``--round-checkpoints``), for several segment counts, against sequential ADMM-Q and act-order GPTQ.
-Two Ray workers, one thread each, for both ADMM-Q schedules. The cost model of
-``benchmarks/scaling.py`` is extended to the depth-parallel schedule for a 70B-shaped model.
+Two Ray workers, one thread each, for both ADMM-Q schedules. What either schedule costs at Llama
+shapes on 1 to 64 workers: ``benchmarks/layer_shapes.py`` (a model built from measured rates).
 
     python benchmarks/depth_parallel.py            # 64 calibration windows, 80 eval windows
     python benchmarks/depth_parallel.py --quick    # 32 and 40
@@ -39,45 +39,6 @@ def cli(*args: str) -> dict:
     return out
 
 
-def predict_depth_parallel(shape, gpus: int, tokens: int, iterations: int, warm_iterations: int,
-                           rounds: int) -> dict:
-    """Wall time of round 0 plus ``rounds`` corrections, one segment per GPU, under scaling.py's
-    GPU assumptions: the busiest GPU quantizes its segment sequentially every round (4 capture
-    passes and 1 propagation pass per block over every calibration token, and the block's
-    solves), after one pipelined float forward that fills the segments' inputs; between rounds
-    each segment's output goes to the next GPU. Every round waits for a cold solve: in round r
-    the segment whose input just became final gets the full schedule (the others warm
-    corrections, which finish earlier), so a round costs what round 0 does."""
-    from scaling import GPU
-
-    layers, hidden, inter, kv = shape
-    linears = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (inter, hidden),
-               (inter, hidden), (hidden, inter)]
-    params = sum(m * n for m, n in linears)
-    per_gpu_blocks = -(-layers // gpus)  # the busiest worker's segment
-    bw = GPU["intra_node_bytes_per_s"] if gpus <= GPU["gpus_per_node"] else GPU["inter_node_bytes_per_s"]
-
-    def solve(iters):
-        flops = sum(4 * iters * m * n * n for m, n in linears)
-        eigh = sum(GPU["eigh_seconds_4096"] * (n / 4096) ** 3 for n in {hidden, inter}) + \
-            2 * GPU["eigh_seconds_4096"] * (hidden / 4096) ** 3  # q/k/v, o, gate/up, down groups
-        return per_gpu_blocks * (flops / GPU["solver_flops"] + eigh)
-
-    block_pass = 2 * params * tokens / GPU["forward_flops"]
-    micro = 16
-    float_forward = layers * block_pass / gpus + (gpus - 1) * per_gpu_blocks * block_pass / micro
-    hand_off = tokens * hidden * 2 / bw
-    per_round_forward = per_gpu_blocks * 5 * block_pass
-    forward = float_forward + (rounds + 1) * per_round_forward
-    # The critical path of every round is the cold segment; warm_iterations is what the other
-    # GPUs spend, within that time.
-    assert warm_iterations <= iterations
-    total_solve = (rounds + 1) * solve(iterations)
-    transfer = (rounds + 1) * hand_off
-    return {"forward": forward, "solve": total_solve, "transfer": transfer,
-            "total": forward + total_solve + transfer}
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-samples", type=int, default=64)
@@ -87,8 +48,6 @@ def main(argv=None) -> int:
                         help="segment counts to run (2 = one per worker; 30 = one per block)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--cost-model-only", action="store_true",
-                        help="print the cost model and stop (it needs no measurement)")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--model", default=None, help="another model folder (default: SmolLM2)")
     parser.add_argument("--eval-dataset", default=None, help="evaluation text (default: WikiText-2)")
@@ -99,10 +58,6 @@ def main(argv=None) -> int:
     from admmq_dist.model.embedded import embedded_model_folder
     from admmq_dist.quant.solvers.solve import SolverSettings
 
-    if args.cost_model_only:
-        lines, _ = cost_model(args.rounds)
-        print("\n".join(lines))
-        return 0
     model = args.model or str(embedded_model_folder())
     common = ["--bits", "3", "--group-size", "64", "--asym", "--num-samples",
               str(args.num_samples), "--seq-len", "512"]
@@ -175,8 +130,6 @@ def main(argv=None) -> int:
               "(writing the per-round checkpoints excluded). "
               f"Whole benchmark {time.perf_counter() - started:.0f}s.", ""]
 
-    model_lines, model_rows = cost_model(args.rounds)
-    lines += model_lines
     report = "\n".join(lines) + "\n"
     print(report)
     final = {}
@@ -184,35 +137,12 @@ def main(argv=None) -> int:
         if r["schedule"] == "depth-parallel":
             final.setdefault(r["segments"], {})[r["history"]["round"]] = r["ppl"]
     print(json.dumps({"sequential_ppl": seq["ppl"], "gptq_ppl": gptq["ppl"],
-                      "depth_parallel_ppl": final, "modelled_speedup_70b": model_rows}))
+                      "depth_parallel_ppl": final}))
     if not args.no_write:
         RESULTS.mkdir(parents=True, exist_ok=True)
         name = "depth_parallel_quick.md" if args.quick else "depth_parallel.md"
         (RESULTS / name).write_text(report)
     return 0
-
-
-def cost_model(rounds: int) -> tuple[list[str], dict[int, float]]:
-    """The cost model's table lines and its speed-up by GPU count (no measurement needed)."""
-    from admmq_dist.quant.solvers.solve import SolverSettings
-    from scaling import SHAPES, predict
-
-    settings = SolverSettings()
-    lines = ["## Cost model (70B-shaped, 128 x 2048 calibration tokens, assumptions of "
-              "`scaling.py`)", "",
-              "| GPUs | data-parallel sequential s | depth-parallel, one segment per GPU, "
-              f"{rounds} rounds s | speed-up |", "|---|---|---|---|"]
-    model_rows = {}
-    for gpus in (8, 64):
-        dp = predict(SHAPES["Llama-3-70B"], gpus, 128 * 2048, settings.admm.iterations,
-                     settings.row_block)
-        deep = predict_depth_parallel(SHAPES["Llama-3-70B"], gpus, 128 * 2048,
-                                      settings.admm.iterations, settings.round_iterations,
-                                      rounds)
-        model_rows[gpus] = dp["total"] / deep["total"]
-        lines.append(f"| {gpus} | {dp['total']:.0f} | {deep['total']:.0f} | "
-                     f"{dp['total'] / deep['total']:.1f}x |")
-    return lines, model_rows
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ ABLATION = [
     ("  local search, 2 sweeps", dict(), 2),
     ("  slower second phase: x1.02", dict(rho_growth_slow=1.02, iterations=300), 1),
     ("  single rate x1.05 with local search", dict(SINGLE_RATE), 1),
-    ("  variant: CG W-update (3 steps)", dict(w_update="cg"), 1),
+    ("  variant: CG W-update (5 steps)", dict(w_update="cg"), 1),
     ("  variant: soft projection", dict(projection="soft"), 1),
     ("  variant: random projection p=0.75", dict(projection="random", random_probability=0.75), 1),
 ]

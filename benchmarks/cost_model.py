@@ -1,0 +1,124 @@
+"""A whole-model cost model built from the rates ``benchmarks/layer_shapes.py`` measured: the
+sequential schedule (data-parallel over workers) and the depth-parallel one (one segment per
+worker), for ADMM-Q and act-order GPTQ, on 1, 8 and 64 workers.
+
+What is measured (per device, at the model's shapes): a decoder block's forward per 1,024 tokens,
+each Hessian's capture per 1,024 tokens, its float64 ``eigh`` and GPTQ's Cholesky, and per linear
+one 512-row block's GPTQ start, ADMM-Q iterations (exact and CG W-updates), local search and
+act-order GPTQ. What is modelled:
+
+- sequential: per decoder block, five forward passes (one capture per true-sequential stage and
+  the propagation) and the captures over each worker's share of the tokens; per stage, the row
+  blocks handed out as the real scheduler does (:func:`admmq_dist.run.plan.assign`), and each
+  worker pays the factorizations of every Hessian it solves rows of; the stage lasts as long as
+  its busiest worker.
+- depth-parallel: a pipelined float forward fills every segment's input, then each round lasts
+  as long as one segment solved cold on all the tokens (the segment whose input just became
+  final gets the full schedule); ``min(rounds, segments - 1)`` correction rounds.
+- transfers: bytes as the run report counts them (partial and merged Hessians, codes, the block's
+  weights); seconds at ``LINK_BYTES_PER_S``, the one assumed rate here (no network on the
+  machines that measured), kept in its own column.
+"""
+
+from __future__ import annotations
+
+import math
+
+from admmq_dist.run.plan import assign
+from admmq_dist.quant.solvers.rows import row_blocks
+
+# Ray's object store between workers: an assumption (10 GB/s), not a measurement.
+LINK_BYTES_PER_S = 10e9
+# Forward passes of a decoder block per sequential step: four stage captures and the propagation.
+PASSES = 5
+# Micro-batches of the depth-parallel schedule's pipelined float forward.
+MICRO_BATCHES = 16
+
+
+def stages(linears: list[dict]) -> list[list[dict]]:
+    """The true-sequential stages: linears grouped by the Hessian they read, in block order."""
+    out: dict[str, list[dict]] = {}
+    for r in linears:
+        out.setdefault(r["hessian_key"], []).append(r)
+    return list(out.values())
+
+
+def row_block_seconds(r: dict, method: str, rows: int) -> float:
+    """One row block of ``rows`` rows of linear ``r``: ``method`` is "gptq", "exact" or "cg"."""
+    scale = rows / r["rows_solved"]
+    if method == "gptq":
+        return scale * r["gptq_s"]
+    return scale * (r["gptq_start_s"] + r[f"{method}_iterations_s"] + r["local_search_s"])
+
+
+def factor_seconds(h: dict, method: str) -> float:
+    return h["cholesky"] + (h["eigh"] if method == "exact" else 0.0)
+
+
+def stage_seconds(stage: list[dict], hessian: dict, method_of, workers: int,
+                  row_block: int) -> tuple[float, int]:
+    """``(seconds, bytes moved)`` of one stage's solve on ``workers`` workers."""
+    units = [(r["linear"], blk, (blk[1] - blk[0]) * r["cols"])
+             for r in stage for blk in row_blocks(r["rows"], row_block)]
+    by_name = {r["linear"]: r for r in stage}
+    plan = assign(units, workers)
+    busiest, solvers = 0.0, 0
+    for w, mine in plan.items():
+        if not mine:
+            continue
+        solvers += 1
+        seconds = factor_seconds(hessian, method_of(by_name[mine[0][0]]))
+        seconds += sum(row_block_seconds(by_name[name], method_of(by_name[name]), blk[1] - blk[0])
+                       for name, blk, _ in mine)
+        busiest = max(busiest, seconds)
+    n = stage[0]["cols"]
+    codes = sum(r["rows"] * r["cols"] * (1 + 4 / r["group_size"]) for r in stage)
+    moved = (workers - 1) * n * n * 4 + (solvers - 1) * n * n * 4 + codes * (1 + workers)
+    return busiest, int(moved)
+
+
+def block_seconds(linears, hessians, method_of, workers: int, tokens: int,
+                  forward_per_1k: float, row_block: int) -> dict:
+    """One decoder block of the sequential schedule on ``workers`` workers."""
+    share = tokens / 1024 / workers
+    out = {"forward": PASSES * forward_per_1k * share, "capture": 0.0, "solve": 0.0, "bytes": 0}
+    weights = sum(r["rows"] * r["cols"] for r in linears) * 2
+    out["bytes"] += (workers - 1) * weights
+    for stage in stages(linears):
+        h = hessians[stage[0]["hessian_key"]]
+        out["capture"] += h["capture_per_1k_tokens"] * share
+        seconds, moved = stage_seconds(stage, h, method_of, workers, row_block)
+        out["solve"] += seconds
+        out["bytes"] += moved
+    if workers == 1:
+        out["bytes"] = 0
+    out["transfer"] = out["bytes"] / LINK_BYTES_PER_S
+    out["total"] = out["forward"] + out["capture"] + out["solve"] + out["transfer"]
+    return out
+
+
+def sequential(linears, hessians, method_of, workers: int, tokens: int, blocks: int,
+               forward_per_1k: float, row_block: int = 512) -> dict:
+    one = block_seconds(linears, hessians, method_of, workers, tokens, forward_per_1k, row_block)
+    return {k: v * blocks for k, v in one.items()}
+
+
+def depth_parallel(linears, hessians, method_of, workers: int, tokens: int, blocks: int,
+                   forward_per_1k: float, rounds: int, hidden: int,
+                   row_block: int = 512) -> dict:
+    """One segment per worker; every round waits for a segment solved cold on one worker."""
+    segments = min(workers, blocks)
+    per_segment = math.ceil(blocks / segments)
+    cold = block_seconds(linears, hessians, method_of, 1, tokens, forward_per_1k, row_block)
+    pass_all = forward_per_1k * tokens / 1024
+    fill = 0.0 if segments == 1 else (blocks * pass_all / segments
+                                      + (segments - 1) * per_segment * pass_all / MICRO_BATCHES)
+    corrections = min(rounds, segments - 1)
+    hand_off = (segments - 1) * tokens * hidden * 2
+    moved = (corrections + 1) * hand_off
+    solve_rounds = (corrections + 1) * per_segment
+    out = {"forward": fill + solve_rounds * cold["forward"],
+           "capture": solve_rounds * cold["capture"], "solve": solve_rounds * cold["solve"],
+           "bytes": moved, "transfer": moved / LINK_BYTES_PER_S, "rounds": corrections + 1}
+    out["total"] = out["forward"] + out["capture"] + out["solve"] + out["transfer"]
+    return out
