@@ -79,3 +79,50 @@ def test_a_block_the_device_cannot_hold_is_refused_before_its_work(tmp_path, mon
                              progress=False)
     planned = summary["memory_plan"]
     assert planned["peak_bytes"] > 0 and planned["worst"].startswith("model.layers.")
+
+
+def test_a_70b_depth_parallel_segment_holds_its_blocks_for_the_whole_run():
+    """A depth-parallel worker keeps every owned block's weights, float copies, codes and duals
+    (14 B per weight in bfloat16) and its segments' inputs and outputs: one 70B block per
+    worker fits an 80 GB H100, ten (70B on 8 workers) do not."""
+    from admmq_dist.quant.solvers.solve import SolverSettings
+
+    block = llama_block(8192, 28672, heads=64, kv_heads=8)
+    weights = sum(rows * cols for stage in block for _, rows, cols in stage)
+
+    def plan(blocks):
+        return memory.plan_segments([block] * blocks, hidden=8192, tokens=128 * 2048,
+                                    num_batches=64, act_bytes=2, row_block=512, segments=1,
+                                    eigh_for=SolverSettings().uses_eigh)
+
+    one, ten = plan(1), plan(10)
+    assert ten.items["segment weights, codes and duals"] == 10 * 14 * weights
+    assert ten.peak - one.peak == 9 * 14 * weights
+    assert one.worst_stage == "mlp.down_proj"
+    assert one.peak < 80e9 < ten.peak
+
+
+def test_a_depth_parallel_run_the_device_cannot_hold_is_refused_before_round_0(
+        tmp_path, monkeypatch):
+    from admmq_dist.run.segment_worker import SegmentWorker
+
+    src = tiny_model_dir(tmp_path / "src", "llama")
+    recipe = override(Recipe(), {"grid": {"group_size": 32},
+                                 "solver": {"schedule": "depth-parallel", "rounds": 1},
+                                 "calibration": {"dataset": None, "num_samples": 4,
+                                                 "seq_len": 32, "batch_size": 2}})
+    forwarded = []
+    original = SegmentWorker.forward_shard
+    monkeypatch.setattr(SegmentWorker, "forward_shard",
+                        lambda *a, **k: forwarded.append(1) or original(*a, **k))
+    monkeypatch.setattr(memory, "device_capacity", lambda device: 200_000)
+    with pytest.raises(MemoryError, match=r"the segments of worker 0 need about .* GiB"):
+        quantize_model(str(src), tmp_path / "out", recipe, device=torch.device("cpu"),
+                       progress=False)
+    assert forwarded == [] and not (tmp_path / "out").exists()
+    monkeypatch.setattr(memory, "device_capacity", lambda device: 2**40)
+    summary = quantize_model(str(src), tmp_path / "ok", recipe, device=torch.device("cpu"),
+                             progress=False)
+    planned = summary["memory_plan"]
+    held = planned["items"]["segment weights, codes and duals"]
+    assert planned["peak_bytes"] > held > 0 and forwarded

@@ -63,6 +63,7 @@ class DepthParallelSchedule:
         for widths in self._each("layer_widths"):
             for (b, name), cols in sorted(widths.items()):
                 check_width(f"{self.blocks_prefix}{b}.{name}", cols)
+        self.memory_plan = self._check_memory()
         started, aside = time.perf_counter(), 0.0  # aside: time spent in on_round
         first = self._resume_or_forward()
         for r in range(first, self.recipe.solver.rounds + 1):
@@ -79,6 +80,21 @@ class DepthParallelSchedule:
             # The next round's inputs: what each re-solved segment now outputs.
             self._exchange([j + 1 for j in dirty if j + 1 < self.num_segments])
         return self.collect(), self.history
+
+    def _check_memory(self) -> dict:
+        """Every worker's planned peak for its segments against its device, before round 0;
+        returns the largest plan."""
+        plans = self._each("memory_plan")
+        for k, p in enumerate(plans):
+            if p["peak"] > p["capacity"]:
+                raise MemoryError(
+                    f"the segments of worker {k} need about {p['describe']}, more than the "
+                    f"{p['capacity'] / 2**30:.1f} GiB its device has; use more workers or more "
+                    "--segments (each worker then holds fewer blocks), fewer --num-samples or a "
+                    "shorter --seq-len, or devices with more memory")
+        k = max(range(len(plans)), key=lambda w: plans[w]["peak"])
+        return {"peak_bytes": plans[k]["peak"], "worker": k, "worst": plans[k]["worst"],
+                "items": plans[k]["items"]}
 
     def _resume_or_forward(self) -> int:
         """The first round to run: after the last committed one, or 0 after round 0's

@@ -184,6 +184,7 @@ class Job:
                                              len(self.batches), self.timings, self.work)
             done, rounds = schedule.run(writer.check_width, self.progress,
                                         self._write_round if round_checkpoints else None)
+            self.memory = [schedule.memory_plan]
             for b in range(self.num_blocks):
                 self._write_block(writer, b, done[b])
                 report.extend(done[b].report)
@@ -303,6 +304,7 @@ class Job:
         if rounds is not None:
             summary["schedule"] = "depth-parallel"
             summary["rounds"] = rounds
+            summary["memory_plan"] = self.memory[0]
         else:
             kinds = sorted({k for row in self.moved for k in row} - {"block"})
             summary["bytes_moved"] = {

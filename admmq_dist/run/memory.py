@@ -108,6 +108,34 @@ def plan_block(groups: list[list[tuple[str, int, int]]], *, hidden: int, tokens:
     return plan
 
 
+def plan_segments(blocks: list[list[list[tuple[str, int, int]]]], *, hidden: int, tokens: int,
+                  num_batches: int, act_bytes: int, row_block: int, segments: int,
+                  eigh_for: Callable[[int], bool] = lambda cols: True) -> MemoryPlan:
+    """Plan a depth-parallel worker: it holds its ``blocks`` (each as :func:`plan_block` takes
+    it) for the whole run with every layer's float copy, codes and duals, and each of its
+    ``segments``' input and output over all ``tokens``; then one block's work at a time."""
+    plan = MemoryPlan()
+    weights = sum(rows * cols for block in blocks for stage in block for _, rows, cols in stage)
+    # The weights, their float32 copies, int32 codes and float32 duals (4 + 4 + 4).
+    plan.items["segment weights, codes and duals"] = weights * (act_bytes + 12)
+    plan.items["segment inputs and outputs"] = 2 * segments * tokens * hidden * act_bytes
+    held = sum(plan.items.values())
+    worst = None
+    for block in blocks:
+        p = plan_block(block, hidden=hidden, tokens=tokens, batch_range=(0, num_batches),
+                       act_bytes=act_bytes, row_block=row_block, asymmetric=False,
+                       eigh_for=eigh_for)
+        if worst is None or p.peak - p.items["block weights"] > worst.peak - \
+                worst.items["block weights"]:
+            worst = p
+    if worst is not None:
+        plan.items.update({k: v for k, v in worst.items.items() if k != "block weights"})
+        plan.worst_stage = worst.worst_stage
+        held += worst.peak - worst.items["block weights"]
+    plan.peak = held
+    return plan
+
+
 def device_capacity(device: torch.device) -> int:
     """Bytes a worker may use on ``device``: the GPU's total memory, or this host's available
     memory (MemAvailable) for CPU workers."""

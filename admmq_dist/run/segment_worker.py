@@ -17,6 +17,7 @@ from ..quant.factors import HessianFactors
 from ..quant.grid import Grid, fit_grid
 from ..quant.solvers.rows import combine, row_blocks
 from ..quant.solvers.solve import SolverSettings
+from . import memory
 from .device_model import DeviceModel, block_linears
 from .layer import report_row, solve_rows
 from .workdir import load_segment_round, save_segment_round
@@ -66,6 +67,21 @@ class SegmentWorker(DeviceModel):
                                  "blocks yet; use --schedule sequential")
             self.stages[b] = [list(st.groups) for st in stages]
         return self.stages[b]
+
+    def memory_plan(self) -> dict:
+        """This worker's planned peak memory for its segments (:func:`.memory.plan_segments`)
+        and what its device can hold."""
+        blocks = [[[(g[0], sum(self.layers[(b, n)].weight.shape[0] for n in g),
+                     self.layers[(b, g[0])].weight.shape[1]) for g in stage]
+                   for stage in self._stages(b)] for b in self.owned]
+        tokens = sum(int(h.shape[0]) * int(h.shape[1]) for h in self.first_hidden)
+        plan = memory.plan_segments(
+            blocks, hidden=int(self.first_hidden[0].shape[-1]), tokens=tokens,
+            num_batches=len(self.batch_ids), act_bytes=self.dtype.itemsize,
+            row_block=self.recipe.solver.row_block, segments=len(self.segments),
+            eigh_for=self.recipe.solver.uses_eigh)
+        return {"peak": plan.peak, "items": plan.items, "worst": plan.worst_stage,
+                "describe": plan.describe(), "capacity": memory.device_capacity(self.device)}
 
     @torch.no_grad()
     def forward_shard(self, i: int, hidden: torch.Tensor | None) -> torch.Tensor:

@@ -190,10 +190,12 @@ def _run(loop, codes0: torch.Tensor, grid: Grid, settings: ADMMSettings,
     best_rows = loop.start(Z, dual0)
     best_Z = Z
     # "residual" is the primal residual ‖W − Z‖_F per iteration (the report plots it beside ρ);
-    # "weight_norm" holds ‖W0‖_F so that row blocks' residuals combine into a layer's.
-    history: dict[str, list[float]] = {"loss": [float(best_rows.sum())], "best_loss": [],
-                                       "rho": [], "changed": [], "residual": [],
-                                       "weight_norm": [float(torch.linalg.vector_norm(loop.W0))]}
+    # "weight_norm" holds ‖W0‖_F so that row blocks' residuals combine into a layer's. The figures
+    # stay on the device until the run ends: the only value read back per iteration is the count
+    # of changed codes, and only once ρ is high enough for it to stop the run.
+    track: dict[str, list[torch.Tensor]] = {"loss": [best_rows.sum()], "best_loss": [],
+                                            "changed": [], "residual": []}
+    rhos: list[float] = []
     gen = None
     if settings.projection == "random":
         gen = torch.Generator(device=Z.device).manual_seed(settings.seed)
@@ -208,22 +210,20 @@ def _run(loop, codes0: torch.Tensor, grid: Grid, settings: ADMMSettings,
         P = (V * inv_scale).round_().clamp_(low, high).mul_(scale)
         Znew, Zhard, new_hard = _project(settings, V, P, Z, gen, row_scale_norm)
         # Counting changed codes costs two passes; below stop_min_rho it only feeds the history.
-        if rho > settings.stop_min_rho or it % 5 == 0:
-            changed = int(torch.count_nonzero(new_hard != hard)) / P.numel()
-        else:
-            changed = float("nan")
-        history["residual"].append(float(torch.linalg.vector_norm(W - Znew)))
+        count = torch.count_nonzero(new_hard != hard) \
+            if rho > settings.stop_min_rho or it % 5 == 0 else None
+        track["changed"].append(count)
+        track["residual"].append(torch.linalg.vector_norm(W - Znew))
         rows_loss = loop.z_done(Znew, Zhard, rho)
         Z, hard = Znew, new_hard
         iterations = it + 1
         better = rows_loss < best_rows
         best_rows = torch.where(better, rows_loss, best_rows)
         best_Z = torch.where(better.unsqueeze(1), hard, best_Z)
-        history["loss"].append(float(rows_loss.sum()))
-        history["best_loss"].append(float(best_rows.sum()))
-        history["rho"].append(rho)
-        history["changed"].append(changed)
-        if rho > settings.stop_min_rho and changed < settings.stop_tolerance:
+        track["loss"].append(rows_loss.sum())
+        track["best_loss"].append(best_rows.sum())
+        rhos.append(rho)
+        if rho > settings.stop_min_rho and int(count) / P.numel() < settings.stop_tolerance:
             quiet += 1
             if quiet >= settings.stop_patience:
                 break
@@ -231,4 +231,18 @@ def _run(loop, codes0: torch.Tensor, grid: Grid, settings: ADMMSettings,
             quiet = 0
         slow = settings.rho_slow_from is not None and rho >= settings.rho_slow_from
         rho *= settings.rho_growth_slow if slow else settings.rho_growth
+    history = _history(track, rhos, Z.numel(), loop.W0)
     return grid.codes(best_Z), float(best_rows.sum()), iterations, history, rho
+
+
+def _history(track: dict[str, list], rhos: list[float], size: int,
+             W0: torch.Tensor) -> dict[str, list[float]]:
+    """The run's figures as numbers, read back from the device once."""
+    def floats(values: list[torch.Tensor]) -> list[float]:
+        return torch.stack(values).tolist() if values else []
+
+    return {"loss": floats(track["loss"]), "best_loss": floats(track["best_loss"]),
+            "rho": rhos,
+            "changed": [float("nan") if c is None else int(c) / size for c in track["changed"]],
+            "residual": floats(track["residual"]),
+            "weight_norm": [float(torch.linalg.vector_norm(W0))]}
