@@ -4,7 +4,8 @@ per-layer records of ``report.jsonl`` and the run summary.
 Plots: relative loss across depth per module type (and, with ``report.compare``, ADMM-Q's loss
 over GPTQ's on the same Hessian), ADMM-Q's primal residual and penalty per iteration, the time
 breakdown, and for the depth-parallel schedule the codes changed per round. Figures are built with
-``matplotlib.figure.Figure`` directly, not pyplot, so rendering touches no global backend state.
+``matplotlib.figure.Figure`` directly, not pyplot, so rendering touches no global backend state;
+matplotlib is imported only when a report is drawn, so writing a checkpoint does not need it.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import json
 import math
 import re
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 PHASES = ("load", "forward", "solve", "write", "commit")
 
@@ -35,6 +37,12 @@ def module_type(layer: str) -> str:
     return ".".join(p for p in parts if not p.isdigit())
 
 
+def _figure(figsize: tuple[float, float]) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize)
+
+
 def _png(fig: Figure) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=96, bbox_inches="tight")
@@ -46,7 +54,7 @@ def _loss_plot(records: list[dict]) -> Figure | None:
     if not solved:
         return None
     compare = any(r.get("compare", {}).get("gptq") for r in solved)
-    fig = Figure(figsize=(10, 4.2 if not compare else 7.6))
+    fig = _figure((10, 4.2 if not compare else 7.6))
     axes = fig.subplots(2 if compare else 1, 1, squeeze=False)[:, 0]
     by_type: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     ratio: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -60,6 +68,8 @@ def _loss_plot(records: list[dict]) -> Figure | None:
         axes[0].plot(xs, [sum(blocks[x]) / len(blocks[x]) for x in xs], marker="o", ms=3,
                      label=kind)
     axes[0].set_yscale("log")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_xlabel("block")
@@ -89,7 +99,7 @@ def _convergence_plot(records: list[dict], max_curves: int = 10) -> Figure | Non
     # An even spread over depth: first, last and the layers between.
     step = max(1, math.ceil(len(curves) / max_curves))
     chosen = curves[::step][: max_curves - 1] + ([curves[-1]] if len(curves) > 1 else [])
-    fig = Figure(figsize=(10, 4.2))
+    fig = _figure((10, 4.2))
     res_ax, rho_ax = fig.subplots(1, 2)
     for r in chosen:
         its = range(1, len(r["residual"]) + 1)
@@ -115,7 +125,7 @@ def _time_plot(records: list[dict], summary: dict) -> Figure | None:
     phases = [(p, seconds[p]) for p in PHASES if p in seconds]
     if not phases:
         return None
-    fig = Figure(figsize=(10, 3.6))
+    fig = _figure((10, 3.6))
     phase_ax, type_ax = fig.subplots(1, 2)
     phase_ax.barh([p for p, _ in phases], [s for _, s in phases], color="tab:blue")
     phase_ax.invert_yaxis()
@@ -137,7 +147,7 @@ def _rounds_plot(summary: dict) -> Figure | None:
     rounds = summary.get("rounds")
     if not rounds:
         return None
-    fig = Figure(figsize=(10, 3.4))
+    fig = _figure((10, 3.4))
     changed_ax, loss_ax = fig.subplots(1, 2)
     xs = [r["round"] for r in rounds]
     changed_ax.plot(xs, [max(r["changed"], 1e-6) for r in rounds], marker="o")

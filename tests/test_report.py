@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -128,3 +129,12 @@ def test_headless_chromium_decodes_every_plot(run, tmp_path):
     for img in images:
         assert img["complete"] and img["width"] > 400 and img["height"] > 200, img
         assert img["colours"] > 8, img  # not a blank canvas
+
+
+def test_writing_a_checkpoint_does_not_import_matplotlib():
+    # vLLM's CI environment writes checkpoints without matplotlib installed; only drawing a
+    # report may need it.
+    code = ("import sys; import admmq_dist.run.job, admmq_dist.cli; "
+            "print('matplotlib' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
