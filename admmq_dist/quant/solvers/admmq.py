@@ -153,11 +153,13 @@ def admmq(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
     else:
         codes0 = grid.codes(loop.W0)  # dead input columns already zeroed
     dual0 = None if init_dual is None else init_dual.to(device=device, dtype=torch.float32)
-    best_codes, best_loss, iterations, history, rho = _run(loop, codes0, grid, settings, dual0)
+    best_codes, best_loss, iterations, history, rho, last = _run(loop, codes0, grid, settings,
+                                                                 dual0)
     deq = grid.dequantize(best_codes)
     loss = relative_loss(deq, w0, h0) if h0 is not None else best_loss
     return SolverResult("admmq", best_codes, grid, deq, loss, iterations,
-                        time.perf_counter() - start, history, state={"dual": loop.Y, "rho": rho})
+                        time.perf_counter() - start, history, state={"dual": loop.Y, "rho": rho,
+                                                       "last_codes": grid.codes(last)})
 
 
 def _project(settings: ADMMSettings, V: torch.Tensor, P: torch.Tensor, Z: torch.Tensor, gen,
@@ -232,7 +234,7 @@ def _run(loop, codes0: torch.Tensor, grid: Grid, settings: ADMMSettings,
         slow = settings.rho_slow_from is not None and rho >= settings.rho_slow_from
         rho *= settings.rho_growth_slow if slow else settings.rho_growth
     history = _history(track, rhos, Z.numel(), loop.W0)
-    return grid.codes(best_Z), float(best_rows.sum()), iterations, history, rho
+    return grid.codes(best_Z), float(best_rows.sum()), iterations, history, rho, hard
 
 
 def _history(track: dict[str, list], rhos: list[float], size: int,
