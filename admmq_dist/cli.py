@@ -55,9 +55,17 @@ RECIPE_FLAGS: list[tuple[str, str, dict]] = [
     ("--rho-growth", "solver.admm.rho_growth", {"type": float}),
     ("--local-search-sweeps", "solver.local_search_sweeps", {"type": int}),
     ("--schedule", "solver.schedule", {
-        "choices": ("sequential", "depth-parallel"),
-        "help": "block by block (default), or every block at once then correction rounds "
-                "(ADMM-Q warm starts)"}),
+        "choices": ("sequential", "depth-parallel", "coordinated"),
+        "help": "block by block (default); segments at once then correction rounds "
+                "(depth-parallel); or one ADMM-Q run across rounds with every layer at once "
+                "and Hessians refreshed each round (coordinated)"}),
+    ("--coordinated-rounds", "solver.coordinated_rounds", {
+        "type": int, "help": "coordinated: most rounds (8)"}),
+    ("--coordinated-iterations", "solver.coordinated_iterations", {
+        "type": int, "help": "coordinated: ADMM-Q iterations per layer per round (10)"}),
+    ("--refresh-dual", "solver.refresh_dual", {
+        "choices": ("keep", "zero"),
+        "help": "coordinated: what a layer's dual does when its Hessian is refreshed (keep)"}),
     ("--rounds", "solver.rounds", {"type": int,
                                    "help": "depth-parallel: most correction rounds (3)"}),
     ("--segments", "solver.segments", {
@@ -137,8 +145,8 @@ def _add_quantize(sub) -> None:
                      help="finish an interrupted run from its committed blocks (same model, "
                      "recipe and calibration data)")
     run.add_argument("--round-checkpoints", action="store_true",
-                     help="depth-parallel: also write OUT.round-R as each round leaves the "
-                          "model (to compare rounds)")
+                     help="depth-parallel/coordinated: also write OUT.round-R as each round "
+                          "leaves the model (to compare rounds)")
     groups = {}
     symmetry = None
     for flag, path, kwargs in RECIPE_FLAGS:

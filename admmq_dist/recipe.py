@@ -104,8 +104,8 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.calibration.asymmetric and self.solver.schedule == "depth-parallel":
             raise ValueError("calibration.asymmetric needs the float model's activations at every "
-                             "block, which the depth-parallel schedule does not keep; use the "
-                             "sequential schedule or set asymmetric to 0")
+                             f"block, which the {self.solver.schedule} schedule does not keep yet; "
+                             "use the sequential schedule or set asymmetric to 0")
 
 
 class RecipeError(ValueError):

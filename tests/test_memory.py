@@ -126,3 +126,54 @@ def test_a_depth_parallel_run_the_device_cannot_hold_is_refused_before_round_0(
     planned = summary["memory_plan"]
     held = planned["items"]["segment weights, codes and duals"]
     assert planned["peak_bytes"] > held > 0 and forwarded
+
+
+def test_a_70b_coordinated_worker_holds_every_owned_hessian_while_capturing():
+    """The coordinated schedule captures every owned layer input's Hessian in one pass: per
+    70B block ~3.4 GB of float32 Hessians per partial sum (q/k/v, o and gate/up at 8192, down at
+    28672), twice under asymmetric calibration (the cross terms); with 18 B per weight held, one
+    block per worker fits an 80 GB H100 and three do not."""
+    from admmq_dist.quant.solvers.solve import SolverSettings
+
+    block = llama_block(8192, 28672, heads=64, kv_heads=8)
+    weights = sum(rows * cols for stage in block for _, rows, cols in stage)
+    per_partial = (3 * 8192 ** 2 + 28672 ** 2) * 4
+
+    def plan(blocks, asymmetric=False):
+        return memory.plan_coordinated([block] * blocks, hidden=8192, batch_tokens=8 * 2048,
+                                       num_batches=16, act_bytes=2, row_block=512,
+                                       asymmetric=asymmetric,
+                                       eigh_for=SolverSettings().uses_eigh)
+
+    one, three = plan(1), plan(3)
+    assert one.items["blocks' weights, codes and duals"] == 18 * weights
+    # 16 batches in order: an accumulator holds at most bit_length(16) = 5 partial sums.
+    assert one.items["every owned Hessian while capturing"] == 5 * per_partial
+    assert plan(1, asymmetric=True).items["every owned Hessian while capturing"] == \
+        10 * per_partial
+    assert one.peak < 80e9 < three.peak
+
+
+def test_a_coordinated_run_the_device_cannot_hold_is_refused_before_round_0(tmp_path,
+                                                                            monkeypatch):
+    from admmq_dist.run.coordinated_worker import CoordinatedWorker
+
+    src = tiny_model_dir(tmp_path / "src", "llama")
+    recipe = override(Recipe(), {"grid": {"group_size": 32},
+                                 "solver": {"schedule": "coordinated", "coordinated_rounds": 1},
+                                 "calibration": {"dataset": None, "num_samples": 4,
+                                                 "seq_len": 32, "batch_size": 2}})
+    captured = []
+    original = CoordinatedWorker.capture_batch
+    monkeypatch.setattr(CoordinatedWorker, "capture_batch",
+                        lambda *a, **k: captured.append(1) or original(*a, **k))
+    monkeypatch.setattr(memory, "device_capacity", lambda device: 200_000)
+    with pytest.raises(MemoryError, match=r"worker 0 need about .* GiB"):
+        quantize_model(str(src), tmp_path / "out", recipe, device=torch.device("cpu"),
+                       progress=False)
+    assert captured == [] and not (tmp_path / "out").exists()
+    monkeypatch.setattr(memory, "device_capacity", lambda device: 2**40)
+    summary = quantize_model(str(src), tmp_path / "ok", recipe, device=torch.device("cpu"),
+                             progress=False)
+    assert summary["memory_plan"]["items"]["every owned Hessian while capturing"] > 0
+    assert captured

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import torch
 
 from ..recipe import Recipe
+from .coordinated_worker import CoordinatedWorker
 from .segment_worker import SegmentWorker
 from .worker import Worker
 
@@ -39,7 +40,8 @@ class Backend(Protocol):
 
 
 def worker_class(recipe: Recipe) -> type:
-    return SegmentWorker if recipe.solver.schedule == "depth-parallel" else Worker
+    return {"depth-parallel": SegmentWorker, "coordinated": CoordinatedWorker}.get(
+        recipe.solver.schedule, Worker)
 
 
 class LocalBackend:

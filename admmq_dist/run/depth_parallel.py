@@ -36,7 +36,7 @@ class DepthParallelSchedule:
         self.blocks_prefix = f"{layout_prefix}."
         self.num_blocks, self.num_batches = num_blocks, num_batches
         self.timings, self.work = timings, work
-        self.num_segments = min(recipe.solver.segments or backend.size, num_blocks)
+        self.num_segments = self.segment_count(recipe, backend.size, num_blocks)
         n = self.num_workers = min(backend.size, self.num_segments)
         bounds = [num_blocks * j // self.num_segments for j in range(self.num_segments + 1)]
         self.segments = {j: list(range(bounds[j], bounds[j + 1]))
@@ -49,6 +49,10 @@ class DepthParallelSchedule:
         # Per (block, layer): the report row of the round that last solved it.
         self.latest: dict[tuple[int, str], dict] = {}
         self.history: list[dict] = []
+
+    @staticmethod
+    def segment_count(recipe: Recipe, workers: int, num_blocks: int) -> int:
+        return min(recipe.solver.segments or workers, num_blocks)
 
     def _each(self, method: str, per_worker: Callable[[int], tuple] = lambda k: ()) -> list:
         return self.backend.get([self.backend.call(k, method, *per_worker(k))

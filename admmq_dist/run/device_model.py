@@ -61,7 +61,7 @@ def block_linears(block: torch.nn.Module, skip: tuple[str, ...]) -> dict[str, to
 class DeviceModel:
     """The model on ``device`` with the calibration batches ``batches`` (global batch index ->
     token ids; the indices order Hessian sums canonically, which makes results independent of
-    how batches are sharded over workers). Base of both schedules' workers."""
+    how batches are sharded over workers). Base of every schedule's workers."""
 
     def __init__(self, model_dir: str, recipe: Recipe, batches: dict[int, torch.Tensor],
                  device: str, threads: int | None = None) -> None:

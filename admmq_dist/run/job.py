@@ -30,6 +30,7 @@ from ..quant.grid import Grid
 from ..recipe import Recipe, to_mapping
 from ..report import render_html
 from .backends import LocalBackend
+from .coordinated import CoordinatedSchedule
 from .depth_parallel import DepthParallelSchedule
 from .device_model import output_dtype, peak_memory_bytes
 from .plan import shard_batches
@@ -129,7 +130,8 @@ class Job:
         self.started = time.perf_counter()
         self.timings = {"load": 0.0, "forward": 0.0, "solve": 0.0, "write": 0.0, "commit": 0.0}
         self.index = TensorIndex(model_dir, getattr(config, "model_type", None))
-        self.depth_parallel = recipe.solver.schedule == "depth-parallel"
+        # Both schedules with rounds own blocks, not batches.
+        self.depth_parallel = recipe.solver.schedule in ("depth-parallel", "coordinated")
 
     def run(self, *, overwrite: bool, resume: bool, on_block, round_checkpoints: bool) -> dict:
         prints = fingerprints(self.model_dir, self.recipe, self.batches)
@@ -179,9 +181,10 @@ class Job:
         report: list[dict] = []
         rounds = None
         if self.depth_parallel:
-            schedule = DepthParallelSchedule(self.backend, self.recipe, self.index,
-                                             self.layout_prefix, self.num_blocks,
-                                             len(self.batches), self.timings, self.work)
+            kind = (CoordinatedSchedule if self.recipe.solver.schedule == "coordinated"
+                    else DepthParallelSchedule)
+            schedule = kind(self.backend, self.recipe, self.index, self.layout_prefix,
+                            self.num_blocks, len(self.batches), self.timings, self.work)
             done, rounds = schedule.run(writer.check_width, self.progress,
                                         self._write_round if round_checkpoints else None)
             self.memory = [schedule.memory_plan]
@@ -302,7 +305,7 @@ class Job:
             summary["experts"] = {how: calibrations.count(how)
                                   for how in ("routed", "all-tokens", "rtn")}
         if rounds is not None:
-            summary["schedule"] = "depth-parallel"
+            summary["schedule"] = self.recipe.solver.schedule
             summary["rounds"] = rounds
             summary["memory_plan"] = self.memory[0]
         else:

@@ -1,4 +1,4 @@
-"""One linear layer's solve, as both schedules run it: the Hessian merged from every worker's
+"""One linear layer's solve, as every schedule runs it: the Hessian merged from every worker's
 partial sums, the grid fitted to the whole layer, the canonical row blocks solved (cold, or warm
 from the layer's previous codes and duals), and one report row per layer in a single schema."""
 

@@ -136,6 +136,34 @@ def plan_segments(blocks: list[list[list[tuple[str, int, int]]]], *, hidden: int
     return plan
 
 
+def plan_coordinated(blocks: list[list[list[tuple[str, int, int]]]], *, hidden: int,
+                     batch_tokens: int, num_batches: int, act_bytes: int, row_block: int,
+                     asymmetric: bool,
+                     eigh_for: Callable[[int], bool] = lambda cols: True) -> MemoryPlan:
+    """Plan a coordinated-schedule worker: it holds its ``blocks`` for the whole run with every
+    layer's float copy, best codes, last iterate and duals; while a round captures, every owned
+    Hessian's partial sums at once (and cross terms under asymmetric calibration) and one batch's
+    hidden states per stream; then one Hessian's factorizations and one row block's solve."""
+    plan = MemoryPlan()
+    streams = 2 if asymmetric else 1
+    shapes = [(rows, cols) for block in blocks for stage in block for _, rows, cols in stage]
+    # Weights, float32 copies, int32 best codes and last iterate, float32 duals (4 * 4).
+    plan.items["blocks' weights, codes and duals"] = sum(r * c for r, c in shapes) * (
+        act_bytes + 16)
+    # Batches arrive in order, so an accumulator's tree holds at most bit_length(batches) sums.
+    pieces = max(1, num_batches.bit_length())
+    plan.items["every owned Hessian while capturing"] = sum(
+        streams * pieces * c * c * 4 for _, c in shapes)
+    plan.items["a batch in flight"] = (streams + 1) * batch_tokens * hidden * act_bytes
+    plan.items["factorization and row-block solve"] = max(
+        ((EIGH_TRANSIENT + EIGH_KEPT if eigh_for(c) else CHOLESKY_TRANSIENT) * c * c
+         + (SOLVER_ARRAYS + CG_ARRAYS * (not eigh_for(c))) * min(r, row_block) * c * 4)
+        for r, c in shapes)
+    plan.peak = sum(plan.items.values())
+    plan.worst_stage = "capture and iterate"
+    return plan
+
+
 def device_capacity(device: torch.device) -> int:
     """Bytes a worker may use on ``device``: the GPU's total memory, or this host's available
     memory (MemAvailable) for CPU workers."""

@@ -71,9 +71,7 @@ class SegmentWorker(DeviceModel):
     def memory_plan(self) -> dict:
         """This worker's planned peak memory for its segments (:func:`.memory.plan_segments`)
         and what its device can hold."""
-        blocks = [[[(g[0], sum(self.layers[(b, n)].weight.shape[0] for n in g),
-                     self.layers[(b, g[0])].weight.shape[1]) for g in stage]
-                   for stage in self._stages(b)] for b in self.owned]
+        blocks = self._block_shapes()
         tokens = sum(int(h.shape[0]) * int(h.shape[1]) for h in self.first_hidden)
         plan = memory.plan_segments(
             blocks, hidden=int(self.first_hidden[0].shape[-1]), tokens=tokens,
@@ -82,6 +80,12 @@ class SegmentWorker(DeviceModel):
             eigh_for=self.recipe.solver.uses_eigh)
         return {"peak": plan.peak, "items": plan.items, "worst": plan.worst_stage,
                 "describe": plan.describe(), "capacity": memory.device_capacity(self.device)}
+
+    def _block_shapes(self) -> list[list[list[tuple[str, int, int]]]]:
+        """Per owned block, per stage, ``(first linear, rows of the group, cols)`` per group."""
+        return [[[(g[0], sum(self.layers[(b, n)].weight.shape[0] for n in g),
+                   self.layers[(b, g[0])].weight.shape[1]) for g in stage]
+                 for stage in self._stages(b)] for b in self.owned]
 
     @torch.no_grad()
     def forward_shard(self, i: int, hidden: torch.Tensor | None) -> torch.Tensor:
@@ -177,7 +181,9 @@ class SegmentWorker(DeviceModel):
         for s in segments:
             states = {(b, name): st for (b, name), st in self.layer_states.items()
                       if b in self.segments[s]}
-            save_segment_round(folder, r, s, states, self.outputs[s])
+            # The coordinated schedule keeps no segment outputs: each round starts from the
+            # embeddings.
+            save_segment_round(folder, r, s, states, self.outputs.get(s, []))
 
     @torch.no_grad()
     def load_round(self, folder: str, solved_in: dict[int, int]) -> None:
@@ -191,8 +197,9 @@ class SegmentWorker(DeviceModel):
                 folder, solved_in[s], s, layers, len(self.batch_ids),
                 lambda rows: len(row_blocks(rows, self.recipe.solver.row_block)), self.device)
             self.outputs[s] = [h.to(self.device, self.dtype) for h in outputs]
-            for key, (codes, scale, zero, duals) in states.items():
+            for key, (codes, scale, zero, duals, last) in states.items():
                 grid = Grid.from_parts(spec, codes.shape[1], scale, zero)
-                self.layer_states[key] = {"codes": codes, "grid": grid, "duals": duals}
+                self.layer_states[key] = {"codes": codes, "grid": grid, "duals": duals,
+                                          "last": last}
                 linear = self.layers[key]
                 linear.weight.copy_(grid.dequantize(codes).to(linear.weight.dtype))

@@ -156,6 +156,8 @@ def save_segment_round(folder: str | Path, r: int, s: int, states: dict[tuple[in
     for (b, name), st in states.items():
         key = f"{b}.{name}"
         tensors[f"{key}.codes"] = st["codes"].to(torch.uint8).cpu().contiguous()
+        if st.get("last") is not None:  # the coordinated schedule's last iterate
+            tensors[f"{key}.last"] = st["last"].to(torch.uint8).cpu().contiguous()
         tensors[f"{key}.scale"] = st["grid"].scale.cpu().contiguous()
         tensors[f"{key}.zero"] = st["grid"].zero.cpu().contiguous()
         for k, dual in enumerate(st["duals"]):
@@ -169,17 +171,21 @@ def save_segment_round(folder: str | Path, r: int, s: int, states: dict[tuple[in
 def load_segment_round(folder: str | Path, r: int, s: int, layers, num_batches: int,
                        num_row_blocks, device: torch.device):
     """What :func:`save_segment_round` wrote: ``(outputs, states)`` with ``states`` (block, layer)
-    -> ``(codes, scale, zero, duals)`` for the ``layers`` asked (``(block, layer)`` -> weight
-    shape); ``num_row_blocks(rows)`` says how many duals a layer of ``rows`` rows has."""
+    -> ``(codes, scale, zero, duals, last codes or None)`` for the ``layers`` asked (``(block,
+    layer)`` -> weight shape); ``num_row_blocks(rows)`` says how many duals a layer of ``rows``
+    rows has."""
     states = {}
     with safe_open(_segment_path(folder, r, s), "pt") as f:
         keys = set(f.keys())
-        outputs = [f.get_tensor(f"output.{i}") for i in range(num_batches)]
+        outputs = [f.get_tensor(f"output.{i}") for i in range(num_batches)
+                   if f"output.{i}" in keys]
         for (b, name), shape in layers.items():
             key = f"{b}.{name}"
             codes = f.get_tensor(f"{key}.codes").to(torch.int32).to(device)
             duals = [f.get_tensor(f"{key}.dual.{k}").to(device) if f"{key}.dual.{k}" in keys
                      else None for k in range(num_row_blocks(shape[0]))]
+            last = (f.get_tensor(f"{key}.last").to(torch.int32).to(device)
+                    if f"{key}.last" in keys else None)
             states[(b, name)] = (codes, f.get_tensor(f"{key}.scale").to(device),
-                                 f.get_tensor(f"{key}.zero").to(device), duals)
+                                 f.get_tensor(f"{key}.zero").to(device), duals, last)
     return outputs, states

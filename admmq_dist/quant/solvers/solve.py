@@ -17,6 +17,7 @@ from .result import SolverResult
 from .rtn import rtn
 
 METHODS = ("admmq", "gptq", "rtn")
+SCHEDULES = ("sequential", "depth-parallel", "coordinated")
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,14 @@ class SolverSettings:
     # to `rounds` corrections, each re-solving the segments downstream of the last exact one on
     # their predecessor's new output, warm-started for round_iterations from ρ = round_rho_start;
     # stops when fewer than round_stop_changed of the codes moved.
-    schedule: Literal["sequential", "depth-parallel"] = "sequential"
+    # "coordinated": one ADMM-Q run across rounds with every layer at once. Each round a
+    # pipelined forward through the current model (the float model in round 0) refreshes every
+    # layer's Hessian, then every layer runs coordinated_iterations ADMM-Q iterations warm from its
+    # own codes and dual at the one ρ the coordinator holds: ρ is advanced round by round along
+    # the admm schedule, never reset, so codes anneal together across the model. Stops when fewer
+    # than round_stop_changed of the codes moved in a round (with ρ past admm.stop_min_rho), or
+    # after coordinated_rounds.
+    schedule: Literal["sequential", "depth-parallel", "coordinated"] = "sequential"
     # depth-parallel: contiguous segments of blocks, each quantized sequentially inside; None is
     # one per worker (the fewest rounds to reach sequential quality, but then the bytes depend on
     # the worker count); a number fixes them, so any worker count writes the same bytes.
@@ -46,18 +54,30 @@ class SolverSettings:
     round_iterations: int = 40
     round_rho_start: float = 0.3
     round_stop_changed: float = 1e-3
+    coordinated_rounds: int = 8
+    coordinated_iterations: int = 10
+    # What a layer's dual does when its Hessian is refreshed: "keep" the unscaled dual Y = ρU
+    # (continuous in ρ, so a change of ρ rescales U consistently by itself), or "zero" it.
+    refresh_dual: Literal["keep", "zero"] = "keep"
+    # After the last round: one more refresh and a local-search sweep on every layer's final
+    # Hessian (every layer at once, like a round).
+    coordinated_polish: bool = True
 
     def __post_init__(self) -> None:
         if self.row_block < 1:
             raise ValueError(f"row_block={self.row_block} must be at least 1")
-        if self.schedule not in ("sequential", "depth-parallel"):
-            raise ValueError(f"schedule={self.schedule!r} must be 'sequential' or 'depth-parallel'")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} must be one of {SCHEDULES}")
+        if self.coordinated_rounds < 1 or self.coordinated_iterations < 1:
+            raise ValueError("coordinated_rounds and coordinated_iterations must be at least 1")
+        if self.refresh_dual not in ("keep", "zero"):
+            raise ValueError(f"refresh_dual={self.refresh_dual!r} must be 'keep' or 'zero'")
         if self.segments is not None and self.segments < 1:
             raise ValueError(f"segments={self.segments} must be at least 1 (or null: one per worker)")
         if self.rounds < 0 or self.round_iterations < 1 or not self.round_rho_start > 0:
             raise ValueError("rounds must be >= 0, round_iterations >= 1, round_rho_start > 0")
-        if self.schedule == "depth-parallel" and self.method != "admmq":
-            raise ValueError("the depth-parallel schedule warm-starts ADMM-Q; use method admmq")
+        if self.schedule != "sequential" and self.method != "admmq":
+            raise ValueError(f"the {self.schedule} schedule warm-starts ADMM-Q; use method admmq")
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} must be one of {METHODS}")
         if self.local_search_sweeps is not None and self.local_search_sweeps < 0:

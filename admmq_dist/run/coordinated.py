@@ -1,0 +1,153 @@
+"""The coordinated schedule: one ADMM-Q run across rounds, every layer of the model at once.
+
+Workers own contiguous runs of decoder blocks for the whole run. A round:
+
+1. **refresh** — every calibration batch flows through the model at its current weights, worker to
+   worker (all workers busy at once on different batches), and every layer's Hessian is captured
+   from the inputs the current model gives it (round 0: the float model);
+2. **iterate** — every layer takes ``coordinated_iterations`` ADMM-Q iterations on its refreshed
+   Hessian, warm from its own last iterate and dual, at the one ρ the coordinator holds;
+3. **synchronize** — the coordinator reads what changed, advances ρ along the admm schedule (a
+   continuation: never reset, so the codes of the whole model anneal together), decides whether
+   the run is done, and commits the round (every layer's codes, iterate and duals, and ρ).
+
+The duals are the unscaled ``Y = ρU`` (see :mod:`admmq_dist.quant.solvers.admmq`): a change of ρ
+rescales the scaled dual consistently on every worker without any work, and when a Hessian is
+refreshed the recipe's ``refresh_dual`` rule says whether Y is kept or reset. The duals stay with
+their owners (tens of GB for a 70B model); the coordinator holds ρ, the figures and the commits.
+After the last round an optional polish refreshes once more and runs a local-search sweep on every
+layer against its final inputs. A resumed run continues from the last committed round.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable
+
+from ..quant.solvers.admmq import ADMMSettings
+from ..recipe import Recipe
+from .depth_parallel import DepthParallelSchedule
+from .workdir import DecoderBlockOutput, last_round_marker, mark_round
+
+log = logging.getLogger(__name__)
+
+
+def advance(rho: float, iterations: int, admm: ADMMSettings) -> float:
+    """ρ after ``iterations`` steps of the admm schedule from ``rho`` (what one run of that many
+    iterations would reach: ×rho_growth below rho_slow_from, ×rho_growth_slow from there)."""
+    for _ in range(iterations):
+        slow = admm.rho_slow_from is not None and rho >= admm.rho_slow_from
+        rho *= admm.rho_growth_slow if slow else admm.rho_growth
+    return rho
+
+
+class CoordinatedSchedule(DepthParallelSchedule):
+    @staticmethod
+    def segment_count(recipe: Recipe, workers: int, num_blocks: int) -> int:
+        return num_blocks  # one segment per block: blocks are owned, never solved in sequence
+
+    def run(self, check_width: Callable[[str, int], None], progress: bool,
+            on_round: Callable[[int, dict[int, DecoderBlockOutput]], None] | None = None
+            ) -> tuple[dict[int, DecoderBlockOutput], list[dict]]:
+        """Every round until the codes settle or ``coordinated_rounds`` ran, then the polish;
+        returns every block's output and the per-round figures. ``on_round(r, outputs)`` sees the
+        model as each round left it."""
+        solver = self.recipe.solver
+        self._each("own", lambda k: ({j: self.segments[j] for j in self.owned[k]},))
+        for widths in self._each("layer_widths"):
+            for (b, name), cols in sorted(widths.items()):
+                check_width(f"{self.blocks_prefix}{b}.{name}", cols)
+        self.memory_plan = self._check_memory()
+        started, aside = time.perf_counter(), 0.0  # aside: time spent in on_round
+        first, self.rho, stopped = self._resume()
+        for r in range(first, solver.coordinated_rounds):
+            if stopped:
+                break
+            self._refresh()
+            stopped = self._round(r, started, aside, progress)
+            if on_round is not None:
+                t = time.perf_counter()
+                on_round(r, self.collect())
+                aside += time.perf_counter() - t
+        if solver.coordinated_polish:
+            self._polish(progress)
+        return self.collect(), self.history
+
+    def _resume(self) -> tuple[int, float, bool]:
+        """``(first round to run, ρ, whether the run had stopped)`` after the last committed
+        round; ``(0, admm.rho_start, False)`` for a fresh run."""
+        marker = last_round_marker(self.work)
+        if marker is None:
+            return 0, self.recipe.solver.admm.rho_start, False
+        self.history = marker["history"]
+        self.latest = {(row["block"], row["layer"]): row for row in marker["rows"]}
+        self._each("load_round", lambda k: (str(self.work),
+                                            {j: marker["round"] for j in self.owned[k]}))
+        log.info("resuming the coordinated schedule after round %d", marker["round"])
+        return marker["round"] + 1, marker["rho"], marker["stopped"]
+
+    def _refresh(self) -> None:
+        """The pipelined forward through the current model: every layer's Hessian refreshed."""
+        t = time.perf_counter()
+        self._each("start_capture")
+        last = []
+        for i in range(self.num_batches):
+            h = None
+            for k in range(self.num_workers):
+                h = self.backend.call(k, "capture_batch", i, h)
+            last.append(h)
+        self.backend.get(last)
+        self.timings["forward"] += time.perf_counter() - t
+
+    def _round(self, r: int, started: float, aside: float, progress: bool) -> bool:
+        """Iterate every layer at the coordinator's ρ, advance ρ, commit; True when done."""
+        solver = self.recipe.solver
+        t = time.perf_counter()
+        k = solver.coordinated_iterations
+        rows = [row for part in self._each("iterate", lambda w: (self.rho, k)) for row in part]
+        self.timings["solve"] += time.perf_counter() - t
+        for row in rows:
+            old = self.latest.get((row["block"], row["layer"]))
+            if old is not None:  # one run across rounds: its curves continue
+                for curve in ("residual", "rho"):
+                    row[curve] = old[curve] + row[curve]
+                row["iterations"] += old["iterations"]
+            self.latest[(row["block"], row["layer"])] = row
+        size = sum(row["size"] for row in rows)
+        changed = sum(row["changed"] * row["size"] for row in rows) / max(size, 1)
+        rho, self.rho = self.rho, advance(self.rho, k, solver.admm)
+        self.history.append({
+            "round": r, "rho": rho, "changed": changed, "segments_solved": self.num_segments,
+            "mean_loss": sum(row["loss"] for row in rows) / max(len(rows), 1),
+            "iterations": sum(row["iterations"] for row in rows),
+            "seconds": round(time.perf_counter() - t, 3),
+            "elapsed_seconds": round(time.perf_counter() - started - aside, 3)})
+        if progress:
+            print(f"round {r}: ρ {rho:.3g}, mean loss {self.history[-1]['mean_loss']:.5f}, "
+                  f"{changed:.2%} of codes moved", file=sys.stderr, flush=True)
+        # Codes rest at small ρ and move again later: only a quiet round past stop_min_rho ends.
+        stop = (r >= 1 and changed < solver.round_stop_changed
+                and rho > solver.admm.stop_min_rho)
+        self._each("save_round", lambda w: (str(self.work), r, self.owned[w]))
+        mark_round(self.work, r, {"round": r, "rho": self.rho, "history": self.history,
+                                  "stopped": stop, "rows": list(self.latest.values())})
+        return stop
+
+    def _polish(self, progress: bool) -> None:
+        self._refresh()
+        t = time.perf_counter()
+        rows = [row for part in self._each("polish") for row in part]
+        self.timings["solve"] += time.perf_counter() - t
+        for row in rows:
+            self.latest[(row["block"], row["layer"])]["loss"] = row["loss"]
+        size = {key: row["size"] for key, row in self.latest.items()}
+        changed = (sum(row["changed"] * size[(row["block"], row["layer"])] for row in rows)
+                   / max(sum(size.values()), 1))
+        self.history.append({"round": "polish", "changed": changed,
+                             "mean_loss": sum(r["loss"] for r in rows) / max(len(rows), 1),
+                             "seconds": round(time.perf_counter() - t, 3)})
+        if progress:
+            print(f"polish: mean loss {self.history[-1]['mean_loss']:.5f}, {changed:.2%} of "
+                  "codes moved", file=sys.stderr, flush=True)

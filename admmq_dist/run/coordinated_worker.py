@@ -1,0 +1,197 @@
+"""The coordinated schedule's worker. It owns a contiguous run of decoder blocks for the whole run
+(one segment per block, so that the segment worker's loading, memory plan, results and round
+commits serve it unchanged) and keeps, per layer, the state of one ADMM-Q run that continues from
+round to round: its best codes, its last iterate and each row block's dual.
+
+A round here is two calls: every calibration batch flows through the owned blocks at their current
+weights (the pipelined forward the coordinator drives from worker to worker) while every layer's
+Hessian is accumulated; then every layer takes the coordinator's iterations at the coordinator's ρ
+on its refreshed Hessian. Each layer is solved whole on its owner and every Hessian is summed in
+canonical batch order, so the bytes do not depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from ..model.capture import block_output, record_inputs
+from ..quant.factors import HessianFactors
+from ..quant.grid import fit_grid
+from ..quant.hessian import HessianAccumulator, asymmetric_target
+from ..quant.solvers.local_search import local_search
+from ..quant.solvers.rows import combine, row_blocks
+from ..quant.solvers.solve import SolverSettings
+from . import memory
+from .layer import report_row, solve_rows
+from .segment_worker import SegmentWorker
+
+
+class CoordinatedWorker(SegmentWorker):
+    def memory_plan(self) -> dict:
+        """This worker's planned peak memory (:func:`.memory.plan_coordinated`) and what its
+        device can hold."""
+        first = self.first_hidden[0]
+        plan = memory.plan_coordinated(
+            self._block_shapes(), hidden=int(first.shape[-1]),
+            batch_tokens=int(first.shape[0]) * int(first.shape[1]),
+            num_batches=len(self.batch_ids), act_bytes=self.dtype.itemsize,
+            row_block=self.recipe.solver.row_block,
+            asymmetric=bool(self.recipe.calibration.asymmetric),
+            eigh_for=self.recipe.solver.uses_eigh)
+        return {"peak": plan.peak, "items": plan.items, "worst": plan.worst_stage,
+                "describe": plan.describe(), "capacity": memory.device_capacity(self.device)}
+
+    def start_capture(self) -> None:
+        """Fresh Hessian accumulators for every owned layer input (one per group of linears that
+        read the same input: q/k/v, gate/up), with cross terms under asymmetric calibration."""
+        self.asymmetric = self.recipe.calibration.asymmetric
+        self.accumulators = {
+            (b, group[0]): HessianAccumulator(self.layers[(b, group[0])].in_features, self.device,
+                                              cross=bool(self.asymmetric))
+            for b in self.owned for stage in self._stages(b) for group in stage}
+
+    @torch.no_grad()
+    def capture_batch(self, i: int, hidden: tuple | None) -> tuple:
+        """Run global batch ``i`` through the owned blocks at their current weights, adding each
+        layer input to its Hessian; returns the hidden states for the next worker (``hidden``
+        None: the embeddings, on the worker that owns block 0).
+
+        With asymmetric calibration the float model's hidden states travel beside the quantized
+        model's (``(quantized, float)``; float None while no layer is quantized yet: the same
+        stream), each block runs on them with its float weights, and every Hessian gets its cross
+        term against the float model's input of the same tokens."""
+        t = time.perf_counter()
+        local = self.batch_ids.index(i)
+        if hidden is None:
+            h = self.first_hidden[local]
+            ref = h if self.asymmetric and self.layer_states else None
+        else:
+            h, ref = (None if x is None else x.to(self.device, self.dtype) for x in hidden)
+        for b in self.owned:
+            call = (self.args[b][local], self.kwargs[b][local])
+            references = None
+            if ref is not None:
+                references, ref = self._float_block(b, ref, call)
+            handles = [self.layers[(bb, name)].register_forward_pre_hook(self._adder(
+                acc, i, None if references is None else references[name][0]))
+                for (bb, name), acc in self.accumulators.items() if bb == b]
+            try:
+                h = block_output(self.blocks[b](h, *call[0], **call[1]))
+            finally:
+                for handle in handles:
+                    handle.remove()
+        self.busy["forward"] += time.perf_counter() - t
+        return tuple(None if x is None else x.cpu() if self.device.type != "cpu" else x
+                     for x in (h, ref))
+
+    def _adder(self, acc: HessianAccumulator, i: int, reference: torch.Tensor | None):
+        if not acc.has_cross:
+            return lambda module, inputs: acc.add(inputs[0], i)
+        # Without a float stream (round 0) the float model's input is the input itself.
+        return lambda module, inputs: acc.add(inputs[0], i,
+                                              inputs[0] if reference is None else reference)
+
+    def _float_block(self, b: int, hidden: torch.Tensor, call: tuple) -> tuple[dict, torch.Tensor]:
+        """Block ``b`` with its float weights on the float stream: what each group's first linear
+        receives, and the block's output. The quantized weights go back in place after."""
+        heads = {name: self.layers[(bb, name)] for bb, name in self.accumulators if bb == b}
+        quantized = {key: linear.weight.detach().clone() for key, linear in self.layers.items()
+                     if key[0] == b}
+        for key in quantized:
+            self.layers[key].weight.copy_(self.float_weights[key].to(self.dtype))
+        try:
+            inputs, outputs = record_inputs(self.blocks[b], heads, [hidden], [call[0]], [call[1]])
+        finally:
+            for key, weight in quantized.items():
+                self.layers[key].weight.copy_(weight)
+        return inputs, outputs[0]
+
+    def _hessians(self):
+        """``(block, group, Hessian, tokens, factors, targets)`` per owned layer input, in block
+        order — ``targets``: each linear's weight to aim at (its float weight, or under
+        asymmetric calibration the moved target of :func:`asymmetric_target`); the accumulators
+        are released as they are read."""
+        for b in self.owned:
+            for stage in self._stages(b):
+                for group in stage:
+                    acc = self.accumulators.pop((b, group[0]))
+                    hessian = acc.hessian()
+                    factors = HessianFactors(hessian, self.device)
+                    targets = {name: self.float_weights[(b, name)] for name in group}
+                    if acc.has_cross:
+                        cross = acc.cross()
+                        targets = {name: asymmetric_target(w, hessian, cross, self.asymmetric,
+                                                           self.recipe.solver.gptq.damp)
+                                   for name, w in targets.items()}
+                    yield b, group, hessian, acc.num_rows, factors, targets
+                    self.count_factorizations(factors)
+
+    @torch.no_grad()
+    def iterate(self, rho: float, iterations: int) -> list[dict]:
+        """Every owned layer takes ``iterations`` ADMM-Q iterations from ``rho`` on the Hessian
+        just captured, warm from its last iterate and dual (a layer without a state starts as
+        ``admm.init`` says, on this Hessian). The best iterate goes in place for the next round's
+        forward. Returns each layer's report row, with the fraction of its iterate that moved
+        (``changed``) and its size."""
+        t = time.perf_counter()
+        solver = self.recipe.solver
+        # No early stop inside a round: when to stop is the coordinator's call.
+        settings = dataclasses.replace(solver, local_search_sweeps=0, admm=dataclasses.replace(
+            solver.admm, iterations=iterations, rho_start=rho, stop_tolerance=0.0))
+        out = [self._iterate_layer(b, name, group, hessian, factors, tokens, settings,
+                                   targets[name])
+               for b, group, hessian, tokens, factors, targets in self._hessians()
+               for name in group]
+        self.busy["solve"] += time.perf_counter() - t
+        return out
+
+    def _iterate_layer(self, b: int, name: str, group: list[str], hessian: torch.Tensor,
+                       factors: HessianFactors, tokens: int, settings: SolverSettings,
+                       weight: torch.Tensor) -> dict:
+        previous = self.layer_states.get((b, name))
+        # The grid is fitted once, in round 0, to the float weight (the target then: the float
+        # model's inputs are its own), and kept: codes stay comparable across rounds.
+        grid = previous["grid"] if previous is not None else fit_grid(weight, self.recipe.grid)
+        rows = row_blocks(weight.shape[0], settings.row_block)
+        warm = None
+        if previous is not None:
+            keep = self.recipe.solver.refresh_dual == "keep"
+            warm = [{"codes": previous["last"][start:stop],
+                     "dual": previous["duals"][k] if keep else None}
+                    for k, (start, stop) in enumerate(rows)]
+        blocks = solve_rows(weight, hessian, grid, settings, rows, factors=factors, warm=warm,
+                            compare=self.recipe.report.compare)
+        result = combine(blocks, grid)
+        last = torch.cat([blk.state["last_codes"] for blk in blocks]).to(torch.int32)
+        changed = 1.0 if previous is None else float((last != previous["last"]).float().mean())
+        self.layer_states[(b, name)] = {"codes": result.codes, "last": last, "grid": grid,
+                                        "duals": [blk.state.get("dual") for blk in blocks]}
+        linear = self.layers[(b, name)]
+        linear.weight.copy_(grid.dequantize(result.codes).to(linear.weight.dtype))
+        return report_row(name, b, result, blocks, solved=True, calibration="dense",
+                          tokens=tokens, group=group, changed=changed,
+                          size=result.codes.numel())
+
+    @torch.no_grad()
+    def polish(self) -> list[dict]:
+        """A local-search sweep on every owned layer's best codes against the Hessian just
+        captured (its inputs as the final model gives them). Returns the report rows."""
+        t = time.perf_counter()
+        sweeps = self.recipe.solver.sweeps or 1
+        out = []
+        for b, group, hessian, tokens, _, targets in self._hessians():
+            for name in group:
+                state = self.layer_states[(b, name)]
+                before = state["codes"]
+                result = local_search(targets[name], hessian, state["grid"], before, sweeps,
+                                      method="admmq")
+                state["codes"] = result.codes.to(torch.int32)
+                linear = self.layers[(b, name)]
+                linear.weight.copy_(result.weight.to(linear.weight.dtype))
+                out.append({"block": b, "layer": name, "loss": result.loss, "tokens": tokens,
+                            "changed": float((state["codes"] != before).float().mean())})
+        self.busy["solve"] += time.perf_counter() - t
+        return out
