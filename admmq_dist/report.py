@@ -3,9 +3,10 @@ per-layer records of ``report.jsonl`` and the run summary.
 
 Plots: relative loss across depth per module type (and, with ``report.compare``, ADMM-Q's loss
 over GPTQ's on the same Hessian), ADMM-Q's primal residual and penalty per iteration, the time
-breakdown, and for the depth-parallel schedule the codes changed per round. Figures are built with
-``matplotlib.figure.Figure`` directly, not pyplot, so rendering touches no global backend state;
-matplotlib is imported only when a report is drawn, so writing a checkpoint does not need it.
+breakdown, and for the schedules with rounds the codes changed (and ρ) per round. Figures are
+built with ``matplotlib.figure.Figure`` directly, not pyplot, so rendering touches no global
+backend state; matplotlib is imported only when a report is drawn, so writing a checkpoint does
+not need it.
 """
 
 from __future__ import annotations
@@ -149,16 +150,27 @@ def _rounds_plot(summary: dict) -> Figure | None:
         return None
     fig = _figure((10, 3.4))
     changed_ax, loss_ax = fig.subplots(1, 2)
-    xs = [r["round"] for r in rounds]
+    # Rounds are numbered, and the coordinated schedule's polish comes last by name.
+    xs = list(range(len(rounds)))
+    labels = [str(r["round"]) for r in rounds]
     changed_ax.plot(xs, [max(r["changed"], 1e-6) for r in rounds], marker="o")
     changed_ax.set_yscale("log")
-    changed_ax.set_xlabel("round")
     changed_ax.set_ylabel("fraction of codes changed")
-    changed_ax.set_title("depth-parallel rounds: codes changed")
+    title = f"{summary.get('schedule', 'depth-parallel')} rounds: codes changed"
+    with_rho = [(x, r["rho"]) for x, r in zip(xs, rounds) if "rho" in r]
+    if with_rho:  # the coordinated schedule's one penalty, advanced per round
+        rho_ax = changed_ax.twinx()
+        rho_ax.plot(*zip(*with_rho), marker="s", color="tab:red", ls="--")
+        rho_ax.set_yscale("log")
+        rho_ax.set_ylabel("ρ (red)")
+        title += " and ρ"
+    changed_ax.set_title(title)
     loss_ax.plot(xs, [r["mean_loss"] for r in rounds], marker="o", color="tab:green")
-    loss_ax.set_xlabel("round")
     loss_ax.set_ylabel("mean relative loss")
     loss_ax.set_title("mean layer loss per round")
+    for ax in (changed_ax, loss_ax):
+        ax.set_xticks(xs, labels)
+        ax.set_xlabel("round")
     fig.tight_layout()
     return fig
 
@@ -202,7 +214,7 @@ def render_html(records: list[dict], summary: dict, recipe_yaml: str = "") -> st
     figures = [("Loss across depth", _loss_plot(records)),
                ("ADMM-Q convergence", _convergence_plot(records)),
                ("Time", _time_plot(records, summary)),
-               ("Depth-parallel rounds", _rounds_plot(summary))]
+               ("Rounds", _rounds_plot(summary))]
     sections = []
     for title, fig in figures:
         if fig is not None:

@@ -79,14 +79,22 @@ def test_the_page_is_self_contained_and_its_plots_are_not_blank(run):
     assert summary["bytes_moved"]["total"]["weights"] > 0
 
 
-def test_depth_parallel_rounds_get_their_plot():
+def test_rounds_get_their_plot_with_rho_where_the_schedule_has_one():
     records = [{"layer": "model.layers.0.mlp.down_proj", "block": 0, "loss": 0.02,
                 "seconds": 1.0, "iterations": 2, "residual": [0.1, 0.05], "rho": [0.1, 0.11]}]
     summary = {"model": "m", "seconds": {"forward": 1.0, "solve": 2.0},
                "rounds": [{"round": 0, "changed": 1.0, "mean_loss": 0.03},
                           {"round": 1, "changed": 0.04, "mean_loss": 0.025}]}
     page = render_html(records, summary)
-    assert 'id="depth-parallel-rounds"' in page
+    assert 'id="rounds"' in page
+    # The coordinated schedule's rounds carry ρ, and its polish comes last by name.
+    coordinated = {**summary, "schedule": "coordinated",
+                   "rounds": [{**r, "rho": 0.1 * (r["round"] + 1)} for r in summary["rounds"]]
+                   + [{"round": "polish", "changed": 0.01, "mean_loss": 0.02}]}
+    image = r'id="rounds" alt="Rounds" src="data:image/png;base64,([^"]+)"'
+    plot = re.search(image, render_html(records, coordinated)).group(1)
+    plain = re.search(image, page).group(1)
+    assert plot != plain
     assert module_type("model.layers.3.mlp.experts.7.w1") == "mlp.experts.w1"
     assert module_type("model.layers.12.self_attn.q_proj") == "self_attn.q_proj"
 
