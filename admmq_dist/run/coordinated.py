@@ -90,16 +90,8 @@ class CoordinatedSchedule(DepthParallelSchedule):
 
     def _refresh(self) -> None:
         """The pipelined forward through the current model: every layer's Hessian refreshed."""
-        t = time.perf_counter()
         self._each("start_capture")
-        last = []
-        for i in range(self.num_batches):
-            h = None
-            for k in range(self.num_workers):
-                h = self.backend.call(k, "capture_batch", i, h)
-            last.append(h)
-        self.backend.get(last)
-        self.timings["forward"] += time.perf_counter() - t
+        self._pipeline("capture_batch")
 
     def _round(self, r: int, started: float, aside: float, progress: bool) -> bool:
         """Iterate every layer at the coordinator's ρ, advance ρ, commit; True when done."""

@@ -22,10 +22,10 @@ from ..quant.factors import HessianFactors
 from ..quant.grid import fit_grid
 from ..quant.hessian import HessianAccumulator, asymmetric_target
 from ..quant.solvers.local_search import local_search
-from ..quant.solvers.rows import combine, row_blocks
+from ..quant.solvers.rows import row_blocks
 from ..quant.solvers.solve import SolverSettings
 from . import memory
-from .layer import report_row, solve_rows
+from .layer import solve_rows
 from .segment_worker import SegmentWorker
 
 
@@ -164,16 +164,9 @@ class CoordinatedWorker(SegmentWorker):
                     for k, (start, stop) in enumerate(rows)]
         blocks = solve_rows(weight, hessian, grid, settings, rows, factors=factors, warm=warm,
                             compare=self.recipe.report.compare)
-        result = combine(blocks, grid)
         last = torch.cat([blk.state["last_codes"] for blk in blocks]).to(torch.int32)
         changed = 1.0 if previous is None else float((last != previous["last"]).float().mean())
-        self.layer_states[(b, name)] = {"codes": result.codes, "last": last, "grid": grid,
-                                        "duals": [blk.state.get("dual") for blk in blocks]}
-        linear = self.layers[(b, name)]
-        linear.weight.copy_(grid.dequantize(result.codes).to(linear.weight.dtype))
-        return report_row(name, b, result, blocks, solved=True, calibration="dense",
-                          tokens=tokens, group=group, changed=changed,
-                          size=result.codes.numel())
+        return self._keep(b, name, group, blocks, grid, tokens, changed, last)
 
     @torch.no_grad()
     def polish(self) -> list[dict]:

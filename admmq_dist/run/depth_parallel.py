@@ -105,15 +105,7 @@ class DepthParallelSchedule:
         pipelined float forward."""
         marker = last_round_marker(self.work)
         if marker is None:
-            t = time.perf_counter()
-            last = []
-            for i in range(self.num_batches):
-                h = None
-                for k in range(self.num_workers):
-                    h = self.backend.call(k, "forward_shard", i, h)
-                last.append(h)
-            self.backend.get(last)
-            self.timings["forward"] += time.perf_counter() - t
+            self._pipeline("forward_shard")
             return 0
         self.history = marker["history"]
         self.latest = {(row["block"], row["layer"]): row for row in marker["rows"]}
@@ -123,6 +115,19 @@ class DepthParallelSchedule:
         self._exchange(list(range(1, self.num_segments)))
         log.info("resuming the depth-parallel schedule after round %d", marker["round"])
         return self.recipe.solver.rounds + 1 if marker.get("stopped") else marker["round"] + 1
+
+    def _pipeline(self, method: str) -> None:
+        """Every calibration batch through every worker in block order, ``method(i, hidden)``
+        handing the hidden states on: the workers compute at once, on different batches."""
+        t = time.perf_counter()
+        last = []
+        for i in range(self.num_batches):
+            h = None
+            for k in range(self.num_workers):
+                h = self.backend.call(k, method, i, h)
+            last.append(h)
+        self.backend.get(last)
+        self.timings["forward"] += time.perf_counter() - t
 
     def _round(self, r: int, dirty: list[int], started: float, aside: float,
                progress: bool) -> bool:

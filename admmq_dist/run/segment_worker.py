@@ -162,7 +162,14 @@ class SegmentWorker(DeviceModel):
         result = combine(blocks, grid)
         changed = 1.0 if previous is None else float(
             (result.codes != previous["codes"]).float().mean())
-        self.layer_states[(b, name)] = {"codes": result.codes, "grid": grid,
+        return self._keep(b, name, group, blocks, grid, tokens, changed)
+
+    def _keep(self, b: int, name: str, group: list[str], blocks: list, grid: Grid, tokens: int,
+              changed: float, last: torch.Tensor | None = None) -> dict:
+        """Keep a layer's solve as its state (codes, grid, row blocks' duals, and the last
+        iterate where the schedule continues from it), put it in place, return its report row."""
+        result = combine(blocks, grid)
+        self.layer_states[(b, name)] = {"codes": result.codes, "grid": grid, "last": last,
                                         "duals": [blk.state.get("dual") for blk in blocks]}
         linear = self.layers[(b, name)]
         linear.weight.copy_(grid.dequantize(result.codes).to(linear.weight.dtype))
