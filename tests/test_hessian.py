@@ -136,3 +136,23 @@ def test_asymmetric_target_turns_the_asymmetric_loss_into_the_ordinary_one():
     assert torch.equal(asymmetric_target(w, h, cross, 0.0, 0.01), w)
     half = asymmetric_target(w, h, cross, 0.5, 0.0)
     assert torch.allclose(half, (w + target) / 2, atol=1e-10)
+
+
+def test_an_in_order_accumulator_keeps_one_running_sum_and_refuses_disorder():
+    torch.manual_seed(0)
+    batches = [torch.randn(2, 5, 8) for _ in range(6)]
+    refs = [b + 0.1 * torch.randn_like(b) for b in batches]
+    tree = HessianAccumulator(8, cross=True)
+    running = HessianAccumulator(8, cross=True, in_order=True)
+    for i, (b, r) in enumerate(zip(batches, refs)):
+        tree.add(b, i, r)
+        running.add(b, i, r)
+    assert len(running._nodes) == 1 and len(tree._nodes) == 2
+    assert torch.allclose(running.hessian(), tree.hessian(), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(running.cross(), tree.cross(), rtol=1e-5, atol=1e-6)
+    late = HessianAccumulator(8, in_order=True)
+    late.add(batches[0], 0)
+    with pytest.raises(ValueError, match="out of order"):
+        late.add(batches[2], 2)
+    with pytest.raises(ValueError, match="nothing merges"):
+        tree.merge(running)

@@ -129,29 +129,26 @@ def test_a_depth_parallel_run_the_device_cannot_hold_is_refused_before_round_0(
 
 
 def test_a_70b_coordinated_worker_holds_every_owned_hessian_while_capturing():
-    """The coordinated schedule captures every owned layer input's Hessian in one pass: per
-    70B block ~3.4 GB of float32 Hessians per partial sum (q/k/v, o and gate/up at 8192, down at
-    28672), twice under asymmetric calibration (the cross terms); with 18 B per weight held, one
-    block per worker fits an 80 GB H100 and three do not."""
+    """The coordinated schedule captures every owned layer input's Hessian in one pass, each as
+    one running sum (every batch arrives in order): per 70B block ~4.1 GB of float32 Hessians
+    (q/k/v, o and gate/up at 8192, down at 28672), twice under asymmetric calibration (the cross
+    terms); with 18 B per weight held, three blocks per worker fit an 80 GB H100, four do not."""
     from admmq_dist.quant.solvers.solve import SolverSettings
 
     block = llama_block(8192, 28672, heads=64, kv_heads=8)
     weights = sum(rows * cols for stage in block for _, rows, cols in stage)
-    per_partial = (3 * 8192 ** 2 + 28672 ** 2) * 4
+    hessians = (3 * 8192 ** 2 + 28672 ** 2) * 4
 
     def plan(blocks, asymmetric=False):
         return memory.plan_coordinated([block] * blocks, hidden=8192, batch_tokens=8 * 2048,
-                                       num_batches=16, act_bytes=2, row_block=512,
-                                       asymmetric=asymmetric,
+                                       act_bytes=2, row_block=512, asymmetric=asymmetric,
                                        eigh_for=SolverSettings().uses_eigh)
 
-    one, three = plan(1), plan(3)
+    one, three, four = plan(1), plan(3), plan(4)
     assert one.items["blocks' weights, codes and duals"] == 18 * weights
-    # 16 batches in order: an accumulator holds at most bit_length(16) = 5 partial sums.
-    assert one.items["every owned Hessian while capturing"] == 5 * per_partial
-    assert plan(1, asymmetric=True).items["every owned Hessian while capturing"] == \
-        10 * per_partial
-    assert one.peak < 80e9 < three.peak
+    assert one.items["every owned Hessian while capturing"] == hessians
+    assert plan(1, asymmetric=True).items["every owned Hessian while capturing"] == 2 * hessians
+    assert three.peak < 80e9 < four.peak
 
 
 def test_a_coordinated_run_the_device_cannot_hold_is_refused_before_round_0(tmp_path,

@@ -37,8 +37,7 @@ class CoordinatedWorker(SegmentWorker):
         plan = memory.plan_coordinated(
             self._block_shapes(), hidden=int(first.shape[-1]),
             batch_tokens=int(first.shape[0]) * int(first.shape[1]),
-            num_batches=len(self.batch_ids), act_bytes=self.dtype.itemsize,
-            row_block=self.recipe.solver.row_block,
+            act_bytes=self.dtype.itemsize, row_block=self.recipe.solver.row_block,
             asymmetric=bool(self.recipe.calibration.asymmetric),
             eigh_for=self.recipe.solver.uses_eigh)
         return {"peak": plan.peak, "items": plan.items, "worst": plan.worst_stage,
@@ -50,7 +49,7 @@ class CoordinatedWorker(SegmentWorker):
         self.asymmetric = self.recipe.calibration.asymmetric
         self.accumulators = {
             (b, group[0]): HessianAccumulator(self.layers[(b, group[0])].in_features, self.device,
-                                              cross=bool(self.asymmetric))
+                                              cross=bool(self.asymmetric), in_order=True)
             for b in self.owned for stage in self._stages(b) for group in stage}
 
     @torch.no_grad()

@@ -137,7 +137,7 @@ def plan_segments(blocks: list[list[list[tuple[str, int, int]]]], *, hidden: int
 
 
 def plan_coordinated(blocks: list[list[list[tuple[str, int, int]]]], *, hidden: int,
-                     batch_tokens: int, num_batches: int, act_bytes: int, row_block: int,
+                     batch_tokens: int, act_bytes: int, row_block: int,
                      asymmetric: bool,
                      eigh_for: Callable[[int], bool] = lambda cols: True) -> MemoryPlan:
     """Plan a coordinated-schedule worker: it holds its ``blocks`` for the whole run with every
@@ -150,10 +150,8 @@ def plan_coordinated(blocks: list[list[list[tuple[str, int, int]]]], *, hidden: 
     # Weights, float32 copies, int32 best codes and last iterate, float32 duals (4 * 4).
     plan.items["blocks' weights, codes and duals"] = sum(r * c for r, c in shapes) * (
         act_bytes + 16)
-    # Batches arrive in order, so an accumulator's tree holds at most bit_length(batches) sums.
-    pieces = max(1, num_batches.bit_length())
-    plan.items["every owned Hessian while capturing"] = sum(
-        streams * pieces * c * c * 4 for _, c in shapes)
+    # Every batch arrives, in order: one running sum per Hessian (and cross term), no tree.
+    plan.items["every owned Hessian while capturing"] = sum(streams * c * c * 4 for _, c in shapes)
     plan.items["a batch in flight"] = (streams + 1) * batch_tokens * hidden * act_bytes
     plan.items["factorization and row-block solve"] = max(
         ((EIGH_TRANSIENT + EIGH_KEPT if eigh_for(c) else CHOLESKY_TRANSIENT) * c * c
