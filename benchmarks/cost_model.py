@@ -15,6 +15,11 @@ act-order GPTQ. What is modelled:
 - depth-parallel: a pipelined float forward fills every segment's input, then each round lasts
   as long as one segment solved cold on all the tokens (the segment whose input just became
   final gets the full schedule); ``min(rounds, segments - 1)`` correction rounds.
+- coordinated: one segment per block (so at most ``blocks`` workers are busy); every round a
+  pipelined forward with every Hessian's capture over all the tokens, then on each worker, for
+  each of its blocks, every Hessian's factorizations again (the Hessians changed) and
+  ``iterations`` ADMM-Q iterations of every linear at the measured per-iteration rate; round 0
+  adds the GPTQ start, the polish one more refreshing forward and the local search.
 - transfers: bytes as the run report counts them (partial and merged Hessians, codes, the block's
   weights); seconds at ``LINK_BYTES_PER_S``, the one assumed rate here (no network on the
   machines that measured), kept in its own column.
@@ -122,3 +127,80 @@ def depth_parallel(linears, hessians, method_of, workers: int, tokens: int, bloc
            "bytes": moved, "transfer": moved / LINK_BYTES_PER_S, "rounds": corrections + 1}
     out["total"] = out["forward"] + out["capture"] + out["solve"] + out["transfer"]
     return out
+
+
+def iteration_seconds(r: dict, method: str) -> float:
+    """One ADMM-Q iteration of the whole linear ``r`` (``method``: "exact" or "cg")."""
+    return r[f"{method}_iterations_s"] / r[f"{method}_iterations"] * r["rows"] / r["rows_solved"]
+
+
+def coordinated(linears, hessians, method_of, workers: int, tokens: int, blocks: int,
+                forward_per_1k: float, rounds: int, iterations: int, hidden: int) -> dict:
+    """The coordinated schedule: ``rounds`` rounds of ``iterations`` iterations per layer."""
+    busy = min(workers, blocks)
+    per_worker = math.ceil(blocks / busy)
+    capture = sum(h["capture_per_1k_tokens"] for h in hessians.values()) * tokens / 1024
+    pass_all = forward_per_1k * tokens / 1024 + capture  # one block, all tokens, with captures
+    fill = (busy - 1) * per_worker * pass_all / MICRO_BATCHES
+    refresh = per_worker * pass_all + fill
+    factor = sum(h["eigh"] if any(method_of(r) == "exact" for r in linears
+                                  if r["hessian_key"] == key) else 0.0
+                 for key, h in hessians.items())
+    iterate = sum(iteration_seconds(r, method_of(r)) for r in linears) * iterations
+    start = sum(r["gptq_start_s"] * r["rows"] / r["rows_solved"] for r in linears) + sum(
+        h["cholesky"] for h in hessians.values())
+    polish = sum(r["local_search_s"] * r["rows"] / r["rows_solved"] for r in linears)
+    hand_off = (busy - 1) * tokens * hidden * 2
+    moved = (rounds + 1) * hand_off
+    out = {"forward": (rounds + 1) * refresh * forward_per_1k * tokens / 1024 / pass_all,
+           "capture": (rounds + 1) * refresh * capture / pass_all,
+           "solve": per_worker * (rounds * (factor + iterate) + start + polish),
+           "bytes": moved, "transfer": moved / LINK_BYTES_PER_S, "rounds": rounds}
+    out["total"] = out["forward"] + out["capture"] + out["solve"] + out["transfer"]
+    return out
+
+
+def table(predicted: dict) -> list[str]:
+    """Markdown rows of modelled hours: ``{(method, schedule, workers): costs}``."""
+    return ["| method | schedule | workers | forward h | capture h | solve h | transfer h (GB) "
+            "| total h |", "|---|---|---|---|---|---|---|---|"] + [
+        f"| {m} | {sched} | {w} | {c['forward'] / 3600:.2f} | {c['capture'] / 3600:.2f} | "
+        f"{c['solve'] / 3600:.2f} | {c['transfer'] / 3600:.2f} ({c['bytes'] / 1e9:.0f}) | "
+        f"**{c['total'] / 3600:.2f}** |" for (m, sched, w), c in predicted.items()]
+
+
+def main() -> int:
+    """Rebuild the whole-model table from the rates a layer_shapes run saved (its JSON)."""
+    import argparse
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import layer_shapes
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("rates", type=Path, help="a layer_shapes_<shapes>_<device>.json")
+    parser.add_argument("--shapes", choices=sorted(layer_shapes.SHAPES), default="1b")
+    parser.add_argument("--tokens", type=int, default=128 * 2048)
+    args = parser.parse_args()
+    saved = json.loads(args.rates.read_text())
+    predicted = layer_shapes.models(saved["rows"], saved["hessians"],
+                                    saved["forward_per_1k_tokens"],
+                                    layer_shapes.SHAPES[args.shapes], args.tokens)
+    lines = [f"# Modelled whole model from the rates in `{args.rates.name}`", "",
+             f"`python benchmarks/cost_model.py {args.rates.as_posix()} --shapes {args.shapes}`: "
+             f"{layer_shapes.SHAPES[args.shapes][5]} blocks, {args.tokens} calibration tokens; "
+             f"coordinated at {layer_shapes.COORDINATED_ROUNDS} rounds. Transfers at an assumed "
+             f"{LINK_BYTES_PER_S / 1e9:.0f} GB/s. Only min(workers, blocks) workers are busy in "
+             "the depth-parallel and coordinated schedules.", ""]
+    lines += table(predicted)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = args.rates.with_name(args.rates.stem.replace("layer_shapes", "cost_model") + ".md")
+    out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

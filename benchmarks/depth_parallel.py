@@ -44,8 +44,15 @@ def main(argv=None) -> int:
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--eval-windows", type=int, default=80)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--segments", type=int, nargs="+", default=[2, 6, 30],
+    parser.add_argument("--segments", type=int, nargs="*", default=[2, 6, 30],
                         help="segment counts to run (2 = one per worker; 30 = one per block)")
+    parser.add_argument("--coordinated", nargs="*", default=["keep"], metavar="DUAL_RULE",
+                        help="coordinated-schedule runs, one per dual rule (keep, zero)")
+    parser.add_argument("--asymmetric", type=float, default=None, metavar="S",
+                        help="also run sequential ADMM-Q and the first coordinated rule with "
+                             "asymmetric calibration of strength S")
+    parser.add_argument("--output", default=None, help="results file name under "
+                        "benchmarks/results (default depth_parallel[_quick].md)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-write", action="store_true")
@@ -75,31 +82,58 @@ def main(argv=None) -> int:
                   dist + ["--schedule", "depth-parallel", "--segments", str(segs), "--rounds",
                           str(args.rounds), "--round-checkpoints"])
                  for segs in args.segments]
+        runs += [("admmq", "coordinated", None,
+                  dist + ["--schedule", "coordinated", "--refresh-dual", rule,
+                          "--round-checkpoints"])
+                 for rule in args.coordinated]
+        if args.asymmetric is not None:
+            asym = ["--asymmetric", str(args.asymmetric)]
+            runs.insert(2, ("admmq", "sequential", None, dist + asym))
+            if args.coordinated:
+                runs.append(("admmq", "coordinated", None, dist + asym + [
+                    "--schedule", "coordinated", "--refresh-dual", args.coordinated[0],
+                    "--round-checkpoints"]))
         for method, schedule, segs, extra in runs:
-            out = Path(tmp) / f"{method}-{schedule}-{segs}"
+            asym = float(extra[extra.index("--asymmetric") + 1]) if "--asymmetric" in extra \
+                else 0.0
+            out = Path(tmp) / f"{method}-{schedule}-{segs}-{len(rows)}"
             q = cli("quantize", model, "-o", str(out), *common, *extra)
             # Run time without starting Ray and Python: the driver's total, or for a round of
             # the depth-parallel schedule, loading plus the rounds up to it.
-            row = {"method": method, "schedule": schedule, "segments": segs,
+            row = {"method": method, "schedule": schedule, "segments": segs, "asym": asym,
                    "seconds": q["seconds"]["total"], "split": q["seconds"]}
+            if schedule == "coordinated":
+                row["dual"] = extra[extra.index("--refresh-dual") + 1]
             if schedule == "sequential":
                 row["ppl"] = cli("eval", str(out), *evaluate)["ppl"]
                 rows.append(row)
-                print(f"{method} {schedule}: ppl {row['ppl']:.4f}, {q['wall_seconds']:.0f}s",
+                print(f"{method} {schedule} asym {asym}: ppl {row['ppl']:.4f}, {q['wall_seconds']:.0f}s",
                       file=sys.stderr, flush=True)
                 continue
             for h in q["rounds"]:
+                if h["round"] == "polish":  # the written checkpoint itself
+                    ppl = cli("eval", str(out), *evaluate)["ppl"]
+                    rows.append({**row, "ppl": ppl, "history": {**h, "segments_solved": ""},
+                                 "elapsed": q["seconds"]["total"]})
+                    print(f"{method} {schedule} polished: ppl {ppl:.4f}", file=sys.stderr,
+                          flush=True)
+                    continue
                 elapsed = q["seconds"]["load"] + h["elapsed_seconds"]
                 ppl = cli("eval", str(out.parent / f"{out.name}.round-{h['round']}"),
                           *evaluate)["ppl"]
                 rows.append({**row, "round": h["round"], "ppl": ppl, "history": h,
                              "elapsed": elapsed})
                 print(f"{method} {schedule} segments {segs} round {h['round']}: ppl {ppl:.4f}, "
+                      f"rho {h.get('rho', '')}, "
                       f"{h['changed']:.2%} changed, {elapsed:.0f}s so far", file=sys.stderr,
                       flush=True)
     import environment
 
-    seq = next(r for r in rows if r["method"] == "admmq" and r["schedule"] == "sequential")
+    def sequential_of(r):  # the sequential ADMM-Q run with the same calibration
+        return next(x for x in rows if x["method"] == "admmq" and x["schedule"] == "sequential"
+                    and x["asym"] == r["asym"])
+
+    seq = sequential_of({"asym": 0.0})
     gptq = rows[0]
     lines = ["# Depth-parallel ADMM-Q: SmolLM2-135M, 3 bits", "",
              f"- calibration: {args.num_samples} x 512 tokens (shipped text); evaluation: "
@@ -110,20 +144,31 @@ def main(argv=None) -> int:
              f"{SolverSettings().round_iterations} warm iterations; each row is the model as that "
              "round left it (`--round-checkpoints`); `segments` 2 is one per worker here, 30 is "
              "one per block (what a run on 30+ GPUs does)",
+             f"- coordinated: up to {SolverSettings().coordinated_rounds} rounds of "
+             f"{SolverSettings().coordinated_iterations} iterations per layer, every layer at "
+             "once on Hessians refreshed from the current model each round, one ρ continued "
+             "across rounds (column ρ: the round's); `dual`: the rule on a refresh; the last "
+             "coordinated row is the written checkpoint after the polish (a local-search sweep "
+             "on final inputs)",
              f"- environment: {environment.describe()}", "",
-             "| method | schedule | segments | round | segments solved | ppl | ppl / sequential "
-             "ADMM-Q | gap / GPTQ gap | codes changed | solver iterations (all layers) "
-             "| wall s (cumulative) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "- `asym`: asymmetric calibration strength; `ppl / sequential ADMM-Q` compares "
+             "with the sequential run of the same strength",
+             "| method | asym | schedule | segments / dual | round | ρ | segments solved | ppl "
+             "| ppl / sequential ADMM-Q | gap / GPTQ gap | codes changed "
+             "| solver iterations (all layers) | wall s (cumulative) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         h = r.get("history")
         lines.append(
-            f"| {r['method']} | {r['schedule']} | {r['segments'] or ''} "
-            f"| {'' if h is None else h['round']} | {'' if h is None else h['segments_solved']} "
-            f"| {r['ppl']:.4f} | {r['ppl'] / seq['ppl']:.4f} "
+            f"| {r['method']} | {r['asym'] or ''} | {r['schedule']} "
+            f"| {r['segments'] or r.get('dual', '')} "
+            f"| {'' if h is None else h['round']} "
+            f"| {'' if h is None or 'rho' not in h else format(h['rho'], '.3g')} "
+            f"| {'' if h is None else h['segments_solved']} "
+            f"| {r['ppl']:.4f} | {r['ppl'] / sequential_of(r)['ppl']:.4f} "
             f"| {(r['ppl'] - base['ppl']) / (gptq['ppl'] - base['ppl']):.3f} "
             f"| {'' if h is None else format(h['changed'], '.2%')} "
-            f"| {'' if h is None else h['iterations']} "
+            f"| {'' if h is None else h.get('iterations', '')} "
             f"| {r.get('elapsed', r['seconds']):.0f} |")
     lines += ["", "Wall seconds: the driver's time without Python and Ray start-up; for a "
               "depth-parallel round, loading plus the float forward and the rounds up to that one "
@@ -134,13 +179,15 @@ def main(argv=None) -> int:
     print(report)
     final = {}
     for r in rows:
-        if r["schedule"] == "depth-parallel":
-            final.setdefault(r["segments"], {})[r["history"]["round"]] = r["ppl"]
+        if r["schedule"] != "sequential":
+            key = r["segments"] or f"coordinated-{r['dual']}" + (
+                f"-asym{r['asym']}" if r["asym"] else "")
+            final.setdefault(key, {})[r["history"]["round"]] = r["ppl"]
     print(json.dumps({"sequential_ppl": seq["ppl"], "gptq_ppl": gptq["ppl"],
                       "depth_parallel_ppl": final}))
     if not args.no_write:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        name = "depth_parallel_quick.md" if args.quick else "depth_parallel.md"
+        name = args.output or ("depth_parallel_quick.md" if args.quick else "depth_parallel.md")
         (RESULTS / name).write_text(report)
     return 0
 

@@ -41,6 +41,10 @@ import cost_model  # noqa: E402
 from environment import describe  # noqa: E402
 
 # hidden, intermediate, heads, kv heads, head dim, decoder blocks (Llama-3 family).
+# Rounds the coordinated schedule is costed at: as many as it ran on SmolLM2 before its stop
+# rule ended it (benchmarks/results/depth_parallel_coordinated_quick.md), not its budget.
+COORDINATED_ROUNDS = 7
+
 SHAPES = {
     "quick": (512, 2048, 8, 2, 64, 16),
     "1b": (2048, 8192, 32, 8, 64, 16),
@@ -179,6 +183,7 @@ def models(rows, hessians, forward_per_1k, shape, tokens) -> dict:
     """Whole-model seconds by schedule and method, for 1, 8 and 64 workers."""
     blocks, hidden = shape[5], shape[0]
     rounds = SolverSettings().rounds
+    coordinated_rounds = COORDINATED_ROUNDS
     out = {}
     for label, method_of in (("ADMM-Q", method_of_default), ("ADMM-Q exact", lambda r: "exact"),
                              ("GPTQ", lambda r: "gptq")):
@@ -189,6 +194,9 @@ def models(rows, hessians, forward_per_1k, shape, tokens) -> dict:
                 out[(label, "depth-parallel", workers)] = cost_model.depth_parallel(
                     rows, hessians, method_of, workers, tokens, blocks, forward_per_1k, rounds,
                     hidden)
+                out[(label, "coordinated", workers)] = cost_model.coordinated(
+                    rows, hessians, method_of, workers, tokens, blocks, forward_per_1k,
+                    coordinated_rounds, SolverSettings().coordinated_iterations, hidden)
     return out
 
 
@@ -280,12 +288,8 @@ def report(args, shapes, hessians, rows, forward_per_1k, predicted, device) -> N
               f"## Modelled whole model ({SHAPES[shapes][5]} blocks, {args.tokens} calibration tokens) "
               f"from this run's rates on {device}", "",
               "`benchmarks/cost_model.py` says what is modelled; transfers at an assumed "
-              f"{cost_model.LINK_BYTES_PER_S / 1e9:.0f} GB/s.", "",
-              "| method | schedule | workers | forward h | capture h | solve h | transfer h "
-              "(GB) | total h |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {m} | {sched} | {w} | {c['forward'] / 3600:.2f} | {c['capture'] / 3600:.2f} | "
-              f"{c['solve'] / 3600:.2f} | {c['transfer'] / 3600:.2f} ({c['bytes'] / 1e9:.0f}) | "
-              f"**{c['total'] / 3600:.2f}** |" for (m, sched, w), c in predicted.items()]
+              f"{cost_model.LINK_BYTES_PER_S / 1e9:.0f} GB/s.", ""]
+    lines += cost_model.table(predicted)
     text = "\n".join(lines) + "\n"
     print(text)
     out = args.output or ROOT / "benchmarks" / "results" / f"layer_shapes_{shapes}_{device.type}.md"
