@@ -55,11 +55,7 @@ class CoordinatedSchedule(DepthParallelSchedule):
         returns every block's output and the per-round figures. ``on_round(r, outputs)`` sees the
         model as each round left it."""
         solver = self.recipe.solver
-        self._each("own", lambda k: ({j: self.segments[j] for j in self.owned[k]},))
-        for widths in self._each("layer_widths"):
-            for (b, name), cols in sorted(widths.items()):
-                check_width(f"{self.blocks_prefix}{b}.{name}", cols)
-        self.memory_plan = self._check_memory()
+        self._own_and_check(check_width)
         started, aside = time.perf_counter(), 0.0  # aside: time spent in on_round
         first, self.rho, stopped = self._resume()
         for r in range(first, solver.coordinated_rounds):

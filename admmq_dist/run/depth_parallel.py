@@ -63,11 +63,7 @@ class DepthParallelSchedule:
             ) -> tuple[dict[int, DecoderBlockOutput], list[dict]]:
         """Round 0 and the correction rounds; returns every block's output and per-round figures.
         ``on_round(r, outputs)`` sees the model as each round left it."""
-        self._each("own", lambda k: ({j: self.segments[j] for j in self.owned[k]},))
-        for widths in self._each("layer_widths"):
-            for (b, name), cols in sorted(widths.items()):
-                check_width(f"{self.blocks_prefix}{b}.{name}", cols)
-        self.memory_plan = self._check_memory()
+        self._own_and_check(check_width)
         started, aside = time.perf_counter(), 0.0  # aside: time spent in on_round
         first = self._resume_or_forward()
         for r in range(first, self.recipe.solver.rounds + 1):
@@ -84,6 +80,15 @@ class DepthParallelSchedule:
             # The next round's inputs: what each re-solved segment now outputs.
             self._exchange([j + 1 for j in dirty if j + 1 < self.num_segments])
         return self.collect(), self.history
+
+    def _own_and_check(self, check_width: Callable[[str, int], None]) -> None:
+        """Hand every worker its segments, then check every layer's width for the writer and
+        every worker's memory plan, before any work."""
+        self._each("own", lambda k: ({j: self.segments[j] for j in self.owned[k]},))
+        for widths in self._each("layer_widths"):
+            for (b, name), cols in sorted(widths.items()):
+                check_width(f"{self.blocks_prefix}{b}.{name}", cols)
+        self.memory_plan = self._check_memory()
 
     def _check_memory(self) -> dict:
         """Every worker's planned peak for its segments against its device, before round 0;
