@@ -44,6 +44,10 @@ def advance(rho: float, iterations: int, admm: ADMMSettings) -> float:
 
 
 class CoordinatedSchedule(DepthParallelSchedule):
+    owns = "blocks"
+    memory_advice = ("use more workers (each then holds fewer blocks), fewer --num-samples or "
+                     "a shorter --seq-len, or devices with more memory")
+
     @staticmethod
     def segment_count(recipe: Recipe, workers: int, num_blocks: int) -> int:
         return num_blocks  # one segment per block: blocks are owned, never solved in sequence

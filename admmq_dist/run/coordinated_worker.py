@@ -40,8 +40,7 @@ class CoordinatedWorker(SegmentWorker):
             act_bytes=self.dtype.itemsize, row_block=self.recipe.solver.row_block,
             asymmetric=bool(self.recipe.calibration.asymmetric),
             eigh_for=self.recipe.solver.uses_eigh)
-        return {"peak": plan.peak, "items": plan.items, "worst": plan.worst_stage,
-                "describe": plan.describe(), "capacity": memory.device_capacity(self.device)}
+        return plan.on(self.device)
 
     def start_capture(self) -> None:
         """Fresh Hessian accumulators for every owned layer input (one per group of linears that

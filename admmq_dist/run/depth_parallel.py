@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..model.loading import TensorIndex
 from ..recipe import Recipe
+from . import memory
 from .workdir import DecoderBlockOutput, last_round_marker, mark_round
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,11 @@ class DepthParallelSchedule:
         # Per (block, layer): the report row of the round that last solved it.
         self.latest: dict[tuple[int, str], dict] = {}
         self.history: list[dict] = []
+
+    owns = "segments"  # what a worker holds, for the memory refusal
+    memory_advice = ("use more workers or more --segments (each worker then holds fewer "
+                     "blocks), fewer --num-samples or a shorter --seq-len, or devices with more "
+                     "memory")
 
     @staticmethod
     def segment_count(recipe: Recipe, workers: int, num_blocks: int) -> int:
@@ -94,14 +100,9 @@ class DepthParallelSchedule:
         """Every worker's planned peak for its segments against its device, before round 0;
         returns the largest plan."""
         plans = self._each("memory_plan")
-        for k, p in enumerate(plans):
-            if p["peak"] > p["capacity"]:
-                raise MemoryError(
-                    f"the segments of worker {k} need about {p['describe']}, more than the "
-                    f"{p['capacity'] / 2**30:.1f} GiB its device has; use more workers or more "
-                    "--segments (each worker then holds fewer blocks), fewer --num-samples or a "
-                    "shorter --seq-len, or devices with more memory")
-        k = max(range(len(plans)), key=lambda w: plans[w]["peak"])
+        k = memory.largest_fitting(
+            plans, lambda w, p: f"the {self.owns} of worker {w} need about {p['describe']}",
+            self.memory_advice)
         return {"peak_bytes": plans[k]["peak"], "worker": k, "worst": plans[k]["worst"],
                 "items": plans[k]["items"]}
 

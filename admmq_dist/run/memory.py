@@ -55,6 +55,11 @@ class MemoryPlan:
     peak: int = 0
     worst_stage: str = ""
 
+    def on(self, device: torch.device) -> dict:
+        """What a worker reports: the plan's figures and what ``device`` can hold."""
+        return {"peak": self.peak, "items": self.items, "worst": self.worst_stage,
+                "describe": self.describe(), "capacity": device_capacity(device)}
+
     def describe(self) -> str:
         top = sorted(self.items.items(), key=lambda kv: -kv[1])[:3]
         return (f"{self.peak / 2**30:.1f} GiB (largest: "
@@ -160,6 +165,17 @@ def plan_coordinated(blocks: list[list[list[tuple[str, int, int]]]], *, hidden: 
     plan.peak = sum(plan.items.values())
     plan.worst_stage = "capture and iterate"
     return plan
+
+
+def largest_fitting(plans: list[dict], needs: Callable[[int, dict], str], advice: str) -> int:
+    """The worker with the largest of ``plans`` (as :meth:`MemoryPlan.on` reports them), after
+    refusing the first that its device cannot hold: ``needs(worker, plan)`` says what needs the
+    memory, ``advice`` what to do about it."""
+    for k, p in enumerate(plans):
+        if p["peak"] > p["capacity"]:
+            raise MemoryError(f"{needs(k, p)}, more than the {p['capacity'] / 2**30:.1f} GiB its "
+                              f"device has; {advice}")
+    return max(range(len(plans)), key=lambda w: plans[w]["peak"])
 
 
 def device_capacity(device: torch.device) -> int:

@@ -78,8 +78,7 @@ class SegmentWorker(DeviceModel):
             num_batches=len(self.batch_ids), act_bytes=self.dtype.itemsize,
             row_block=self.recipe.solver.row_block, segments=len(self.segments),
             eigh_for=self.recipe.solver.uses_eigh)
-        return {"peak": plan.peak, "items": plan.items, "worst": plan.worst_stage,
-                "describe": plan.describe(), "capacity": memory.device_capacity(self.device)}
+        return plan.on(self.device)
 
     def _block_shapes(self) -> list[list[list[tuple[str, int, int]]]]:
         """Per owned block, per stage, ``(first linear, rows of the group, cols)`` per group."""

@@ -24,6 +24,7 @@ from ..model.loading import TensorIndex
 from ..quant.grid import Grid
 from ..quant.solvers.rows import combine
 from ..recipe import Recipe
+from . import memory
 from .backends import WorkerLost
 from .experts import ExpertPolicy
 from .layer import nbytes, report_row
@@ -164,14 +165,10 @@ class SequentialSchedule:
         """Every worker's planned peak for the block against its device, before the block's
         work; returns the largest plan."""
         plans = self._all("memory_plan", plan["stages"], self.backend.size)
-        for w, p in enumerate(plans):
-            if p["peak"] > p["capacity"]:
-                raise MemoryError(
-                    f"{prefix} needs about {p['describe']} on worker {w}, more than the "
-                    f"{p['capacity'] / 2**30:.1f} GiB its device has; use more workers (each "
-                    "holds fewer calibration tokens), fewer --num-samples or a shorter "
-                    "--seq-len, or devices with more memory")
-        worst = max(range(len(plans)), key=lambda w: plans[w]["peak"])
+        worst = memory.largest_fitting(
+            plans, lambda w, p: f"{prefix} needs about {p['describe']} on worker {w}",
+            "use more workers (each holds fewer calibration tokens), fewer --num-samples or a "
+            "shorter --seq-len, or devices with more memory")
         return {"peak_bytes": plans[worst]["peak"], "worker": worst,
                 "worst": f"{prefix}.{plans[worst]['worst']}", "items": plans[worst]["items"]}
 

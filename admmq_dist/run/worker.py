@@ -128,8 +128,7 @@ class Worker(DeviceModel):
                                  row_block=self.recipe.solver.row_block,
                                  asymmetric=bool(self.asymmetric), workers=workers,
                                  eigh_for=self.recipe.solver.uses_eigh)
-        return {"block": b, "peak": plan.peak, "items": plan.items, "worst": plan.worst_stage,
-                "describe": plan.describe(), "capacity": memory.device_capacity(self.device)}
+        return {"block": b, **plan.on(self.device)}
 
     # -------------------------------------------------------------------------------- capture
 
