@@ -101,12 +101,6 @@ class Recipe:
     output: OutputSettings = field(default_factory=OutputSettings)
     report: ReportSettings = field(default_factory=ReportSettings)
 
-    def __post_init__(self) -> None:
-        if self.calibration.asymmetric and self.solver.schedule == "depth-parallel":
-            raise ValueError("calibration.asymmetric needs the float model's activations at every "
-                             f"block, which the {self.solver.schedule} schedule does not keep yet; "
-                             "use the sequential schedule or set asymmetric to 0")
-
 
 class RecipeError(ValueError):
     """A recipe that cannot be applied; the message names the offending key."""

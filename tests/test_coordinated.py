@@ -144,9 +144,6 @@ def test_a_run_stopped_inside_a_round_resumes_into_the_same_bytes(model_dir, ref
 def test_the_recipe_refuses_what_the_schedule_cannot_do():
     with pytest.raises(ValueError, match="admmq"):
         override(Recipe(), {"solver": {"schedule": "coordinated", "method": "gptq"}})
-    with pytest.raises(ValueError, match="depth-parallel schedule does not keep"):
-        override(Recipe(), {"solver": {"schedule": "depth-parallel"},
-                            "calibration": {"asymmetric": 0.25}})
     with pytest.raises(ValueError, match="refresh_dual"):
         override(Recipe(), {"solver": {"refresh_dual": "rescale"}})
     with pytest.raises(ValueError, match="coordinated_rounds"):

@@ -64,3 +64,49 @@ def test_one_depth_parallel_segment_is_the_sequential_schedule(model_dir, tmp_pa
     assert [r["round"] for r in one["rounds"]] == [0]
     assert digest(tmp_path / "one") == digest(tmp_path / "seq")
     assert one["mean_loss"] == pytest.approx(sequential["mean_loss"], rel=1e-12)
+
+
+def asymmetric_depth_parallel(model_dir, out, segments, backend=None, resume=False):
+    recipe = override(Recipe(), {
+        **SETTINGS, "solver": {**SETTINGS["solver"], "schedule": "depth-parallel", "rounds": 3,
+                               "segments": segments},
+        "calibration": {**SETTINGS["calibration"], "asymmetric": 0.25}})
+    return quantize_model(str(model_dir), out, recipe, device=torch.device("cpu"),
+                          progress=False, threads=1, backend=backend, resume=resume)
+
+
+def test_asymmetric_segments_end_as_the_sequential_asymmetric_run(model_dir, tmp_path):
+    """Each segment keeps the float model's input from round 0 and runs the float stream beside
+    the quantized one: after segments - 1 rounds the bytes are the sequential asymmetric run's,
+    for any worker count — and not the plain run's, so the cross terms were used."""
+    asym = quantize(model_dir, tmp_path / "seq-asym", asymmetric=0.25)
+    plain = quantize(model_dir, tmp_path / "seq")
+    assert digest(tmp_path / "seq-asym") != digest(tmp_path / "seq")
+    for name, segments, n in (("one", 1, 1), ("three", 3, 2)):
+        run = asymmetric_depth_parallel(model_dir, tmp_path / name, segments, LocalBackend(n))
+        assert digest(tmp_path / name) == digest(tmp_path / "seq-asym")
+        assert run["mean_loss"] == pytest.approx(asym["mean_loss"], rel=1e-12)
+    assert asym["mean_loss"] != pytest.approx(plain["mean_loss"], rel=1e-6)
+
+
+def test_an_asymmetric_depth_parallel_run_resumes_into_the_same_bytes(model_dir, tmp_path,
+                                                                      monkeypatch):
+    """The float inputs are not committed: a resumed run recomputes them before the committed
+    weights go in place, so it ends as the uninterrupted run does."""
+    from admmq_dist.run.segment_worker import SegmentWorker
+
+    asymmetric_depth_parallel(model_dir, tmp_path / "whole", 3)
+    original, calls = SegmentWorker.run_round, []
+
+    def run_round(self, *args):
+        calls.append(args)
+        if len(calls) == 2:  # dies in round 1, with round 0 committed
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(SegmentWorker, "run_round", run_round)
+    with pytest.raises(KeyboardInterrupt):
+        asymmetric_depth_parallel(model_dir, tmp_path / "out", 3)
+    monkeypatch.setattr(SegmentWorker, "run_round", original)
+    asymmetric_depth_parallel(model_dir, tmp_path / "out", 3, resume=True)
+    assert digest(tmp_path / "out") == digest(tmp_path / "whole")

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from ..model.capture import block_output, record_inputs
+from ..model.capture import block_output
 from ..quant.factors import HessianFactors
 from ..quant.grid import fit_grid
 from ..quant.hessian import HessianAccumulator, asymmetric_target
@@ -45,7 +45,6 @@ class CoordinatedWorker(SegmentWorker):
     def start_capture(self) -> None:
         """Fresh Hessian accumulators for every owned layer input (one per group of linears that
         read the same input: q/k/v, gate/up), with cross terms under asymmetric calibration."""
-        self.asymmetric = self.recipe.calibration.asymmetric
         self.accumulators = {
             (b, group[0]): HessianAccumulator(self.layers[(b, group[0])].in_features, self.device,
                                               cross=bool(self.asymmetric), in_order=True)
@@ -72,7 +71,8 @@ class CoordinatedWorker(SegmentWorker):
             call = (self.args[b][local], self.kwargs[b][local])
             references = None
             if ref is not None:
-                references, ref = self._float_block(b, ref, call)
+                references, refs = self._float_block(b, [ref], [call[0]], [call[1]])
+                ref = refs[0]
             handles = [self.layers[(bb, name)].register_forward_pre_hook(self._adder(
                 acc, i, None if references is None else references[name][0]))
                 for (bb, name), acc in self.accumulators.items() if bb == b]
@@ -91,21 +91,6 @@ class CoordinatedWorker(SegmentWorker):
         # Without a float stream (round 0) the float model's input is the input itself.
         return lambda module, inputs: acc.add(inputs[0], i,
                                               inputs[0] if reference is None else reference)
-
-    def _float_block(self, b: int, hidden: torch.Tensor, call: tuple) -> tuple[dict, torch.Tensor]:
-        """Block ``b`` with its float weights on the float stream: what each group's first linear
-        receives, and the block's output. The quantized weights go back in place after."""
-        heads = {name: self.layers[(bb, name)] for bb, name in self.accumulators if bb == b}
-        quantized = {key: linear.weight.detach().clone() for key, linear in self.layers.items()
-                     if key[0] == b}
-        for key in quantized:
-            self.layers[key].weight.copy_(self.float_weights[key].to(self.dtype))
-        try:
-            inputs, outputs = record_inputs(self.blocks[b], heads, [hidden], [call[0]], [call[1]])
-        finally:
-            for key, weight in quantized.items():
-                self.layers[key].weight.copy_(weight)
-        return inputs, outputs[0]
 
     def _hessians(self):
         """``(block, group, Hessian, tokens, factors, targets)`` per owned layer input, in block

@@ -116,6 +116,10 @@ class DepthParallelSchedule:
         self.history = marker["history"]
         self.latest = {(row["block"], row["layer"]): row for row in marker["rows"]}
         solved_in = {j: min(j, marker["round"]) for j in range(self.num_segments)}
+        if self.recipe.calibration.asymmetric:
+            # The float model's segment inputs were not committed (they never change): one float
+            # forward, before the committed weights go in place, gives them back.
+            self._pipeline("forward_shard")
         self._each("load_round", lambda k: (str(self.work),
                                             {j: solved_in[j] for j in self.owned[k]}))
         self._exchange(list(range(1, self.num_segments)))

@@ -115,20 +115,23 @@ def plan_block(groups: list[list[tuple[str, int, int]]], *, hidden: int, tokens:
 
 def plan_segments(blocks: list[list[list[tuple[str, int, int]]]], *, hidden: int, tokens: int,
                   num_batches: int, act_bytes: int, row_block: int, segments: int,
+                  asymmetric: bool = False,
                   eigh_for: Callable[[int], bool] = lambda cols: True) -> MemoryPlan:
     """Plan a depth-parallel worker: it holds its ``blocks`` (each as :func:`plan_block` takes
     it) for the whole run with every layer's float copy, codes and duals, and each of its
-    ``segments``' input and output over all ``tokens``; then one block's work at a time."""
+    ``segments``' input and output over all ``tokens`` (and under asymmetric calibration the float
+    model's input); then one block's work at a time."""
     plan = MemoryPlan()
     weights = sum(rows * cols for block in blocks for stage in block for _, rows, cols in stage)
     # The weights, their float32 copies, int32 codes and float32 duals (4 + 4 + 4).
     plan.items["segment weights, codes and duals"] = weights * (act_bytes + 12)
-    plan.items["segment inputs and outputs"] = 2 * segments * tokens * hidden * act_bytes
+    plan.items["segment inputs and outputs"] = (2 + asymmetric) * segments * tokens * hidden \
+        * act_bytes
     held = sum(plan.items.values())
     worst = None
     for block in blocks:
         p = plan_block(block, hidden=hidden, tokens=tokens, batch_range=(0, num_batches),
-                       act_bytes=act_bytes, row_block=row_block, asymmetric=False,
+                       act_bytes=act_bytes, row_block=row_block, asymmetric=asymmetric,
                        eigh_for=eigh_for)
         if worst is None or p.peak - p.items["block weights"] > worst.peak - \
                 worst.items["block weights"]:

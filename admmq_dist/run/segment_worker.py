@@ -3,7 +3,13 @@ decoder blocks — for the whole run and quantizes them the sequential way (stag
 by block, each on the outputs of the quantized blocks before it) from the segment's input, which
 is the float model's activations in round 0 and the previous segment's output from the round
 before afterwards. Every worker holds every calibration batch; each layer keeps its ADMM-Q state
-(codes, grid, duals) from round to round for warm starts."""
+(codes, grid, duals) from round to round for warm starts.
+
+Asymmetric calibration needs, beside each layer's quantized-model input, the float model's input of
+the same tokens. The float model never changes, so each segment's float input is kept from round
+0's forward, and every round runs each block with its float weights on the float stream beside
+the quantized one — the same pass, batch for batch, as the sequential schedule's, so one segment
+is still the sequential schedule byte for byte."""
 
 from __future__ import annotations
 
@@ -11,10 +17,11 @@ import time
 
 import torch
 
-from ..model.capture import block_output, calibration_stages, capture_hessians
+from ..model.capture import block_output, calibration_stages, capture_hessians, record_inputs
 from ..model.loading import load_block
 from ..quant.factors import HessianFactors
 from ..quant.grid import Grid, fit_grid
+from ..quant.hessian import asymmetric_target
 from ..quant.solvers.rows import combine, row_blocks
 from ..quant.solvers.solve import SolverSettings
 from . import memory
@@ -33,6 +40,8 @@ class SegmentWorker(DeviceModel):
         self.float_weights: dict[tuple[int, str], torch.Tensor] = {}
         # Per layer, what the last round left: codes, grid, and each row block's dual.
         self.layer_states: dict[tuple[int, str], dict] = {}
+        self.asymmetric = (self.recipe.calibration.asymmetric
+                           if self.recipe.solver.method != "rtn" else 0.0)
         for b in self.owned:
             load_block(self.blocks[b], self.layout.block_prefix(b), self.index, self.device,
                        self.dtype)
@@ -47,6 +56,8 @@ class SegmentWorker(DeviceModel):
         if 0 in self.inputs:
             self.inputs[0] = list(self.first_hidden)
         self.outputs: dict[int, list[torch.Tensor]] = {}
+        # Asymmetric calibration: each segment's input in the float model, from round 0's forward.
+        self.float_inputs: dict[int, list] = {s: list(v) for s, v in self.inputs.items()}
 
     def layer_widths(self) -> dict[tuple[int, str], int]:
         """``in_features`` of every owned linear, for the writer's checks before any solve."""
@@ -77,7 +88,7 @@ class SegmentWorker(DeviceModel):
             blocks, hidden=int(self.first_hidden[0].shape[-1]), tokens=tokens,
             num_batches=len(self.batch_ids), act_bytes=self.dtype.itemsize,
             row_block=self.recipe.solver.row_block, segments=len(self.segments),
-            eigh_for=self.recipe.solver.uses_eigh)
+            asymmetric=bool(self.asymmetric), eigh_for=self.recipe.solver.uses_eigh)
         return plan.on(self.device)
 
     def _block_shapes(self) -> list[list[list[tuple[str, int, int]]]]:
@@ -89,12 +100,15 @@ class SegmentWorker(DeviceModel):
     @torch.no_grad()
     def forward_shard(self, i: int, hidden: torch.Tensor | None) -> torch.Tensor:
         """Round 0's pipelined forward of the float model: run global batch ``i`` through this
-        worker's blocks, keeping each segment's input; returns the hidden states."""
+        worker's blocks, keeping each segment's input (its float input too, under asymmetric
+        calibration); returns the hidden states."""
         local = self.batch_ids.index(i)
         h = self.first_hidden[local] if hidden is None else hidden.to(self.device, self.dtype)
         for s, blocks in self.segments.items():
             if s != 0:
                 self.inputs[s][local] = h
+                if self.asymmetric:
+                    self.float_inputs[s][local] = h
             for b in blocks:
                 t = time.perf_counter()
                 h = block_output(self.blocks[b](h, *self.args[b][local], **self.kwargs[b][local]))
@@ -118,37 +132,65 @@ class SegmentWorker(DeviceModel):
         out = []
         for s in segments:
             h = self.inputs[s]
+            ref = self.float_inputs[s] if self.asymmetric else None
             for b in self.segments[s]:
+                references = None
+                if ref is not None:
+                    t = time.perf_counter()
+                    references, ref = self._float_block(b, ref, self.args[b], self.kwargs[b])
+                    self.busy["forward"] += time.perf_counter() - t
                 for groups in self._stages(b):
-                    out += self._solve_stage(b, groups, h, warm_settings, s in cold)
+                    out += self._solve_stage(b, groups, h, warm_settings, s in cold, references)
                 h = self.forward(b, h)
             self.outputs[s] = h
         return out
 
+    def _float_block(self, b: int, hidden: list[torch.Tensor], args: list[tuple],
+                     kwargs: list[dict]) -> tuple[dict[str, list], list[torch.Tensor]]:
+        """Block ``b`` with its float weights on the float stream ``hidden``: what the first
+        linear of each group receives per batch, and the block's outputs. The quantized weights
+        go back in place after."""
+        heads = {g[0]: self.layers[(b, g[0])] for stage in self._stages(b) for g in stage}
+        quantized = {key: linear.weight.detach().clone() for key, linear in self.layers.items()
+                     if key[0] == b}
+        for key in quantized:
+            self.layers[key].weight.copy_(self.float_weights[key].to(self.dtype))
+        try:
+            return record_inputs(self.blocks[b], heads, hidden, args, kwargs)
+        finally:
+            for key, weight in quantized.items():
+                self.layers[key].weight.copy_(weight)
+
     def _solve_stage(self, b: int, groups: list[list[str]], hidden: list[torch.Tensor],
-                     warm_settings: SolverSettings, cold: bool) -> list[dict]:
+                     warm_settings: SolverSettings, cold: bool,
+                     references: dict[str, list] | None = None) -> list[dict]:
         t = time.perf_counter()
-        inputs_of = {g[0]: (self.layers[(b, g[0])], self.layers[(b, g[0])].in_features, None)
-                     for g in groups}
+        inputs_of = {g[0]: (self.layers[(b, g[0])], self.layers[(b, g[0])].in_features,
+                            None if references is None else references[g[0]]) for g in groups}
         hessians = capture_hessians(self.blocks[b], inputs_of, hidden, self.args[b],
                                     self.kwargs[b], self.batch_ids, self.device)
         self.busy["forward"] += time.perf_counter() - t
         t = time.perf_counter()
         out = []
         for group in groups:
-            hessian = hessians[group[0]].hessian()
+            acc = hessians[group[0]]
+            hessian = acc.hessian()
             factors = HessianFactors(hessian, self.device)
             for name in group:
-                out.append(self._solve_layer(b, name, group, hessian, factors,
-                                             hessians[group[0]].num_rows, warm_settings, cold))
+                weight = self.float_weights[(b, name)]
+                if acc.has_cross:
+                    # The asymmetric objective is the ordinary one with a moved target.
+                    weight = asymmetric_target(weight, hessian, acc.cross(), self.asymmetric,
+                                               self.recipe.solver.gptq.damp)
+                out.append(self._solve_layer(b, name, group, hessian, factors, acc.num_rows,
+                                             warm_settings, cold, weight))
             self.count_factorizations(factors)
         self.busy["solve"] += time.perf_counter() - t
         return out
 
     def _solve_layer(self, b: int, name: str, group: list[str], hessian: torch.Tensor,
                      factors: HessianFactors, tokens: int, warm_settings: SolverSettings,
-                     cold: bool) -> dict:
-        weight = self.float_weights[(b, name)]
+                     cold: bool, weight: torch.Tensor) -> dict:
         grid = fit_grid(weight, self.recipe.grid)
         previous = self.layer_states.get((b, name))
         warm_start = previous is not None and not cold
