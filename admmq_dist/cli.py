@@ -64,8 +64,13 @@ RECIPE_FLAGS: list[tuple[str, str, dict]] = [
     ("--coordinated-iterations", "solver.coordinated_iterations", {
         "type": int, "help": "coordinated: ADMM-Q iterations per layer per round (10)"}),
     ("--refresh-dual", "solver.refresh_dual", {
-        "choices": ("keep", "zero"),
-        "help": "coordinated: what a layer's dual does when its Hessian is refreshed (keep)"}),
+        "choices": ("keep", "zero", "stationary"),
+        "help": "coordinated: what a layer's dual does when its Hessian is refreshed: keep it, "
+                "zero it, or reset it so the codes are stationary on the new Hessian (keep)"}),
+    ("--coordinated-start", "solver.coordinated_start", {
+        "choices": ("float", "sequential"),
+        "help": "coordinated: round 0 from GPTQ on the float model (float), or after one "
+                "sequential GPTQ pass, block by block (sequential: GPTQ's time) (float)"}),
     ("--rounds", "solver.rounds", {"type": int,
                                    "help": "depth-parallel: most correction rounds (3)"}),
     ("--segments", "solver.segments", {

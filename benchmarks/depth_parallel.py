@@ -39,6 +39,13 @@ def cli(*args: str) -> dict:
     return out
 
 
+def coordinated(spec: str) -> list[str]:
+    """The quantize flags of a coordinated variant ``RULE[:START]``."""
+    rule, _, start = spec.partition(":")
+    return ["--schedule", "coordinated", "--refresh-dual", rule, "--coordinated-start",
+            start or "float", "--round-checkpoints"]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-samples", type=int, default=64)
@@ -46,10 +53,11 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--segments", type=int, nargs="*", default=[2, 6, 30],
                         help="segment counts to run (2 = one per worker; 30 = one per block)")
-    parser.add_argument("--coordinated", nargs="*", default=["keep"], metavar="DUAL_RULE",
-                        help="coordinated-schedule runs, one per dual rule (keep, zero)")
+    parser.add_argument("--coordinated", nargs="*", default=["keep"], metavar="RULE[:START]",
+                        help="coordinated-schedule runs, one per dual rule (keep, zero, "
+                             "stationary), each with an optional start (:float, :sequential)")
     parser.add_argument("--asymmetric", type=float, default=None, metavar="S",
-                        help="also run sequential ADMM-Q and the first coordinated rule with "
+                        help="also run sequential ADMM-Q and the first coordinated variant with "
                              "asymmetric calibration of strength S")
     parser.add_argument("--output", default=None, help="results file name under "
                         "benchmarks/results (default depth_parallel[_quick].md)")
@@ -82,17 +90,14 @@ def main(argv=None) -> int:
                   dist + ["--schedule", "depth-parallel", "--segments", str(segs), "--rounds",
                           str(args.rounds), "--round-checkpoints"])
                  for segs in args.segments]
-        runs += [("admmq", "coordinated", None,
-                  dist + ["--schedule", "coordinated", "--refresh-dual", rule,
-                          "--round-checkpoints"])
-                 for rule in args.coordinated]
+        runs += [("admmq", "coordinated", None, dist + coordinated(spec))
+                 for spec in args.coordinated]
         if args.asymmetric is not None:
             asym = ["--asymmetric", str(args.asymmetric)]
             runs.insert(2, ("admmq", "sequential", None, dist + asym))
             if args.coordinated:
-                runs.append(("admmq", "coordinated", None, dist + asym + [
-                    "--schedule", "coordinated", "--refresh-dual", args.coordinated[0],
-                    "--round-checkpoints"]))
+                runs.append(("admmq", "coordinated", None,
+                             dist + asym + coordinated(args.coordinated[0])))
         for method, schedule, segs, extra in runs:
             asym = float(extra[extra.index("--asymmetric") + 1]) if "--asymmetric" in extra \
                 else 0.0
@@ -104,6 +109,9 @@ def main(argv=None) -> int:
                    "seconds": q["seconds"]["total"], "split": q["seconds"]}
             if schedule == "coordinated":
                 row["dual"] = extra[extra.index("--refresh-dual") + 1]
+                start = extra[extra.index("--coordinated-start") + 1]
+                if start != "float":
+                    row["dual"] += f", {start} start"
             if schedule == "sequential":
                 row["ppl"] = cli("eval", str(out), *evaluate)["ppl"]
                 rows.append(row)
@@ -149,7 +157,9 @@ def main(argv=None) -> int:
              "once on Hessians refreshed from the current model each round, one ρ continued "
              "across rounds (column ρ: the round's); `dual`: the rule on a refresh; the last "
              "coordinated row is the written checkpoint after the polish (a local-search sweep "
-             "on final inputs)",
+             "on final inputs); `sequential start`: round 0 starts from the codes of one "
+             "sequential GPTQ pass (block by block on the quantized model's inputs) instead of "
+             "GPTQ on the float model's Hessians",
              f"- environment: {environment.describe()}", "",
              "- `asym`: asymmetric calibration strength; `ppl / sequential ADMM-Q` compares "
              "with the sequential run of the same strength",

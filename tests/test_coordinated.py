@@ -111,6 +111,29 @@ def test_the_dual_rule_and_the_polish_change_the_result(model_dir, reference, tm
     assert tensors(tmp_path / "plain") != tensors(out)
 
 
+def test_the_stationary_dual_rule_and_the_sequential_start_are_real_options(model_dir, reference,
+                                                                           tmp_path):
+    """The stationary rule resets every dual on each refresh (a different run from keep and
+    zero); the sequential start hands round 0 the codes of a sequential GPTQ pass, so round 0
+    moves only part of them (from a float start, every code is new) — for any worker count,
+    with asymmetric calibration's float stream carried through the pass too."""
+    out, one = reference
+    stationary = coordinated(model_dir, tmp_path / "stationary", refresh_dual="stationary")
+    assert tensors(tmp_path / "stationary") != tensors(out)
+    assert stationary["rounds"][1]["changed"] != one["rounds"][1]["changed"]
+    start = coordinated(model_dir, tmp_path / "start", coordinated_start="sequential")
+    assert one["rounds"][0]["changed"] == 1.0 and 0 < start["rounds"][0]["changed"] < 0.5
+    assert tensors(tmp_path / "start") != tensors(out)
+    recipe = override(Recipe(), {**SETTINGS, "solver": {
+        **SETTINGS["solver"], "schedule": "coordinated", "coordinated_rounds": 2,
+        "coordinated_start": "sequential"},
+        "calibration": {**SETTINGS["calibration"], "asymmetric": 0.25}})
+    for name, n in (("asym", 1), ("asym2", 2)):
+        quantize_model(str(model_dir), tmp_path / name, recipe, device=torch.device("cpu"),
+                       progress=False, threads=1, backend=LocalBackend(n))
+    assert digest(tmp_path / "asym") == digest(tmp_path / "asym2")
+
+
 def test_a_run_stopped_inside_a_round_resumes_into_the_same_bytes(model_dir, reference, tmp_path,
                                                                   monkeypatch):
     out, one = reference
@@ -146,6 +169,8 @@ def test_the_recipe_refuses_what_the_schedule_cannot_do():
         override(Recipe(), {"solver": {"schedule": "coordinated", "method": "gptq"}})
     with pytest.raises(ValueError, match="refresh_dual"):
         override(Recipe(), {"solver": {"refresh_dual": "rescale"}})
+    with pytest.raises(ValueError, match="coordinated_start"):
+        override(Recipe(), {"solver": {"coordinated_start": "gptq"}})
     with pytest.raises(ValueError, match="coordinated_rounds"):
         override(Recipe(), {"solver": {"coordinated_rounds": 0}})
 

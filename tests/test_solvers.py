@@ -197,3 +197,33 @@ def test_cg_from_width_is_validated():
         ADMMSettings(cg_from_width=0)
     with pytest.raises(ValueError, match="w_update"):
         ADMMSettings(w_update="eigh")
+
+
+@pytest.mark.parametrize("w_update", ["exact", "cg"])
+def test_the_stationary_dual_makes_the_codes_a_fixed_point_of_the_w_step(w_update):
+    """The coordinated schedule's "stationary" dual rule: on a refreshed Hessian the dual is set
+    so that the current codes solve the W-step at any ρ (the W-step then moves nothing, and the
+    projection moves a code only where the objective's gradient outweighs ρ). A zero dual pulls
+    W toward the float weights instead."""
+    from admmq_dist.quant.factors import HessianFactors
+    from admmq_dist.quant.solvers.w_updates import ExactUpdate, InexactUpdate
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 32) @ torch.randn(32, 32)
+    hessian, weight = x.T @ x / 512, torch.randn(16, 32)
+    grid = fit_grid(weight, GridSpec(bits=3, group_size=16))
+    Z = grid.dequantize(grid.codes(weight))
+    factors = HessianFactors(hessian)
+    loop = (ExactUpdate(weight, factors) if w_update == "exact" else
+            InexactUpdate(weight, factors, None, ADMMSettings(w_update="cg", cg_steps=50)))
+    loop.start(Z, loop.stationary_dual(Z))
+    for rho in (0.1, 3.0):
+        assert (loop.w_step(rho) - Z).abs().max() < 1e-3 * Z.abs().max()
+    loop.start(Z)
+    assert (loop.w_step(0.1) - Z).abs().max() > 0.05 * Z.abs().max()
+    # Through the solver: the rule changes the run.
+    settings = ADMMSettings(iterations=5, rho_start=0.3, w_update=w_update)
+    codes = grid.codes(weight)
+    runs = [admmq(weight, hessian, grid, settings, init_codes=codes, init_dual=dual).codes
+            for dual in (None, "stationary")]
+    assert not torch.equal(*runs)

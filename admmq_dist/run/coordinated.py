@@ -21,6 +21,7 @@ layer against its final inputs. A resumed run continues from the last committed 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -62,6 +63,8 @@ class CoordinatedSchedule(DepthParallelSchedule):
         self._own_and_check(check_width)
         started, aside = time.perf_counter(), 0.0  # aside: time spent in on_round
         first, self.rho, stopped = self._resume()
+        if first == 0 and solver.coordinated_start == "sequential":
+            self._sequential_start(progress)
         for r in range(first, solver.coordinated_rounds):
             if stopped:
                 break
@@ -87,6 +90,23 @@ class CoordinatedSchedule(DepthParallelSchedule):
                                             {j: marker["round"] for j in self.owned[k]}))
         log.info("resuming the coordinated schedule after round %d", marker["round"])
         return marker["round"] + 1, marker["rho"], marker["stopped"]
+
+    def _sequential_start(self, progress: bool) -> None:
+        """One GPTQ pass block by block, each on the outputs of the quantized blocks before it:
+        the codes round 0 starts from. One worker computes at a time (GPTQ's cost, not
+        ADMM-Q's); not committed — a run that stops before round 0's commit redoes it."""
+        t = time.perf_counter()
+        settings = dataclasses.replace(self.recipe.solver, method="gptq", schedule="sequential",
+                                       local_search_sweeps=0)
+        hidden = None
+        for j in range(self.num_segments):
+            hidden = self.backend.call(self.segment_owner[j], "sequential_start", j, hidden,
+                                       settings)
+        self.backend.get([hidden])
+        self.timings["solve"] += time.perf_counter() - t
+        if progress:
+            print(f"sequential GPTQ start: {time.perf_counter() - t:.0f}s", file=sys.stderr,
+                  flush=True)
 
     def _refresh(self) -> None:
         """The pipelined forward through the current model: every layer's Hessian refreshed."""

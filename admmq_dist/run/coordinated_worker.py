@@ -42,6 +42,28 @@ class CoordinatedWorker(SegmentWorker):
             eigh_for=self.recipe.solver.uses_eigh)
         return plan.on(self.device)
 
+    @torch.no_grad()
+    def sequential_start(self, s: int, hidden: tuple | None, settings: SolverSettings) -> tuple:
+        """The sequential start: solve block ``s`` (one segment per block) with ``settings``
+        (GPTQ) on all its inputs — ``hidden``: ``(quantized, float)`` per batch from the block
+        before, None on block 0 — and return its outputs for the next. Its codes become the
+        layers' states, the start of round 0."""
+        if hidden is not None:
+            h, ref = hidden
+            self.inputs[s] = [x.to(self.device, self.dtype) for x in h]
+            if ref is not None:
+                self.float_inputs[s] = [x.to(self.device, self.dtype) for x in ref]
+        self.run_round(settings, [s], [s], settings)
+        for (b, _), state in self.layer_states.items():
+            if b in self.segments[s]:
+                state["last"] = state["codes"]
+        # Each round captures its inputs afresh: nothing of the start is kept.
+        out, ref = self.outputs.pop(s), self.float_outputs.pop(s, None)
+        if s != 0:
+            self.inputs[s] = [None] * len(self.batch_ids)
+            self.float_inputs[s] = [None] * len(self.batch_ids)
+        return tuple(None if x is None else [t.cpu() for t in x] for x in (out, ref))
+
     def start_capture(self) -> None:
         """Fresh Hessian accumulators for every owned layer input (one per group of linears that
         read the same input: q/k/v, gate/up), with cross terms under asymmetric calibration."""
@@ -141,9 +163,10 @@ class CoordinatedWorker(SegmentWorker):
         rows = row_blocks(weight.shape[0], settings.row_block)
         warm = None
         if previous is not None:
-            keep = self.recipe.solver.refresh_dual == "keep"
+            rule = self.recipe.solver.refresh_dual
             warm = [{"codes": previous["last"][start:stop],
-                     "dual": previous["duals"][k] if keep else None}
+                     "dual": {"keep": previous["duals"][k], "zero": None,
+                              "stationary": "stationary"}[rule]}
                     for k, (start, stop) in enumerate(rows)]
         blocks = solve_rows(weight, hessian, grid, settings, rows, factors=factors, warm=warm,
                             compare=self.recipe.report.compare)

@@ -58,6 +58,7 @@ class SegmentWorker(DeviceModel):
         self.outputs: dict[int, list[torch.Tensor]] = {}
         # Asymmetric calibration: each segment's input in the float model, from round 0's forward.
         self.float_inputs: dict[int, list] = {s: list(v) for s, v in self.inputs.items()}
+        self.float_outputs: dict[int, list] = {}
 
     def layer_widths(self) -> dict[tuple[int, str], int]:
         """``in_features`` of every owned linear, for the writer's checks before any solve."""
@@ -124,11 +125,12 @@ class SegmentWorker(DeviceModel):
 
     @torch.no_grad()
     def run_round(self, warm_settings: SolverSettings, segments: list[int],
-                  cold: list[int] = ()) -> list[dict]:
+                  cold: list[int] = (), cold_settings: SolverSettings | None = None
+                  ) -> list[dict]:
         """Quantize the owned ``segments`` sequentially from their inputs: the ``cold`` ones (and
-        every layer without a state yet) with the full schedule, the others warm-started with
-        ``warm_settings``. Returns each layer's report row, with the fraction of its codes that
-        changed (``changed``) and its size."""
+        every layer without a state yet) with the full schedule (``cold_settings``, default the
+        recipe's), the others warm-started with ``warm_settings``. Returns each layer's report
+        row, with the fraction of its codes that changed (``changed``) and its size."""
         out = []
         for s in segments:
             h = self.inputs[s]
@@ -140,9 +142,13 @@ class SegmentWorker(DeviceModel):
                     references, ref = self._float_block(b, ref, self.args[b], self.kwargs[b])
                     self.busy["forward"] += time.perf_counter() - t
                 for groups in self._stages(b):
-                    out += self._solve_stage(b, groups, h, warm_settings, s in cold, references)
+                    out += self._solve_stage(b, groups, h, warm_settings,
+                                             (cold_settings or self.recipe.solver)
+                                             if s in cold else None, references)
                 h = self.forward(b, h)
             self.outputs[s] = h
+            if ref is not None:
+                self.float_outputs[s] = ref
         return out
 
     def _float_block(self, b: int, hidden: list[torch.Tensor], args: list[tuple],
@@ -162,8 +168,9 @@ class SegmentWorker(DeviceModel):
                 self.layers[key].weight.copy_(weight)
 
     def _solve_stage(self, b: int, groups: list[list[str]], hidden: list[torch.Tensor],
-                     warm_settings: SolverSettings, cold: bool,
+                     warm_settings: SolverSettings, cold: SolverSettings | None,
                      references: dict[str, list] | None = None) -> list[dict]:
+        """Solve one stage's groups on ``hidden``: cold with the ``cold`` settings, else warm."""
         t = time.perf_counter()
         inputs_of = {g[0]: (self.layers[(b, g[0])], self.layers[(b, g[0])].in_features,
                             None if references is None else references[g[0]]) for g in groups}
@@ -190,11 +197,11 @@ class SegmentWorker(DeviceModel):
 
     def _solve_layer(self, b: int, name: str, group: list[str], hessian: torch.Tensor,
                      factors: HessianFactors, tokens: int, warm_settings: SolverSettings,
-                     cold: bool, weight: torch.Tensor) -> dict:
+                     cold: SolverSettings | None, weight: torch.Tensor) -> dict:
         grid = fit_grid(weight, self.recipe.grid)
         previous = self.layer_states.get((b, name))
-        warm_start = previous is not None and not cold
-        settings = warm_settings if warm_start else self.recipe.solver
+        warm_start = previous is not None and cold is None
+        settings = warm_settings if warm_start else cold or self.recipe.solver
         rows = row_blocks(weight.shape[0], settings.row_block)
         warm = ([{"codes": previous["codes"][start:stop], "dual": previous["duals"][k]}
                  for k, (start, stop) in enumerate(rows)] if warm_start else None)

@@ -111,7 +111,7 @@ def admmq(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
           settings: ADMMSettings = ADMMSettings(), *,
           activations: torch.Tensor | None = None,
           init_codes: torch.Tensor | None = None,
-          init_dual: torch.Tensor | None = None,
+          init_dual: torch.Tensor | Literal["stationary"] | None = None,
           gptq_settings: GPTQSettings = GPTQSettings(),
           factors: HessianFactors | None = None) -> SolverResult:
     """Run ADMM-Q on one layer.
@@ -120,7 +120,9 @@ def admmq(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
     ``w_update="gradient"`` the Hessian may be ``None`` and ``activations`` (``[N, n]`` calibration
     inputs) drive mini-batch gradient W-steps instead. ``init_codes`` overrides ``settings.init``;
     with ``init_dual`` (the unscaled dual ``Y = ρU`` of an earlier run, ``[m, n]``) the run is a warm
-    start — a later round of the depth-parallel schedule, on a Hessian from quantized inputs.
+    start — a later round of the depth-parallel schedule, on a Hessian from quantized inputs;
+    ``"stationary"`` sets the dual at which the initial codes are a fixed point of the W-step on
+    this Hessian (:meth:`ExactUpdate.stationary_dual`).
     Returns the best iterate by the true objective (the initial codes included); ``state`` holds
     the final dual and ρ for the next warm start. ``factors`` (of ``hessian``) shares the
     eigendecomposition and GPTQ's start factor with every other solve on the same Hessian.
@@ -152,7 +154,13 @@ def admmq(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
         codes0 = gptq(w0, h0, grid, gptq_settings, factors).codes
     else:
         codes0 = grid.codes(loop.W0)  # dead input columns already zeroed
-    dual0 = None if init_dual is None else init_dual.to(device=device, dtype=torch.float32)
+    if isinstance(init_dual, str):
+        if init_dual != "stationary":
+            raise ValueError(f"init_dual={init_dual!r}: a tensor, 'stationary' or None")
+        scale, zero = grid.expanded()
+        dual0 = loop.stationary_dual(dequantize_codes(codes0, scale, zero))
+    else:
+        dual0 = None if init_dual is None else init_dual.to(device=device, dtype=torch.float32)
     best_codes, best_loss, iterations, history, rho, last = _run(loop, codes0, grid, settings,
                                                                  dual0)
     deq = grid.dequantize(best_codes)

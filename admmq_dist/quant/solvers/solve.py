@@ -18,6 +18,7 @@ from .rtn import rtn
 
 METHODS = ("admmq", "gptq", "rtn")
 SCHEDULES = ("sequential", "depth-parallel", "coordinated")
+REFRESH_DUALS = ("keep", "zero", "stationary")
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,14 @@ class SolverSettings:
     coordinated_rounds: int = 8
     coordinated_iterations: int = 10
     # What a layer's dual does when its Hessian is refreshed: "keep" the unscaled dual Y = ρU
-    # (continuous in ρ, so a change of ρ rescales U consistently by itself), or "zero" it.
-    refresh_dual: Literal["keep", "zero"] = "keep"
+    # (continuous in ρ, so a change of ρ rescales U consistently by itself), "zero" it, or reset
+    # it to the new Hessian's "stationary" value (the codes a fixed point of the W-step).
+    refresh_dual: Literal["keep", "zero", "stationary"] = "keep"
+    # Where round 0's codes come from: "float" — GPTQ on the float model's Hessians, every layer
+    # at once; "sequential" — one sequential GPTQ pass first (block by block on the quantized
+    # model's inputs, one worker busy at a time: GPTQ's time), so that round 0's Hessians are
+    # already near the final model's.
+    coordinated_start: Literal["float", "sequential"] = "float"
     # After the last round: one more refresh and a local-search sweep on every layer's final
     # Hessian (every layer at once, like a round).
     coordinated_polish: bool = True
@@ -70,8 +77,11 @@ class SolverSettings:
             raise ValueError(f"schedule={self.schedule!r} must be one of {SCHEDULES}")
         if self.coordinated_rounds < 1 or self.coordinated_iterations < 1:
             raise ValueError("coordinated_rounds and coordinated_iterations must be at least 1")
-        if self.refresh_dual not in ("keep", "zero"):
-            raise ValueError(f"refresh_dual={self.refresh_dual!r} must be 'keep' or 'zero'")
+        if self.coordinated_start not in ("float", "sequential"):
+            raise ValueError(f"coordinated_start={self.coordinated_start!r} must be 'float' or "
+                             "'sequential'")
+        if self.refresh_dual not in REFRESH_DUALS:
+            raise ValueError(f"refresh_dual={self.refresh_dual!r} must be one of {REFRESH_DUALS}")
         if self.segments is not None and self.segments < 1:
             raise ValueError(f"segments={self.segments} must be at least 1 (or null: one per worker)")
         if self.rounds < 0 or self.round_iterations < 1 or not self.round_rho_start > 0:

@@ -38,6 +38,12 @@ class ExactUpdate:
         self.RY = torch.zeros_like(self.RZ) if Y is None else self.Y @ self.to_rotated
         return self.row_loss_rotated(self.RZ)
 
+    def stationary_dual(self, Z: torch.Tensor) -> torch.Tensor:
+        """The dual ``Y`` at which ``Z`` is a fixed point of the W-step, whatever ρ: from
+        ``(ℓ + ρ) R(W) = R(W0) ℓ + ρ R(Z) - R(Y)`` with ``W = Z``, ``R(Y) = (R(W0) - R(Z)) ℓ`` —
+        the objective's negative gradient at ``Z`` in the penalty's metric."""
+        return ((self.RW0 - Z @ self.to_rotated) * self.ell) @ self.from_rotated
+
     def row_loss_rotated(self, RZ: torch.Tensor) -> torch.Tensor:
         E = RZ - self.RW0
         return (E.square_() @ self.ell) / self.norm
@@ -97,6 +103,13 @@ class InexactUpdate:
         for chunk in torch.split(self.x, 8192):
             total += ((chunk @ delta.T) ** 2).sum(dim=0)
         return total / (self.x.shape[0] * self.norm)
+
+    def stationary_dual(self, Z: torch.Tensor) -> torch.Tensor:
+        """The dual ``Y`` at which ``Z`` solves the W-step, whatever ρ: from
+        ``W (H + ρD²) = W0 H + ρ Z D² - Y D²`` with ``W = Z``, ``Y = (W0 - Z) H D⁻²``."""
+        if self.H is None:
+            raise ValueError("the stationary dual needs the Hessian (not the gradient W-update)")
+        return (self.W0H - Z @ self.H) / self.d2.clamp_min(1e-30)
 
     def start(self, Z: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Tensor:
         self.Z = Z
