@@ -71,6 +71,10 @@ RECIPE_FLAGS: list[tuple[str, str, dict]] = [
         "choices": ("float", "sequential"),
         "help": "coordinated: round 0 from GPTQ on the float model (float), or after one "
                 "sequential GPTQ pass, block by block (sequential: GPTQ's time) (float)"}),
+    ("--freeze-changed", "solver.freeze_changed", {
+        "type": float, "metavar": "FRACTION",
+        "help": "coordinated: freeze a layer once its codes move less than FRACTION in a round "
+                "(past admm.stop_min_rho); frozen layers are no longer iterated (off)"}),
     ("--rounds", "solver.rounds", {"type": int,
                                    "help": "depth-parallel: most correction rounds (3)"}),
     ("--segments", "solver.segments", {

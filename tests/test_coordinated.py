@@ -134,17 +134,37 @@ def test_the_stationary_dual_rule_and_the_sequential_start_are_real_options(mode
     assert digest(tmp_path / "asym") == digest(tmp_path / "asym2")
 
 
+def test_frozen_layers_stop_costing_iterations_and_barely_change_the_result(model_dir,
+                                                                           tmp_path):
+    """A layer that moved less than freeze_changed in a round past stop_min_rho is no longer
+    iterated: the run spends fewer iterations, and its loss stays within 1% of the run that
+    iterates every layer to the end."""
+    admm = {**SETTINGS["solver"]["admm"], "stop_min_rho": 0.3}
+    runs = {name: coordinated(model_dir, tmp_path / name, coordinated_rounds=6,
+                              round_stop_changed=0.001, admm=admm, **kw)
+            for name, kw in (("all", {}), ("freeze", {"freeze_changed": 0.03}))}
+    every, frozen = ([h for h in runs[name]["rounds"] if h["round"] != "polish"]
+                     for name in ("all", "freeze"))
+    assert [h["frozen"] for h in every] == [0] * 6
+    assert 0 < frozen[-3]["frozen"] < frozen[-2]["frozen"] < 21
+    assert frozen[-1]["iterations"] < 0.95 * every[-1]["iterations"]
+    assert runs["freeze"]["mean_loss"] < 1.01 * runs["all"]["mean_loss"]
+    assert tensors(tmp_path / "freeze") != tensors(tmp_path / "all")
+    with pytest.raises(ValueError, match="freeze_changed"):
+        override(Recipe(), {"solver": {"freeze_changed": 1.5}})
+
+
 def test_a_run_stopped_inside_a_round_resumes_into_the_same_bytes(model_dir, reference, tmp_path,
                                                                   monkeypatch):
     out, one = reference
     calls = []
     original = CoordinatedWorker.iterate
 
-    def iterate(self, rho, iterations):
+    def iterate(self, rho, *args):
         calls.append(rho)
         if len(calls) == 3:  # the process "dies" in round 2 with rounds 0 and 1 committed
             raise KeyboardInterrupt
-        return original(self, rho, iterations)
+        return original(self, rho, *args)
 
     monkeypatch.setattr(CoordinatedWorker, "iterate", iterate)
     with pytest.raises(KeyboardInterrupt):

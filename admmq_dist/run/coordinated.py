@@ -62,13 +62,14 @@ class CoordinatedSchedule(DepthParallelSchedule):
         solver = self.recipe.solver
         self._own_and_check(check_width)
         started, aside = time.perf_counter(), 0.0  # aside: time spent in on_round
+        self.frozen: set[tuple[int, str]] = set()
         first, self.rho, stopped = self._resume()
         if first == 0 and solver.coordinated_start == "sequential":
             self._sequential_start(progress)
         for r in range(first, solver.coordinated_rounds):
             if stopped:
                 break
-            self._refresh()
+            self._refresh(self.frozen)
             stopped = self._round(r, started, aside, progress)
             if on_round is not None:
                 t = time.perf_counter()
@@ -86,6 +87,7 @@ class CoordinatedSchedule(DepthParallelSchedule):
             return 0, self.recipe.solver.admm.rho_start, False
         self.history = marker["history"]
         self.latest = {(row["block"], row["layer"]): row for row in marker["rows"]}
+        self.frozen = {tuple(key) for key in marker.get("frozen", [])}
         self._each("load_round", lambda k: (str(self.work),
                                             {j: marker["round"] for j in self.owned[k]}))
         log.info("resuming the coordinated schedule after round %d", marker["round"])
@@ -108,9 +110,10 @@ class CoordinatedSchedule(DepthParallelSchedule):
             print(f"sequential GPTQ start: {time.perf_counter() - t:.0f}s", file=sys.stderr,
                   flush=True)
 
-    def _refresh(self) -> None:
-        """The pipelined forward through the current model: every layer's Hessian refreshed."""
-        self._each("start_capture")
+    def _refresh(self, frozen: set[tuple[int, str]] = frozenset()) -> None:
+        """The pipelined forward through the current model: every layer's Hessian refreshed
+        (but the ``frozen`` layers')."""
+        self._each("start_capture", lambda w: (sorted(frozen),))
         self._pipeline("capture_batch")
 
     def _round(self, r: int, started: float, aside: float, progress: bool) -> bool:
@@ -118,7 +121,8 @@ class CoordinatedSchedule(DepthParallelSchedule):
         solver = self.recipe.solver
         t = time.perf_counter()
         k = solver.coordinated_iterations
-        rows = [row for part in self._each("iterate", lambda w: (self.rho, k)) for row in part]
+        rows = [row for part in self._each("iterate", lambda w: (self.rho, k, sorted(self.frozen)))
+                for row in part]
         self.timings["solve"] += time.perf_counter() - t
         for row in rows:
             old = self.latest.get((row["block"], row["layer"]))
@@ -127,13 +131,19 @@ class CoordinatedSchedule(DepthParallelSchedule):
                     row[curve] = old[curve] + row[curve]
                 row["iterations"] += old["iterations"]
             self.latest[(row["block"], row["layer"])] = row
-        size = sum(row["size"] for row in rows)
-        changed = sum(row["changed"] * row["size"] for row in rows) / max(size, 1)
+        for key in self.frozen:
+            self.latest[key]["changed"] = 0.0
+        size = sum(row["size"] for row in self.latest.values())
+        changed = sum(row["changed"] * row["size"] for row in self.latest.values()) / max(size, 1)
         rho, self.rho = self.rho, advance(self.rho, k, solver.admm)
+        if solver.freeze_changed is not None and r >= 1 and rho > solver.admm.stop_min_rho:
+            self.frozen |= {(row["block"], row["layer"]) for row in rows
+                            if row["changed"] < solver.freeze_changed}
         self.history.append({
             "round": r, "rho": rho, "changed": changed, "segments_solved": self.num_segments,
-            "mean_loss": sum(row["loss"] for row in rows) / max(len(rows), 1),
-            "iterations": sum(row["iterations"] for row in rows),
+            "mean_loss": sum(row["loss"] for row in self.latest.values()) / max(len(self.latest), 1),
+            "iterations": sum(row["iterations"] for row in self.latest.values()),
+            "frozen": len(self.frozen),
             "seconds": round(time.perf_counter() - t, 3),
             "elapsed_seconds": round(time.perf_counter() - started - aside, 3)})
         if progress:
@@ -144,7 +154,8 @@ class CoordinatedSchedule(DepthParallelSchedule):
                 and rho > solver.admm.stop_min_rho)
         self._each("save_round", lambda w: (str(self.work), r, self.owned[w]))
         mark_round(self.work, r, {"round": r, "rho": self.rho, "history": self.history,
-                                  "stopped": stop, "rows": list(self.latest.values())})
+                                  "stopped": stop, "rows": list(self.latest.values()),
+                                  "frozen": sorted(self.frozen)})
         return stop
 
     def _polish(self, progress: bool) -> None:

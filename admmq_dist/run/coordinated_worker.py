@@ -64,13 +64,16 @@ class CoordinatedWorker(SegmentWorker):
             self.float_inputs[s] = [None] * len(self.batch_ids)
         return tuple(None if x is None else [t.cpu() for t in x] for x in (out, ref))
 
-    def start_capture(self) -> None:
+    def start_capture(self, frozen: list[tuple[int, str]] = ()) -> None:
         """Fresh Hessian accumulators for every owned layer input (one per group of linears that
-        read the same input: q/k/v, gate/up), with cross terms under asymmetric calibration."""
+        read the same input: q/k/v, gate/up), with cross terms under asymmetric calibration —
+        except the groups whose every layer is ``frozen``."""
+        frozen = {tuple(key) for key in frozen}
         self.accumulators = {
             (b, group[0]): HessianAccumulator(self.layers[(b, group[0])].in_features, self.device,
                                               cross=bool(self.asymmetric), in_order=True)
-            for b in self.owned for stage in self._stages(b) for group in stage}
+            for b in self.owned for stage in self._stages(b) for group in stage
+            if not all((b, name) in frozen for name in group)}
 
     @torch.no_grad()
     def capture_batch(self, i: int, hidden: tuple | None) -> tuple:
@@ -122,7 +125,9 @@ class CoordinatedWorker(SegmentWorker):
         for b in self.owned:
             for stage in self._stages(b):
                 for group in stage:
-                    acc = self.accumulators.pop((b, group[0]))
+                    acc = self.accumulators.pop((b, group[0]), None)
+                    if acc is None:  # every layer of the group is frozen
+                        continue
                     hessian = acc.hessian()
                     factors = HessianFactors(hessian, self.device)
                     targets = {name: self.float_weights[(b, name)] for name in group}
@@ -135,8 +140,9 @@ class CoordinatedWorker(SegmentWorker):
                     self.count_factorizations(factors)
 
     @torch.no_grad()
-    def iterate(self, rho: float, iterations: int) -> list[dict]:
-        """Every owned layer takes ``iterations`` ADMM-Q iterations from ``rho`` on the Hessian
+    def iterate(self, rho: float, iterations: int,
+                frozen: list[tuple[int, str]] = ()) -> list[dict]:
+        """Every owned layer but the ``frozen`` takes ``iterations`` ADMM-Q iterations from ``rho`` on the Hessian
         just captured, warm from its last iterate and dual (a layer without a state starts as
         ``admm.init`` says, on this Hessian). The best iterate goes in place for the next round's
         forward. Returns each layer's report row, with the fraction of its iterate that moved
@@ -146,10 +152,11 @@ class CoordinatedWorker(SegmentWorker):
         # No early stop inside a round: when to stop is the coordinator's call.
         settings = dataclasses.replace(solver, local_search_sweeps=0, admm=dataclasses.replace(
             solver.admm, iterations=iterations, rho_start=rho, stop_tolerance=0.0))
+        frozen = {tuple(key) for key in frozen}
         out = [self._iterate_layer(b, name, group, hessian, factors, tokens, settings,
                                    targets[name])
                for b, group, hessian, tokens, factors, targets in self._hessians()
-               for name in group]
+               for name in group if (b, name) not in frozen]
         self.busy["solve"] += time.perf_counter() - t
         return out
 

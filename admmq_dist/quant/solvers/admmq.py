@@ -154,13 +154,7 @@ def admmq(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
         codes0 = gptq(w0, h0, grid, gptq_settings, factors).codes
     else:
         codes0 = grid.codes(loop.W0)  # dead input columns already zeroed
-    if isinstance(init_dual, str):
-        if init_dual != "stationary":
-            raise ValueError(f"init_dual={init_dual!r}: a tensor, 'stationary' or None")
-        scale, zero = grid.expanded()
-        dual0 = loop.stationary_dual(dequantize_codes(codes0, scale, zero))
-    else:
-        dual0 = None if init_dual is None else init_dual.to(device=device, dtype=torch.float32)
+    dual0 = _start_dual(loop, init_dual, codes0, grid)
     best_codes, best_loss, iterations, history, rho, last = _run(loop, codes0, grid, settings,
                                                                  dual0)
     deq = grid.dequantize(best_codes)
@@ -168,6 +162,19 @@ def admmq(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
     return SolverResult("admmq", best_codes, grid, deq, loss, iterations,
                         time.perf_counter() - start, history, state={"dual": loop.Y, "rho": rho,
                                                        "last_codes": grid.codes(last)})
+
+
+def _start_dual(loop, init_dual, codes0: torch.Tensor, grid: Grid) -> torch.Tensor | None:
+    """The dual the run starts from: none, an earlier run's, or the stationary one of the
+    initial codes."""
+    if init_dual is None:
+        return None
+    if isinstance(init_dual, str):
+        if init_dual != "stationary":
+            raise ValueError(f"init_dual={init_dual!r}: a tensor, 'stationary' or None")
+        scale, zero = grid.expanded()
+        return loop.stationary_dual(dequantize_codes(codes0, scale, zero))
+    return init_dual.to(device=codes0.device, dtype=torch.float32)
 
 
 def _project(settings: ADMMSettings, V: torch.Tensor, P: torch.Tensor, Z: torch.Tensor, gen,

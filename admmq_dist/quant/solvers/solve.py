@@ -66,6 +66,10 @@ class SolverSettings:
     # model's inputs, one worker busy at a time: GPTQ's time), so that round 0's Hessians are
     # already near the final model's.
     coordinated_start: Literal["float", "sequential"] = "float"
+    # coordinated: a layer whose iterate moved less than this fraction in a round past
+    # admm.stop_min_rho is frozen — no longer iterated nor its Hessian captured (its codes stay
+    # in place) — so late rounds work only on the layers still moving. None: never.
+    freeze_changed: float | None = None
     # After the last round: one more refresh and a local-search sweep on every layer's final
     # Hessian (every layer at once, like a round).
     coordinated_polish: bool = True
@@ -77,6 +81,8 @@ class SolverSettings:
             raise ValueError(f"schedule={self.schedule!r} must be one of {SCHEDULES}")
         if self.coordinated_rounds < 1 or self.coordinated_iterations < 1:
             raise ValueError("coordinated_rounds and coordinated_iterations must be at least 1")
+        if self.freeze_changed is not None and not 0 <= self.freeze_changed < 1:
+            raise ValueError(f"freeze_changed={self.freeze_changed} must lie in [0, 1) or be null")
         if self.coordinated_start not in ("float", "sequential"):
             raise ValueError(f"coordinated_start={self.coordinated_start!r} must be 'float' or "
                              "'sequential'")
