@@ -153,6 +153,9 @@ def _add_quantize(sub) -> None:
     run.add_argument("--resume", action="store_true",
                      help="finish an interrupted run from its committed blocks (same model, "
                      "recipe and calibration data)")
+    run.add_argument("--max-worker-restarts", type=int, default=3, metavar="N",
+                     help="lost workers the run survives, each redoing only the step it broke "
+                     "(3); past that it stops, keeping what it committed for --resume")
     run.add_argument("--round-checkpoints", action="store_true",
                      help="depth-parallel/coordinated: also write OUT.round-R as each round "
                           "leaves the model (to compare rounds)")
@@ -239,7 +242,8 @@ def cmd_quantize(args) -> int:
                              device=_device(args.device), overwrite=args.overwrite,
                              progress=True, workers=args.workers, address=args.address,
                              threads=args.threads, resume=args.resume,
-                             round_checkpoints=args.round_checkpoints)
+                             round_checkpoints=args.round_checkpoints,
+                             max_worker_restarts=args.max_worker_restarts)
     print(f"wrote {summary['layers']} quantized linears to {args.output} "
           f"({summary['format']}, {summary['bits']}-bit, group {summary['group_size']}); "
           f"mean relative loss {summary['mean_loss']:.5f}; "

@@ -67,5 +67,6 @@ def test_a_killed_worker_is_restarted_and_its_block_redone(model_dir, tmp_path):
     finally:
         RayBackend.start = original_start
     assert killed == [0]
+    assert [f["restarted_workers"] for f in summary["faults"]] == [[1]]
     assert summary["layers"] == reference["layers"] == 21
     assert digest(tmp_path / "out") == digest(tmp_path / "ref")

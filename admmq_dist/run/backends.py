@@ -11,12 +11,9 @@ import torch
 
 from ..recipe import Recipe
 from .coordinated_worker import CoordinatedWorker
+from .faults import WorkerLost  # noqa: F401  (schedules and backends raise it from here)
 from .segment_worker import SegmentWorker
 from .worker import Worker
-
-
-class WorkerLost(RuntimeError):
-    """A worker died (its process or node); the backend restarts it and the work is redone."""
 
 
 class Backend(Protocol):

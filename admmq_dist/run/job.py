@@ -33,6 +33,7 @@ from .backends import LocalBackend
 from .coordinated import CoordinatedSchedule
 from .depth_parallel import DepthParallelSchedule
 from .device_model import output_dtype, peak_memory_bytes
+from .faults import RECOVERABLE, FaultLog
 from .plan import shard_batches
 from .ray_backend import RayBackend
 from .sequential import SequentialSchedule
@@ -80,7 +81,7 @@ def quantize_model(model: str, out_dir: Path, recipe: Recipe, *, device: torch.d
                    overwrite: bool = False, progress: bool = True, workers: int | None = None,
                    address: str | None = None, threads: int | None = None,
                    resume: bool = False, on_block=None, round_checkpoints: bool = False,
-                   backend=None) -> dict:
+                   backend=None, max_worker_restarts: int = 3) -> dict:
     """Quantize ``model`` (hub id or folder) into a checkpoint at ``out_dir``; returns a summary.
 
     ``workers``/``address`` run the workers as Ray actors (a local Ray instance, or the cluster
@@ -89,7 +90,10 @@ def quantize_model(model: str, out_dir: Path, recipe: Recipe, *, device: torch.d
     ``on_block(b)`` is called after block ``b`` is written. ``round_checkpoints``
     (depth-parallel) also writes the model as each round left it, to ``<out_dir>.round-<r>``.
     ``backend`` runs the workers instead (e.g. ``LocalBackend(2)``: two in-process workers).
+    ``max_worker_restarts``: how many lost workers the run survives (each redoes the step it
+    broke) before it stops with what it committed kept for ``resume``.
     """
+    faults = FaultLog(max_worker_restarts)
     model_dir = resolve_model_dir(model)
     config, skeleton = build_skeleton(model_dir, torch.float32)
     recipe, notes = settle_recipe(recipe, has_fused_experts(skeleton))
@@ -106,10 +110,11 @@ def quantize_model(model: str, out_dir: Path, recipe: Recipe, *, device: torch.d
         torch.set_num_threads(threads)
     if backend is None:
         backend = RayBackend(workers or 1, address=address, threads=threads,
-                             gpu=torch.device(device).type == "cuda")
+                             gpu=torch.device(device).type == "cuda",
+                             max_restarts=max_worker_restarts)
     job = Job(model_dir, model, Path(out_dir), recipe, batches, backend, config=config,
               device="cuda" if getattr(backend, "gpu", False) else str(device),
-              progress=progress, notes=tuple(notes))
+              progress=progress, notes=tuple(notes), faults=faults)
     try:
         return job.run(overwrite=overwrite, resume=resume, on_block=on_block,
                        round_checkpoints=round_checkpoints)
@@ -123,10 +128,11 @@ class Job:
 
     def __init__(self, model_dir: Path, label: str, out_dir: Path, recipe: Recipe, batches,
                  backend, *, config, device: str, progress: bool,
-                 notes: tuple[str, ...]) -> None:
+                 notes: tuple[str, ...], faults: FaultLog | None = None) -> None:
         self.model_dir, self.label, self.out_dir = model_dir, label, out_dir
         self.recipe, self.batches, self.backend, self.config = recipe, batches, backend, config
         self.device, self.progress, self.notes = device, progress, notes
+        self.faults = faults if faults is not None else FaultLog(3)
         self.started = time.perf_counter()
         self.timings = {"load": 0.0, "forward": 0.0, "solve": 0.0, "write": 0.0, "commit": 0.0}
         self.index = TensorIndex(model_dir, getattr(config, "model_type", None))
@@ -214,7 +220,7 @@ class Job:
         returns how many were resumed from commits."""
         schedule = SequentialSchedule(self.backend, self.recipe, self.index, self.layout_prefix,
                                       self.num_blocks, self.timings, self.work,
-                                      writer.check_width)
+                                      writer.check_width, self.faults)
         tty = sys.stderr.isatty()
         resumed = 0
         self.moved, self.memory = [], []
@@ -278,10 +284,19 @@ class Job:
             extra.finalize(config=self.config.to_dict(), source_dir=self.model_dir,
                            ignore=self.ignore)
 
+    def _stats(self) -> list[dict]:
+        """Every worker's figures; a worker lost here costs only its figures (a rebuilt one
+        reports from its restart)."""
+        while True:
+            try:
+                return self.backend.get([self.backend.call(w, "stats")
+                                         for w in range(self.backend.size)])
+            except RECOVERABLE as exc:
+                self.faults.record("summary", exc, self.backend.restarted(), "workers' figures")
+
     def _summary(self, report: list[dict], resumed: int, rounds) -> dict:
         grid = self.recipe.grid
-        stats = self.backend.get([self.backend.call(w, "stats")
-                                  for w in range(self.backend.size)])
+        stats = self._stats()
         solved = [r for r in report if r["loss"] is not None]
         summary = {
             "model": self.label, "output": str(self.out_dir),
@@ -299,6 +314,8 @@ class Job:
             "peak_memory_bytes": max(s["peak_memory_bytes"] for s in stats),
             "driver_peak_rss_bytes": peak_memory_bytes(torch.device("cpu")),
             "device": str(self.device), "notes": list(self.notes),
+            # Every lost worker and what it cost (redone steps); empty for a clean run.
+            "faults": self.faults.faults,
         }
         calibrations = [r["calibration"] for r in report if r["calibration"] != "dense"]
         if calibrations:

@@ -8,6 +8,13 @@ broadcasts the quantized weights, and every worker propagates its own shard. Act
 move. Nothing decided here depends on the number of workers, so any backend and worker count
 writes the same bytes. Every finished block is committed, so a resumed run replays the committed
 blocks instead of solving them again.
+
+Faults: every step names its block and a worker refuses one that does not follow its position
+(:class:`.faults.PositionError`), so a worker rebuilt between two calls is noticed at its next
+step, not only when a call fails. A block is committed *before* any worker propagates it, and
+propagating is idempotent, so whatever step fails — a lost worker, or one out of position — the
+schedule asks every worker where it is, replays the committed blocks on those behind, and redoes
+only what is not committed: survivors never capture from inputs the others do not share.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from ..quant.grid import Grid
 from ..quant.solvers.rows import combine
 from ..recipe import Recipe
 from . import memory
-from .backends import WorkerLost
+from .faults import RECOVERABLE, FaultLog, PositionError
 from .experts import ExpertPolicy
 from .layer import nbytes, report_row
 from .plan import assign, stage_units
@@ -51,7 +58,7 @@ class SequentialSchedule:
 
     def __init__(self, backend, recipe: Recipe, index: TensorIndex, layout_prefix: str,
                  num_blocks: int, timings: dict[str, float], work: Path,
-                 check_width: Callable[[str, int], None]) -> None:
+                 check_width: Callable[[str, int], None], faults: FaultLog | None = None) -> None:
         self.backend = backend
         self.recipe = recipe
         self.index = index
@@ -65,25 +72,77 @@ class SequentialSchedule:
         self.experts = ExpertPolicy(recipe.calibration)
         # A tqdm bar over every linear of the run (its total is set from the first block's plan).
         self.layer_bar = None
+        self.faults = faults if faults is not None else FaultLog(3)
+        # Each worker's token as last seen (a rebuilt worker has a new one); None after a fault
+        # was recorded, so that the rebuild it caused is not counted twice.
+        self.tokens: list[str] | None = None
 
     def blocks(self) -> Iterator[tuple[int, DecoderBlockOutput, bool]]:
         """``(b, output, resumed)`` per decoder block, in order: committed blocks are replayed on
-        every worker, the others quantized, committed and released."""
+        every worker, the others quantized, committed, propagated and released."""
         for b in range(self.num_blocks):
-            out = read_commit(self.work, b)
-            if out is not None:
-                t = time.perf_counter()
-                self.replay(b, out, list(range(self.backend.size)))
-                self.timings["forward"] += time.perf_counter() - t
-                out.moved = {"weights": nbytes(compact(out.quantized)) * self.backend.size}
-                yield b, out, True
-                continue
-            out = self.run_block_with_restarts(b)
+            resumed = read_commit(self.work, b) is not None
+            while True:  # until done, or the fault budget is spent (record raises)
+                try:
+                    out = self._block(b)
+                    break
+                except RECOVERABLE as exc:
+                    restarted = self.backend.restarted()
+                    committed = read_commit(self.work, b) is not None
+                    log.warning("block %d: %s; restarted workers %s; redoing %s", b, exc,
+                                restarted, "the propagation" if committed else "the block")
+                    self.faults.record(f"block {b}", exc, restarted,
+                                       f"block {b}: " + ("propagate" if committed else "solve"))
+                    self.tokens = None
+            yield b, out, resumed
+
+    def _block(self, b: int) -> DecoderBlockOutput:
+        """Bring every worker past block ``b``: catch up the workers behind on the committed
+        blocks, quantize and commit ``b`` unless it is committed, then every worker propagates
+        it (a no-op on one already past) and releases it."""
+        behind = self._catch_up(b)
+        out = read_commit(self.work, b)
+        if out is not None:  # resumed, or committed before a fault
             t = time.perf_counter()
-            commit_block(self.work, b, out)
-            self.timings["commit"] += time.perf_counter() - t
-            self._all("release_block")
-            yield b, out, False
+            self.replay(b, out, behind)
+            self.timings["forward"] += time.perf_counter() - t
+            out.moved = {"weights": nbytes(compact(out.quantized)) * len(behind)}
+            return out
+        out = self.run_block(b)
+        t = time.perf_counter()
+        commit_block(self.work, b, out)
+        self.timings["commit"] += time.perf_counter() - t
+        t = time.perf_counter()
+        self._all("propagate", b)
+        self.timings["forward"] += time.perf_counter() - t
+        self._all("release_block")
+        return out
+
+    def _catch_up(self, b: int) -> list[int]:
+        """Ask every worker where it is (a rebuilt one is back at block 0), release what is
+        loaded, and replay the committed blocks before ``b`` on the workers behind; returns the
+        workers at block ``b`` (those already past it, after a fault in its propagation, are
+        left there)."""
+        positions = self._all("position")
+        at = [p["block"] for p in positions]
+        tokens = [p["token"] for p in positions]
+        if self.tokens is not None:
+            rebuilt = [w for w in range(len(at)) if tokens[w] != self.tokens[w]]
+            if rebuilt:
+                self.faults.record(f"block {b}", PositionError(
+                    f"workers {rebuilt} were rebuilt between two steps"), rebuilt,
+                    f"blocks {min(at)}..{b - 1} replayed on workers {rebuilt}")
+        self.tokens = tokens
+        if any(a > b + 1 for a in at):
+            raise RuntimeError(f"a worker is past block {b + 1} while block {b} is being "
+                               f"quantized (positions {at}); this is a bug")
+        self._all("release_block")
+        for done in range(min(at), b):
+            behind = [w for w, a in enumerate(at) if a == done]
+            self.replay(done, read_commit(self.work, done), behind)
+            for w in behind:
+                at[w] = done + 1
+        return [w for w, a in enumerate(at) if a == b]
 
     def _all(self, method: str, *args) -> list:
         return self.backend.get([self.backend.call(w, method, *args)
@@ -109,62 +168,42 @@ class SequentialSchedule:
     def replay(self, b: int, out: DecoderBlockOutput, workers: list[int]) -> None:
         """Bring ``workers`` past committed block ``b``: each dequantizes the committed codes
         itself, the same bytes in a first run, after a resume and after a worker restart."""
+        if not workers:
+            return
         owner = self.owner(b)
         state = None if workers == [owner] or self.backend.size == 1 else \
             self.backend.call(owner, "block_tensors", b)
         self.backend.get([self.backend.call(w, "replay", b, compact(out.quantized),
                                             None if w == owner else state) for w in workers])
 
-    def run_block_with_restarts(self, b: int, attempts: int = 3) -> DecoderBlockOutput:
-        """Run block ``b``; when a worker dies, bring restarted workers up to block ``b`` from the
-        committed blocks and redo the block on every worker (results are deterministic, so the
-        redo writes the same bytes)."""
-        for attempt in range(attempts):
-            try:
-                return self.run_block(b)
-            except WorkerLost as exc:
-                if attempt == attempts - 1:
-                    raise
-                restarted = self.backend.restarted()
-                log.warning("worker lost on block %d (%s); restarted %s, redoing the block", b,
-                            exc, restarted)
-                for w in range(self.backend.size):
-                    self.backend.get([self.backend.call(w, "release_block")])
-                for done in range(b):
-                    self.replay(done, read_commit(self.work, done), restarted)
-        raise AssertionError("unreachable")
-
     def run_block(self, b: int) -> DecoderBlockOutput:
-        """Quantize block ``b`` on every worker; returns its results (workers keep it loaded and
-        propagated)."""
+        """Quantize block ``b`` on every worker; returns its results (workers keep it loaded, with
+        its quantized weights in place)."""
         t = time.perf_counter()
         moved = dict.fromkeys(TRANSFERS, 0)
         out = DecoderBlockOutput(consumed=self.load(b, moved), moved=moved)
         self.timings["load"] += time.perf_counter() - t
-        plan = self.backend.get([self.backend.call(0, "plan")])[0]
+        plan = self.backend.get([self.backend.call(0, "plan", b)])[0]
         self._start_layer_bar(b, plan)
         prefix = f"{self.layout_prefix}.{b}"
         for name, (_, cols) in plan["shapes"].items():
             self.check_width(f"{prefix}.{name}", cols)
-        out.memory = self._check_memory(prefix, plan)
+        out.memory = self._check_memory(b, prefix, plan)
         for stage in plan["stages"]:
-            how, part_bytes = self._capture(stage, plan)
-            results = self._solve(stage, plan, how, part_bytes, moved)
+            how, part_bytes = self._capture(b, stage, plan)
+            results = self._solve(b, stage, plan, how, part_bytes, moved)
             layers = self._collect(b, stage, how, results, out)
-            self._all("set_codes", layers)
+            self._all("set_codes", b, layers)
             moved["solve_results"] += sum(nbytes(r) for r in results.values())
             moved["weights"] += nbytes(layers) * self.backend.size
             if self.layer_bar is not None:
                 self.layer_bar.update(len(layers))
-        t = time.perf_counter()
-        self._all("propagate")
-        self.timings["forward"] += time.perf_counter() - t
         return out
 
-    def _check_memory(self, prefix: str, plan: dict) -> dict:
+    def _check_memory(self, b: int, prefix: str, plan: dict) -> dict:
         """Every worker's planned peak for the block against its device, before the block's
         work; returns the largest plan."""
-        plans = self._all("memory_plan", plan["stages"], self.backend.size)
+        plans = self._all("memory_plan", b, plan["stages"], self.backend.size)
         worst = memory.largest_fitting(
             plans, lambda w, p: f"{prefix} needs about {p['describe']} on worker {w}",
             "use more workers (each holds fewer calibration tokens), fewer --num-samples or a "
@@ -178,12 +217,12 @@ class SequentialSchedule:
             self.layer_bar.reset(total=per_block * self.num_blocks)
             self.layer_bar.update(per_block * b)  # blocks resumed from commits
 
-    def _capture(self, stage: Stage, plan: dict) -> tuple[dict[str, dict], list[dict]]:
+    def _capture(self, b: int, stage: Stage, plan: dict) -> tuple[dict[str, dict], list[dict]]:
         """Capture the stage on every worker; for each linear: the Hessian key its solver merges
         (None: round to nearest), how it was calibrated and on how many tokens; and each
         worker's bytes of partial sums per key."""
         t = time.perf_counter()
-        captured = self._all("capture", stage, self.experts.calibrate_all(stage))
+        captured = self._all("capture", b, stage, self.experts.calibrate_all(stage))
         self.timings["forward"] += time.perf_counter() - t
         part_bytes = [c["part_bytes"] for c in captured]
         if stage.experts is None:
@@ -195,8 +234,8 @@ class SequentialSchedule:
             self.experts.decide(stage, routed, hidden_size=plan["shapes"][stage.groups[0][0]][1])
         return self.experts.plan(stage), part_bytes
 
-    def _solve(self, stage: Stage, plan: dict, how: dict[str, dict], part_bytes: list[dict],
-               moved: dict[str, int]) -> dict:
+    def _solve(self, b: int, stage: Stage, plan: dict, how: dict[str, dict],
+               part_bytes: list[dict], moved: dict[str, int]) -> dict:
         """Every row block of the stage solved on the worker it is assigned to. Each Hessian is
         reduced toward one owner (the worker solving most of its rows: the other workers'
         partial sums move there once), and the owner hands the merged Hessian to the other
@@ -208,14 +247,14 @@ class SequentialSchedule:
             for name, rows, _ in assignment[w]:
                 by_worker[w].setdefault(name, []).append(rows)
         t = time.perf_counter()
-        merged, sizes = self._reduce(how, by_worker, part_bytes, moved)
+        merged, sizes = self._reduce(b, how, by_worker, part_bytes, moved)
         calls = {}
         for w in range(n):
             for name, rows in by_worker[w].items():
                 key = how[name]["key"]
                 owner_or_ref = merged.get(key)
                 handed = None if owner_or_ref is None or owner_or_ref[0] == w else owner_or_ref[1]
-                calls[(w, name)] = self.backend.call(w, "solve", name, key, rows, handed)
+                calls[(w, name)] = self.backend.call(w, "solve", b, name, key, rows, handed)
         results = dict(zip(calls, self.backend.get(list(calls.values()))))
         merged_bytes = self.backend.get([future for _, future in sizes])
         moved["merged_hessians"] += sum(solvers * size
@@ -223,7 +262,7 @@ class SequentialSchedule:
         self.timings["solve"] += time.perf_counter() - t
         return results
 
-    def _reduce(self, how: dict[str, dict], by_worker: list[dict[str, list]],
+    def _reduce(self, b: int, how: dict[str, dict], by_worker: list[dict[str, list]],
                 part_bytes: list[dict], moved: dict[str, int]) -> tuple[dict, list]:
         """Merge every Hessian of the stage on its owner: ``key -> (owner, merged-Hessian
         future for the other solvers, or None when the owner solves it alone)``, and per key
@@ -240,12 +279,12 @@ class SequentialSchedule:
             owner = max(range(len(rows)), key=lambda w: (rows[w], -w))
             others = [w for w in range(len(rows)) if w != owner]
             for w in others:  # one part per call: the owner holds one at a time
-                self.backend.call(owner, "merge_hessian_part", key,
-                                  self.backend.call(w, "hessian_part", key))
-            size = self.backend.call(owner, "finish_hessian", key)
+                self.backend.call(owner, "merge_hessian_part", b, key,
+                                  self.backend.call(w, "hessian_part", b, key))
+            size = self.backend.call(owner, "finish_hessian", b, key)
             moved["hessian_parts"] += sum(part_bytes[w].get(key, 0) for w in others)
             solvers = [w for w in others if rows[w]]
-            out[key] = (owner, self.backend.call(owner, "merged_hessian", key) if solvers
+            out[key] = (owner, self.backend.call(owner, "merged_hessian", b, key) if solvers
                         else None)
             sizes.append((len(solvers), size))
         return out, sizes

@@ -29,6 +29,7 @@ from ..recipe import Recipe
 from . import memory
 from .device_model import DeviceModel, block_linears
 from .experts import ALL_TOKENS
+from .faults import PositionError
 from .layer import dequantized, nbytes, portable, solve_rows
 
 
@@ -46,6 +47,10 @@ class Worker(DeviceModel):
         self.float_hidden = self.hidden
         self._float: dict | None = None
         self.current: int | None = None
+        # Every step names the block it applies to and is refused (PositionError) unless it
+        # follows this worker's position: ``at_block`` is the block whose inputs ``hidden`` holds.
+        # A worker rebuilt after a crash is back at block 0 and says so at its next step.
+        self.at_block = 0
         self.linears: dict[str, torch.nn.Linear] = {}
         self._parts: dict = {}
         self._hessians: dict[str, tuple] = {}  # key -> (hessian, tokens, cross term, factors)
@@ -59,9 +64,16 @@ class Worker(DeviceModel):
         return {name: self.index.read(name) for name in self.index.module_names()
                 if name.startswith(prefix)}
 
+    def position(self) -> dict:
+        """The block whose inputs this worker holds, and the block loaded (None)."""
+        return {"block": self.at_block, "loaded": self.current, "token": self.token}
+
     def load_block(self, b: int, state: dict[str, torch.Tensor] | None = None) -> dict:
         """Load decoder block ``b`` (from the files, or ``state`` shared by the worker that read
         them); returns the checkpoint tensors its split experts replace and its bytes."""
+        if self.at_block != b:
+            raise PositionError(f"asked to load block {b}, but this worker holds the inputs of "
+                                f"block {self.at_block}")
         if self.current is not None:
             self.release_block()
         consumed = load_block(self.blocks[b], self.layout.block_prefix(b), self.index,
@@ -93,7 +105,7 @@ class Worker(DeviceModel):
         every dense linear received per batch and the block's outputs. Experts are left out: the
         float and the quantized model route different tokens to them, so their activations do
         not pair up."""
-        b = self._block()
+        b = self._block(self.current)
         experts = tuple(p + "." for p in expert_lists(self.blocks[b]))
         dense = {n: m for n, m in self.linears.items() if not n.startswith(experts)}
         t = time.perf_counter()
@@ -102,10 +114,10 @@ class Worker(DeviceModel):
         self.busy["forward"] += time.perf_counter() - t
         self._float = {"inputs": inputs, "outputs": outputs}
 
-    def plan(self) -> dict:
-        """The current block's stages and the shapes of its linears (from the first batch, which
+    def plan(self, b: int) -> dict:
+        """Block ``b``'s stages and the shapes of its linears (from the first batch, which
         worker 0 always holds, so the plan never depends on the sharding)."""
-        b = self._block()
+        self._block(b)
         stages = calibration_stages(self.blocks[b], self.linears, self.hidden[0],
                                     self.args[b][0], self.kwargs[b][0])
         return {"stages": stages,
@@ -114,10 +126,10 @@ class Worker(DeviceModel):
                 "skipped": sorted(n for n in target_linears(self.blocks[b])
                                   if n not in self.linears)}
 
-    def memory_plan(self, stages: list[Stage], workers: int) -> dict:
-        """This worker's planned peak memory for the current block (:mod:`.memory`) and what
-        its device can hold."""
-        b = self._block()
+    def memory_plan(self, b: int, stages: list[Stage], workers: int) -> dict:
+        """This worker's planned peak memory for block ``b`` (:mod:`.memory`) and what its
+        device can hold."""
+        self._block(b)
         shapes = {n: tuple(m.weight.shape) for n, m in self.linears.items()}
         groups = [[(g[0], sum(shapes[n][0] for n in g), shapes[g[0]][1]) for g in stage.groups]
                   for stage in stages]
@@ -132,10 +144,10 @@ class Worker(DeviceModel):
 
     # -------------------------------------------------------------------------------- capture
 
-    def capture(self, stage: Stage, calibrate_all: list[int] = ()) -> dict:
+    def capture(self, b: int, stage: Stage, calibrate_all: list[int] = ()) -> dict:
         """Accumulate the stage's Hessians over this worker's batches (kept here until fetched
         with :meth:`hessian_part`); returns the tokens routed to each expert, if any."""
-        b = self._block()
+        self._block(b)
         block = self.blocks[b]
         inputs_of = {}
         for group in stage.groups:
@@ -165,36 +177,40 @@ class Worker(DeviceModel):
         return {"routed": list(experts.routed_tokens) if experts is not None else None,
                 "part_bytes": {key: nbytes(acc.state()) for key, acc in self._parts.items()}}
 
-    def hessian_part(self, key: str) -> dict:
+    def hessian_part(self, b: int, key: str) -> dict:
         """This worker's partial sums for one group (``key``: its first linear, or
         ``ALL_TOKENS + experts path``), to be merged on the group's owner."""
+        self._block(b)
         return self._parts[key].state()
 
-    def merge_hessian_part(self, key: str, part: dict) -> None:
+    def merge_hessian_part(self, b: int, key: str, part: dict) -> None:
         """As the owner of ``key``: fold one other worker's partial sums into its own. One part
         per call, so that beside the accumulator only one part is held at a time (the merge is
         exact in any order)."""
+        self._block(b)
         t = time.perf_counter()
         self._parts[key].merge(HessianAccumulator.from_state(part, self.device))
         self.busy["merge"] += time.perf_counter() - t
 
-    def finish_hessian(self, key: str) -> int:
+    def finish_hessian(self, b: int, key: str) -> int:
         """As the owner of ``key``: the merged Hessian, kept for solving; returns the bytes it
         (and its cross term) takes to hand over to the other solvers."""
+        self._block(b)
         acc = self._parts.pop(key)
         merged = (acc.hessian(), acc.num_rows, acc.cross() if acc.has_cross else None)
         self._hessians[key] = (*merged, HessianFactors(merged[0], self.device))
         return nbytes([merged[0], merged[2]])
 
-    def merged_hessian(self, key: str) -> tuple:
+    def merged_hessian(self, b: int, key: str) -> tuple:
         """The owner's merged ``(hessian, tokens, cross term)``, for the other solvers of ``key``."""
+        self._block(b)
         hessian, tokens, cross, _ = self._hessians[key]
         return hessian.cpu(), tokens, None if cross is None else cross.cpu()
 
     # ---------------------------------------------------------------------------------- solve
 
     @torch.no_grad()
-    def solve(self, name: str, key: str | None, rows: list[tuple[int, int]],
+    def solve(self, b: int, name: str, key: str | None, rows: list[tuple[int, int]],
               merged: tuple | None = None) -> dict:
         """Solve row blocks ``rows`` of linear ``name`` against the Hessian of ``key`` — merged
         here (this worker owns ``key``), or ``merged`` by the owner; ``key`` None rounds to
@@ -203,6 +219,7 @@ class Worker(DeviceModel):
         Returns ``{"blocks": [RowBlockResult], "tokens", "grid": {"scale", "zero"} or None}``;
         the grid comes with the block that starts at row 0.
         """
+        self._block(b)
         hessian, tokens, cross, factors = None, None, None, None
         if key is not None:
             if key not in self._hessians:
@@ -230,33 +247,45 @@ class Worker(DeviceModel):
                 "grid": {"scale": grid.scale.cpu(), "zero": grid.zero.cpu()} if first else None}
 
     @torch.no_grad()
-    def set_codes(self, layers: dict[str, tuple]) -> None:
-        """Put solved layers in place — ``{name: (codes, scale, zero)}``, dequantized here:
-        later stages see the quantized layers."""
+    def set_codes(self, b: int, layers: dict[str, tuple]) -> None:
+        """Put solved layers of block ``b`` in place — ``{name: (codes, scale, zero)}``,
+        dequantized here: later stages see the quantized layers."""
+        self._block(b)
         for name, w in dequantized(self.recipe.grid, layers).items():
             linear = self.linears[name]
             linear.weight.copy_(w.to(linear.weight.device, linear.weight.dtype))
 
     # ------------------------------------------------------------------------------ propagate
 
-    def propagate(self) -> None:
-        """Run the (quantized) block on this worker's shard: the next block's inputs."""
-        self.hidden = self.forward(self._block(), self.hidden)
+    def propagate(self, b: int) -> None:
+        """Run the (quantized) block ``b`` on this worker's shard: the next block's inputs.
+        Idempotent: a worker already past ``b`` does nothing (a retried step)."""
+        if self.at_block == b + 1:
+            return
+        self._block(b)
+        self.hidden = self.forward(b, self.hidden)
         if self._float is not None:
             self.float_hidden = self._float["outputs"]
             self._float = None
+        self.at_block = b + 1
 
     def replay(self, b: int, layers: dict[str, tuple],
                state: dict[str, torch.Tensor] | None = None) -> None:
         """Bring this worker past block ``b`` with that block's committed layers
         (``{name: (codes, scale, zero)}``; resume, or a restarted worker catching up): load,
-        set, propagate, release."""
+        set, propagate, release. Idempotent: a worker already past ``b`` does nothing."""
+        if self.at_block == b + 1:
+            return
         self.load_block(b, state)
-        self.set_codes(layers)
-        self.propagate()
+        self.set_codes(b, layers)
+        self.propagate(b)
         self.release_block()
 
-    def _block(self) -> int:
-        if self.current is None:
-            raise RuntimeError("no block is loaded on this worker")
-        return self.current
+    def _block(self, b: int | None) -> int:
+        """Refuse a step on block ``b`` unless it is loaded here on its inputs."""
+        if b is None or self.current != b or self.at_block != b:
+            raise PositionError(
+                f"asked for a step on block {b}, but this worker holds the inputs of block "
+                f"{self.at_block} and {'no block' if self.current is None else f'block {self.current}'}"
+                " loaded")
+        return b

@@ -1,0 +1,94 @@
+"""The fault matrix: a worker lost (during a call, or silently between two) at every step of the
+sequential schedule ends in the uninterrupted run's bytes, with the fault in the summary; a
+failure that is not a lost worker stops the run with its own error; a budget of restarts is
+honoured and what was committed resumes."""
+
+import pytest
+import torch
+
+from admmq_dist.recipe import Recipe, override
+from admmq_dist.run.faults import TooManyFaults
+from admmq_dist.run.job import quantize_model
+from admmq_dist.run.workdir import work_dir_for
+
+from faults import Fault, FaultyBackend, InjectedError
+from runs import SETTINGS, digest
+from tiny import tiny_model_dir
+
+pytestmark = pytest.mark.faults
+
+FAST = {**SETTINGS, "solver": {**SETTINGS["solver"], "admm": {"iterations": 10}}}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("src"), "llama", num_hidden_layers=3)
+
+
+def run(model_dir, out, faults=(), workers=2, **kw):
+    backend = FaultyBackend(workers, list(faults))
+    summary = quantize_model(str(model_dir), out, override(Recipe(), FAST),
+                             device=torch.device("cpu"), progress=False, threads=1,
+                             backend=backend, **kw)
+    return summary, backend
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "out"
+    run(model_dir, out)
+    return digest(out)
+
+
+# Every worker method the sequential schedule calls on block 1, on a worker that gets it
+# (plan goes to worker 0 only; worker 0 owns the merged Hessians here).
+STEPS = [("position", 0, None, 2), ("load_block", 1, 1, 1), ("block_tensors", 0, 1, 1),
+         ("plan", 0, 1, 1), ("memory_plan", 1, 1, 1), ("capture", 1, 1, 1),
+         ("hessian_part", 1, 1, 1), ("merge_hessian_part", 0, 1, 1),
+         ("finish_hessian", 0, 1, 1), ("merged_hessian", 0, 1, 1), ("solve", 1, 1, 1),
+         ("set_codes", 1, 1, 1), ("propagate", 1, 1, 1), ("release_block", 1, None, 3),
+         ("stats", 1, None, 1)]
+
+
+@pytest.mark.parametrize("kind", ["kill", "kill-between"])
+@pytest.mark.parametrize("method,worker,block,nth", STEPS)
+def test_a_worker_lost_at_any_step_costs_time_not_bytes(model_dir, reference, tmp_path, kind,
+                                                        method, worker, block, nth):
+    fault = Fault(method, kind, worker, block, nth)
+    summary, backend = run(model_dir, tmp_path / "out", [fault])
+    assert fault.fired
+    assert digest(tmp_path / "out") == reference
+    # A death during a call is always seen; a silent one only if the worker is asked again.
+    assert len(summary["faults"]) == (1 if kind == "kill" or method != "stats" else 0)
+    for f in summary["faults"]:
+        assert f["restarted_workers"] == [worker]
+
+
+def test_a_second_loss_during_the_recovery_is_recovered_too(model_dir, reference, tmp_path):
+    """Worker 1 dies in block 1's capture; while it is being caught up (replaying block 0),
+    it dies again; then worker 0 is lost silently after block 2's propagation."""
+    faults = [Fault("capture", "kill", 1, 1), Fault("replay", "kill", 1, 0),
+              Fault("propagate", "kill-between", 0, 2)]
+    summary, _ = run(model_dir, tmp_path / "out", faults)
+    assert all(f.fired for f in faults[:2])
+    assert digest(tmp_path / "out") == reference
+    assert [f["where"] for f in summary["faults"]][:2] == ["block 1", "block 1"]
+
+
+def test_a_failure_that_is_not_a_lost_worker_stops_the_run_with_its_error(model_dir, tmp_path):
+    with pytest.raises(InjectedError, match="injected failure in solve"):
+        run(model_dir, tmp_path / "out", [Fault("solve", "raise", 1, 1)])
+    assert not (tmp_path / "out").exists()
+    # Block 0 was committed: the run can be resumed into the same bytes.
+    assert (work_dir_for(tmp_path / "out") / "block-00000.safetensors").is_file()
+
+
+def test_the_restart_budget_stops_the_run_and_what_was_committed_resumes(model_dir, reference,
+                                                                         tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(TooManyFaults, match="--max-worker-restarts 1 allows.*--resume"):
+        run(model_dir, out, [Fault("capture", "kill", 1, 1), Fault("solve", "kill", 0, 1)],
+            max_worker_restarts=1)
+    summary, _ = run(model_dir, out, resume=True)
+    assert summary["resumed_blocks"] == 1 and summary["faults"] == []
+    assert digest(out) == reference
