@@ -59,38 +59,64 @@ def test_a_resumed_asymmetric_run_rebuilds_the_float_stream(model_dir, tmp_path)
     assert summary["resumed_blocks"] == 2 and digest(out) == digest(tmp_path / "ref")
 
 
-def test_kill_9_then_resume_from_the_command_line(model_dir, tmp_path):
-    """SIGKILL the CLI once a block is committed (no cleanup runs), then --resume."""
+# The CLI, paused for good at one phase of the run, so SIGKILL lands there and nowhere else: after
+# block 0's commit (before any worker propagates it), inside block 1's solve, and while the
+# output's shards are renamed into place (every block committed).
+PAUSED_CLI = """
+import sys, time
+import admmq_dist.run.sequential as sequential
+import admmq_dist.run.worker as worker
+import admmq_dist.checkpoint.writer as writer
+phase = sys.argv.pop(1)
+owner, name, when, after = {
+    "commit": (sequential, "commit_block", lambda a: a[1] == 0, True),
+    "solve": (worker.Worker, "solve", lambda a: a[1] == 1, False),
+    "write": (writer.CheckpointWriter, "_write_shards_and_index", lambda a: True, False)}[phase]
+original = getattr(owner, name)
+def paused(*args, **kwargs):
+    if when(args):
+        if after:
+            original(*args, **kwargs)
+        print("paused", flush=True)
+        time.sleep(3600)
+    return original(*args, **kwargs)
+setattr(owner, name, paused)
+from admmq_dist.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("phase", ["commit", "solve", "write"])
+def test_kill_9_at_any_phase_then_resume_from_the_command_line(model_dir, tmp_path, phase):
+    """SIGKILL the CLI (no cleanup runs) at a phase it is held at, then --resume: the same bytes,
+    nothing left beside the output. The run cannot finish first: it waits to be killed."""
     import os
     import signal
     import subprocess
     import sys
-    import time
 
     common = ["--bits", "3", "--group-size", "32", "--num-samples", "8", "--seq-len", "48",
-              "--batch-size", "2", "--iterations", "150", "--threads", "1"]
+              "--batch-size", "2", "--iterations", "40", "--threads", "1"]
     ref, out = tmp_path / "ref", tmp_path / "out"
     cli = [sys.executable, "-m", "admmq_dist.cli", "quantize", str(model_dir)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     subprocess.run(cli + ["-o", str(ref)] + common, check=True, env=env, capture_output=True)
-    proc = subprocess.Popen(cli + ["-o", str(out)] + common, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-c", PAUSED_CLI, phase, "quantize", str(model_dir),
+                             "-o", str(out)] + common, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "paused"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not out.exists()
     work = work_dir_for(out)
-    deadline = time.monotonic() + 300
-    while not (work / "block-00000.safetensors").exists() and proc.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    if out.exists():
-        pytest.skip("the run finished before it could be killed")
-    # The killed run left its work folder and a half-written checkpoint folder beside the output.
     assert (work / "manifest.json").is_file()
     result = subprocess.run(cli + ["-o", str(out), "--resume", "--json"] + common, env=env,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary["resumed_blocks"] >= 1
+    assert summary["resumed_blocks"] == {"commit": 1, "solve": 1, "write": 3}[phase]
     assert digest(out) == digest(ref)
     assert not work.exists()
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]
