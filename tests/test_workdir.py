@@ -35,13 +35,49 @@ def test_an_interrupted_run_resumes_into_the_same_bytes(model_dir, tmp_path):
     with pytest.raises(ResumeError, match="--resume"):
         quantize(model_dir, out)
     changed = override(Recipe(), {**SETTINGS, "grid": {"bits": 4, "group_size": 32}})
-    with pytest.raises(ResumeError, match="recipe changed"):
+    with pytest.raises(ResumeError, match="the recipe"):
         quantize_model(str(model_dir), out, changed, device=torch.device("cpu"), progress=False,
-                       resume=True)
+                       threads=1, resume=True)
     summary = quantize(model_dir, out, resume=True)
     assert summary["resumed_blocks"] == 2
     assert digest(out) == digest(tmp_path / "ref")
     assert not work.exists()
+
+
+def test_resume_refuses_another_model_of_the_same_shape_and_other_threads(model_dir, tmp_path):
+    """The model is fingerprinted by content, tensor by tensor: a fine-tuned model of the same
+    shape and config is refused, naming the tensor that differs; so is a different number of
+    threads per worker (float sums change with it). The hashes are cached per file."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from admmq_dist.run.fingerprint import model_hashes
+
+    src = tmp_path / "src"
+    shutil.copytree(model_dir, src)
+
+    def interrupt(b):
+        if b == 1:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        quantize(src, out, on_block=interrupt)
+    with pytest.raises(ResumeError, match="threads_per_worker 1 -> 2"):
+        quantize_model(str(src), out, override(Recipe(), SETTINGS), device=torch.device("cpu"),
+                       progress=False, threads=2, resume=True)
+    path = next(src.glob("*.safetensors"))
+    tensors = load_file(path)
+    name = "model.layers.2.mlp.down_proj.weight"
+    tensors[name] = tensors[name] * 1.01  # "fine-tuned": same names, shapes and config
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(ResumeError, match=r"model's tensors \(1 differ: " + name.replace(".", r"\.")):
+        quantize(src, out, resume=True)
+    cache = tmp_path / "cache.json"
+    first = model_hashes(src, cache)
+    assert json.loads(cache.read_text()) and model_hashes(src, cache) == first
+    assert len(first) == len(tensors) and first[name] != model_hashes(model_dir, cache)[name]
 
 
 def test_a_resumed_asymmetric_run_rebuilds_the_float_stream(model_dir, tmp_path):

@@ -37,7 +37,8 @@ from .faults import RECOVERABLE, FaultLog
 from .plan import shard_batches
 from .ray_backend import RayBackend
 from .sequential import SequentialSchedule
-from .workdir import DecoderBlockOutput, committed_anything, fingerprints, prepare_work_dir
+from .fingerprint import fingerprints, run_environment
+from .workdir import DecoderBlockOutput, committed_anything, prepare_work_dir
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,8 @@ class Job:
         self.depth_parallel = recipe.solver.schedule in ("depth-parallel", "coordinated")
 
     def run(self, *, overwrite: bool, resume: bool, on_block, round_checkpoints: bool) -> dict:
-        prints = fingerprints(self.model_dir, self.recipe, self.batches)
+        prints = fingerprints(self.model_dir, self.recipe, self.batches,
+                              run_environment(self.device, self.backend))
         self.work = prepare_work_dir(self.out_dir, prints, resume, overwrite)
         try:
             self._start()

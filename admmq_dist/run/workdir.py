@@ -7,7 +7,6 @@ run killed at any instant resumes into the same bytes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -15,13 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors import safe_open
 
-from .. import __version__
 from ..checkpoint.publish import remove_stale_partials
 from ..files import save_tensors, write_text
-from ..recipe import Recipe, to_mapping
+from .fingerprint import describe_changes
 
 log = logging.getLogger(__name__)
 
@@ -30,39 +27,21 @@ class ResumeError(ValueError):
     """The interrupted run cannot be resumed as asked; the message says why and what to do."""
 
 
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
-def fingerprints(model_dir: Path, recipe: Recipe, batches: list[torch.Tensor]) -> dict[str, str]:
-    """What a resumed run must share with the interrupted one."""
-    files = sorted((p.name, p.stat().st_size) for p in model_dir.glob("*.safetensors"))
-    config = (model_dir / "config.json").read_bytes() if (model_dir / "config.json").is_file() else b""
-    mapping = to_mapping(recipe)
-    mapping["output"] = {k: v for k, v in mapping["output"].items() if k != "max_shard_gb"}
-    return {
-        "model": _sha(config + json.dumps(files).encode()),
-        "recipe": _sha(yaml.safe_dump(mapping, sort_keys=True).encode()),
-        "calibration": _sha(torch.cat([b.flatten() for b in batches]).numpy().tobytes()),
-        "version": __version__,
-    }
-
-
 def work_dir_for(out_dir: Path) -> Path:
     return out_dir.parent / f".{out_dir.name}.admmq-work"
 
 
-def prepare_work_dir(out_dir: Path, prints: dict[str, str], resume: bool, overwrite: bool) -> Path:
+def prepare_work_dir(out_dir: Path, prints: dict, resume: bool, overwrite: bool) -> Path:
     """The resume folder, fresh or (``resume``) the interrupted run's when it shares ``prints``."""
     work = work_dir_for(out_dir)
     manifest = work / "manifest.json"
     if work.exists():
         if resume and manifest.is_file():
             old = json.loads(manifest.read_text())
-            changed = [k for k in prints if old.get(k) != prints[k]]
+            changed = describe_changes(old, prints)
             if changed:
                 raise ResumeError(
-                    f"cannot resume into {out_dir}: the {', '.join(changed)} changed since the "
+                    f"cannot resume into {out_dir}: {'; '.join(changed)} changed since the "
                     f"interrupted run (fingerprints in {manifest}); rerun without --resume and "
                     "with --overwrite to start over")
             for path in remove_stale_partials(out_dir):
