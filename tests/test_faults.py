@@ -92,3 +92,52 @@ def test_the_restart_budget_stops_the_run_and_what_was_committed_resumes(model_d
     summary, _ = run(model_dir, out, resume=True)
     assert summary["resumed_blocks"] == 1 and summary["faults"] == []
     assert digest(out) == reference
+
+
+def round_run(model_dir, out, schedule, faults=(), **solver):
+    recipe = override(Recipe(), {**FAST, "solver": {**FAST["solver"], "schedule": schedule,
+                                                    "segments": 3, "rounds": 2,
+                                                    "coordinated_rounds": 3, **solver}})
+    backend = FaultyBackend(2, list(faults))
+    return quantize_model(str(model_dir), out, recipe, device=torch.device("cpu"),
+                          progress=False, threads=1, backend=backend)
+
+
+@pytest.fixture(scope="module")
+def round_references(model_dir, tmp_path_factory):
+    out = {}
+    for schedule in ("depth-parallel", "coordinated"):
+        folder = tmp_path_factory.mktemp(schedule) / "out"
+        round_run(model_dir, folder, schedule)
+        out[schedule] = digest(folder)
+    return out
+
+
+# (schedule, method, worker, n-th call of it): round 0's forward and solve, a correction round's
+# exchange and commit, the coordinated refresh, iterations, commit, polish and the writer's reads.
+ROUND_STEPS = [("depth-parallel", "own", 1, 1), ("depth-parallel", "forward_shard", 1, 3),
+               ("depth-parallel", "run_round", 1, 1), ("depth-parallel", "run_round", 1, 2),
+               ("depth-parallel", "segment_output", 0, 1), ("depth-parallel", "set_input", 1, 2),
+               ("depth-parallel", "save_round", 1, 2), ("depth-parallel", "results", 1, 1),
+               ("coordinated", "memory_plan", 1, 1), ("coordinated", "start_capture", 0, 2),
+               ("coordinated", "capture_batch", 1, 5), ("coordinated", "iterate", 1, 2),
+               ("coordinated", "save_round", 0, 1), ("coordinated", "polish", 1, 1),
+               ("coordinated", "results", 1, 2)]
+
+
+@pytest.mark.parametrize("kind", ["kill", "kill-between"])
+@pytest.mark.parametrize("schedule,method,worker,nth", ROUND_STEPS)
+def test_a_worker_lost_in_a_round_schedule_costs_time_not_bytes(model_dir, round_references,
+                                                                tmp_path, kind, schedule, method,
+                                                                worker, nth):
+    """Every worker takes its blocks again and the run continues from the last committed round
+    (or from the start when none is): the bytes of the uninterrupted run."""
+    fault = Fault(method, kind, worker, None, nth)
+    summary = round_run(model_dir, tmp_path / "out", schedule, [fault])
+    assert fault.fired
+    assert digest(tmp_path / "out") == round_references[schedule]
+    lost = summary["faults"]
+    # A worker rebuilt after its last call (the writer's last read) is never asked again.
+    silent_last = kind == "kill-between" and (schedule, method) == ("coordinated", "results")
+    assert len(lost) == (0 if silent_last else 1)
+    assert all(f["restarted_workers"] == [worker] for f in lost)

@@ -53,13 +53,14 @@ class CoordinatedSchedule(DepthParallelSchedule):
     def segment_count(recipe: Recipe, workers: int, num_blocks: int) -> int:
         return num_blocks  # one segment per block: blocks are owned, never solved in sequence
 
-    def run(self, check_width: Callable[[str, int], None], progress: bool,
-            on_round: Callable[[int, dict[int, DecoderBlockOutput]], None] | None = None
-            ) -> tuple[dict[int, DecoderBlockOutput], list[dict]]:
+    def _run(self, check_width: Callable[[str, int], None], progress: bool,
+             on_round: Callable[[int, dict[int, DecoderBlockOutput]], None] | None = None
+             ) -> tuple[dict[int, DecoderBlockOutput], list[dict]]:
         """Every round until the codes settle or ``coordinated_rounds`` ran, then the polish;
         returns every block's output and the per-round figures. ``on_round(r, outputs)`` sees the
         model as each round left it."""
         solver = self.recipe.solver
+        self.history, self.latest = [], {}  # a recovery starts again from the last commit
         self._own_and_check(check_width)
         started, aside = time.perf_counter(), 0.0  # aside: time spent in on_round
         self.frozen: set[tuple[int, str]] = set()

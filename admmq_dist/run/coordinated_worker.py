@@ -33,6 +33,7 @@ class CoordinatedWorker(SegmentWorker):
     def memory_plan(self) -> dict:
         """This worker's planned peak memory (:func:`.memory.plan_coordinated`) and what its
         device can hold."""
+        self._owned()
         first = self.first_hidden[0]
         plan = memory.plan_coordinated(
             self._block_shapes(), hidden=int(first.shape[-1]),
@@ -48,6 +49,7 @@ class CoordinatedWorker(SegmentWorker):
         (GPTQ) on all its inputs — ``hidden``: ``(quantized, float)`` per batch from the block
         before, None on block 0 — and return its outputs for the next. Its codes become the
         layers' states, the start of round 0."""
+        self._owned()
         if hidden is not None:
             h, ref = hidden
             self.inputs[s] = [x.to(self.device, self.dtype) for x in h]
@@ -68,6 +70,7 @@ class CoordinatedWorker(SegmentWorker):
         """Fresh Hessian accumulators for every owned layer input (one per group of linears that
         read the same input: q/k/v, gate/up), with cross terms under asymmetric calibration —
         except the groups whose every layer is ``frozen``."""
+        self._owned()
         frozen = {tuple(key) for key in frozen}
         self.accumulators = {
             (b, group[0]): HessianAccumulator(self.layers[(b, group[0])].in_features, self.device,
@@ -85,6 +88,7 @@ class CoordinatedWorker(SegmentWorker):
         model's (``(quantized, float)``; float None while no layer is quantized yet: the same
         stream), each block runs on them with its float weights, and every Hessian gets its cross
         term against the float model's input of the same tokens."""
+        self._owned()
         t = time.perf_counter()
         local = self.batch_ids.index(i)
         if hidden is None:
@@ -147,6 +151,7 @@ class CoordinatedWorker(SegmentWorker):
         ``admm.init`` says, on this Hessian). The best iterate goes in place for the next round's
         forward. Returns each layer's report row, with the fraction of its iterate that moved
         (``changed``) and its size."""
+        self._owned()
         t = time.perf_counter()
         solver = self.recipe.solver
         # No early stop inside a round: when to stop is the coordinator's call.
@@ -185,6 +190,7 @@ class CoordinatedWorker(SegmentWorker):
     def polish(self) -> list[dict]:
         """A local-search sweep on every owned layer's best codes against the Hessian just
         captured (its inputs as the final model gives them). Returns the report rows."""
+        self._owned()
         t = time.perf_counter()
         sweeps = self.recipe.solver.sweeps or 1
         out = []

@@ -25,6 +25,7 @@ from pathlib import Path
 from ..model.loading import TensorIndex
 from ..recipe import Recipe
 from . import memory
+from .faults import RECOVERABLE, FaultLog
 from .workdir import DecoderBlockOutput, last_round_marker, mark_round
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,10 @@ log = logging.getLogger(__name__)
 
 class DepthParallelSchedule:
     def __init__(self, backend, recipe: Recipe, index: TensorIndex, layout_prefix: str,
-                 num_blocks: int, num_batches: int, timings: dict, work: Path) -> None:
+                 num_blocks: int, num_batches: int, timings: dict, work: Path,
+                 faults: FaultLog | None = None) -> None:
         self.backend, self.recipe, self.index = backend, recipe, index
+        self.faults = faults if faults is not None else FaultLog(3)
         self.blocks_prefix = f"{layout_prefix}."
         self.num_blocks, self.num_batches = num_blocks, num_batches
         self.timings, self.work = timings, work
@@ -67,8 +70,25 @@ class DepthParallelSchedule:
     def run(self, check_width: Callable[[str, int], None], progress: bool,
             on_round: Callable[[int, dict[int, DecoderBlockOutput]], None] | None = None
             ) -> tuple[dict[int, DecoderBlockOutput], list[dict]]:
+        """The rounds (:meth:`_run`); when a worker is lost or found rebuilt, every worker takes
+        its blocks again and the run continues from the last committed round — the resume path,
+        in process, so the bytes are the uninterrupted run's."""
+        while True:  # until done, or the fault budget is spent (record raises)
+            try:
+                return self._run(check_width, progress, on_round)
+            except RECOVERABLE as exc:
+                marker = last_round_marker(self.work)
+                after = "the start" if marker is None else f"round {marker['round']}"
+                self.faults.record(f"round {0 if marker is None else marker['round'] + 1}", exc,
+                                   self.backend.restarted(), f"every worker reloaded; resumed "
+                                   f"after {after}")
+
+    def _run(self, check_width: Callable[[str, int], None], progress: bool,
+             on_round: Callable[[int, dict[int, DecoderBlockOutput]], None] | None = None
+             ) -> tuple[dict[int, DecoderBlockOutput], list[dict]]:
         """Round 0 and the correction rounds; returns every block's output and per-round figures.
         ``on_round(r, outputs)`` sees the model as each round left it."""
+        self.history, self.latest = [], {}  # a recovery starts again from the last commit
         self._own_and_check(check_width)
         started, aside = time.perf_counter(), 0.0  # aside: time spent in on_round
         first = self._resume_or_forward()

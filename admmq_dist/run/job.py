@@ -192,7 +192,8 @@ class Job:
             kind = (CoordinatedSchedule if self.recipe.solver.schedule == "coordinated"
                     else DepthParallelSchedule)
             schedule = kind(self.backend, self.recipe, self.index, self.layout_prefix,
-                            self.num_blocks, len(self.batches), self.timings, self.work)
+                            self.num_blocks, len(self.batches), self.timings, self.work,
+                            self.faults)
             done, rounds = schedule.run(writer.check_width, self.progress,
                                         self._write_round if round_checkpoints else None)
             self.memory = [schedule.memory_plan]

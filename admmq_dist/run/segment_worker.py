@@ -26,6 +26,7 @@ from ..quant.solvers.rows import combine, row_blocks
 from ..quant.solvers.solve import SolverSettings
 from . import memory
 from .device_model import DeviceModel, block_linears
+from .faults import PositionError
 from .layer import report_row, solve_rows
 from .workdir import load_segment_round, save_segment_round
 
@@ -60,8 +61,18 @@ class SegmentWorker(DeviceModel):
         self.float_inputs: dict[int, list] = {s: list(v) for s, v in self.inputs.items()}
         self.float_outputs: dict[int, list] = {}
 
+    def position(self) -> dict:
+        """Whether this worker owns its blocks (a rebuilt worker does not), and its token."""
+        return {"owned": hasattr(self, "segments"), "token": self.token}
+
+    def _owned(self) -> None:
+        if not hasattr(self, "segments"):
+            raise PositionError("this worker owns no blocks: it was rebuilt since the schedule "
+                                "handed them out")
+
     def layer_widths(self) -> dict[tuple[int, str], int]:
         """``in_features`` of every owned linear, for the writer's checks before any solve."""
+        self._owned()
         return {key: linear.in_features for key, linear in self.layers.items()}
 
     def _stages(self, b: int) -> list[list[list[str]]]:
@@ -83,6 +94,7 @@ class SegmentWorker(DeviceModel):
     def memory_plan(self) -> dict:
         """This worker's planned peak memory for its segments (:func:`.memory.plan_segments`)
         and what its device can hold."""
+        self._owned()
         blocks = self._block_shapes()
         tokens = sum(int(h.shape[0]) * int(h.shape[1]) for h in self.first_hidden)
         plan = memory.plan_segments(
@@ -103,6 +115,7 @@ class SegmentWorker(DeviceModel):
         """Round 0's pipelined forward of the float model: run global batch ``i`` through this
         worker's blocks, keeping each segment's input (its float input too, under asymmetric
         calibration); returns the hidden states."""
+        self._owned()
         local = self.batch_ids.index(i)
         h = self.first_hidden[local] if hidden is None else hidden.to(self.device, self.dtype)
         for s, blocks in self.segments.items():
@@ -118,9 +131,11 @@ class SegmentWorker(DeviceModel):
 
     def set_input(self, s: int, hidden: list[torch.Tensor]) -> None:
         """Segment ``s``'s input for the next round (the previous segment's latest output)."""
+        self._owned()
         self.inputs[s] = [h.to(self.device, self.dtype) for h in hidden]
 
     def segment_output(self, s: int) -> list[torch.Tensor]:
+        self._owned()
         return [h.cpu() for h in self.outputs[s]]
 
     @torch.no_grad()
@@ -131,6 +146,7 @@ class SegmentWorker(DeviceModel):
         every layer without a state yet) with the full schedule (``cold_settings``, default the
         recipe's), the others warm-started with ``warm_settings``. Returns each layer's report
         row, with the fraction of its codes that changed (``changed``) and its size."""
+        self._owned()
         out = []
         for s in segments:
             h = self.inputs[s]
@@ -227,12 +243,14 @@ class SegmentWorker(DeviceModel):
 
     def results(self, b: int) -> dict:
         """Codes and grids of block ``b``'s layers, for the writer."""
+        self._owned()
         return {name: (st["codes"].cpu(), st["grid"].scale.cpu(), st["grid"].zero.cpu())
                 for (bb, name), st in self.layer_states.items() if bb == b}
 
     def save_round(self, folder: str, r: int, segments: list[int]) -> None:
         """Commit the owned ``segments`` solved in round ``r``: their layers' states and each
         segment's output (the next segment's input)."""
+        self._owned()
         for s in segments:
             states = {(b, name): st for (b, name), st in self.layer_states.items()
                       if b in self.segments[s]}
@@ -244,6 +262,7 @@ class SegmentWorker(DeviceModel):
     def load_round(self, folder: str, solved_in: dict[int, int]) -> None:
         """Restore the owned segments' states and outputs from the rounds that last solved them
         (``solved_in``: segment -> round), and put the quantized weights in place."""
+        self._owned()
         spec = self.recipe.grid
         for s, blocks in self.segments.items():
             layers = {key: linear.weight.shape for key, linear in self.layers.items()
