@@ -141,3 +141,38 @@ def test_a_worker_lost_in_a_round_schedule_costs_time_not_bytes(model_dir, round
     silent_last = kind == "kill-between" and (schedule, method) == ("coordinated", "results")
     assert len(lost) == (0 if silent_last else 1)
     assert all(f["restarted_workers"] == [worker] for f in lost)
+
+
+def test_a_corrupted_commit_is_redone_and_a_full_disk_stops_cleanly(model_dir, reference,
+                                                                    tmp_path, monkeypatch):
+    """A commit that fails its checksum is set aside and its block redone (same bytes); a disk
+    that fills while the output's shards are written stops the run with the OS's error, leaves
+    no output folder (complete or partial), and the commits resume once there is room."""
+    import errno
+
+    import admmq_dist.checkpoint.writer as writer
+
+    out = tmp_path / "out"
+    calls = []
+
+    def full(*args, **kwargs):
+        calls.append(1)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer.CheckpointWriter, "_write_shards_and_index",
+                        lambda self: full())
+    with pytest.raises(OSError, match="No space left"):
+        run(model_dir, out)
+    monkeypatch.undo()
+    assert calls and not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out") and
+                not p.name.endswith(".admmq-work")]
+    work = work_dir_for(out)
+    commit = work / "block-00001.safetensors"
+    data = bytearray(commit.read_bytes())
+    data[-5] ^= 0xFF  # one flipped bit of block 1's codes
+    commit.write_bytes(bytes(data))
+    summary, _ = run(model_dir, out, resume=True)
+    assert summary["resumed_blocks"] == 2  # blocks 0 and 2; block 1 redone
+    assert digest(out) == reference
+    assert (work_dir_for(out).exists() is False)

@@ -7,6 +7,7 @@ run killed at any instant resumes into the same bytes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -90,23 +91,43 @@ def commit_block(work: Path, b: int, out: DecoderBlockOutput) -> None:
         tensors[f"{name}.scale"] = scale.contiguous()
         tensors[f"{name}.zero"] = zero.contiguous()
     meta = {"report": json.dumps(out.report), "consumed": json.dumps(out.consumed),
-            "disk": json.dumps(out.disk)}
+            "disk": json.dumps(out.disk), "checksum": _checksum(tensors)}
     save_tensors(tensors, work / f"block-{b:05d}.safetensors", metadata=meta)
 
 
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode() + tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def read_commit(work: Path, b: int) -> DecoderBlockOutput | None:
+    """Block ``b``'s commit, or None when there is none. A commit that cannot be read or whose
+    checksum fails (a disk fault: commits are written atomically) is set aside as
+    ``*.corrupt`` with a warning and the block is redone — the same bytes, since a resumed run
+    shares the interrupted one's code, data and environment (the fingerprints)."""
     path = work / f"block-{b:05d}.safetensors"
     if not path.is_file():
         return None
-    out = DecoderBlockOutput()
-    with safe_open(path, "pt") as f:
-        meta = f.metadata()
+    try:
+        out = DecoderBlockOutput()
+        with safe_open(path, "pt") as f:
+            meta = f.metadata()
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        if meta.get("checksum") != _checksum(tensors):
+            raise ValueError("its checksum does not match its tensors")
         out.disk = json.loads(meta["disk"])
         for name in out.disk:
-            out.quantized[name] = (f.get_tensor(f"{name}.codes").to(torch.int32),
-                                   f.get_tensor(f"{name}.scale"), f.get_tensor(f"{name}.zero"))
-    out.report = json.loads(meta["report"])
-    out.consumed = json.loads(meta["consumed"])
+            out.quantized[name] = (tensors[f"{name}.codes"].to(torch.int32),
+                                   tensors[f"{name}.scale"], tensors[f"{name}.zero"])
+        out.report = json.loads(meta["report"])
+        out.consumed = json.loads(meta["consumed"])
+    except Exception as exc:  # any unreadable file: the block is redone, never trusted
+        log.warning("the commit of block %d (%s) is unreadable (%s); set aside as .corrupt, "
+                    "the block is redone", b, path, exc)
+        path.replace(path.with_name(path.name + ".corrupt"))
+        return None
     return out
 
 
@@ -119,8 +140,14 @@ def mark_round(work: Path, r: int, marker: dict) -> None:
 
 
 def last_round_marker(work: Path) -> dict | None:
-    finished = sorted(work.glob("round-*.done"))
-    return json.loads(finished[-1].read_text()) if finished else None
+    """The newest readable round marker (an unreadable one, a disk fault, is skipped with a
+    warning: its round is redone)."""
+    for path in sorted(work.glob("round-*.done"), reverse=True):
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("round marker %s is unreadable (%s); that round is redone", path, exc)
+    return None
 
 
 def _segment_path(folder: str | Path, r: int, s: int) -> Path:
@@ -153,8 +180,18 @@ def load_segment_round(folder: str | Path, r: int, s: int, layers, num_batches: 
     -> ``(codes, scale, zero, duals, last codes or None)`` for the ``layers`` asked (``(block,
     layer)`` -> weight shape); ``num_row_blocks(rows)`` says how many duals a layer of ``rows``
     rows has."""
+    path = _segment_path(folder, r, s)
+    try:
+        return _read_segment_round(path, layers, num_batches, num_row_blocks, device)
+    except Exception as exc:
+        raise ResumeError(f"the commit of round {r} for segment {s} ({path}) is unreadable "
+                          f"({exc}); rerun with --overwrite to start over") from exc
+
+
+def _read_segment_round(path: Path, layers, num_batches: int, num_row_blocks,
+                        device: torch.device):
     states = {}
-    with safe_open(_segment_path(folder, r, s), "pt") as f:
+    with safe_open(path, "pt") as f:
         keys = set(f.keys())
         outputs = [f.get_tensor(f"output.{i}") for i in range(num_batches)
                    if f"output.{i}" in keys]
