@@ -70,3 +70,46 @@ def test_a_killed_worker_is_restarted_and_its_block_redone(model_dir, tmp_path):
     assert [f["restarted_workers"] for f in summary["faults"]] == [[1]]
     assert summary["layers"] == reference["layers"] == 21
     assert digest(tmp_path / "out") == digest(tmp_path / "ref")
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("schedule,method,nth", [("sequential", "capture", 3),
+                                                 ("depth-parallel", "run_round", 2),
+                                                 ("coordinated", "iterate", 2)])
+def test_a_ray_worker_killed_mid_run_costs_time_not_bytes(model_dir, tmp_path, monkeypatch,
+                                                          schedule, method, nth):
+    """The Ray subset of tests/test_faults.py: worker 1's process is killed just before its
+    n-th call of ``method``; Ray rebuilds it, the schedule recovers (redoes the block, or
+    continues from the last committed round) and the bytes are the in-process run's."""
+    import ray
+    import torch
+
+    from admmq_dist.recipe import Recipe, override
+    from admmq_dist.run.job import quantize_model
+    from admmq_dist.run.ray_backend import RayBackend
+
+    from runs import SETTINGS
+
+    recipe = override(Recipe(), {**SETTINGS, "solver": {
+        **SETTINGS["solver"], "admm": {"iterations": 10}, "schedule": schedule, "segments": 3,
+        "rounds": 2, "coordinated_rounds": 3}})
+
+    def quantize_with(out, **kw):
+        return quantize_model(str(model_dir), out, recipe, device=torch.device("cpu"),
+                              progress=False, threads=1, **kw)
+
+    quantize_with(tmp_path / "local")
+    original, calls = RayBackend.call, []
+
+    def call(self, w, name, *args):
+        if w == 1 and name == method:
+            calls.append(name)
+            if len(calls) == nth:  # the process dies, as on a lost node
+                ray.kill(self.actors[1], no_restart=False)
+        return original(self, w, name, *args)
+
+    monkeypatch.setattr(RayBackend, "call", call)
+    summary = quantize_with(tmp_path / "ray", workers=2)
+    assert len(calls) >= nth
+    assert [f["restarted_workers"] for f in summary["faults"]] == [[1]]
+    assert digest(tmp_path / "ray") == digest(tmp_path / "local")
