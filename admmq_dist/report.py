@@ -184,7 +184,8 @@ def _fmt(value) -> str:
 
 
 def _summary_rows(summary: dict) -> str:
-    """The summary table's rows: settings, results, planned memory, bytes moved, seconds."""
+    """The summary table's rows: settings, results, planned memory, bytes moved, faults,
+    seconds."""
     keys = ("model", "format", "bits", "group_size", "symmetric", "method", "layers",
             "mean_loss", "workers", "resumed_blocks", "peak_memory_bytes", "device")
     summary_rows = "".join(f"<tr><th>{k}</th><td>{_fmt(summary.get(k))}</td></tr>"
@@ -196,13 +197,12 @@ def _summary_rows(summary: dict) -> str:
                          f"({html.escape(planned['worst'])})</td></tr>")
     for kind, count in summary.get("bytes_moved", {}).get("total", {}).items():
         summary_rows += f"<tr><th>moved: {html.escape(kind)}</th><td>{count / 2**20:.1f} MiB</td></tr>"
-    planned = summary.get("memory_plan")
-    if planned:
-        summary_rows += (f"<tr><th>planned peak memory</th><td>"
-                         f"{planned['peak_bytes'] / 2**30:.2f} GiB "
-                         f"({html.escape(planned['worst'])})</td></tr>")
-    for kind, count in summary.get("bytes_moved", {}).get("total", {}).items():
-        summary_rows += f"<tr><th>moved: {html.escape(kind)}</th><td>{count / 2**20:.1f} MiB</td></tr>"
+    # Every lost worker, and what the run redid for it.
+    for k, fault in enumerate(summary.get("faults", []), 1):
+        summary_rows += (f"<tr><th>fault {k}</th><td>{html.escape(fault['where'])}: "
+                         f"{html.escape(fault['error'])}; workers rebuilt "
+                         f"{fault['restarted_workers']}; redone: "
+                         f"{html.escape(fault['redone'])}</td></tr>")
     seconds = summary.get("seconds", {})
     summary_rows += "".join(f"<tr><th>{k} s</th><td>{_fmt(float(v))}</td></tr>"
                             for k, v in seconds.items())

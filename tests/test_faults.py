@@ -176,3 +176,13 @@ def test_a_corrupted_commit_is_redone_and_a_full_disk_stops_cleanly(model_dir, r
     assert summary["resumed_blocks"] == 2  # blocks 0 and 2; block 1 redone
     assert digest(out) == reference
     assert (work_dir_for(out).exists() is False)
+
+
+@pytest.mark.parametrize("schedule,method", [("depth-parallel", "run_round"),
+                                             ("coordinated", "iterate")])
+def test_a_failure_in_a_round_that_is_not_a_lost_worker_stops_the_run(model_dir, tmp_path,
+                                                                      schedule, method):
+    with pytest.raises(InjectedError, match=f"injected failure in {method}"):
+        round_run(model_dir, tmp_path / "out", schedule, [Fault(method, "raise", 1, None, 2)])
+    assert not (tmp_path / "out").exists()
+    assert (work_dir_for(tmp_path / "out") / "round-000.done").is_file()

@@ -99,6 +99,18 @@ def test_rounds_get_their_plot_with_rho_where_the_schedule_has_one():
     assert module_type("model.layers.12.self_attn.q_proj") == "self_attn.q_proj"
 
 
+def test_the_summary_lists_every_fault_once_and_the_memory_plan_once():
+    records = [{"layer": "model.layers.0.mlp.down_proj", "block": 0, "loss": 0.02}]
+    summary = {"model": "m", "memory_plan": {"peak_bytes": 2**30, "worst": "block 0"},
+               "faults": [{"where": "block 1", "error": "WorkerLost: worker 1 died in capture",
+                           "restarted_workers": [1], "redone": "block 1: solve"}]}
+    page = render_html(records, summary)
+    assert page.count("planned peak memory") == 1
+    assert "<th>fault 1</th><td>block 1: WorkerLost: worker 1 died in capture; workers " \
+           "rebuilt [1]; redone: block 1: solve</td>" in page
+    assert "fault 1" not in render_html(records, {**summary, "faults": []})
+
+
 CHECK = """<script>
 window.addEventListener('load', () => {
   const out = [];
