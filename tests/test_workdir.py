@@ -103,11 +103,13 @@ import sys, time
 import admmq_dist.run.sequential as sequential
 import admmq_dist.run.worker as worker
 import admmq_dist.checkpoint.writer as writer
+import admmq_dist.run.coordinated_worker as coordinated
 phase = sys.argv.pop(1)
 owner, name, when, after = {
     "commit": (sequential, "commit_block", lambda a: a[1] == 0, True),
     "solve": (worker.Worker, "solve", lambda a: a[1] == 1, False),
-    "write": (writer.CheckpointWriter, "_write_shards_and_index", lambda a: True, False)}[phase]
+    "write": (writer.CheckpointWriter, "_write_shards_and_index", lambda a: True, False),
+    "round": (coordinated.CoordinatedWorker, "iterate", lambda a: a[1] > 0.2, False)}[phase]
 original = getattr(owner, name)
 def paused(*args, **kwargs):
     if when(args):
@@ -122,7 +124,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("phase", ["commit", "solve", "write"])
+@pytest.mark.parametrize("phase", ["commit", "solve", "write", "round"])
 def test_kill_9_at_any_phase_then_resume_from_the_command_line(model_dir, tmp_path, phase):
     """SIGKILL the CLI (no cleanup runs) at a phase it is held at, then --resume: the same bytes,
     nothing left beside the output. The run cannot finish first: it waits to be killed."""
@@ -133,6 +135,8 @@ def test_kill_9_at_any_phase_then_resume_from_the_command_line(model_dir, tmp_pa
 
     common = ["--bits", "3", "--group-size", "32", "--num-samples", "8", "--seq-len", "48",
               "--batch-size", "2", "--iterations", "40", "--threads", "1"]
+    if phase == "round":  # the coordinated schedule, killed inside round 1's iterations
+        common += ["--schedule", "coordinated", "--coordinated-rounds", "3"]
     ref, out = tmp_path / "ref", tmp_path / "out"
     cli = [sys.executable, "-m", "admmq_dist.cli", "quantize", str(model_dir)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -152,7 +156,9 @@ def test_kill_9_at_any_phase_then_resume_from_the_command_line(model_dir, tmp_pa
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary["resumed_blocks"] == {"commit": 1, "solve": 1, "write": 3}[phase]
+    assert summary["resumed_blocks"] == {"commit": 1, "solve": 1, "write": 3, "round": 0}[phase]
+    if phase == "round":  # round 0 was committed and is not run again
+        assert [h["round"] for h in summary["rounds"]] == [0, 1, 2, "polish"]
     assert digest(out) == digest(ref)
     assert not work.exists()
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]
