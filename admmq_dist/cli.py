@@ -51,8 +51,25 @@ RECIPE_FLAGS: list[tuple[str, str, dict]] = [
     ("--range-search", "grid.range_search", {"choices": ("minmax", "mse")}),
     ("--method", "solver.method", {"choices": ("admmq", "gptq", "rtn")}),
     ("--iterations", "solver.admm.iterations", {"type": int, "help": "ADMM-Q iteration budget"}),
-    ("--rho-start", "solver.admm.rho_start", {"type": float}),
-    ("--rho-growth", "solver.admm.rho_growth", {"type": float}),
+    ("--rho-start", "solver.admm.rho_start", {
+        "type": float, "help": "ADMM-Q's first penalty ρ (0.1)"}),
+    ("--rho-growth", "solver.admm.rho_growth", {
+        "type": float, "help": "ρ's growth per iteration; given alone, one rate for the whole "
+                               "run (the default schedule grows x1.1 to ρ=0.3, then x1.03)"}),
+    ("--rho-slow-from", "solver.admm.rho_slow_from", {
+        "type": float, "help": "the ρ from which growth slows to --rho-growth-slow (0.3)"}),
+    ("--rho-growth-slow", "solver.admm.rho_growth_slow", {
+        "type": float, "help": "ρ's growth per iteration from --rho-slow-from on (1.03)"}),
+    ("--w-update", "solver.admm.w_update", {
+        "choices": ("auto", "exact", "cg"),
+        "help": "ADMM-Q's W-update: exact (one eigendecomposition per Hessian), cg (inexact, "
+                "warm-started conjugate gradient), auto (exact below 16384 inputs) (auto)"}),
+    ("--projection", "solver.admm.projection", {
+        "choices": ("hard", "soft", "random"),
+        "help": "ADMM-Q's Z-step: hard (nearest grid point), soft (a bounded move toward it), "
+                "random (re-project a random half of the codes) (hard)"}),
+    ("--init", "solver.admm.init", {
+        "choices": ("gptq", "rtn"), "help": "ADMM-Q's starting codes (gptq)"}),
     ("--local-search-sweeps", "solver.local_search_sweeps", {"type": int}),
     ("--schedule", "solver.schedule", {
         "choices": ("sequential", "depth-parallel", "coordinated"),
@@ -218,6 +235,9 @@ def _recipe_from_args(args) -> Recipe:
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = list(value) if isinstance(value, list) else value
+    admm = updates.get("solver", {}).get("admm", {})
+    if "rho_growth" in admm and not {"rho_slow_from", "rho_growth_slow"} & set(admm):
+        admm["rho_slow_from"] = None  # --rho-growth alone: one rate, as its help says
     return override(recipe, updates)
 
 

@@ -59,7 +59,7 @@ LEAVES = {
     ("solver", "admm", "rho_start"): positive_float,
     ("solver", "admm", "rho_growth"): st.floats(1.0, 2.0),
     ("solver", "admm", "rho_slow_from"): st.none() | positive_float,
-    ("solver", "admm", "w_update"): st.sampled_from(["exact", "cg", "gradient"]),
+    ("solver", "admm", "w_update"): st.sampled_from(["auto", "exact", "cg"]),
     ("solver", "gptq", "damp"): st.floats(0.0, 0.99),
     ("solver", "gptq", "act_order"): st.booleans(),
     ("output", "format"): st.sampled_from(["compressed-tensors", "gptq"]),

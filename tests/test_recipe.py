@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import yaml
 
@@ -143,7 +145,7 @@ def test_every_recipe_flag_sets_the_field_it_names():
         elif kwargs.get("type") is int:
             argv, expected = [flag, "7"], 7
         elif kwargs.get("type") is float:  # 1.5: a valid growth, penalty, damping or strength
-            value = 1.5 if path.endswith(("rho_growth", "rho_start")) else 0.5
+            value = 1.5 if path.endswith(("rho_growth", "rho_start", "rho_growth_slow")) else 0.5
             argv, expected = [flag, str(value)], value
         else:
             argv, expected = [flag, "x.txt"], "x.txt"
@@ -151,3 +153,31 @@ def test_every_recipe_flag_sets_the_field_it_names():
         assert value_of(recipe, path) == expected, flag
         if value_of(untouched, path) != expected:
             assert recipe != untouched, f"{flag} changed nothing"
+
+
+def test_rho_flags_do_what_they_say():
+    """--rho-growth alone is one rate for the whole run (the default's slow phase would
+    otherwise take over from ρ = 0.3 and the flag would set only ~12 iterations); with the slow
+    phase's flags the two-phase schedule is kept as given."""
+    import torch
+
+    from admmq_dist.cli import _recipe_from_args, build_parser
+    from admmq_dist.quant.grid import GridSpec, fit_grid
+    from admmq_dist.quant.solvers import admmq
+
+    def admm(*argv):
+        return _recipe_from_args(build_parser().parse_args(["quantize", "-o", "o", *argv])
+                                 ).solver.admm
+
+    alone = admm("--rho-start", "0.5", "--rho-growth", "1.05", "--iterations", "30")
+    assert alone.rho_slow_from is None and alone.rho_start == 0.5
+    both = admm("--rho-growth", "1.2", "--rho-slow-from", "1.0", "--rho-growth-slow", "1.01")
+    assert (both.rho_growth, both.rho_slow_from, both.rho_growth_slow) == (1.2, 1.0, 1.01)
+    torch.manual_seed(0)
+    x = torch.randn(256, 32)
+    w = torch.randn(8, 32)
+    grid = fit_grid(w, GridSpec(bits=3, group_size=16))
+    rhos = admmq(w, x.T @ x / 256, grid, dataclasses.replace(alone, stop_tolerance=0.0)
+                 ).history["rho"]
+    assert len(rhos) == 30
+    assert rhos[-1] == pytest.approx(0.5 * 1.05 ** 29)

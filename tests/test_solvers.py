@@ -39,21 +39,54 @@ def test_identity_hessian_gives_round_to_nearest(layer):
         assert torch.equal(result.codes, grid.codes(w))
 
 
-@pytest.mark.parametrize("settings", [
-    ADMMSettings(),
-    ADMMSettings(init="rtn"),
-    ADMMSettings(w_update="cg"),
-    ADMMSettings(projection="soft"),
-    ADMMSettings(projection="random", random_probability=0.5),
-    ADMMSettings(w_update="cg", projection="random"),
-], ids=["exact", "rtn-init", "cg", "soft", "random", "cg-random"])
-def test_every_variant_ends_on_the_grid_and_beats_rtn(layer, settings):
+VARIANTS = {"cg": ADMMSettings(init="rtn", w_update="cg"),
+            "soft": ADMMSettings(init="rtn", projection="soft"),
+            "random": ADMMSettings(init="rtn", projection="random", random_probability=0.5),
+            "cg-random": ADMMSettings(init="rtn", w_update="cg", projection="random"),
+            "gradient": ADMMSettings(init="rtn", w_update="gradient")}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_variant_runs_what_it_says(layer, name):
+    """From the round-to-nearest start (``init="rtn"``): a variant must improve far on its start
+    (one that ran no iteration would keep it), end near the exact update's loss, and not with the
+    exact update's codes (one that silently ran the exact update would). The gradient variant
+    steps on the activations even when the Hessian is given."""
+    w, h, x = layer
+    grid = fit_grid(w, GridSpec(bits=3, group_size=32))
+    start = rtn(w, h, grid).loss
+    exact = admmq(w, h, grid, ADMMSettings(init="rtn"))
+    assert exact.loss < 0.3 * start
+    result = admmq(w, h, grid, VARIANTS[name], activations=x)
+    on_grid(result)
+    assert result.iterations >= 1
+    assert result.loss < 0.5 * start and result.loss < 1.3 * exact.loss
+    assert not torch.equal(result.codes, exact.codes)
+    # The start is a real option too: GPTQ's codes lead elsewhere than round to nearest's.
+    if name == "cg":
+        gptq_start = admmq(w, h, grid, ADMMSettings(w_update="cg"))
+        assert not torch.equal(gptq_start.codes, result.codes)
+
+
+def test_no_two_variants_are_the_same_run(layer):
+    """Each option changes the run: were one silently another (gradient steps running CG, a
+    projection ignored), two of these would end on the same codes."""
+    w, h, x = layer
+    grid = fit_grid(w, GridSpec(bits=3, group_size=32))
+    runs = {name: admmq(w, h, grid, settings, activations=x).codes.numpy().tobytes()
+            for name, settings in {**VARIANTS, "exact": ADMMSettings(init="rtn")}.items()}
+    assert len(set(runs.values())) == len(runs)
+
+
+def test_the_gradient_variant_needs_activations_and_the_pipeline_refuses_it(layer):
+    from admmq_dist.quant.solvers.solve import SolverSettings
+
     w, h, _ = layer
     grid = fit_grid(w, GridSpec(bits=3, group_size=32))
-    result = admmq(w, h, grid, settings)
-    on_grid(result)
-    assert result.loss < 0.5 * rtn(w, h, grid).loss
-    assert result.iterations >= 1
+    with pytest.raises(ValueError, match="pass activations"):
+        admmq(w, h, grid, ADMMSettings(w_update="gradient"))
+    with pytest.raises(ValueError, match="does not keep"):
+        SolverSettings(admm=ADMMSettings(w_update="gradient"))
 
 
 def test_gradient_variant_runs_from_activations_without_a_hessian(layer):

@@ -130,6 +130,9 @@ def admmq(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
     start = time.perf_counter()
     w0 = weight.float()
     device = w0.device
+    if settings.w_update == "gradient" and activations is None:
+        raise ValueError("w_update='gradient' takes gradient steps on calibration activations: "
+                         "pass activations= (with a Hessian only, use exact, cg or auto)")
     if hessian is None:
         if activations is None:
             raise ValueError("admmq needs a Hessian or calibration activations")
@@ -144,7 +147,10 @@ def admmq(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
         if factors is None:
             factors = HessianFactors(h0)
 
-    if h0 is not None and settings.w_update_for(w0.shape[1]) == "exact":
+    if settings.w_update == "gradient":  # from the activations, whether or not H is given
+        x = activations.reshape(-1, w0.shape[1]).to(device=device, dtype=torch.float32)
+        loop = InexactUpdate(w0, None, x, settings)
+    elif h0 is not None and settings.w_update_for(w0.shape[1]) == "exact":
         loop = ExactUpdate(w0, factors)
     else:
         loop = InexactUpdate(w0, factors, x, settings)

@@ -83,6 +83,11 @@ class SolverSettings:
             raise ValueError("coordinated_rounds and coordinated_iterations must be at least 1")
         if self.freeze_changed is not None and not 0 <= self.freeze_changed < 1:
             raise ValueError(f"freeze_changed={self.freeze_changed} must lie in [0, 1) or be null")
+        if self.admm.w_update == "gradient":
+            raise ValueError("admm.w_update='gradient' steps on calibration activations, which "
+                             "the pipeline does not keep (it accumulates Hessians): use exact, "
+                             "cg or auto (the solver function admmq(..., activations=X) runs "
+                             "gradient steps)")
         if self.coordinated_start not in ("float", "sequential"):
             raise ValueError(f"coordinated_start={self.coordinated_start!r} must be 'float' or "
                              "'sequential'")
