@@ -2,6 +2,7 @@
 exact whatever the order, row blocks cross processes without their solver state, and the report
 row has one schema."""
 
+import pytest
 import torch
 
 from admmq_dist.quant.grid import GridSpec, fit_grid
@@ -85,3 +86,46 @@ def test_one_factorization_per_hessian_per_worker(tmp_path):
         assert counts["eigh"] == counts["cholesky"] == counts["hessians"]
         if workers == 1:
             assert counts["eigh"] == layer_inputs
+
+
+@pytest.mark.parametrize("fmt,dtype,scale_dtype", [("compressed-tensors", "bfloat16",
+                                                    torch.bfloat16),
+                                                   ("gptq", "float32", torch.float16)])
+def test_layers_are_solved_on_the_scales_the_checkpoint_stores(tmp_path, monkeypatch, fmt, dtype,
+                                                                scale_dtype):
+    """Scales are rounded to the stored dtype (the checkpoint's; GPTQ's float16) before the
+    codes are solved and before later blocks see the weights: what is calibrated is what is
+    served. Every grid a layer was solved on is exactly its stored scales."""
+    from safetensors.torch import load_file
+
+    import admmq_dist.run.worker as worker
+    from admmq_dist.recipe import Recipe, override
+    from admmq_dist.run.job import quantize_model
+    from tiny import tiny_model_dir
+
+    src = tiny_model_dir(tmp_path / "src", "llama")
+    used = {}
+    original = worker.solve_rows
+
+    def solve_rows_spy(weight, hessian, grid, *args, **kwargs):
+        used.setdefault(tuple(weight.shape), []).append(grid.scale.clone())
+        return original(weight, hessian, grid, *args, **kwargs)
+
+    monkeypatch.setattr(worker, "solve_rows", solve_rows_spy)
+    recipe = override(Recipe(), {"grid": {"bits": 4, "group_size": 32, "symmetric": True},
+                                 "output": {"format": fmt, "dtype": dtype},
+                                 "calibration": {"dataset": None, "num_samples": 4,
+                                                 "seq_len": 32, "batch_size": 2},
+                                 "solver": {"admm": {"iterations": 5}}})
+    quantize_model(str(src), tmp_path / "out", recipe, device=torch.device("cpu"),
+                   progress=False, threads=1)
+    scales = [s for grids in used.values() for s in grids]
+    assert scales and all(torch.equal(s, s.to(scale_dtype).float()) for s in scales)
+    stored = load_file(next((tmp_path / "out").glob("*.safetensors")))
+    suffix = ".scales" if fmt == "gptq" else ".weight_scale"
+    kept = [v.float().T if fmt == "gptq" else v.float() for k, v in stored.items()
+            if k.endswith(suffix)]
+    assert len(kept) == 14 and all(v.dtype == torch.float32 for v in kept)
+    assert all(stored[k].dtype == scale_dtype for k in stored if k.endswith(suffix))
+    # Each stored scale is one a layer was solved on, bit for bit.
+    assert all(any(torch.equal(v, s) for s in scales) for v in kept)

@@ -19,13 +19,12 @@ import torch
 
 from ..model.capture import block_output
 from ..quant.factors import HessianFactors
-from ..quant.grid import fit_grid
 from ..quant.hessian import HessianAccumulator, asymmetric_target
 from ..quant.solvers.local_search import local_search
 from ..quant.solvers.rows import row_blocks
 from ..quant.solvers.solve import SolverSettings
 from . import memory
-from .layer import solve_rows
+from .layer import served_grid, solve_rows
 from .segment_worker import SegmentWorker
 
 
@@ -171,7 +170,8 @@ class CoordinatedWorker(SegmentWorker):
         previous = self.layer_states.get((b, name))
         # The grid is fitted once, in round 0, to the float weight (the target then: the float
         # model's inputs are its own), and kept: codes stay comparable across rounds.
-        grid = previous["grid"] if previous is not None else fit_grid(weight, self.recipe.grid)
+        grid = (previous["grid"] if previous is not None else
+                served_grid(weight, self.recipe, self.scale_dtype, f"block {b} {name}"))
         rows = row_blocks(weight.shape[0], settings.row_block)
         warm = None
         if previous is not None:

@@ -74,6 +74,8 @@ class DeviceModel:
         self.index = TensorIndex(self.model_dir, getattr(self.config, "model_type", None))
         self.dtype = (torch.float32 if self.device.type == "cpu"
                       else output_dtype(recipe, self.model_dir))
+        # The checkpoint's dtype: grids are solved with their scales as it stores them.
+        self.scale_dtype = output_dtype(recipe, self.model_dir)
         self.layout, self.blocks = find_blocks(self.model)
         for b in range(self.layout.num_blocks):
             unfuse_experts(self.blocks[b], self.layout.block_prefix(b), self.index.module_names())

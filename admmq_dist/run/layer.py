@@ -8,12 +8,14 @@ import dataclasses
 
 import torch
 
+from ..checkpoint.stored import stored_scale
 from ..quant.factors import HessianFactors
-from ..quant.grid import Grid
+from ..quant.grid import Grid, fit_grid
 from ..quant.hessian import HessianAccumulator
 from ..quant.solvers.result import SolverResult
 from ..quant.solvers.rows import RowBlockResult, layer_history, solve_row_block
 from ..quant.solvers.solve import SolverSettings
+from ..recipe import Recipe
 
 
 def merge_parts(parts: list[dict], device: torch.device
@@ -24,6 +26,16 @@ def merge_parts(parts: list[dict], device: torch.device
     for part in parts[1:]:
         acc.merge(HessianAccumulator.from_state(part, device))
     return acc.hessian(), acc.num_rows, acc.cross() if acc.has_cross else None
+
+
+def served_grid(weight: torch.Tensor, recipe: Recipe, dtype: torch.dtype, name: str) -> Grid:
+    """The grid fitted to ``weight`` with its scales rounded as the checkpoint stores them
+    (``dtype``: the checkpoint's; GPTQ's float16): the codes are solved for, and later blocks
+    calibrated on, the very numbers the engine will serve."""
+    grid = fit_grid(weight, recipe.grid)
+    scale = stored_scale(recipe.output.format, dtype, name, grid)
+    return Grid.from_parts(recipe.grid, weight.shape[1],
+                           scale.to(device=grid.scale.device, dtype=torch.float32), grid.zero)
 
 
 def solve_rows(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,

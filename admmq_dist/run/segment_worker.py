@@ -20,14 +20,14 @@ import torch
 from ..model.capture import block_output, calibration_stages, capture_hessians, record_inputs
 from ..model.loading import load_block
 from ..quant.factors import HessianFactors
-from ..quant.grid import Grid, fit_grid
+from ..quant.grid import Grid
 from ..quant.hessian import asymmetric_target
 from ..quant.solvers.rows import combine, row_blocks
 from ..quant.solvers.solve import SolverSettings
 from . import memory
 from .device_model import DeviceModel, block_linears
 from .faults import PositionError
-from .layer import report_row, solve_rows
+from .layer import report_row, served_grid, solve_rows
 from .workdir import load_segment_round, save_segment_round
 
 
@@ -214,7 +214,7 @@ class SegmentWorker(DeviceModel):
     def _solve_layer(self, b: int, name: str, group: list[str], hessian: torch.Tensor,
                      factors: HessianFactors, tokens: int, warm_settings: SolverSettings,
                      cold: SolverSettings | None, weight: torch.Tensor) -> dict:
-        grid = fit_grid(weight, self.recipe.grid)
+        grid = served_grid(weight, self.recipe, self.scale_dtype, f"block {b} {name}")
         previous = self.layer_states.get((b, name))
         warm_start = previous is not None and cold is None
         settings = warm_settings if warm_start else cold or self.recipe.solver

@@ -22,7 +22,6 @@ from ..model.loading import load_block, release
 from ..model.moe import ExpertList, expert_lists
 from ..quant.factors import HessianFactors
 from ..quant.hessian import HessianAccumulator
-from ..quant.grid import fit_grid
 from ..quant.hessian import asymmetric_target
 from ..quant.solvers.rows import RowBlockResult
 from ..recipe import Recipe
@@ -30,7 +29,7 @@ from . import memory
 from .device_model import DeviceModel, block_linears
 from .experts import ALL_TOKENS
 from .faults import PositionError
-from .layer import dequantized, nbytes, portable, solve_rows
+from .layer import dequantized, nbytes, portable, served_grid, solve_rows
 
 
 class Worker(DeviceModel):
@@ -237,7 +236,7 @@ class Worker(DeviceModel):
             # The asymmetric objective is the ordinary one with a moved target (see the function).
             weight = asymmetric_target(weight, hessian, cross, self.asymmetric,
                                        self.recipe.solver.gptq.damp)
-        grid = fit_grid(weight, self.recipe.grid)
+        grid = served_grid(weight, self.recipe, self.scale_dtype, name)
         blocks: list[RowBlockResult] = solve_rows(weight, hessian, grid, self.recipe.solver, rows,
                                                   factors=factors,
                                                   compare=self.recipe.report.compare)

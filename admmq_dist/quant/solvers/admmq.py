@@ -147,13 +147,7 @@ def admmq(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
         if factors is None:
             factors = HessianFactors(h0)
 
-    if settings.w_update == "gradient":  # from the activations, whether or not H is given
-        x = activations.reshape(-1, w0.shape[1]).to(device=device, dtype=torch.float32)
-        loop = InexactUpdate(w0, None, x, settings)
-    elif h0 is not None and settings.w_update_for(w0.shape[1]) == "exact":
-        loop = ExactUpdate(w0, factors)
-    else:
-        loop = InexactUpdate(w0, factors, x, settings)
+    loop = _w_update(settings, w0, h0, factors, x, activations)
     if init_codes is not None:
         codes0 = init_codes.to(device=device, dtype=torch.int32)
     elif settings.init == "gptq" and h0 is not None:
@@ -168,6 +162,19 @@ def admmq(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
     return SolverResult("admmq", best_codes, grid, deq, loss, iterations,
                         time.perf_counter() - start, history, state={"dual": loop.Y, "rho": rho,
                                                        "last_codes": grid.codes(last)})
+
+
+def _w_update(settings: ADMMSettings, w0: torch.Tensor, h0: torch.Tensor | None,
+              factors: HessianFactors | None, x: torch.Tensor | None,
+              activations: torch.Tensor | None):
+    """The W-update the settings ask for: gradient steps on the activations (whether or not a
+    Hessian is given), the exact update, or CG."""
+    if settings.w_update == "gradient":
+        x = activations.reshape(-1, w0.shape[1]).to(device=w0.device, dtype=torch.float32)
+        return InexactUpdate(w0, None, x, settings)
+    if h0 is not None and settings.w_update_for(w0.shape[1]) == "exact":
+        return ExactUpdate(w0, factors)
+    return InexactUpdate(w0, factors, x, settings)
 
 
 def _start_dual(loop, init_dual, codes0: torch.Tensor, grid: Grid) -> torch.Tensor | None:
