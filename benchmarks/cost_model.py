@@ -135,8 +135,11 @@ def iteration_seconds(r: dict, method: str) -> float:
 
 
 def coordinated(linears, hessians, method_of, workers: int, tokens: int, blocks: int,
-                forward_per_1k: float, rounds: int, iterations: int, hidden: int) -> dict:
-    """The coordinated schedule: ``rounds`` rounds of ``iterations`` iterations per layer."""
+                forward_per_1k: float, rounds: int, iterations: int, hidden: int,
+                sequential_start: bool = False) -> dict:
+    """The coordinated schedule: ``rounds`` rounds of ``iterations`` iterations per layer;
+    ``sequential_start``: after one sequential GPTQ pass, block by block on each block's owner
+    (every token through one block at a time, one worker busy)."""
     busy = min(workers, blocks)
     per_worker = math.ceil(blocks / busy)
     capture = sum(h["capture_per_1k_tokens"] for h in hessians.values()) * tokens / 1024
@@ -152,9 +155,19 @@ def coordinated(linears, hessians, method_of, workers: int, tokens: int, blocks:
     polish = sum(r["local_search_s"] * r["rows"] / r["rows_solved"] for r in linears)
     hand_off = (busy - 1) * tokens * hidden * 2
     moved = (rounds + 1) * hand_off
-    out = {"forward": (rounds + 1) * refresh * forward_per_1k * tokens / 1024 / pass_all,
-           "capture": (rounds + 1) * refresh * capture / pass_all,
-           "solve": per_worker * (rounds * (factor + iterate) + start + polish),
+    # The sequential start: per block, all tokens through it (with captures) and GPTQ's solve,
+    # serial across blocks; every block's output is handed to the next owner.
+    serial = blocks if sequential_start else 0
+    gptq = sum(r["gptq_s"] * r["rows"] / r["rows_solved"] for r in linears) + sum(
+        h["cholesky"] for h in hessians.values())
+    moved += serial * tokens * hidden * 2 if sequential_start else 0
+    out = {"forward": ((rounds + 1) * refresh * forward_per_1k * tokens / 1024 / pass_all
+                       + serial * forward_per_1k * tokens / 1024),
+           "capture": (rounds + 1) * refresh * capture / pass_all + serial * capture,
+           # Round 0's GPTQ start on the float Hessians is not needed after a sequential one.
+           "solve": (per_worker * (rounds * (factor + iterate)
+                                   + (0.0 if sequential_start else start) + polish)
+                     + serial * gptq),
            "bytes": moved, "transfer": moved / LINK_BYTES_PER_S, "rounds": rounds}
     out["total"] = out["forward"] + out["capture"] + out["solve"] + out["transfer"]
     return out

@@ -194,9 +194,12 @@ def models(rows, hessians, forward_per_1k, shape, tokens) -> dict:
                 out[(label, "depth-parallel", workers)] = cost_model.depth_parallel(
                     rows, hessians, method_of, workers, tokens, blocks, forward_per_1k, rounds,
                     hidden)
-                out[(label, "coordinated", workers)] = cost_model.coordinated(
-                    rows, hessians, method_of, workers, tokens, blocks, forward_per_1k,
-                    coordinated_rounds, SolverSettings().coordinated_iterations, hidden)
+                for start, name in ((False, "coordinated"),
+                                    (True, "coordinated, sequential start")):
+                    out[(label, name, workers)] = cost_model.coordinated(
+                        rows, hessians, method_of, workers, tokens, blocks, forward_per_1k,
+                        coordinated_rounds, SolverSettings().coordinated_iterations, hidden,
+                        sequential_start=start)
     return out
 
 
