@@ -2,12 +2,16 @@
 
 Every method gets the same calibration windows (the text shipped with admmq-dist: the second half
 of the WikiText-2 test file) and the same grid (group 64, asymmetric, compressed-tensors);
-perplexity is measured on windows of the first half, held apart from the calibration text. Each
-quantization runs as its own `admmq quantize` process so wall time and peak memory are its own.
-Figures are ratios against act-order GPTQ and the float model measured in the same run.
+perplexity is measured on the whole first half (every 512-token window), held apart from the
+calibration text. Each quantization runs as its own `admmq quantize` process so wall time and
+peak memory are its own. Every figure is a mean with its min–max over calibration seeds (3 by
+default), and ratios are taken seed by seed against act-order GPTQ and GPTAQ calibrated on the
+same windows, in the same run. Baselines: RTN, act-order GPTQ, GPTQ with ADMM-Q's local-search
+sweep, GPTAQ (GPTQ + asymmetric calibration); then ADMM-Q and ADMM-Q + asymmetric calibration.
 
-    python benchmarks/e2e_perplexity.py            # 3 and 4 bits, 128 windows of 512 tokens
-    python benchmarks/e2e_perplexity.py --quick    # 32 calibration windows, 40 eval windows
+    python benchmarks/e2e_perplexity.py                    # 3 and 4 bits, 128 windows, 3 seeds
+    python benchmarks/e2e_perplexity.py --bits 3 --seeds 0 # one setting, one seed (says so)
+    python benchmarks/e2e_perplexity.py --quick            # 32 calibration, 40 eval windows, 1 seed
 """
 
 from __future__ import annotations
@@ -41,19 +45,40 @@ def admmq(*args: str) -> dict:
     return out
 
 
+METHODS = {  # name: quantize flags
+    "rtn": ["--method", "rtn"],
+    "gptq": ["--method", "gptq"],
+    "gptq+ls": ["--method", "gptq", "--local-search-sweeps", "1"],  # ADMM-Q's polish, for GPTQ
+    "gptq+asym": ["--method", "gptq"],  # GPTAQ: strength from --asymmetric
+    "admmq": ["--method", "admmq"],
+    "admmq+asym": ["--method", "admmq"],
+}
+
+
+def spread(values: list[float], fmt: str = ".4f") -> str:
+    """Mean and min–max of ``values`` (one value: itself, marked as one run)."""
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:{fmt}} (1 run)"
+    return f"{mean:{fmt}} ({min(values):{fmt}}–{max(values):{fmt}})"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", type=int, nargs="+", default=[3, 4])
-    parser.add_argument("--methods", nargs="+",
-                        default=["rtn", "gptq", "admmq", "gptq+asym", "admmq+asym"],
-                        help="METHOD, METHOD+asym (asymmetric calibration at --asymmetric; "
-                        "gptq+asym is GPTAQ) or METHOD+asym=S (at strength S)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS),
+                        help="of " + ", ".join(METHODS) + "; METHOD+asym=S sets the strength")
     parser.add_argument("--asymmetric", type=float, default=0.25,
                         help="strength of the +asym variants")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="calibration seeds (each draws other windows from the same text)")
     parser.add_argument("--num-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--eval-windows", type=int, default=80)
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--eval-windows", type=int, default=None,
+                        help="held-out windows to evaluate (default: the whole first half)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads of each run")
+    parser.add_argument("--quick", action="store_true",
+                        help="32 calibration windows, 40 eval windows, one seed")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--output", default=None,
@@ -61,75 +86,27 @@ def main(argv=None) -> int:
                         "e2e_perplexity[_quick].md)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.num_samples, args.eval_windows = 32, 40
+        args.num_samples, args.eval_windows, args.seeds = 32, 40, args.seeds[:1]
 
     from admmq_dist.model.embedded import embedded_model_folder
 
     model = str(embedded_model_folder())
-    evaluate = ["--seq-len", str(args.seq_len), "--max-windows", str(args.eval_windows)]
+    evaluate = ["--seq-len", str(args.seq_len)]
+    if args.eval_windows is not None:
+        evaluate += ["--max-windows", str(args.eval_windows)]
+    threads = ["--threads", str(args.threads)] if args.threads else []
     started = time.perf_counter()
     base = admmq("eval", model, *evaluate)
-    print(f"float perplexity {base['ppl']:.4f}", file=sys.stderr, flush=True)
+    print(f"float perplexity {base['ppl']:.4f} on {base['windows']} windows", file=sys.stderr,
+          flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="admmq-e2e-") as tmp:
         for bits in args.bits:
-            for method in args.methods:
-                out = Path(tmp) / f"w{bits}-{method}"
-                base_method, _, variant = method.partition("+")
-                variant, _, strength = variant.partition("=")
-                if variant not in ("", "asym"):
-                    parser.error(f"unknown method variant '+{variant}' in '{method}'")
-                extra = (["--asymmetric", strength or str(args.asymmetric)] if variant == "asym"
-                         else [])
-                q = admmq("quantize", model, "-o", str(out), "--bits", str(bits),
-                          "--group-size", "64", "--asym", "--method", base_method, *extra,
-                          "--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len))
-                e = admmq("eval", str(out), *evaluate)
-                rows.append({"bits": bits, "method": method, "ppl": e["ppl"],
-                             "gap": e["ppl"] - base["ppl"], "seconds": q["seconds"],
-                             "wall_seconds": q["wall_seconds"],
-                             "peak_memory_gib": q["peak_memory_bytes"] / 2**30,
-                             "mean_layer_loss": q["mean_loss"]})
-                print(f"{bits}-bit {method}: ppl {e['ppl']:.4f} (float {base['ppl']:.4f}), "
-                      f"{q['wall_seconds']:.0f}s", file=sys.stderr, flush=True)
-    lines = ["# End-to-end perplexity: SmolLM2-135M on WikiText-2", "",
-             f"- calibration: {args.num_samples} windows of {args.seq_len} tokens from the text "
-             "shipped with admmq-dist (second half of the WikiText-2 test file), the same for "
-             "every method",
-             f"- evaluation: {base['windows']} windows of {args.seq_len} tokens from the first half "
-             f"({base['tokens']} predicted tokens); float perplexity {base['ppl']:.4f}",
-             "- grid: group 64, asymmetric, compressed-tensors pack-quantized; lm_head unquantized",
-             f"- `+asym`: asymmetric calibration (`--asymmetric {args.asymmetric}`, or the "
-             "strength after `=`): each layer "
-             "also matches the float model's outputs on the float model's activations; "
-             "`gptq+asym` is GPTAQ",
-             "- the model's weights passed through 4-bit GGUF (Q4_1) at the source, so 3 bits is "
-             "the telling setting",
-             f"- environment: {environment.describe()}", "",
-             "| bits | method | ppl | gap to float | gap / gptq gap | mean layer loss | time s "
-             "| time / gptq | forward s | solve s | write s | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    summary = {"float_ppl": base["ppl"]}
-    for bits in args.bits:
-        by = {r["method"]: r for r in rows if r["bits"] == bits}
-        g = by.get("gptq")
-        for method, r in by.items():
-            gap_ratio = r["gap"] / g["gap"] if g and g["gap"] > 0 else float("nan")
-            time_ratio = r["wall_seconds"] / g["wall_seconds"] if g else float("nan")
-            s = r["seconds"]
-            lines.append(f"| {bits} | {method} | {r['ppl']:.4f} | {r['gap']:.4f} | {gap_ratio:.3f} "
-                         f"| {r['mean_layer_loss']:.5f} | {r['wall_seconds']:.1f} | {time_ratio:.2f} "
-                         f"| {s['forward']:.1f} | {s['solve']:.1f} | {s['write']:.1f} "
-                         f"| {r['peak_memory_gib']:.2f} |")
-            summary[f"w{bits}_{method}_ppl"] = r["ppl"]
-            if method not in ("gptq", "rtn") and g:
-                summary[f"w{bits}_{method}_gap_over_gptq_gap"] = gap_ratio
-                summary[f"w{bits}_{method}_time_over_gptq"] = time_ratio
-    lines.append("")
-    lines.append(f"Whole run {time.perf_counter() - started:.0f}s. Time columns: forward = block "
-                 "forward passes (Hessian capture and propagation), solve = grid fit + solver + "
-                 "local search, write = packing and safetensors.")
-    report = "\n".join(lines) + "\n"
+            for seed in args.seeds:
+                for method in args.methods:
+                    rows.append(run_one(model, Path(tmp), bits, seed, method, args, threads,
+                                        evaluate, base, parser))
+    report, summary = tables(rows, base, args, started)
     print(report)
     if not args.no_write:
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -138,6 +115,76 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(summary))
     return 0
+
+
+def run_one(model, tmp: Path, bits: int, seed: int, method: str, args, threads, evaluate,
+            base, parser) -> dict:
+    out = tmp / f"w{bits}-{seed}-{method}"
+    name, _, strength = method.partition("=")
+    if name not in METHODS:
+        parser.error(f"unknown method '{method}' (one of {', '.join(METHODS)})")
+    extra = (["--asymmetric", strength or str(args.asymmetric)] if name.endswith("+asym")
+             else [])
+    q = admmq("quantize", model, "-o", str(out), "--bits", str(bits), "--group-size", "64",
+              "--asym", *METHODS[name], *extra, "--num-samples", str(args.num_samples),
+              "--seq-len", str(args.seq_len), "--seed", str(seed), *threads)
+    e = admmq("eval", str(out), *evaluate)
+    print(f"{bits}-bit {method} seed {seed}: ppl {e['ppl']:.4f} (float {base['ppl']:.4f}), "
+          f"{q['wall_seconds']:.0f}s", file=sys.stderr, flush=True)
+    return {"bits": bits, "seed": seed, "method": method, "ppl": e["ppl"],
+            "gap": e["ppl"] - base["ppl"], "seconds": q["seconds"],
+            "wall_seconds": q["wall_seconds"], "peak_memory_gib": q["peak_memory_bytes"] / 2**30,
+            "mean_layer_loss": q["mean_loss"]}
+
+
+def tables(rows: list[dict], base: dict, args, started: float) -> tuple[str, dict]:
+    """The results table: per bits and method, mean and min–max over the seeds of perplexity,
+    gap to float, the gap over GPTQ's and over GPTAQ's of the same seed, and time."""
+    lines = ["# End-to-end perplexity: SmolLM2-135M on WikiText-2", "",
+             f"- calibration: {args.num_samples} windows of {args.seq_len} tokens from the text "
+             "shipped with admmq-dist (second half of the WikiText-2 test file), the same windows "
+             f"for every method of a seed; seeds {args.seeds} (mean and min–max over them)",
+             f"- evaluation: {base['windows']} windows of {args.seq_len} tokens from the first "
+             f"half ({base['tokens']} predicted tokens); float perplexity {base['ppl']:.4f}",
+             "- grid: group 64, asymmetric, compressed-tensors pack-quantized; lm_head unquantized",
+             "- `gptq+ls`: act-order GPTQ with the local-search sweep ADMM-Q gets; `+asym`: "
+             f"asymmetric calibration (`--asymmetric {args.asymmetric}`, or the strength after "
+             "`=`); `gptq+asym` is GPTAQ",
+             "- the model's weights passed through 4-bit GGUF (Q4_1) at the source, so 3 bits is "
+             "the telling setting",
+             f"- each run in-process, {args.threads or 'all'} threads; environment: "
+             f"{environment.describe()}", "",
+             "| bits | method | ppl | gap to float | gap / gptq gap | gap / gptaq gap "
+             "| mean layer loss | time s | time / gptq |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    summary = {"float_ppl": base["ppl"]}
+    for bits in args.bits:
+        by = {}
+        for r in rows:
+            if r["bits"] == bits:
+                by.setdefault(r["method"], {})[r["seed"]] = r
+        for method, runs in by.items():
+            def ratios(ref: str, key: str) -> list[float]:
+                return [r[key] / by[ref][s][key] for s, r in runs.items()
+                        if ref in by and s in by[ref] and by[ref][s][key] > 0]
+            gap_gptq, gap_gptaq = ratios("gptq", "gap"), ratios("gptq+asym", "gap")
+            time_gptq = ratios("gptq", "wall_seconds")
+            values = list(runs.values())
+            lines.append(
+                f"| {bits} | {method} | {spread([r['ppl'] for r in values])} "
+                f"| {spread([r['gap'] for r in values])} "
+                f"| {spread(gap_gptq, '.3f') if gap_gptq else ''} "
+                f"| {spread(gap_gptaq, '.3f') if gap_gptaq else ''} "
+                f"| {spread([r['mean_layer_loss'] for r in values], '.5f')} "
+                f"| {spread([r['wall_seconds'] for r in values], '.0f')} "
+                f"| {spread(time_gptq, '.2f') if time_gptq else ''} |")
+            summary[f"w{bits}_{method}_ppl"] = [r["ppl"] for r in values]
+            if gap_gptq:
+                summary[f"w{bits}_{method}_gap_over_gptq_gap"] = gap_gptq
+    lines += ["", f"Whole run {time.perf_counter() - started:.0f}s. Ratios are taken seed by "
+              "seed (each method against GPTQ / GPTAQ calibrated on the same windows), then "
+              "summarised.", ""]
+    return "\n".join(lines) + "\n", summary
 
 
 if __name__ == "__main__":
