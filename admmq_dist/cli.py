@@ -88,6 +88,10 @@ RECIPE_FLAGS: list[tuple[str, str, dict]] = [
         "choices": ("float", "sequential"),
         "help": "coordinated: round 0 from GPTQ on the float model (float), or after one "
                 "sequential GPTQ pass, block by block (sequential: GPTQ's time) (float)"}),
+    ("--keep-best", "solver.coordinated_keep_best", {
+        "action": "store_true", "default": None,
+        "help": "coordinated: each round keeps, row by row, the better of its best iterate and "
+                "the codes already in place (on the refreshed Hessian)"}),
     ("--freeze-changed", "solver.freeze_changed", {
         "type": float, "metavar": "FRACTION",
         "help": "coordinated: freeze a layer once its codes move less than FRACTION in a round "

@@ -40,10 +40,11 @@ def cli(*args: str) -> dict:
 
 
 def coordinated(spec: str) -> list[str]:
-    """The quantize flags of a coordinated variant ``RULE[:START]``."""
+    """The quantize flags of a coordinated variant ``RULE[:START][+best]``."""
+    spec, best = spec.removesuffix("+best"), spec.endswith("+best")
     rule, _, start = spec.partition(":")
     return ["--schedule", "coordinated", "--refresh-dual", rule, "--coordinated-start",
-            start or "float", "--round-checkpoints"]
+            start or "float", "--round-checkpoints"] + (["--keep-best"] if best else [])
 
 
 def main(argv=None) -> int:
@@ -55,7 +56,8 @@ def main(argv=None) -> int:
                         help="segment counts to run (2 = one per worker; 30 = one per block)")
     parser.add_argument("--coordinated", nargs="*", default=["keep"], metavar="RULE[:START]",
                         help="coordinated-schedule runs, one per dual rule (keep, zero, "
-                             "stationary), each with an optional start (:float, :sequential)")
+                             "stationary), each with an optional start (:float, :sequential) "
+                             "and +best (--keep-best)")
     parser.add_argument("--asymmetric", type=float, default=None, metavar="S",
                         help="also run sequential ADMM-Q and the first coordinated variant with "
                              "asymmetric calibration of strength S")
@@ -112,6 +114,8 @@ def main(argv=None) -> int:
                 start = extra[extra.index("--coordinated-start") + 1]
                 if start != "float":
                     row["dual"] += f", {start} start"
+                if "--keep-best" in extra:
+                    row["dual"] += ", best kept"
             if schedule == "sequential":
                 row["ppl"] = cli("eval", str(out), *evaluate)["ppl"]
                 rows.append(row)

@@ -134,6 +134,21 @@ def test_the_stationary_dual_rule_and_the_sequential_start_are_real_options(mode
     assert digest(tmp_path / "asym") == digest(tmp_path / "asym2")
 
 
+def test_keeping_the_better_codes_per_row_stops_the_first_rounds_from_overshooting(
+        model_dir, reference, tmp_path):
+    """With coordinated_keep_best a round puts in place, row by row, the better of its best
+    iterate and the codes already in place (on the refreshed Hessian): round 1 no longer ends
+    above round 0, and the run ends lower than without."""
+    _, plain = reference
+    best = coordinated(model_dir, tmp_path / "best", coordinated_keep_best=True)
+    assert tensors(tmp_path / "best") != tensors(reference[0])
+    rounds = [h for h in plain["rounds"] if h["round"] != "polish"]
+    kept = [h for h in best["rounds"] if h["round"] != "polish"]
+    assert rounds[1]["mean_loss"] > rounds[0]["mean_loss"]  # the overshoot it removes
+    assert kept[1]["mean_loss"] < kept[0]["mean_loss"]
+    assert best["mean_loss"] < plain["mean_loss"]
+
+
 def test_frozen_layers_stop_costing_iterations_and_barely_change_the_result(model_dir,
                                                                            tmp_path):
     """A layer that moved less than freeze_changed in a round past stop_min_rho is no longer

@@ -19,13 +19,37 @@ import torch
 
 from ..model.capture import block_output
 from ..quant.factors import HessianFactors
-from ..quant.hessian import HessianAccumulator, asymmetric_target
+from ..quant.hessian import HessianAccumulator, asymmetric_target, loss_terms
 from ..quant.solvers.local_search import local_search
 from ..quant.solvers.rows import row_blocks
 from ..quant.solvers.solve import SolverSettings
 from . import memory
 from .layer import served_grid, solve_rows
 from .segment_worker import SegmentWorker
+
+
+def better_rows(block, codes: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor,
+                grid) -> object:
+    """``block`` (a row block's result) with each row's codes replaced by ``codes``' where those
+    have the smaller loss on ``hessian`` (rows do not interact in the objective)."""
+    w = weight[block.start:block.stop].double()
+    g = grid.row_slice(block.start, block.stop)
+    h = hessian.double()
+    old = codes[block.start:block.stop].to(block.codes.device, torch.int32)
+    new = block.codes.to(torch.int32)
+
+    def row_loss(c):
+        d = g.dequantize(c).double() - w
+        return ((d @ h) * d).sum(dim=1)
+
+    take = row_loss(old) < row_loss(new)
+    if not bool(take.any()):
+        return block
+    chosen = torch.where(take[:, None], old, new)
+    deq = g.dequantize(chosen)
+    num, _ = loss_terms(deq, w.float(), hessian)
+    return dataclasses.replace(block, codes=chosen.to(block.codes.dtype),
+                               weight=None if block.weight is None else deq, loss_num=num)
 
 
 class CoordinatedWorker(SegmentWorker):
@@ -182,6 +206,9 @@ class CoordinatedWorker(SegmentWorker):
                     for k, (start, stop) in enumerate(rows)]
         blocks = solve_rows(weight, hessian, grid, settings, rows, factors=factors, warm=warm,
                             compare=self.recipe.report.compare)
+        if previous is not None and self.recipe.solver.coordinated_keep_best:
+            blocks = [better_rows(blk, previous["codes"], weight, hessian, grid)
+                      for blk in blocks]
         last = torch.cat([blk.state["last_codes"] for blk in blocks]).to(torch.int32)
         changed = 1.0 if previous is None else float((last != previous["last"]).float().mean())
         return self._keep(b, name, group, blocks, grid, tokens, changed, last)

@@ -70,6 +70,10 @@ class SolverSettings:
     # admm.stop_min_rho is frozen — no longer iterated nor its Hessian captured (its codes stay
     # in place) — so late rounds work only on the layers still moving. None: never.
     freeze_changed: float | None = None
+    # coordinated: each round, per row, the better (on the refreshed Hessian) of the round's best
+    # iterate and the codes the previous round left in place — so a round whose iterates are
+    # still at small ρ cannot put worse codes in the model the next round calibrates on.
+    coordinated_keep_best: bool = False
     # After the last round: one more refresh and a local-search sweep on every layer's final
     # Hessian (every layer at once, like a round).
     coordinated_polish: bool = True
