@@ -86,8 +86,9 @@ RECIPE_FLAGS: list[tuple[str, str, dict]] = [
                 "zero it, or reset it so the codes are stationary on the new Hessian (keep)"}),
     ("--coordinated-start", "solver.coordinated_start", {
         "choices": ("float", "sequential"),
-        "help": "coordinated: round 0 from GPTQ on the float model (float), or after one "
-                "sequential GPTQ pass, block by block (sequential: GPTQ's time) (float)"}),
+        "help": "coordinated: round 0 after one sequential GPTQ pass, block by block "
+                "(sequential: GPTQ's time, the quality of the sequential schedule), or from GPTQ "
+                "on the float model, every block at once (float) (sequential)"}),
     ("--keep-best", "solver.coordinated_keep_best", {
         "action": "store_true", "default": None,
         "help": "coordinated: each round keeps, row by row, the better of its best iterate and "

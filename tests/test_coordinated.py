@@ -27,8 +27,10 @@ def model_dir(tmp_path_factory):
 
 
 def coordinated(model_dir, out, backend=None, **solver):
+    # The float start unless asked: every layer starts at once, so the rounds do all the work.
     recipe = override(Recipe(), {**SETTINGS, "solver": {
-        **SETTINGS["solver"], "schedule": "coordinated", "coordinated_rounds": ROUNDS, **solver}})
+        **SETTINGS["solver"], "schedule": "coordinated", "coordinated_rounds": ROUNDS,
+        "coordinated_start": "float", **solver}})
     return quantize_model(str(model_dir), out, recipe, device=torch.device("cpu"),
                           progress=False, threads=1, backend=backend, round_checkpoints=True)
 
@@ -188,7 +190,8 @@ def test_a_run_stopped_inside_a_round_resumes_into_the_same_bytes(model_dir, ref
     assert sorted(p.name for p in work_dir_for(tmp_path / "out").glob("round-*.done")) == [
         "round-000.done", "round-001.done"]
     recipe = override(Recipe(), {**SETTINGS, "solver": {
-        **SETTINGS["solver"], "schedule": "coordinated", "coordinated_rounds": ROUNDS}})
+        **SETTINGS["solver"], "schedule": "coordinated", "coordinated_rounds": ROUNDS,
+        "coordinated_start": "float"}})
     resumed = quantize_model(str(model_dir), tmp_path / "out", recipe, device=torch.device("cpu"),
                              progress=False, threads=1, resume=True)
 
@@ -204,6 +207,7 @@ def test_the_recipe_refuses_what_the_schedule_cannot_do():
         override(Recipe(), {"solver": {"schedule": "coordinated", "method": "gptq"}})
     with pytest.raises(ValueError, match="refresh_dual"):
         override(Recipe(), {"solver": {"refresh_dual": "rescale"}})
+    assert Recipe().solver.coordinated_start == "sequential"  # measured: the better start
     with pytest.raises(ValueError, match="coordinated_start"):
         override(Recipe(), {"solver": {"coordinated_start": "gptq"}})
     with pytest.raises(ValueError, match="coordinated_rounds"):
@@ -226,7 +230,8 @@ def test_asymmetric_calibration_pulls_the_model_toward_the_float_one(model_dir, 
 
     out, _ = reference
     recipe = override(Recipe(), {**SETTINGS, "solver": {
-        **SETTINGS["solver"], "schedule": "coordinated", "coordinated_rounds": ROUNDS},
+        **SETTINGS["solver"], "schedule": "coordinated", "coordinated_rounds": ROUNDS,
+        "coordinated_start": "float"},
         "calibration": {**SETTINGS["calibration"], "asymmetric": 0.25}})
     for name, n in (("asym", 1), ("asym2", 2)):
         quantize_model(str(model_dir), tmp_path / name, recipe, device=torch.device("cpu"),

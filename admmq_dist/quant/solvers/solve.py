@@ -61,11 +61,13 @@ class SolverSettings:
     # (continuous in ρ, so a change of ρ rescales U consistently by itself), "zero" it, or reset
     # it to the new Hessian's "stationary" value (the codes a fixed point of the W-step).
     refresh_dual: Literal["keep", "zero", "stationary"] = "keep"
-    # Where round 0's codes come from: "float" — GPTQ on the float model's Hessians, every layer
-    # at once; "sequential" — one sequential GPTQ pass first (block by block on the quantized
-    # model's inputs, one worker busy at a time: GPTQ's time), so that round 0's Hessians are
-    # already near the final model's.
-    coordinated_start: Literal["float", "sequential"] = "float"
+    # Where round 0's codes come from: "sequential" — one sequential GPTQ pass first (block by
+    # block on the quantized model's inputs, one worker busy at a time: GPTQ's time), so that
+    # round 0's Hessians are already near the final model's; "float" — GPTQ on the float
+    # model's Hessians, every layer at once. Measured on SmolLM2 3-bit (one run,
+    # benchmarks/results/coordinated_start_quick.md): the sequential start ends at the
+    # sequential schedule's perplexity, the float start 7.9% above it.
+    coordinated_start: Literal["float", "sequential"] = "sequential"
     # coordinated: a layer whose iterate moved less than this fraction in a round past
     # admm.stop_min_rho is frozen — no longer iterated nor its Hessian captured (its codes stay
     # in place) — so late rounds work only on the layers still moving. None: never.
