@@ -19,16 +19,20 @@ def model_dir(tmp_path_factory):
 
 
 
+def interrupt_at(block):
+    """An ``on_block`` that stops the run (as Ctrl-C would) once ``block`` is written."""
+    def interrupt(b):
+        if b == block:
+            raise KeyboardInterrupt
+    return interrupt
+
+
 def test_an_interrupted_run_resumes_into_the_same_bytes(model_dir, tmp_path):
     quantize(model_dir, tmp_path / "ref")
 
-    def interrupt(b):
-        if b == 1:
-            raise KeyboardInterrupt
-
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        quantize(model_dir, out, on_block=interrupt)
+        quantize(model_dir, out, on_block=interrupt_at(1))
     work = work_dir_for(out)
     assert not out.exists() and sorted(p.name for p in work.glob("block-*")) == [
         "block-00000.safetensors", "block-00001.safetensors"]
@@ -57,13 +61,9 @@ def test_resume_refuses_another_model_of_the_same_shape_and_other_threads(model_
     src = tmp_path / "src"
     shutil.copytree(model_dir, src)
 
-    def interrupt(b):
-        if b == 1:
-            raise KeyboardInterrupt
-
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        quantize(src, out, on_block=interrupt)
+        quantize(src, out, on_block=interrupt_at(1))
     with pytest.raises(ResumeError, match="threads_per_worker 1 -> 2"):
         quantize_model(str(src), out, override(Recipe(), SETTINGS), device=torch.device("cpu"),
                        progress=False, threads=2, resume=True)

@@ -44,11 +44,9 @@ def tensor_hashes(path: Path) -> dict[str, str]:
         header = json.loads(f.read(length))
         base = 8 + length
         out = {}
-        for name, info in sorted(header.items(), key=lambda kv: kv[1].get("data_offsets",
-                                                                           [0])[0]
-                                 if kv[0] != "__metadata__" else -1):
-            if name == "__metadata__":
-                continue
+        header.pop("__metadata__", None)
+        # In file order, so the file is read once, front to back.
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             h = hashlib.sha256(json.dumps([info["dtype"], info["shape"]]).encode())
             start, stop = info["data_offsets"]
             f.seek(base + start)
