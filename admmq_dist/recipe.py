@@ -25,6 +25,11 @@ from .quant.grid import GridSpec
 from .quant.solvers.solve import SolverSettings
 
 
+# The asymmetric-calibration strength "auto" stands for: measured on SmolLM2-135M end to end
+# (benchmarks/e2e_perplexity.py, results/e2e_perplexity_3bit.md), GPTAQ's own choice.
+AUTO_ASYMMETRIC = 0.25
+
+
 @dataclass(frozen=True)
 class CalibrationSettings:
     """Where calibration text comes from and how it is cut into token windows."""
@@ -49,11 +54,16 @@ class CalibrationSettings:
     # (match the float weights on the quantized model's inputs); 1 the exact asymmetric objective,
     # which over-fits the calibration tokens. Costs one more forward pass per block and the float
     # model's activations of the block being solved. Dense layers only: experts see different
-    # tokens in the two models.
-    asymmetric: float = 0.0
+    # tokens in the two models. "auto": AUTO_ASYMMETRIC for the calibrated methods, 0 for
+    # round-to-nearest (which reads no calibration data).
+    asymmetric: float | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.asymmetric <= 1.0:
+        if isinstance(self.asymmetric, str):
+            if self.asymmetric != "auto":
+                raise ValueError(f"asymmetric={self.asymmetric!r} must be 'auto' or a number "
+                                 "in [0, 1]")
+        elif not 0.0 <= self.asymmetric <= 1.0:
             raise ValueError(f"asymmetric={self.asymmetric} must lie in [0, 1]")
         for name in ("num_samples", "seq_len", "batch_size"):
             if getattr(self, name) < 1:
@@ -62,6 +72,18 @@ class CalibrationSettings:
             raise ValueError(f"min_expert_tokens={self.min_expert_tokens} must be non-negative")
         if self.expert_fallback not in ("all-tokens", "rtn"):
             raise ValueError(f"expert_fallback={self.expert_fallback!r} must be 'all-tokens' or 'rtn'")
+
+    def asymmetric_strength(self, method: str) -> float:
+        """The strength ``method`` runs with: ``asymmetric`` with "auto" resolved; 0 for RTN."""
+        if method == "rtn":
+            return 0.0
+        return AUTO_ASYMMETRIC if self.asymmetric == "auto" else float(self.asymmetric)
+
+    def settled(self, method: str) -> "CalibrationSettings":
+        """These settings with the strength ``method`` runs with in place of "auto"."""
+        if self.asymmetric != "auto":
+            return self
+        return dataclasses.replace(self, asymmetric=self.asymmetric_strength(method))
 
 
 @dataclass(frozen=True)

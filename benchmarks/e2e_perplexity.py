@@ -30,6 +30,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import environment  # noqa: E402  (benchmarks/environment.py)
+from admmq_dist.quant.solvers.solve import DEFAULT_ADMMQ_REFITS  # noqa: E402
 
 
 def admmq(*args: str) -> dict:
@@ -45,12 +46,14 @@ def admmq(*args: str) -> dict:
     return out
 
 
-METHODS = {  # name: quantize flags
+METHODS = {  # name: quantize flags; the plain methods pin the strength so a default can't move them
     "rtn": ["--method", "rtn"],
-    "gptq": ["--method", "gptq"],
-    "gptq+ls": ["--method", "gptq", "--local-search-sweeps", "1"],  # ADMM-Q's polish, for GPTQ
+    "gptq": ["--method", "gptq", "--asymmetric", "0"],
+    # ADMM-Q's polish (a local-search sweep, then its scale refits), for GPTQ
+    "gptq+ls": ["--method", "gptq", "--local-search-sweeps", "1",
+                "--scale-refits", str(DEFAULT_ADMMQ_REFITS), "--asymmetric", "0"],
     "gptq+asym": ["--method", "gptq"],  # GPTAQ: strength from --asymmetric
-    "admmq": ["--method", "admmq"],
+    "admmq": ["--method", "admmq", "--asymmetric", "0"],
     "admmq+asym": ["--method", "admmq"],
 }
 
@@ -100,21 +103,34 @@ def main(argv=None) -> int:
     print(f"float perplexity {base['ppl']:.4f} on {base['windows']} windows", file=sys.stderr,
           flush=True)
     rows = []
+    name = args.output or ("e2e_perplexity_quick.md" if args.quick else "e2e_perplexity.md")
     with tempfile.TemporaryDirectory(prefix="admmq-e2e-") as tmp:
         for bits in args.bits:
             for seed in args.seeds:
                 for method in args.methods:
+                    if method == "rtn" and seed != args.seeds[0]:
+                        # RTN reads no calibration data: one run stands for every seed.
+                        first = next(r for r in rows if r["bits"] == bits and r["method"] == "rtn")
+                        rows.append({**first, "seed": seed})
+                        continue
                     rows.append(run_one(model, Path(tmp), bits, seed, method, args, threads,
                                         evaluate, base, parser))
+                    if not args.no_write:  # what has run so far, should a long run be cut short
+                        write(name, tables(rows, base, args, started, partial=True)[0])
     report, summary = tables(rows, base, args, started)
     print(report)
     if not args.no_write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        name = args.output or ("e2e_perplexity_quick.md" if args.quick else "e2e_perplexity.md")
-        (RESULTS / name).write_text(report)
+        write(name, report)
     if args.json:
         print(json.dumps(summary))
     return 0
+
+
+def write(name: str, report: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS / f".{name}.tmp"
+    tmp.write_text(report)
+    tmp.replace(RESULTS / name)
 
 
 def run_one(model, tmp: Path, bits: int, seed: int, method: str, args, threads, evaluate,
@@ -137,21 +153,28 @@ def run_one(model, tmp: Path, bits: int, seed: int, method: str, args, threads, 
             "mean_layer_loss": q["mean_loss"]}
 
 
-def tables(rows: list[dict], base: dict, args, started: float) -> tuple[str, dict]:
+def tables(rows: list[dict], base: dict, args, started: float,
+           partial: bool = False) -> tuple[str, dict]:
     """The results table: per bits and method, mean and min–max over the seeds of perplexity,
     gap to float, the gap over GPTQ's and over GPTAQ's of the same seed, and time."""
     lines = ["# End-to-end perplexity: SmolLM2-135M on WikiText-2", "",
+             *(["**Partial: the run is still going (or was cut short); rows so far.**", ""]
+               if partial else []),
              f"- calibration: {args.num_samples} windows of {args.seq_len} tokens from the text "
              "shipped with admmq-dist (second half of the WikiText-2 test file), the same windows "
              f"for every method of a seed; seeds {args.seeds} (mean and min–max over them)",
              f"- evaluation: {base['windows']} windows of {args.seq_len} tokens from the first "
              f"half ({base['tokens']} predicted tokens); float perplexity {base['ppl']:.4f}",
              "- grid: group 64, asymmetric, compressed-tensors pack-quantized; lm_head unquantized",
-             "- `gptq+ls`: act-order GPTQ with the local-search sweep ADMM-Q gets; `+asym`: "
+             "- `gptq+ls`: act-order GPTQ with the polish ADMM-Q gets (a local-search sweep, "
+             f"then {DEFAULT_ADMMQ_REFITS} scale refit(s) each with a sweep); `+asym`: "
              f"asymmetric calibration (`--asymmetric {args.asymmetric}`, or the strength after "
              "`=`); `gptq+asym` is GPTAQ",
              "- the model's weights passed through 4-bit GGUF (Q4_1) at the source, so 3 bits is "
              "the telling setting",
+             "- RTN reads no calibration data: its one run stands for every seed",
+             "- mean layer loss: of the objective each run calibrated for (with `+asym` the true "
+             "asymmetric one, float weights on float inputs against quantized on quantized)",
              f"- each run in-process, {args.threads or 'all'} threads; environment: "
              f"{environment.describe()}", "",
              "| bits | method | ppl | gap to float | gap / gptq gap | gap / gptaq gap "
@@ -181,7 +204,7 @@ def tables(rows: list[dict], base: dict, args, started: float) -> tuple[str, dic
             summary[f"w{bits}_{method}_ppl"] = [r["ppl"] for r in values]
             if gap_gptq:
                 summary[f"w{bits}_{method}_gap_over_gptq_gap"] = gap_gptq
-    lines += ["", f"Whole run {time.perf_counter() - started:.0f}s. Ratios are taken seed by "
+    lines += ["", f"{'So far' if partial else 'Whole run'} {time.perf_counter() - started:.0f}s. Ratios are taken seed by "
               "seed (each method against GPTQ / GPTAQ calibrated on the same windows), then "
               "summarised.", ""]
     return "\n".join(lines) + "\n", summary

@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from admmq_dist.quant.grid import GridSpec, fit_grid  # noqa: E402
 from admmq_dist.quant.solvers import ADMMSettings, admmq, gptq, local_search, rtn  # noqa: E402
+from admmq_dist.quant.solvers.scales import refit_scales  # noqa: E402
 from admmq_dist.quant.solvers.solve import SolverSettings  # noqa: E402
 from real_layers import load_real_layers  # noqa: E402
 
@@ -46,23 +48,42 @@ def run_layer(weight, hessian, grid, settings: SolverSettings) -> dict:
     out["gptq_act"] = (ga.loss, ga.seconds)
     gls = local_search(weight, hessian, grid, ga.codes, max(settings.sweeps, 1))
     out["gptq_act_ls"] = (gls.loss, ga.seconds + gls.seconds)
+    # The same polish as ADMM-Q's default: the sweep, then the scale refits with theirs.
+    gp = refits(weight, hessian, grid, gls, settings)
+    out["gptq_act_polish"] = (gp.loss, out["gptq_act_ls"][1] + gp.seconds)
     a = admmq(weight, hessian, grid, settings.admm, gptq_settings=settings.gptq)
     out["admmq_only"] = (a.loss, a.seconds)
     als = local_search(weight, hessian, grid, a.codes, max(settings.sweeps, 1))
-    out["admmq"] = (als.loss, a.seconds + als.seconds)
+    out["admmq_ls"] = (als.loss, a.seconds + als.seconds)
+    ap = refits(weight, hessian, grid, als, settings)
+    out["admmq"] = (ap.loss, out["admmq_ls"][1] + ap.seconds)
     out["admmq_iterations"] = a.iterations
     return out
 
 
+def refits(weight, hessian, grid, polished, settings: SolverSettings):
+    """``settings.refits`` rounds of scale refit + local-search sweep after ``polished``
+    (as solve() runs them); returns an object with the final ``loss`` and the ``seconds``
+    they took."""
+    t = time.perf_counter()
+    result = polished
+    for _ in range(settings.refits):
+        grid = refit_scales(weight, hessian, grid, result.codes, torch.bfloat16)
+        result = local_search(weight, hessian, grid, result.codes, max(settings.sweeps, 1))
+    return SimpleNamespace(loss=result.loss, seconds=time.perf_counter() - t)
+
+
 SINGLE_RATE = dict(rho_slow_from=None, rho_growth=1.05)
 ABLATION = [
-    # (label, ADMM settings overrides, local-search sweeps)
+    # (label, ADMM settings overrides, local-search sweeps[, scale refits])
     ("spec start: RTN init, rho 0.01, x1.05, stop 1e-5",
      dict(SINGLE_RATE, init="rtn", rho_start=0.01, stop_tolerance=1e-5), 0),
     ("+ GPTQ init", dict(SINGLE_RATE, rho_start=0.01, stop_tolerance=1e-5), 0),
     ("+ rho_start 0.1, stop 1e-4", dict(SINGLE_RATE), 0),
     ("+ two-phase schedule: x1.1 to rho 0.3, then x1.03 (default ADMM)", dict(), 0),
-    ("+ local search, 1 sweep (shipped default)", dict(), 1),
+    ("+ local search, 1 sweep", dict(), 1),
+    ("+ scale refit, 1 round with its sweep (shipped default)", dict(), 1, 1),
+    ("  scale refits, 3 rounds", dict(), 1, 3),
     ("  local search, 2 sweeps", dict(), 2),
     ("  slower second phase: x1.02", dict(rho_growth_slow=1.02, iterations=300), 1),
     ("  single rate x1.05 with local search", dict(SINGLE_RATE), 1),
@@ -82,8 +103,9 @@ def ablation(layers, bits: int, group_size: int) -> list[str]:
         problems.append((layer, grid, base))
     lines = [f"## What each idea contributes ({bits} bits, {len(problems)} layers)", "",
              "| configuration | mean loss / gptq_act | max | time / gptq_act |", "|---|---|---|---|"]
-    for label, overrides, sweeps in ABLATION:
+    for label, overrides, sweeps, *refit in ABLATION:
         settings = ADMMSettings(**overrides)
+        rounds = SolverSettings(scale_refits=refit[0] if refit else 0)
         ratios, seconds, base_seconds = [], 0.0, 0.0
         for layer, grid, base in problems:
             a = admmq(layer["weight"], layer["hessian"], grid, settings)
@@ -91,6 +113,9 @@ def ablation(layers, bits: int, group_size: int) -> list[str]:
             if sweeps:
                 ls = local_search(layer["weight"], layer["hessian"], grid, a.codes, sweeps)
                 loss, spent = ls.loss, spent + ls.seconds
+                if rounds.refits:
+                    more = refits(layer["weight"], layer["hessian"], grid, ls, rounds)
+                    loss, spent = more.loss, spent + more.seconds
             ratios.append(loss / base.loss)
             seconds += spent
             base_seconds += base.seconds
@@ -122,7 +147,8 @@ def main(argv=None) -> int:
     load_seconds = time.perf_counter() - started
     settings = SolverSettings()
 
-    methods = ["rtn", "gptq", "gptq_act", "gptq_act_ls", "admmq_only", "admmq"]
+    methods = ["rtn", "gptq", "gptq_act", "gptq_act_ls", "gptq_act_polish", "admmq_only",
+               "admmq_ls", "admmq"]
     lines = [
         "# Layer quality: ADMM-Q against GPTQ on SmolLM2-135M layers",
         "",
@@ -130,11 +156,14 @@ def main(argv=None) -> int:
         "WikiText-2 tokens (second half of the test file)",
         f"- grid: asymmetric, group {args.group_size}, min-max; every method on the same grid",
         f"- ADMM-Q settings: {settings.admm.__dict__}",
-        f"- local search sweeps: {settings.sweeps}",
+        f"- local search sweeps: {settings.sweeps}; scale refits: {settings.refits} (scales "
+        "rounded to bfloat16)",
         f"- machine: {platform.processor() or platform.machine()}, torch threads {args.threads}, "
         f"torch {torch.__version__}",
-        "- `admmq` is ADMM-Q followed by local search (the shipped default); `admmq_only` is "
-        "ADMM-Q alone; `gptq_act_ls` is act-order GPTQ followed by the same local search.",
+        "- `admmq` is the shipped default: ADMM-Q, a local-search sweep, then the scale "
+        "refit(s) each followed by a sweep; `admmq_ls` stops after the first sweep; "
+        "`admmq_only` is ADMM-Q alone. `gptq_act_ls` is act-order GPTQ with the sweep, "
+        "`gptq_act_polish` with the whole polish ADMM-Q gets (sweep and refits).",
         "",
     ]
     summary: dict = {}
@@ -171,6 +200,10 @@ def main(argv=None) -> int:
             "admmq_only_over_gptq_act_mean": statistics.fmean(ratio["admmq_only"]),
             "admmq_only_over_gptq_act_max": max(ratio["admmq_only"]),
             "gptq_act_ls_over_gptq_act_mean": statistics.fmean(ratio["gptq_act_ls"]),
+            "gptq_act_polish_over_gptq_act_mean": statistics.fmean(ratio["gptq_act_polish"]),
+            "admmq_over_gptq_act_polish_mean": statistics.fmean(
+                a / b for a, b in zip(ratio["admmq"], ratio["gptq_act_polish"])),
+            "admmq_ls_over_gptq_act_mean": statistics.fmean(ratio["admmq_ls"]),
             "gptq_over_gptq_act_mean": statistics.fmean(ratio["gptq"]),
             "rtn_over_gptq_act_mean": statistics.fmean(ratio["rtn"]),
             "seconds": seconds,

@@ -12,7 +12,10 @@ from admmq_dist.run.job import quantize_model
 
 SETTINGS = {"grid": {"bits": 3, "group_size": 32},
             "solver": {"row_block": 24, "admm": {"iterations": 40}},
-            "calibration": {"dataset": None, "num_samples": 8, "seq_len": 48, "batch_size": 2}}
+            # The plain objective unless a test asks for asymmetric calibration (the default,
+            # "auto", is exercised by test_recipe.py, test_worker.py and the CLI tests).
+            "calibration": {"dataset": None, "num_samples": 8, "seq_len": 48, "batch_size": 2,
+                            "asymmetric": 0.0}}
 
 
 def digest(folder):

@@ -101,6 +101,8 @@ def test_cross_terms_average_and_merge_like_the_hessian():
     x = torch.cat([b.reshape(-1, 24) for b in data]).double()
     r = torch.cat([b.reshape(-1, 24) for b in refs]).double()
     assert torch.allclose(whole.cross().double(), (r - x).T @ x / x.shape[0], atol=1e-5)
+    assert torch.allclose(whole.deviation().double(), (r - x).T @ (r - x) / x.shape[0],
+                          atol=1e-6)
     assert torch.equal(whole.hessian(), single_pass(data).hessian())
     odd, even = HessianAccumulator(24, cross=True), HessianAccumulator(24, cross=True)
     for i, (x, r) in enumerate(zip(data, refs)):
@@ -108,6 +110,7 @@ def test_cross_terms_average_and_merge_like_the_hessian():
     merged = HessianAccumulator.from_state(odd.state())
     merged.merge(HessianAccumulator.from_state(even.state()))
     assert torch.equal(merged.cross(), whole.cross())
+    assert torch.equal(merged.deviation(), whole.deviation())
     with pytest.raises(ValueError, match="reference"):
         whole.add(data[0], 99)
     with pytest.raises(ValueError, match="cross"):
@@ -136,6 +139,32 @@ def test_asymmetric_target_turns_the_asymmetric_loss_into_the_ordinary_one():
     assert torch.equal(asymmetric_target(w, h, cross, 0.0, 0.01), w)
     half = asymmetric_target(w, h, cross, 0.5, 0.0)
     assert torch.allclose(half, (w + target) / 2, atol=1e-10)
+
+
+def test_the_true_asymmetric_loss_is_measured_on_the_float_weights_and_inputs():
+    """asymmetric_loss_terms equals ‖W X_ref − Q X‖² / ‖W X_ref‖² computed from the activations
+    (whatever target Q was solved for), and differs from the loss against the moved target."""
+    from admmq_dist.quant.hessian import asymmetric_loss_terms, asymmetric_target, relative_loss
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(500, 16, generator=g, dtype=torch.float64)
+    ref = x + 0.3 * torch.randn(500, 16, generator=g, dtype=torch.float64)
+    w = torch.randn(6, 16, generator=g, dtype=torch.float64)
+    acc = HessianAccumulator(16, cross=True)
+    acc.add(x, 0, ref)
+    h, cross, deviation = acc.hessian(), acc.cross(), acc.deviation()
+    target = asymmetric_target(w.float(), h, cross, 0.25, 0.01)
+    q = (target * 4).round() / 4  # some quantized weight near the moved target
+    num, den = asymmetric_loss_terms(q, w, h, cross, deviation)
+    direct_num = float(((ref @ w.T - x @ q.double().T) ** 2).sum() / 500)
+    direct_den = float(((ref @ w.T) ** 2).sum() / 500)
+    assert num == pytest.approx(direct_num, rel=1e-5)
+    assert den == pytest.approx(direct_den, rel=1e-5)
+    assert abs(num / den - relative_loss(q, target, h)) > 0.01 * num / den
+    # Q = W on identical streams: no loss at all.
+    same = HessianAccumulator(16, cross=True)
+    same.add(x, 0, x)
+    assert asymmetric_loss_terms(w, w, same.hessian(), same.cross(), same.deviation())[0] == 0
 
 
 def test_an_in_order_accumulator_keeps_one_running_sum_and_refuses_disorder():

@@ -51,9 +51,10 @@ def test_row_blocks_solved_apart_cross_processes_lean_and_report_in_one_schema()
     result = combine(light, grid)
     row = report_row("model.layers.0.mlp.up_proj", 0, result, light, solved=True,
                      calibration="dense", tokens=1024, group=["up_proj"], changed=0.5)
-    assert list(row)[:10] == ["layer", "block", "method", "shape", "loss", "iterations",
-                              "seconds", "calibration", "tokens", "group"]
+    assert list(row)[:11] == ["layer", "block", "method", "shape", "loss", "target_loss",
+                              "iterations", "seconds", "calibration", "tokens", "group"]
     assert row["shape"] == [40, 64] and 0 < row["loss"] < 0.2 and row["changed"] == 0.5
+    assert row["target_loss"] is None  # no asymmetric calibration: one objective
     assert len(row["residual"]) == row["iterations"] and row["rho"]
     assert report_row("x", 0, result, light, solved=False, calibration="rtn", tokens=0,
                       group=["x"])["loss"] is None
@@ -116,7 +117,7 @@ def test_layers_are_solved_on_the_scales_the_checkpoint_stores(tmp_path, monkeyp
                                  "output": {"format": fmt, "dtype": dtype},
                                  "calibration": {"dataset": None, "num_samples": 4,
                                                  "seq_len": 32, "batch_size": 2},
-                                 "solver": {"admm": {"iterations": 5}}})
+                                 "solver": {"admm": {"iterations": 5}, "scale_refits": 0}})
     quantize_model(str(src), tmp_path / "out", recipe, device=torch.device("cpu"),
                    progress=False, threads=1)
     scales = [s for grids in used.values() for s in grids]
@@ -129,3 +130,14 @@ def test_layers_are_solved_on_the_scales_the_checkpoint_stores(tmp_path, monkeyp
     assert all(stored[k].dtype == scale_dtype for k in stored if k.endswith(suffix))
     # Each stored scale is one a layer was solved on, bit for bit.
     assert all(any(torch.equal(v, s) for s in scales) for v in kept)
+    # Refitted scales (ADMM-Q's default) are rounded as they are stored, so the weights later
+    # blocks were calibrated on are the served ones; they are not the fitted grids' any more.
+    used.clear()
+    refit = override(recipe, {"solver": {"scale_refits": 2}})
+    quantize_model(str(src), tmp_path / "refit", refit, device=torch.device("cpu"),
+                   progress=False, threads=1)
+    stored = load_file(next((tmp_path / "refit").glob("*.safetensors")))
+    refitted = [v.float().T if fmt == "gptq" else v.float() for k, v in stored.items()
+                if k.endswith(suffix)]
+    fitted = [s for grids in used.values() for s in grids]
+    assert sum(not any(torch.equal(v, s) for s in fitted) for v in refitted) >= 7

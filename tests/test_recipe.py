@@ -36,6 +36,7 @@ def test_nested_overrides_apply_and_keep_the_rest(tmp_path):
     ("solver: {method: awq}", "solver.method: 'awq' is not one of"),
     ("grid: 3", "grid: expected a mapping"),
     ("calibration: {asymmetric: 1.5}", "calibration: asymmetric=1.5 must lie in"),
+    ("calibration: {asymmetric: always}", "calibration.asymmetric: expected a number"),
 ])
 def test_bad_recipes_name_the_key(tmp_path, text, message):
     path = tmp_path / "r.yaml"
@@ -66,6 +67,31 @@ def test_shipped_recipes_load():
     for path in recipes:
         recipe = load_recipe(path)
         assert recipe.grid.bits in (2, 3, 4, 8)
+
+
+def test_asymmetric_calibration_is_on_by_default_and_one_flag_turns_it_off():
+    """The default strength is "auto": AUTO_ASYMMETRIC for the calibrated methods, 0 for RTN;
+    the run stores the number it used; --asymmetric 0 is the plain objective."""
+    from admmq_dist.cli import _recipe_from_args, build_parser
+    from admmq_dist.recipe import AUTO_ASYMMETRIC
+    from admmq_dist.run.job import settle_recipe
+
+    assert 0 < AUTO_ASYMMETRIC <= 1
+    recipe = Recipe()
+    assert recipe.calibration.asymmetric == "auto"
+    for method, strength in (("admmq", AUTO_ASYMMETRIC), ("gptq", AUTO_ASYMMETRIC), ("rtn", 0)):
+        chosen = override(recipe, {"solver": {"method": method}})
+        assert chosen.calibration.asymmetric_strength(method) == strength
+        settled, _ = settle_recipe(chosen, experts=False)
+        assert settled.calibration.asymmetric == strength  # stored resolved in recipe.yaml
+    plain = _recipe_from_args(build_parser().parse_args(["quantize", "-o", "o",
+                                                        "--asymmetric", "0"]))
+    assert plain.calibration.asymmetric_strength("admmq") == 0
+    auto = _recipe_from_args(build_parser().parse_args(["quantize", "-o", "o",
+                                                       "--asymmetric", "auto"]))
+    assert auto == Recipe()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["quantize", "-o", "o", "--asymmetric", "some"])
 
 
 def test_gptq_settings_live_under_solver_gptq_only():
@@ -144,6 +170,8 @@ def test_every_recipe_flag_sets_the_field_it_names():
             argv, expected = [flag, "attn", flag, "mlp"], ("attn", "mlp")
         elif kwargs.get("type") is int:
             argv, expected = [flag, "7"], 7
+        elif path == "calibration.asymmetric":  # a number, or "auto" (the default)
+            argv, expected = [flag, "0"], 0.0
         elif kwargs.get("type") is float:  # 1.5: a valid growth, penalty, damping or strength
             value = 1.5 if path.endswith(("rho_growth", "rho_start", "rho_growth_slow")) else 0.5
             argv, expected = [flag, str(value)], value

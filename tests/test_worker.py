@@ -46,7 +46,9 @@ def test_two_workers_hand_over_what_one_worker_computes(tmp_path):
     one.call(0, "finish_hessian", 0, key)
     two.call(0, "merge_hessian_part", 0, key, two.call(1, "hessian_part", 0, key))
     size = two.call(0, "finish_hessian", 0, key)
-    assert size == 64 * 64 * 4  # the merged Hessian crosses once, fp32, no partial-sum tree
+    # The merged Hessian, cross term and deviation (asymmetric calibration, the default) cross
+    # once, fp32, no partial-sum tree.
+    assert size == 3 * 64 * 64 * 4
     a = one.call(0, "solve", 0, key, key, [(0, 32)])
     b = two.call(1, "solve", 0, key, key, [(0, 32)], two.call(0, "merged_hessian", 0, key))
     c = two.call(0, "solve", 0, key, key, [(32, 64)])

@@ -4,7 +4,8 @@ A grid assigns every weight ``W[i, j]`` of a ``[rows, cols]`` matrix (``[out, in
 integer zero point, shared by the ``group_size`` consecutive input columns of its group. Codes are
 unsigned integers in ``[0, 2**bits - 1]`` and dequantise as ``scale * (code - zero)``.
 
-The grid is fixed before any solver runs: solvers choose codes, never scales.
+The grid is fitted before any solver runs and solvers choose codes on it; only the scale refit
+(``solvers/scales.py``), after the codes are chosen, moves its scales.
 """
 
 from __future__ import annotations

@@ -26,7 +26,9 @@ class HessianAccumulator:
     accumulator; :meth:`hessian` returns the average ``[n, n]``.
 
     With ``cross=True`` it also accumulates ``Σ (x_ref − x) xᵀ``, where ``x_ref`` is what the same
-    tokens looked like in the float model (asymmetric calibration, :func:`asymmetric_target`).
+    tokens looked like in the float model (asymmetric calibration, :func:`asymmetric_target`), and
+    ``Σ (x_ref − x)(x_ref − x)ᵀ``, which only the loss against the true asymmetric objective
+    needs (:func:`asymmetric_loss_terms`).
     """
 
     def __init__(self, num_inputs: int, device: torch.device | str = "cpu",
@@ -40,6 +42,7 @@ class HessianAccumulator:
         # (level, index) -> sum over batches [index * 2**level, (index + 1) * 2**level)
         self._nodes: dict[tuple[int, int], torch.Tensor] = {}
         self._cross: dict[tuple[int, int], torch.Tensor] | None = {} if cross else None
+        self._deviation: dict[tuple[int, int], torch.Tensor] | None = {} if cross else None
 
     @property
     def has_cross(self) -> bool:
@@ -66,7 +69,9 @@ class HessianAccumulator:
                 raise ValueError(f"reference activations have shape {tuple(reference.shape)}, "
                                  f"expected {tuple(activations.shape)}")
             ref = reference.reshape(-1, self.num_inputs).to(device=self.device, dtype=torch.float32)
-            self._add(self._cross, batch_index, (ref - x).T @ x)
+            delta = ref - x
+            self._add(self._cross, batch_index, delta.T @ x)
+            self._add(self._deviation, batch_index, delta.T @ delta)
         self._add(self._nodes, batch_index, x.T @ x)
         self.num_rows += x.shape[0]
         self._batches += 1
@@ -91,6 +96,8 @@ class HessianAccumulator:
             self._insert(self._nodes, level, index, value.to(self.device))
         for (level, index), value in sorted((other._cross or {}).items()):
             self._insert(self._cross, level, index, value.to(self.device))
+        for (level, index), value in sorted((other._deviation or {}).items()):
+            self._insert(self._deviation, level, index, value.to(self.device))
         self.num_rows += other.num_rows
 
     @staticmethod
@@ -110,6 +117,7 @@ class HessianAccumulator:
                "nodes": {k: v.cpu() for k, v in self._nodes.items()}}
         if self._cross is not None:
             out["cross"] = {k: v.cpu() for k, v in self._cross.items()}
+            out["deviation"] = {k: v.cpu() for k, v in self._deviation.items()}
         return out
 
     @classmethod
@@ -119,6 +127,7 @@ class HessianAccumulator:
         acc._nodes = {k: v.to(acc.device) for k, v in state["nodes"].items()}
         if "cross" in state:
             acc._cross = {k: v.to(acc.device) for k, v in state["cross"].items()}
+            acc._deviation = {k: v.to(acc.device) for k, v in state["deviation"].items()}
         return acc
 
     def _total(self, nodes: dict) -> torch.Tensor:
@@ -139,6 +148,13 @@ class HessianAccumulator:
         if self._cross is None:
             raise ValueError("this accumulator was made without cross terms")
         return self._total(self._cross)
+
+    def deviation(self) -> torch.Tensor:
+        """``Σ (x_ref − x)(x_ref − x)ᵀ / num_rows`` as float32 ``[n, n]`` (``cross=True``
+        only)."""
+        if self._deviation is None:
+            raise ValueError("this accumulator was made without cross terms")
+        return self._total(self._deviation)
 
 
 def dead_inputs(hessian: torch.Tensor) -> torch.Tensor:
@@ -207,6 +223,28 @@ def relative_loss(weight: torch.Tensor, reference: torch.Tensor, hessian: torch.
     """``tr(Δ H Δᵀ) / tr(W0 H W0ᵀ)`` with ``Δ = weight - reference``, in float64."""
     num, den = loss_terms(weight, reference, hessian)
     return num / den if den > 0 else num
+
+
+def asymmetric_loss_terms(quantized: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor,
+                          cross: torch.Tensor, deviation: torch.Tensor) -> tuple[float, float]:
+    """``(‖W X_ref − Q X‖², ‖W X_ref‖²)`` per token, in float64: the true asymmetric objective
+    (float weights on the float model's inputs against quantized weights on the quantized
+    model's) whatever strength the solver ran with. Summed over row blocks they give the whole
+    matrix's relative loss.
+
+    With ``Δ = W − Q`` and ``ΔX = X_ref − X``: ``W X_ref − Q X = Δ X + W ΔX``, so the numerator is
+    ``tr(Δ H Δᵀ) + 2 tr(W C Δᵀ) + tr(W D Wᵀ)`` — a sum of the parts, with no difference of large
+    numbers. Shapes: quantized and weight ``[out, in]``; ``hessian`` (``X Xᵀ``), ``cross``
+    (``ΔX Xᵀ``) and ``deviation`` (``ΔX ΔXᵀ``) ``[in, in]``, all averaged over tokens.
+    """
+    h, c, d = hessian.double(), cross.double(), deviation.double()
+    w = weight.double()
+    delta = w - quantized.double()
+    wd = w @ d
+    num = ((delta @ h) * delta).sum() + 2 * ((w @ c) * delta).sum() + (wd * w).sum()
+    # X_ref X_refᵀ = H + C + Cᵀ + D
+    den = ((w @ h) * w).sum() + 2 * ((w @ c) * w).sum() + (wd * w).sum()
+    return float(num), float(den)
 
 
 def asymmetric_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor,

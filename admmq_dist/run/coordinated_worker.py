@@ -19,7 +19,8 @@ import torch
 
 from ..model.capture import block_output
 from ..quant.factors import HessianFactors
-from ..quant.hessian import HessianAccumulator, asymmetric_target, loss_terms
+from ..quant.hessian import (HessianAccumulator, asymmetric_loss_terms, asymmetric_target,
+                             loss_terms)
 from ..quant.solvers.local_search import local_search
 from ..quant.solvers.rows import row_blocks
 from ..quant.solvers.solve import SolverSettings
@@ -29,9 +30,10 @@ from .segment_worker import SegmentWorker
 
 
 def better_rows(block, codes: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor,
-                grid) -> object:
+                grid, true_objective: tuple | None = None) -> object:
     """``block`` (a row block's result) with each row's codes replaced by ``codes``' where those
-    have the smaller loss on ``hessian`` (rows do not interact in the objective)."""
+    have the smaller loss on ``hessian`` (rows do not interact in the objective);
+    ``true_objective`` as :func:`.layer.solve_rows` takes it, to keep the report's loss."""
     w = weight[block.start:block.stop].double()
     g = grid.row_slice(block.start, block.stop)
     h = hessian.double()
@@ -48,8 +50,14 @@ def better_rows(block, codes: torch.Tensor, weight: torch.Tensor, hessian: torch
     chosen = torch.where(take[:, None], old, new)
     deq = g.dequantize(chosen)
     num, _ = loss_terms(deq, w.float(), hessian)
+    true_loss = block.true_loss
+    if true_objective is not None:
+        float_weight, cross, deviation = true_objective
+        true_loss = asymmetric_loss_terms(deq, float_weight[block.start:block.stop], hessian,
+                                          cross, deviation)
     return dataclasses.replace(block, codes=chosen.to(block.codes.dtype),
-                               weight=None if block.weight is None else deq, loss_num=num)
+                               weight=None if block.weight is None else deq, loss_num=num,
+                               true_loss=true_loss)
 
 
 class CoordinatedWorker(SegmentWorker):
@@ -62,7 +70,7 @@ class CoordinatedWorker(SegmentWorker):
             self._block_shapes(), hidden=int(first.shape[-1]),
             batch_tokens=int(first.shape[0]) * int(first.shape[1]),
             act_bytes=self.dtype.itemsize, row_block=self.recipe.solver.row_block,
-            asymmetric=bool(self.recipe.calibration.asymmetric),
+            asymmetric=bool(self.asymmetric),
             eigh_for=self.recipe.solver.uses_eigh)
         return plan.on(self.device)
 
@@ -145,10 +153,11 @@ class CoordinatedWorker(SegmentWorker):
                                               inputs[0] if reference is None else reference)
 
     def _hessians(self):
-        """``(block, group, Hessian, tokens, factors, targets)`` per owned layer input, in block
-        order — ``targets``: each linear's weight to aim at (its float weight, or under
-        asymmetric calibration the moved target of :func:`asymmetric_target`); the accumulators
-        are released as they are read."""
+        """``(block, group, Hessian, tokens, factors, targets, asym)`` per owned layer input, in
+        block order — ``targets``: each linear's weight to aim at (its float weight, or under
+        asymmetric calibration the moved target of :func:`asymmetric_target`); ``asym``: the
+        ``(cross term, deviation)`` the report's true loss needs, or None; the accumulators are
+        released as they are read."""
         for b in self.owned:
             for stage in self._stages(b):
                 for group in stage:
@@ -158,12 +167,12 @@ class CoordinatedWorker(SegmentWorker):
                     hessian = acc.hessian()
                     factors = HessianFactors(hessian, self.device)
                     targets = {name: self.float_weights[(b, name)] for name in group}
-                    if acc.has_cross:
-                        cross = acc.cross()
-                        targets = {name: asymmetric_target(w, hessian, cross, self.asymmetric,
+                    asym = (acc.cross(), acc.deviation()) if acc.has_cross else None
+                    if asym is not None:
+                        targets = {name: asymmetric_target(w, hessian, asym[0], self.asymmetric,
                                                            self.recipe.solver.gptq.damp)
                                    for name, w in targets.items()}
-                    yield b, group, hessian, acc.num_rows, factors, targets
+                    yield b, group, hessian, acc.num_rows, factors, targets, asym
                     self.count_factorizations(factors)
 
     @torch.no_grad()
@@ -178,19 +187,21 @@ class CoordinatedWorker(SegmentWorker):
         t = time.perf_counter()
         solver = self.recipe.solver
         # No early stop inside a round: when to stop is the coordinator's call.
-        settings = dataclasses.replace(solver, local_search_sweeps=0, admm=dataclasses.replace(
-            solver.admm, iterations=iterations, rho_start=rho, stop_tolerance=0.0))
+        # Nor a scale refit: the grid stays the one of round 0, so codes compare across rounds.
+        settings = dataclasses.replace(
+            solver, local_search_sweeps=0, scale_refits=0, admm=dataclasses.replace(
+                solver.admm, iterations=iterations, rho_start=rho, stop_tolerance=0.0))
         frozen = {tuple(key) for key in frozen}
         out = [self._iterate_layer(b, name, group, hessian, factors, tokens, settings,
-                                   targets[name])
-               for b, group, hessian, tokens, factors, targets in self._hessians()
+                                   targets[name], asym)
+               for b, group, hessian, tokens, factors, targets, asym in self._hessians()
                for name in group if (b, name) not in frozen]
         self.busy["solve"] += time.perf_counter() - t
         return out
 
     def _iterate_layer(self, b: int, name: str, group: list[str], hessian: torch.Tensor,
                        factors: HessianFactors, tokens: int, settings: SolverSettings,
-                       weight: torch.Tensor) -> dict:
+                       weight: torch.Tensor, asym: tuple | None = None) -> dict:
         previous = self.layer_states.get((b, name))
         # The grid is fitted once, in round 0, to the float weight (the target then: the float
         # model's inputs are its own), and kept: codes stay comparable across rounds.
@@ -204,10 +215,11 @@ class CoordinatedWorker(SegmentWorker):
                      "dual": {"keep": previous["duals"][k], "zero": None,
                               "stationary": "stationary"}[rule]}
                     for k, (start, stop) in enumerate(rows)]
+        true_objective = None if asym is None else (self.float_weights[(b, name)], *asym)
         blocks = solve_rows(weight, hessian, grid, settings, rows, factors=factors, warm=warm,
-                            compare=self.recipe.report.compare)
+                            compare=self.recipe.report.compare, true_objective=true_objective)
         if previous is not None and self.recipe.solver.coordinated_keep_best:
-            blocks = [better_rows(blk, previous["codes"], weight, hessian, grid)
+            blocks = [better_rows(blk, previous["codes"], weight, hessian, grid, true_objective)
                       for blk in blocks]
         last = torch.cat([blk.state["last_codes"] for blk in blocks]).to(torch.int32)
         changed = 1.0 if previous is None else float((last != previous["last"]).float().mean())
@@ -221,7 +233,7 @@ class CoordinatedWorker(SegmentWorker):
         t = time.perf_counter()
         sweeps = self.recipe.solver.sweeps or 1
         out = []
-        for b, group, hessian, tokens, _, targets in self._hessians():
+        for b, group, hessian, tokens, _, targets, asym in self._hessians():
             for name in group:
                 state = self.layer_states[(b, name)]
                 before = state["codes"]
@@ -230,7 +242,12 @@ class CoordinatedWorker(SegmentWorker):
                 state["codes"] = result.codes.to(torch.int32)
                 linear = self.layers[(b, name)]
                 linear.weight.copy_(result.weight.to(linear.weight.dtype))
-                out.append({"block": b, "layer": name, "loss": result.loss, "tokens": tokens,
+                loss = result.loss
+                if asym is not None:  # the true objective's, as the rounds report it
+                    num, den = asymmetric_loss_terms(result.weight, self.float_weights[(b, name)],
+                                                     hessian, *asym)
+                    loss = num / den if den > 0 else float("nan")
+                out.append({"block": b, "layer": name, "loss": loss, "tokens": tokens,
                             "changed": float((state["codes"] != before).float().mean())})
         self.busy["solve"] += time.perf_counter() - t
         return out

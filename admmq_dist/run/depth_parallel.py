@@ -136,7 +136,7 @@ class DepthParallelSchedule:
         self.history = marker["history"]
         self.latest = {(row["block"], row["layer"]): row for row in marker["rows"]}
         solved_in = {j: min(j, marker["round"]) for j in range(self.num_segments)}
-        if self.recipe.calibration.asymmetric:
+        if self.recipe.calibration.asymmetric_strength(self.recipe.solver.method):
             # The float model's segment inputs were not committed (they never change): one float
             # forward, before the committed weights go in place, gives them back.
             self._pipeline("forward_shard")

@@ -61,9 +61,10 @@ def calibration_batches(model_dir: Path, recipe: Recipe) -> list[torch.Tensor]:
 
 
 def settle_recipe(recipe: Recipe, experts: bool) -> tuple[Recipe, list[str]]:
-    """The recipe with the choices it leaves open made for this model (the grid's symmetry), and
-    one line per such choice and per engine that will not serve the result. Raises ValueError,
-    before any work, when no engine would serve it."""
+    """The recipe with the choices it leaves open made for this model (the grid's symmetry, the
+    strength asymmetric calibration's "auto" stands for), and one line per such choice and per
+    engine that will not serve the result. Raises ValueError, before any work, when no engine
+    would serve it."""
     notes = []
     if recipe.grid.symmetric is None:
         symmetric, why = default_symmetric(recipe.output.format, experts)
@@ -71,6 +72,9 @@ def settle_recipe(recipe: Recipe, experts: bool) -> tuple[Recipe, list[str]]:
             recipe, grid=dataclasses.replace(recipe.grid, symmetric=symmetric))
         if why:
             notes.append(why)
+    # Stored resolved, so the recipe beside the checkpoint says what ran.
+    recipe = dataclasses.replace(
+        recipe, calibration=recipe.calibration.settled(recipe.solver.method))
     grid = recipe.grid
     notes += check_servable(Layout(recipe.output.format, grid.bits, grid.symmetric,
                                    grid.group_size, experts))
@@ -288,8 +292,7 @@ class Job:
                            ignore=self.ignore)
 
     def _stats(self) -> list[dict]:
-        """Every worker's figures; a worker lost here costs only its figures (a rebuilt one
-        reports from its restart)."""
+        """Every worker's figures; a lost one costs only its figures (rebuilt, it restarts)."""
         while True:
             try:
                 return self.backend.get([self.backend.call(w, "stats")
@@ -322,8 +325,7 @@ class Job:
         }
         calibrations = [r["calibration"] for r in report if r["calibration"] != "dense"]
         if calibrations:
-            summary["experts"] = {how: calibrations.count(how)
-                                  for how in ("routed", "all-tokens", "rtn")}
+            summary["experts"] = {h: calibrations.count(h) for h in ("routed", "all-tokens", "rtn")}
         if rounds is not None:
             summary["schedule"] = self.recipe.solver.schedule
             summary["rounds"] = rounds
@@ -335,11 +337,9 @@ class Job:
                 "per_block": self.moved}
             if self.memory:
                 worst = max(self.memory, key=lambda row: row["peak_bytes"])
-                summary["memory_plan"] = {"peak_bytes": worst["peak_bytes"],
-                                          "worst": worst["worst"], "items": worst["items"],
-                                          "per_block": [{"block": r["block"],
-                                                         "peak_bytes": r["peak_bytes"]}
-                                                        for r in self.memory]}
+                summary["memory_plan"] = {
+                    **{k: worst[k] for k in ("peak_bytes", "worst", "items")},
+                    "per_block": [{k: r[k] for k in ("block", "peak_bytes")} for r in self.memory]}
         return summary
 
     def _extra_files(self, report: list[dict], summary: dict) -> dict[str, str]:

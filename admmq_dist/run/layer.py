@@ -28,6 +28,14 @@ def merge_parts(parts: list[dict], device: torch.device
     return acc.hessian(), acc.num_rows, acc.cross() if acc.has_cross else None
 
 
+def served_scale_dtype(recipe: Recipe, dtype: torch.dtype) -> torch.dtype:
+    """The dtype whose numbers survive :func:`stored_scale` exactly (GPTQ's float16, or the
+    model's; bfloat16 scales survive float16 too): what refitted scales are rounded to."""
+    if recipe.output.format == "gptq" and dtype != torch.bfloat16:
+        return torch.float16
+    return dtype
+
+
 def served_grid(weight: torch.Tensor, recipe: Recipe, dtype: torch.dtype, name: str) -> Grid:
     """The grid fitted to ``weight`` with its scales rounded as the checkpoint stores them
     (``dtype``: the checkpoint's; GPTQ's float16): the codes are solved for, and later blocks
@@ -41,17 +49,22 @@ def served_grid(weight: torch.Tensor, recipe: Recipe, dtype: torch.dtype, name: 
 def solve_rows(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
                settings: SolverSettings, rows: list[tuple[int, int]], *,
                factors: HessianFactors | None = None,
-               warm: list[dict | None] | None = None, compare: bool = False
-               ) -> list[RowBlockResult]:
+               warm: list[dict | None] | None = None, compare: bool = False,
+               scale_dtype: torch.dtype | None = None,
+               true_objective: tuple | None = None) -> list[RowBlockResult]:
     """Row blocks ``rows`` of ``weight`` on ``grid`` (fitted to the whole layer: a row block's
     grid is its rows of the whole, so every solver of a part of the layer agrees on it);
     ``factors`` of ``hessian`` are shared by all of them (and by the other linears reading the
-    same input); ``warm[k]`` warm-starts block ``k`` (``{"codes", "dual"}``)."""
+    same input); ``warm[k]`` warm-starts block ``k`` (``{"codes", "dual"}``); refitted scales
+    (``settings.scale_refits``) are rounded to ``scale_dtype``; ``true_objective`` under
+    asymmetric calibration (``weight`` is then the moved target): ``(float weight, cross term,
+    deviation)``, for the report's loss (:func:`.rows.solve_row_block`)."""
     if hessian is not None and factors is None:
         factors = HessianFactors(hessian)
     return [solve_row_block(weight, hessian, grid, settings, start, stop,
                             warm=None if warm is None else warm[k], compare=compare,
-                            factors=factors)
+                            factors=factors, scale_dtype=scale_dtype,
+                            true_objective=true_objective)
             for k, (start, stop) in enumerate(rows)]
 
 
@@ -61,6 +74,7 @@ def portable(blocks: list[RowBlockResult]) -> list[RowBlockResult]:
     and only the parts of the solver's history the report plots."""
     return [dataclasses.replace(
         b, codes=b.codes.to(device="cpu", dtype=torch.uint8), weight=None, state={},
+        scale=None if b.scale is None else b.scale.cpu(),
         history={k: b.history[k] for k in ("residual", "rho", "weight_norm") if k in b.history})
         for b in blocks]
 
@@ -90,9 +104,20 @@ def dequantized(spec, layers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.
 def report_row(layer: str, block: int, result: SolverResult, blocks: list[RowBlockResult], *,
                solved: bool, calibration: str, tokens: int | None, group: list[str],
                **extra) -> dict:
-    """The run report's line for one layer (``report.jsonl``; the HTML report plots it)."""
+    """The run report's line for one layer (``report.jsonl``; the HTML report plots it).
+    ``loss`` is the relative loss of the objective the run calibrated for: under asymmetric
+    calibration the true one (float weights on float inputs against quantized weights on
+    quantized inputs), with ``target_loss`` the solver's, against the moved target."""
+    loss = result.loss if solved else None
+    target_loss = None
+    if solved and blocks and all(b.true_loss is not None for b in blocks):
+        # Summed in row order, whichever worker solved which block: the same bytes.
+        blocks = sorted(blocks, key=lambda b: b.start)
+        num = sum(b.true_loss[0] for b in blocks)
+        den = sum(b.true_loss[1] for b in blocks)
+        loss, target_loss = (num / den if den > 0 else float("nan")), result.loss
     return {"layer": layer, "block": block, "method": result.method,
-            "shape": list(result.codes.shape), "loss": result.loss if solved else None,
+            "shape": list(result.codes.shape), "loss": loss, "target_loss": target_loss,
             "iterations": result.iterations, "seconds": round(result.seconds, 4),
             "calibration": calibration, "tokens": tokens, "group": group,
             **layer_history(blocks), **extra}

@@ -81,6 +81,9 @@ def plan_block(groups: list[list[tuple[str, int, int]]], *, hidden: int, tokens:
     """
     plan = MemoryPlan()
     streams = 2 if asymmetric else 1
+    # [cols, cols] statistics per Hessian: the Hessian, and under asymmetric calibration the cross
+    # term and the deviation (the report's true loss).
+    stats = 3 if asymmetric else 1
     # Held through the block: the hidden states (the float stream too), the next block's
     # inputs while propagating, and the block's weights.
     plan.items["hidden states"] = (streams + 1) * tokens * hidden * act_bytes
@@ -93,11 +96,11 @@ def plan_block(groups: list[list[tuple[str, int, int]]], *, hidden: int, tokens:
     pieces = dyadic_pieces(*batch_range)
     worst = 0
     for stage in groups:
-        capture = sum(streams * pieces * cols * cols * 4 for _, _, cols in stage)
+        capture = sum(stats * pieces * cols * cols * 4 for _, _, cols in stage)
         # The owner folds the other workers' partial sums in one at a time.
-        merge = max(streams * pieces * cols * cols * 4 for _, _, cols in stage) \
+        merge = max(stats * pieces * cols * cols * 4 for _, _, cols in stage) \
             if workers > 1 else 0
-        kept = sum((streams * 4 + CHOLESKY_KEPT + EIGH_KEPT * eigh_for(cols)) * cols * cols
+        kept = sum((stats * 4 + CHOLESKY_KEPT + EIGH_KEPT * eigh_for(cols)) * cols * cols
                    for _, _, cols in stage)
         factor = max((EIGH_TRANSIENT if eigh_for(cols) else CHOLESKY_TRANSIENT) * cols * cols
                      for _, _, cols in stage)
@@ -158,8 +161,10 @@ def plan_coordinated(blocks: list[list[list[tuple[str, int, int]]]], *, hidden: 
     # Weights, float32 copies, int32 best codes and last iterate, float32 duals (4 * 4).
     plan.items["blocks' weights, codes and duals"] = sum(r * c for r, c in shapes) * (
         act_bytes + 16)
-    # Every batch arrives, in order: one running sum per Hessian (and cross term), no tree.
-    plan.items["every owned Hessian while capturing"] = sum(streams * c * c * 4 for _, c in shapes)
+    # Every batch arrives, in order: one running sum per Hessian (and cross term and deviation),
+    # no tree.
+    stats = 3 if asymmetric else 1
+    plan.items["every owned Hessian while capturing"] = sum(stats * c * c * 4 for _, c in shapes)
     plan.items["a batch in flight"] = (streams + 1) * batch_tokens * hidden * act_bytes
     plan.items["factorization and row-block solve"] = max(
         ((EIGH_TRANSIENT + EIGH_KEPT if eigh_for(c) else CHOLESKY_TRANSIENT) * c * c

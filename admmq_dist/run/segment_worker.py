@@ -22,12 +22,12 @@ from ..model.loading import load_block
 from ..quant.factors import HessianFactors
 from ..quant.grid import Grid
 from ..quant.hessian import asymmetric_target
-from ..quant.solvers.rows import combine, row_blocks
+from ..quant.solvers.rows import combine, layer_grid, row_blocks
 from ..quant.solvers.solve import SolverSettings
 from . import memory
 from .device_model import DeviceModel, block_linears
 from .faults import PositionError
-from .layer import report_row, served_grid, solve_rows
+from .layer import report_row, served_grid, served_scale_dtype, solve_rows
 from .workdir import load_segment_round, save_segment_round
 
 
@@ -41,8 +41,8 @@ class SegmentWorker(DeviceModel):
         self.float_weights: dict[tuple[int, str], torch.Tensor] = {}
         # Per layer, what the last round left: codes, grid, and each row block's dual.
         self.layer_states: dict[tuple[int, str], dict] = {}
-        self.asymmetric = (self.recipe.calibration.asymmetric
-                           if self.recipe.solver.method != "rtn" else 0.0)
+        self.asymmetric = self.recipe.calibration.asymmetric_strength(
+            self.recipe.solver.method)
         for b in self.owned:
             load_block(self.blocks[b], self.layout.block_prefix(b), self.index, self.device,
                        self.dtype)
@@ -199,21 +199,27 @@ class SegmentWorker(DeviceModel):
             acc = hessians[group[0]]
             hessian = acc.hessian()
             factors = HessianFactors(hessian, self.device)
+            asym = (acc.cross(), acc.deviation()) if acc.has_cross else None
             for name in group:
                 weight = self.float_weights[(b, name)]
-                if acc.has_cross:
+                target = weight
+                if asym is not None:
                     # The asymmetric objective is the ordinary one with a moved target.
-                    weight = asymmetric_target(weight, hessian, acc.cross(), self.asymmetric,
+                    target = asymmetric_target(weight, hessian, asym[0], self.asymmetric,
                                                self.recipe.solver.gptq.damp)
                 out.append(self._solve_layer(b, name, group, hessian, factors, acc.num_rows,
-                                             warm_settings, cold, weight))
+                                             warm_settings, cold, target,
+                                             None if asym is None else (weight, *asym)))
             self.count_factorizations(factors)
         self.busy["solve"] += time.perf_counter() - t
         return out
 
     def _solve_layer(self, b: int, name: str, group: list[str], hessian: torch.Tensor,
                      factors: HessianFactors, tokens: int, warm_settings: SolverSettings,
-                     cold: SolverSettings | None, weight: torch.Tensor) -> dict:
+                     cold: SolverSettings | None, weight: torch.Tensor,
+                     true_objective: tuple | None = None) -> dict:
+        """``weight``: the target solved for; ``true_objective``: ``(float weight, cross term,
+        deviation)`` under asymmetric calibration, for the report's loss."""
         grid = served_grid(weight, self.recipe, self.scale_dtype, f"block {b} {name}")
         previous = self.layer_states.get((b, name))
         warm_start = previous is not None and cold is None
@@ -222,7 +228,9 @@ class SegmentWorker(DeviceModel):
         warm = ([{"codes": previous["codes"][start:stop], "dual": previous["duals"][k]}
                  for k, (start, stop) in enumerate(rows)] if warm_start else None)
         blocks = solve_rows(weight, hessian, grid, settings, rows, factors=factors, warm=warm,
-                            compare=self.recipe.report.compare)
+                            compare=self.recipe.report.compare,
+                            scale_dtype=served_scale_dtype(self.recipe, self.scale_dtype),
+                            true_objective=true_objective)
         result = combine(blocks, grid)
         changed = 1.0 if previous is None else float(
             (result.codes != previous["codes"]).float().mean())
@@ -231,7 +239,9 @@ class SegmentWorker(DeviceModel):
     def _keep(self, b: int, name: str, group: list[str], blocks: list, grid: Grid, tokens: int,
               changed: float, last: torch.Tensor | None = None) -> dict:
         """Keep a layer's solve as its state (codes, grid, row blocks' duals, and the last
-        iterate where the schedule continues from it), put it in place, return its report row."""
+        iterate where the schedule continues from it), put it in place, return its report row.
+        ``grid`` is the fitted one; refitted scales in ``blocks`` replace its rows'."""
+        grid = layer_grid(blocks, grid)
         result = combine(blocks, grid)
         self.layer_states[(b, name)] = {"codes": result.codes, "grid": grid, "last": last,
                                         "duals": [blk.state.get("dual") for blk in blocks]}

@@ -29,7 +29,7 @@ import torch
 from ..model.capture import Stage
 from ..model.loading import TensorIndex
 from ..quant.grid import Grid
-from ..quant.solvers.rows import combine
+from ..quant.solvers.rows import combine, layer_grid
 from ..recipe import Recipe
 from . import memory
 from .faults import RECOVERABLE, FaultLog, PositionError
@@ -305,12 +305,12 @@ class SequentialSchedule:
                         tokens = r["tokens"] if tokens is None else tokens
                 codes = torch.cat([blk.codes for blk in sorted(blocks, key=lambda x: x.start)])
                 full = f"{prefix}.{name}"
-                out.quantized[name] = (codes.to(torch.int32), grid_state["scale"],
-                                       grid_state["zero"])
+                # The fitted grid, with the scales of row blocks that refitted theirs.
+                grid = layer_grid(blocks, Grid.from_parts(
+                    self.recipe.grid, codes.shape[1], grid_state["scale"], grid_state["zero"]))
+                out.quantized[name] = (codes.to(torch.int32), grid.scale, grid.zero)
                 out.disk[name] = self.index.disk_name(f"{full}.weight")[: -len(".weight")]
-                grid = Grid.from_parts(self.recipe.grid, codes.shape[1], grid_state["scale"],
-                                       grid_state["zero"])
-                layers[name] = (codes, grid_state["scale"], grid_state["zero"])
+                layers[name] = (codes, grid.scale, grid.zero)
                 out.report.append(report_row(
                     full, b, combine(blocks, grid), blocks, solved=how[name]["key"] is not None,
                     calibration=how[name]["calibration"],

@@ -29,7 +29,8 @@ from . import memory
 from .device_model import DeviceModel, block_linears
 from .experts import ALL_TOKENS
 from .faults import PositionError
-from .layer import dequantized, nbytes, portable, served_grid, solve_rows
+from .layer import (dequantized, nbytes, portable, served_grid, served_scale_dtype,
+                    solve_rows)
 
 
 class Worker(DeviceModel):
@@ -42,7 +43,7 @@ class Worker(DeviceModel):
         self.hidden = self.first_hidden
         # Asymmetric calibration: the float model's hidden states run beside the quantized ones,
         # and while a block is loaded, its float pass (each dense linear's inputs, the outputs).
-        self.asymmetric = recipe.calibration.asymmetric if recipe.solver.method != "rtn" else 0.0
+        self.asymmetric = recipe.calibration.asymmetric_strength(recipe.solver.method)
         self.float_hidden = self.hidden
         self._float: dict | None = None
         self.current: int | None = None
@@ -52,7 +53,8 @@ class Worker(DeviceModel):
         self.at_block = 0
         self.linears: dict[str, torch.nn.Linear] = {}
         self._parts: dict = {}
-        self._hessians: dict[str, tuple] = {}  # key -> (hessian, tokens, cross term, factors)
+        # key -> (hessian, tokens, (cross term, deviation) or None, factors)
+        self._hessians: dict[str, tuple] = {}
 
     # ------------------------------------------------------------------------- decoder blocks
 
@@ -196,15 +198,17 @@ class Worker(DeviceModel):
         (and its cross term) takes to hand over to the other solvers."""
         self._block(b)
         acc = self._parts.pop(key)
-        merged = (acc.hessian(), acc.num_rows, acc.cross() if acc.has_cross else None)
+        merged = (acc.hessian(), acc.num_rows,
+                  (acc.cross(), acc.deviation()) if acc.has_cross else None)
         self._hessians[key] = (*merged, HessianFactors(merged[0], self.device))
         return nbytes([merged[0], merged[2]])
 
     def merged_hessian(self, b: int, key: str) -> tuple:
-        """The owner's merged ``(hessian, tokens, cross term)``, for the other solvers of ``key``."""
+        """The owner's merged ``(hessian, tokens, (cross term, deviation) or None)``, for the
+        other solvers of ``key``."""
         self._block(b)
-        hessian, tokens, cross, _ = self._hessians[key]
-        return hessian.cpu(), tokens, None if cross is None else cross.cpu()
+        hessian, tokens, asym, _ = self._hessians[key]
+        return hessian.cpu(), tokens, None if asym is None else tuple(t.cpu() for t in asym)
 
     # ---------------------------------------------------------------------------------- solve
 
@@ -219,27 +223,31 @@ class Worker(DeviceModel):
         the grid comes with the block that starts at row 0.
         """
         self._block(b)
-        hessian, tokens, cross, factors = None, None, None, None
+        hessian, tokens, asym, factors = None, None, None, None
         if key is not None:
             if key not in self._hessians:
                 if merged is None:
                     raise RuntimeError(f"no merged Hessian for {key!r} on this worker")
-                hessian, tokens, cross = merged
+                hessian, tokens, asym = merged
                 hessian = hessian.to(self.device)
-                cross = None if cross is None else cross.to(self.device)
-                self._hessians[key] = (hessian, tokens, cross,
+                asym = None if asym is None else tuple(t.to(self.device) for t in asym)
+                self._hessians[key] = (hessian, tokens, asym,
                                        HessianFactors(hessian, self.device))
-            hessian, tokens, cross, factors = self._hessians[key]
+            hessian, tokens, asym, factors = self._hessians[key]
         t = time.perf_counter()
         weight = self.linears[name].weight.detach().float()
-        if key is not None and cross is not None:
+        target = weight
+        if key is not None and asym is not None:
             # The asymmetric objective is the ordinary one with a moved target (see the function).
-            weight = asymmetric_target(weight, hessian, cross, self.asymmetric,
+            target = asymmetric_target(weight, hessian, asym[0], self.asymmetric,
                                        self.recipe.solver.gptq.damp)
-        grid = served_grid(weight, self.recipe, self.scale_dtype, name)
-        blocks: list[RowBlockResult] = solve_rows(weight, hessian, grid, self.recipe.solver, rows,
-                                                  factors=factors,
-                                                  compare=self.recipe.report.compare)
+        grid = served_grid(target, self.recipe, self.scale_dtype, name)
+        blocks: list[RowBlockResult] = solve_rows(
+            target, hessian, grid, self.recipe.solver, rows, factors=factors,
+            compare=self.recipe.report.compare,
+            scale_dtype=served_scale_dtype(self.recipe, self.scale_dtype),
+            # The report's loss is the true objective's, not the moved target's.
+            true_objective=None if key is None or asym is None else (weight, *asym))
         self.busy["solve"] += time.perf_counter() - t
         first = any(start == 0 for start, _ in rows)
         return {"blocks": portable(blocks), "tokens": tokens,

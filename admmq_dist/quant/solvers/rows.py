@@ -19,7 +19,7 @@ import torch
 
 from ..factors import HessianFactors
 from ..grid import Grid
-from ..hessian import loss_terms
+from ..hessian import asymmetric_loss_terms, loss_terms
 from .result import SolverResult
 from .rtn import rtn
 from .solve import SolverSettings, solve
@@ -57,17 +57,28 @@ class RowBlockResult:
     history: dict = field(default_factory=dict)
     # method -> (loss numerator, denominator) of baselines solved on the same rows and Hessian.
     compare: dict = field(default_factory=dict)
+    # Under asymmetric calibration: (numerator, denominator) of the true objective
+    # (hessian.asymmetric_loss_terms); loss_num/loss_den are against the moved target solved for.
+    true_loss: tuple[float, float] | None = None
+    # The rows' scales when the solver refitted them (SolverSettings.scale_refits), else None:
+    # the layer's grid is then the fitted one's rows with these in place (:func:`layer_grid`).
+    scale: torch.Tensor | None = None
 
 
 def solve_row_block(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
                     settings: SolverSettings, start: int, stop: int,
                     warm: dict | None = None, compare: bool = False,
-                    factors: HessianFactors | None = None) -> RowBlockResult:
+                    factors: HessianFactors | None = None,
+                    scale_dtype: torch.dtype | None = None,
+                    true_objective: tuple | None = None) -> RowBlockResult:
     """Solve rows ``start:stop`` of ``weight`` (``[out, in]``) on the rows' part of ``grid``.
 
     ``hessian`` None rounds to nearest (an expert with no calibration signal); the loss is then 0/0.
     ``warm`` (``{"codes", "dual"}`` of these rows) warm-starts ADMM-Q. ``compare`` also solves the
     rows with GPTQ and round-to-nearest (their losses only; the codes are ``settings.method``'s).
+    ``true_objective`` (asymmetric calibration: ``(float weight [out, in] of the whole layer,
+    cross term, deviation)``, ``weight`` being the moved target) adds each row block's share of
+    the true objective, and makes the baselines' losses the true objective's too.
     """
     t = time.perf_counter()
     w = weight[start:stop]
@@ -77,16 +88,28 @@ def solve_row_block(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Gr
         result = rtn(w, None, g)
         num, den = 0.0, 0.0
     else:
-        result = solve(w, hessian, g, settings, warm=warm, factors=factors)
+        result = solve(w, hessian, g, settings, warm=warm, factors=factors,
+                       scale_dtype=scale_dtype)
         num, den = loss_terms(result.weight, w.float(), hessian)
     seconds = time.perf_counter() - t
+
+    def true_loss(quantized: torch.Tensor) -> tuple[float, float]:
+        float_weight, cross, deviation = true_objective
+        return asymmetric_loss_terms(quantized, float_weight[start:stop], hessian, cross,
+                                     deviation)
+
     if compare and hessian is not None:
         for method in ("gptq", "rtn"):
             other = solve(w, hessian, g, dataclasses.replace(settings, method=method),
                           factors=factors)
-            baselines[method] = loss_terms(other.weight, w.float(), hessian)
+            baselines[method] = (loss_terms(other.weight, w.float(), hessian)
+                                 if true_objective is None else true_loss(other.weight))
+    refitted = result.grid.scale if result.grid is not g else None
     return RowBlockResult(start, stop, result.method, result.codes, result.weight, num, den,
-                       result.iterations, seconds, result.state, result.history, baselines)
+                          result.iterations, seconds, result.state, result.history, baselines,
+                          true_loss=(None if true_objective is None or hessian is None
+                                     else true_loss(result.weight)),
+                          scale=refitted)
 
 
 def layer_history(blocks: list[RowBlockResult]) -> dict:
@@ -118,9 +141,23 @@ def _short(x: float) -> float:
     return float(f"{x:.4g}")
 
 
+def layer_grid(blocks: list[RowBlockResult], grid: Grid) -> Grid:
+    """The layer's grid as its row blocks left it: ``grid`` (the fitted one), with the scales
+    of blocks that refitted theirs in place."""
+    if all(b.scale is None for b in blocks):
+        return grid
+    scale = grid.scale.clone()
+    for b in blocks:
+        if b.scale is not None:
+            scale[b.start:b.stop] = b.scale.to(device=scale.device, dtype=scale.dtype)
+    return dataclasses.replace(grid, scale=scale)
+
+
 def combine(blocks: list[RowBlockResult], grid: Grid) -> SolverResult:
-    """The layer's result from all its row blocks (in any order)."""
+    """The layer's result from all its row blocks (in any order); ``grid`` is the fitted one,
+    the result's that grid with any refitted scales in place."""
     blocks = sorted(blocks, key=lambda b: b.start)
+    grid = layer_grid(blocks, grid)
     if blocks[0].start != 0 or blocks[-1].stop != grid.rows or any(
             a.stop != b.start for a, b in zip(blocks, blocks[1:])):
         raise ValueError("row blocks do not tile the layer")

@@ -15,6 +15,7 @@ from .gptq import GPTQSettings, gptq
 from .local_search import local_search
 from .result import SolverResult
 from .rtn import rtn
+from .scales import refit_scales
 
 METHODS = ("admmq", "gptq", "rtn")
 SCHEDULES = ("sequential", "depth-parallel", "coordinated")
@@ -31,6 +32,10 @@ class SolverSettings:
     # None: one sweep after ADMM-Q, none after GPTQ and RTN, so that those stay the standard
     # baselines; set it to polish any method.
     local_search_sweeps: int | None = None
+    # After the polish: this many rounds of refitting the grid's scales to the codes
+    # (solvers/scales.py), each followed by a local-search sweep on the new grid. None: the
+    # method's default (none for the GPTQ and RTN baselines; see `refits`).
+    scale_refits: int | None = None
     # Layers are solved in blocks of about this many output rows (see solvers/rows.py): the unit
     # of work spread over workers, fixed so that results never depend on the worker count.
     row_block: int = 512
@@ -111,6 +116,8 @@ class SolverSettings:
             raise ValueError(
                 f"local_search_sweeps={self.local_search_sweeps} must be non-negative"
             )
+        if self.scale_refits is not None and self.scale_refits < 0:
+            raise ValueError(f"scale_refits={self.scale_refits} must be non-negative")
 
     def warm(self) -> "SolverSettings":
         """The settings of a depth-parallel correction round."""
@@ -130,16 +137,30 @@ class SolverSettings:
             return self.local_search_sweeps
         return 1 if self.method == "admmq" else 0
 
+    @property
+    def refits(self) -> int:
+        """The scale refits that actually run after the polish."""
+        if self.scale_refits is not None:
+            return self.scale_refits
+        return DEFAULT_ADMMQ_REFITS if self.method == "admmq" else 0
+
+
+# Scale refits after ADMM-Q by default: measured on SmolLM2 layers (benchmarks/layer_quality.py).
+DEFAULT_ADMMQ_REFITS = 1
+
 
 def solve(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid,
           settings: SolverSettings = SolverSettings(), warm: dict | None = None,
-          factors: HessianFactors | None = None) -> SolverResult:
+          factors: HessianFactors | None = None,
+          scale_dtype: torch.dtype | None = None) -> SolverResult:
     """Quantize ``weight`` (``[out, in]``) on ``grid`` against ``hessian`` (``[in, in]``).
 
     ``warm`` (ADMM-Q only): ``{"codes", "dual"}`` of an earlier run to start from, with
     ``settings.admm`` holding the warm schedule. The reported time and iterations include the
     local-search polish. ``factors`` (of ``hessian``) are shared with every other solve on the
-    same Hessian (:mod:`admmq_dist.quant.factors`).
+    same Hessian (:mod:`admmq_dist.quant.factors`). With scale refits the result's grid is not
+    ``grid``: its scales are refitted to the codes (rounded to ``scale_dtype``, the dtype the
+    checkpoint stores them in; zero points unchanged).
     """
     start = time.perf_counter()
     if settings.method == "rtn":
@@ -155,6 +176,15 @@ def solve(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid,
         polished = local_search(weight, hessian, grid, result.codes, settings.sweeps,
                                 method=result.method)
         history = {**result.history, "local_search_loss": polished.history["loss"]}
+        result = SolverResult(result.method, polished.codes, grid, polished.weight, polished.loss,
+                              result.iterations, time.perf_counter() - start, history,
+                              result.state)
+    for _ in range(settings.refits):
+        grid = refit_scales(weight, hessian, grid, result.codes, scale_dtype)
+        polished = local_search(weight, hessian, grid, result.codes, max(settings.sweeps, 1),
+                                method=result.method)
+        history = {**result.history, "refit_loss": [*result.history.get("refit_loss", []),
+                                                    polished.loss]}
         result = SolverResult(result.method, polished.codes, grid, polished.weight, polished.loss,
                               result.iterations, time.perf_counter() - start, history,
                               result.state)
