@@ -22,7 +22,7 @@ from ..model.loading import load_block
 from ..quant.factors import HessianFactors
 from ..quant.grid import Grid
 from ..quant.hessian import asymmetric_target
-from ..quant.solvers.rows import combine, layer_grid, row_blocks
+from ..quant.solvers.rows import combine, row_blocks
 from ..quant.solvers.solve import SolverSettings
 from . import memory
 from .device_model import DeviceModel, block_linears
@@ -241,8 +241,8 @@ class SegmentWorker(DeviceModel):
         """Keep a layer's solve as its state (codes, grid, row blocks' duals, and the last
         iterate where the schedule continues from it), put it in place, return its report row.
         ``grid`` is the fitted one; refitted scales in ``blocks`` replace its rows'."""
-        grid = layer_grid(blocks, grid)
         result = combine(blocks, grid)
+        grid = result.grid
         self.layer_states[(b, name)] = {"codes": result.codes, "grid": grid, "last": last,
                                         "duals": [blk.state.get("dual") for blk in blocks]}
         linear = self.layers[(b, name)]

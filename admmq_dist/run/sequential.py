@@ -29,7 +29,7 @@ import torch
 from ..model.capture import Stage
 from ..model.loading import TensorIndex
 from ..quant.grid import Grid
-from ..quant.solvers.rows import combine, layer_grid
+from ..quant.solvers.rows import combine
 from ..recipe import Recipe
 from . import memory
 from .faults import RECOVERABLE, FaultLog, PositionError
@@ -306,13 +306,14 @@ class SequentialSchedule:
                 codes = torch.cat([blk.codes for blk in sorted(blocks, key=lambda x: x.start)])
                 full = f"{prefix}.{name}"
                 # The fitted grid, with the scales of row blocks that refitted theirs.
-                grid = layer_grid(blocks, Grid.from_parts(
+                result = combine(blocks, Grid.from_parts(
                     self.recipe.grid, codes.shape[1], grid_state["scale"], grid_state["zero"]))
+                grid = result.grid
                 out.quantized[name] = (codes.to(torch.int32), grid.scale, grid.zero)
                 out.disk[name] = self.index.disk_name(f"{full}.weight")[: -len(".weight")]
                 layers[name] = (codes, grid.scale, grid.zero)
                 out.report.append(report_row(
-                    full, b, combine(blocks, grid), blocks, solved=how[name]["key"] is not None,
+                    full, b, result, blocks, solved=how[name]["key"] is not None,
                     calibration=how[name]["calibration"],
                     tokens=how[name]["tokens"] if how[name]["tokens"] is not None else tokens,
                     group=group))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -149,6 +150,16 @@ class SolverSettings:
 DEFAULT_ADMMQ_REFITS = 1
 
 
+def _polished(result: SolverResult, polished: SolverResult, start: float,
+              **history) -> SolverResult:
+    """``result`` (its method, iterations and warm-start state) with ``polished``'s codes,
+    grid and loss, the time since ``start``, and ``history`` added to its own."""
+    return dataclasses.replace(result, codes=polished.codes, grid=polished.grid,
+                               weight=polished.weight, loss=polished.loss,
+                               seconds=time.perf_counter() - start,
+                               history={**result.history, **history})
+
+
 def solve(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid,
           settings: SolverSettings = SolverSettings(), warm: dict | None = None,
           factors: HessianFactors | None = None,
@@ -175,17 +186,11 @@ def solve(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid,
     if settings.sweeps:
         polished = local_search(weight, hessian, grid, result.codes, settings.sweeps,
                                 method=result.method)
-        history = {**result.history, "local_search_loss": polished.history["loss"]}
-        result = SolverResult(result.method, polished.codes, grid, polished.weight, polished.loss,
-                              result.iterations, time.perf_counter() - start, history,
-                              result.state)
+        result = _polished(result, polished, start, local_search_loss=polished.history["loss"])
     for _ in range(settings.refits):
         grid = refit_scales(weight, hessian, grid, result.codes, scale_dtype)
         polished = local_search(weight, hessian, grid, result.codes, max(settings.sweeps, 1),
                                 method=result.method)
-        history = {**result.history, "refit_loss": [*result.history.get("refit_loss", []),
-                                                    polished.loss]}
-        result = SolverResult(result.method, polished.codes, grid, polished.weight, polished.loss,
-                              result.iterations, time.perf_counter() - start, history,
-                              result.state)
+        result = _polished(result, polished, start, refit_loss=[
+            *result.history.get("refit_loss", []), polished.loss])
     return result
