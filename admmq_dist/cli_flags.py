@@ -110,6 +110,10 @@ RECIPE_FLAGS: list[tuple[str, str, dict]] = [
         "type": int, "help": "MoE: experts routed fewer calibration tokens use "
                              "--expert-fallback (default: the hidden size)"}),
     ("--expert-fallback", "calibration.expert_fallback", {"choices": ("all-tokens", "rtn")}),
+    ("--asymmetric-grid", "calibration.asymmetric_grid", {
+        "choices": ("target", "weight"),
+        "help": "under asymmetric calibration, fit the grid to the moved target (default) or to "
+                "the float weight"}),
     ("--asymmetric", "calibration.asymmetric", {
         "type": strength, "metavar": "STRENGTH",
         "help": "asymmetric calibration (GPTAQ), 0..1 or auto: also match the float model's "

@@ -57,6 +57,12 @@ class CalibrationSettings:
     # tokens in the two models. "auto": AUTO_ASYMMETRIC for the calibrated methods, 0 for
     # round-to-nearest (which reads no calibration data).
     asymmetric: float | Literal["auto"] = "auto"
+    # What the grid (scales, zero points) is fitted to under asymmetric calibration: "target" the
+    # moved target W̃ the codes approximate (a range fitted to W clips the entries the correction
+    # moved out of it), "weight" the float weight W. Measured end to end in
+    # benchmarks/results/e2e_perplexity_3bit.md. The coordinated schedule fits its grid once, in
+    # its first round, where the target is the float weight, and keeps it.
+    asymmetric_grid: Literal["target", "weight"] = "target"
 
     def __post_init__(self) -> None:
         if isinstance(self.asymmetric, str):
@@ -70,6 +76,9 @@ class CalibrationSettings:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
         if self.min_expert_tokens is not None and self.min_expert_tokens < 0:
             raise ValueError(f"min_expert_tokens={self.min_expert_tokens} must be non-negative")
+        if self.asymmetric_grid not in ("target", "weight"):
+            raise ValueError(f"asymmetric_grid={self.asymmetric_grid!r} must be 'target' or "
+                             "'weight'")
         if self.expert_fallback not in ("all-tokens", "rtn"):
             raise ValueError(f"expert_fallback={self.expert_fallback!r} must be 'all-tokens' or 'rtn'")
 

@@ -12,6 +12,12 @@ sweep, GPTAQ (GPTQ + asymmetric calibration); then ADMM-Q and ADMM-Q + asymmetri
     python benchmarks/e2e_perplexity.py                    # 3 and 4 bits, 128 windows, 3 seeds
     python benchmarks/e2e_perplexity.py --bits 3 --seeds 0 # one setting, one seed (says so)
     python benchmarks/e2e_perplexity.py --quick            # 32 calibration, 40 eval windows, 1 seed
+    python benchmarks/e2e_perplexity.py --bits 3 --seeds 2 --resume --output NAME.md
+                                          # add a seed to NAME.md's runs (same settings)
+
+Every finished run is also kept in ``NAME.rows.json`` beside the table, so a run cut short, or a
+seed added later, carries on from it with ``--resume`` (the settings must match: calibration
+windows, window length, evaluation windows, +asym strength, threads).
 """
 
 from __future__ import annotations
@@ -55,6 +61,8 @@ METHODS = {  # name: quantize flags; the plain methods pin the strength so a def
     "gptq+asym": ["--method", "gptq"],  # GPTAQ: strength from --asymmetric
     "admmq": ["--method", "admmq", "--asymmetric", "0"],
     "admmq+asym": ["--method", "admmq"],
+    # the grid fitted to the float weight W instead of the moved target (calibration.asymmetric_grid)
+    "admmq+asym-wgrid": ["--method", "admmq", "--asymmetric-grid", "weight"],
 }
 
 
@@ -83,6 +91,10 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="32 calibration windows, 40 eval windows, one seed")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the runs kept in the output's .rows.json (same settings)")
+    parser.add_argument("--note", action="append", default=[],
+                        help="a line for the results file's header (kept with the runs)")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--output", default=None,
                         help="results file name under benchmarks/results/ (default: "
@@ -102,25 +114,34 @@ def main(argv=None) -> int:
     base = admmq("eval", model, *evaluate)
     print(f"float perplexity {base['ppl']:.4f} on {base['windows']} windows", file=sys.stderr,
           flush=True)
-    rows = []
     name = args.output or ("e2e_perplexity_quick.md" if args.quick else "e2e_perplexity.md")
+    settings = {"num_samples": args.num_samples, "seq_len": args.seq_len,
+                "eval_windows": base["windows"], "float_ppl": round(base["ppl"], 4),
+                "asymmetric": args.asymmetric, "threads": args.threads}
+    rows, notes = resumed(name, settings, parser) if args.resume else ([], [])
+    args.notes = notes + args.note
     with tempfile.TemporaryDirectory(prefix="admmq-e2e-") as tmp:
         for bits in args.bits:
             for seed in args.seeds:
                 for method in args.methods:
-                    if method == "rtn" and seed != args.seeds[0]:
+                    if any((r["bits"], r["seed"], r["method"]) == (bits, seed, method)
+                           for r in rows):
+                        continue  # kept from an earlier run (--resume)
+                    rtn = [r for r in rows if (r["bits"], r["method"]) == (bits, "rtn")]
+                    if method == "rtn" and rtn:
                         # RTN reads no calibration data: one run stands for every seed.
-                        first = next(r for r in rows if r["bits"] == bits and r["method"] == "rtn")
-                        rows.append({**first, "seed": seed})
+                        rows.append({**rtn[0], "seed": seed})
                         continue
                     rows.append(run_one(model, Path(tmp), bits, seed, method, args, threads,
                                         evaluate, base, parser))
                     if not args.no_write:  # what has run so far, should a long run be cut short
                         write(name, tables(rows, base, args, started, partial=True)[0])
+                        keep(name, settings, rows, args.notes)
     report, summary = tables(rows, base, args, started)
     print(report)
     if not args.no_write:
         write(name, report)
+        keep(name, settings, rows, args.notes)
     if args.json:
         print(json.dumps(summary))
     return 0
@@ -133,14 +154,41 @@ def write(name: str, report: str) -> None:
     tmp.replace(RESULTS / name)
 
 
+def rows_file(name: str) -> Path:
+    return RESULTS / (Path(name).stem + ".rows.json")
+
+
+def keep(name: str, settings: dict, rows: list[dict], notes: list[str]) -> None:
+    """Every finished run beside the table, for --resume and for a later look at single runs."""
+    tmp = RESULTS / f".{rows_file(name).name}.tmp"
+    tmp.write_text(json.dumps({"settings": settings, "notes": notes, "rows": rows}, indent=1)
+                   + "\n")
+    tmp.replace(rows_file(name))
+
+
+def resumed(name: str, settings: dict, parser) -> tuple[list[dict], list[str]]:
+    """The runs and notes kept for ``name``; refuses them if they were measured under other
+    settings."""
+    path = rows_file(name)
+    if not path.exists():
+        return [], []
+    kept = json.loads(path.read_text())
+    differ = {k: (kept["settings"].get(k), v) for k, v in settings.items()
+              if kept["settings"].get(k) != v}
+    if differ:
+        parser.error(f"--resume: {path} was measured under other settings "
+                     + ", ".join(f"{k} {old} (now {new})" for k, (old, new) in differ.items())
+                     + "; pass the same flags, or another --output")
+    return kept["rows"], kept.get("notes", [])
+
+
 def run_one(model, tmp: Path, bits: int, seed: int, method: str, args, threads, evaluate,
             base, parser) -> dict:
     out = tmp / f"w{bits}-{seed}-{method}"
     name, _, strength = method.partition("=")
     if name not in METHODS:
         parser.error(f"unknown method '{method}' (one of {', '.join(METHODS)})")
-    extra = (["--asymmetric", strength or str(args.asymmetric)] if name.endswith("+asym")
-             else [])
+    extra = (["--asymmetric", strength or str(args.asymmetric)] if "+asym" in name else [])
     q = admmq("quantize", model, "-o", str(out), "--bits", str(bits), "--group-size", "64",
               "--asym", *METHODS[name], *extra, "--num-samples", str(args.num_samples),
               "--seq-len", str(args.seq_len), "--seed", str(seed), *threads)
@@ -162,7 +210,8 @@ def tables(rows: list[dict], base: dict, args, started: float,
                if partial else []),
              f"- calibration: {args.num_samples} windows of {args.seq_len} tokens from the text "
              "shipped with admmq-dist (second half of the WikiText-2 test file), the same windows "
-             f"for every method of a seed; seeds {args.seeds} (mean and min–max over them)",
+             f"for every method of a seed; seeds {sorted({r['seed'] for r in rows})} "
+             "(mean and min–max over them)",
              f"- evaluation: {base['windows']} windows of {args.seq_len} tokens from the first "
              f"half ({base['tokens']} predicted tokens); float perplexity {base['ppl']:.4f}",
              "- grid: group 64, asymmetric, compressed-tensors pack-quantized; lm_head unquantized",
@@ -176,12 +225,13 @@ def tables(rows: list[dict], base: dict, args, started: float,
              "- mean layer loss: of the objective each run calibrated for (with `+asym` the true "
              "asymmetric one, float weights on float inputs against quantized on quantized)",
              f"- each run in-process, {args.threads or 'all'} threads; environment: "
-             f"{environment.describe()}", "",
+             f"{environment.describe()}",
+             *(f"- {note}" for note in getattr(args, "notes", [])), "",
              "| bits | method | ppl | gap to float | gap / gptq gap | gap / gptaq gap "
              "| mean layer loss | time s | time / gptq |",
              "|---|---|---|---|---|---|---|---|---|"]
     summary = {"float_ppl": base["ppl"]}
-    for bits in args.bits:
+    for bits in sorted({r["bits"] for r in rows}):
         by = {}
         for r in rows:
             if r["bits"] == bits:
@@ -193,12 +243,14 @@ def tables(rows: list[dict], base: dict, args, started: float,
             gap_gptq, gap_gptaq = ratios("gptq", "gap"), ratios("gptq+asym", "gap")
             time_gptq = ratios("gptq", "wall_seconds")
             values = list(runs.values())
+            losses = [r["mean_layer_loss"] for r in values if r.get("mean_layer_loss") is not None]
             lines.append(
                 f"| {bits} | {method} | {spread([r['ppl'] for r in values])} "
                 f"| {spread([r['gap'] for r in values])} "
                 f"| {spread(gap_gptq, '.3f') if gap_gptq else ''} "
                 f"| {spread(gap_gptaq, '.3f') if gap_gptaq else ''} "
-                f"| {spread([r['mean_layer_loss'] for r in values], '.5f')} "
+                f"| {spread(losses, '.5f') if losses else ''}"
+                f"{f', {len(losses)} of {len(values)} seeds' if 0 < len(losses) < len(values) else ''} "
                 f"| {spread([r['wall_seconds'] for r in values], '.0f')} "
                 f"| {spread(time_gptq, '.2f') if time_gptq else ''} |")
             summary[f"w{bits}_{method}_ppl"] = [r["ppl"] for r in values]

@@ -110,3 +110,51 @@ def test_an_asymmetric_depth_parallel_run_resumes_into_the_same_bytes(model_dir,
     monkeypatch.setattr(SegmentWorker, "run_round", original)
     asymmetric_depth_parallel(model_dir, tmp_path / "out", 3, resume=True)
     assert digest(tmp_path / "out") == digest(tmp_path / "whole")
+
+
+def test_asymmetric_grid_weight_fits_every_grid_to_the_float_weights(model_dir, tmp_path,
+                                                                    monkeypatch):
+    """``calibration.asymmetric_grid: weight`` fits the grid to W, not to the moved target: every
+    grid of the run is fitted to one of the model's float weights (with "target", the blocks
+    past the first, whose inputs the quantized model moved, fit theirs elsewhere), and the
+    depth-parallel schedule honours it as the sequential one does (same bytes)."""
+    from safetensors.torch import load_file
+
+    import admmq_dist.run.layer as layer
+
+    floats = [t.float() for f in sorted(model_dir.glob("*.safetensors"))
+              for t in load_file(f).values() if t.dim() == 2]
+    fitted, original = [], layer.fit_grid
+
+    def recording(weight, spec):
+        fitted.append(weight.detach().clone())
+        return original(weight, spec)
+
+    monkeypatch.setattr(layer, "fit_grid", recording)
+
+    def from_float_weights():
+        out = [any(w.shape == f.shape and torch.equal(w, f) for f in floats) for w in fitted]
+        fitted.clear()
+        return out
+
+    def recipe(grid, schedule="sequential"):
+        return override(Recipe(), {
+            **SETTINGS, "solver": {**SETTINGS["solver"], "schedule": schedule, "rounds": 3,
+                                   "segments": 3},
+            "calibration": {**SETTINGS["calibration"], "asymmetric": 0.25,
+                            "asymmetric_grid": grid}})
+
+    def run(name, grid, schedule="sequential", backend=None):
+        return quantize_model(str(model_dir), tmp_path / name, recipe(grid, schedule),
+                              device=torch.device("cpu"), progress=False, threads=1,
+                              backend=backend)
+
+    run("target", "target")
+    on_float = from_float_weights()
+    assert any(on_float) and not all(on_float)  # block 0's inputs are the float model's
+    run("weight", "weight")
+    assert all(from_float_weights())
+    assert digest(tmp_path / "weight") != digest(tmp_path / "target")
+    run("weight-dp", "weight", "depth-parallel", LocalBackend(2))
+    assert all(from_float_weights())
+    assert digest(tmp_path / "weight-dp") == digest(tmp_path / "weight")

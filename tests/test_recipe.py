@@ -37,6 +37,7 @@ def test_nested_overrides_apply_and_keep_the_rest(tmp_path):
     ("grid: 3", "grid: expected a mapping"),
     ("calibration: {asymmetric: 1.5}", "calibration: asymmetric=1.5 must lie in"),
     ("calibration: {asymmetric: always}", "calibration.asymmetric: expected a number"),
+    ("calibration: {asymmetric_grid: float}", "calibration.asymmetric_grid: 'float' is not one of"),
 ])
 def test_bad_recipes_name_the_key(tmp_path, text, message):
     path = tmp_path / "r.yaml"
@@ -92,6 +93,9 @@ def test_asymmetric_calibration_is_on_by_default_and_one_flag_turns_it_off():
     assert auto == Recipe()
     with pytest.raises(SystemExit):
         build_parser().parse_args(["quantize", "-o", "o", "--asymmetric", "some"])
+    weight = _recipe_from_args(build_parser().parse_args(["quantize", "-o", "o",
+                                                         "--asymmetric-grid", "weight"]))
+    assert weight.calibration.asymmetric_grid == "weight" != Recipe().calibration.asymmetric_grid
 
 
 def test_gptq_settings_live_under_solver_gptq_only():

@@ -46,6 +46,12 @@ def served_grid(weight: torch.Tensor, recipe: Recipe, dtype: torch.dtype, name: 
                            scale.to(device=grid.scale.device, dtype=torch.float32), grid.zero)
 
 
+def grid_source(recipe: Recipe, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """What the grid is fitted to: the target solved for (under asymmetric calibration the moved
+    target), or the float weight where ``calibration.asymmetric_grid`` says so."""
+    return weight if recipe.calibration.asymmetric_grid == "weight" else target
+
+
 def solve_rows(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
                settings: SolverSettings, rows: list[tuple[int, int]], *,
                factors: HessianFactors | None = None,

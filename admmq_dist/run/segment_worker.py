@@ -27,7 +27,7 @@ from ..quant.solvers.solve import SolverSettings
 from . import memory
 from .device_model import DeviceModel, block_linears
 from .faults import PositionError
-from .layer import report_row, served_grid, served_scale_dtype, solve_rows
+from .layer import grid_source, report_row, served_grid, served_scale_dtype, solve_rows
 from .workdir import load_segment_round, save_segment_round
 
 
@@ -209,7 +209,8 @@ class SegmentWorker(DeviceModel):
                                                self.recipe.solver.gptq.damp)
                 out.append(self._solve_layer(b, name, group, hessian, factors, acc.num_rows,
                                              warm_settings, cold, target,
-                                             None if asym is None else (weight, *asym)))
+                                             None if asym is None else (weight, *asym),
+                                             grid_source(self.recipe, target, weight)))
             self.count_factorizations(factors)
         self.busy["solve"] += time.perf_counter() - t
         return out
@@ -217,10 +218,13 @@ class SegmentWorker(DeviceModel):
     def _solve_layer(self, b: int, name: str, group: list[str], hessian: torch.Tensor,
                      factors: HessianFactors, tokens: int, warm_settings: SolverSettings,
                      cold: SolverSettings | None, weight: torch.Tensor,
-                     true_objective: tuple | None = None) -> dict:
+                     true_objective: tuple | None = None,
+                     grid_fitted_to: torch.Tensor | None = None) -> dict:
         """``weight``: the target solved for; ``true_objective``: ``(float weight, cross term,
-        deviation)`` under asymmetric calibration, for the report's loss."""
-        grid = served_grid(weight, self.recipe, self.scale_dtype, f"block {b} {name}")
+        deviation)`` under asymmetric calibration, for the report's loss; ``grid_fitted_to``:
+        what the grid is fitted to (default ``weight``)."""
+        grid = served_grid(weight if grid_fitted_to is None else grid_fitted_to, self.recipe,
+                           self.scale_dtype, f"block {b} {name}")
         previous = self.layer_states.get((b, name))
         warm_start = previous is not None and cold is None
         settings = warm_settings if warm_start else cold or self.recipe.solver

@@ -29,7 +29,7 @@ from . import memory
 from .device_model import DeviceModel, block_linears
 from .experts import ALL_TOKENS
 from .faults import PositionError
-from .layer import (dequantized, nbytes, portable, served_grid, served_scale_dtype,
+from .layer import (dequantized, grid_source, nbytes, portable, served_grid, served_scale_dtype,
                     solve_rows)
 
 
@@ -241,7 +241,8 @@ class Worker(DeviceModel):
             # The asymmetric objective is the ordinary one with a moved target (see the function).
             target = asymmetric_target(weight, hessian, asym[0], self.asymmetric,
                                        self.recipe.solver.gptq.damp)
-        grid = served_grid(target, self.recipe, self.scale_dtype, name)
+        grid = served_grid(grid_source(self.recipe, target, weight), self.recipe,
+                           self.scale_dtype, name)
         blocks: list[RowBlockResult] = solve_rows(
             target, hessian, grid, self.recipe.solver, rows, factors=factors,
             compare=self.recipe.report.compare,
