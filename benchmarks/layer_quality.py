@@ -32,6 +32,7 @@ from admmq_dist.quant.grid import GridSpec, fit_grid  # noqa: E402
 from admmq_dist.quant.solvers import ADMMSettings, admmq, gptq, local_search, rtn  # noqa: E402
 from admmq_dist.quant.solvers.scales import refit_scales, row_losses  # noqa: E402
 from admmq_dist.quant.solvers.solve import SolverSettings  # noqa: E402
+from polish_ideas import pair_moves, refit_zero_points  # noqa: E402
 from real_layers import load_real_layers  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -69,22 +70,28 @@ def run_layer(weight, hessian, grid, settings: SolverSettings) -> dict:
     return out
 
 
-def refits(weight, hessian, grid, polished, settings: SolverSettings):
+def refits(weight, hessian, grid, polished, settings: SolverSettings, idea: str | None = None):
     """``settings.refits`` rounds of scale refit + local-search sweep after ``polished``
     (as solve() runs them); returns an object with the final ``loss``, dequantized ``weight``
-    and the ``seconds`` they took."""
+    and the ``seconds`` they took. ``idea`` (``polish_ideas.py``): "zero points" refits them
+    with the scales each round; "pair moves" ends with a pass of them and a sweep."""
     t = time.perf_counter()
     result = polished
     for _ in range(settings.refits):
         grid = refit_scales(weight, hessian, grid, result.codes, torch.bfloat16)
+        if idea == "zero points":
+            grid = refit_zero_points(weight, hessian, grid, result.codes, torch.bfloat16)
         result = local_search(weight, hessian, grid, result.codes, max(settings.sweeps, 1))
+    if idea == "pair moves":
+        codes = pair_moves(weight, hessian, grid, result.codes, 4 * weight.shape[1])
+        result = local_search(weight, hessian, grid, codes, max(settings.sweeps, 1))
     return SimpleNamespace(loss=result.loss, weight=result.weight,
                            seconds=time.perf_counter() - t)
 
 
 SINGLE_RATE = dict(rho_slow_from=None, rho_growth=1.05)
 ABLATION = [
-    # (label, ADMM settings overrides, local-search sweeps[, scale refits])
+    # (label, ADMM settings overrides, local-search sweeps[, scale refits[, polish idea]])
     ("spec start: RTN init, rho 0.01, x1.05, stop 1e-5",
      dict(SINGLE_RATE, init="rtn", rho_start=0.01, stop_tolerance=1e-5), 0),
     ("+ GPTQ init", dict(SINGLE_RATE, rho_start=0.01, stop_tolerance=1e-5), 0),
@@ -93,6 +100,9 @@ ABLATION = [
     ("+ local search, 1 sweep", dict(), 1),
     ("+ scale refit, 1 round with its sweep (shipped default)", dict(), 1, 1),
     ("  scale refits, 3 rounds", dict(), 1, 3),
+    ("  zero points refitted with the scales (polish_ideas.py)", dict(), 1, 1, "zero points"),
+    ("  then pair moves on the 4·in most coupled column pairs and a sweep (polish_ideas.py)",
+     dict(), 1, 1, "pair moves"),
     ("  local search, 2 sweeps", dict(), 2),
     ("  slower second phase: x1.02", dict(rho_growth_slow=1.02, iterations=300), 1),
     ("  single rate x1.05 with local search", dict(SINGLE_RATE), 1),
@@ -112,9 +122,10 @@ def ablation(layers, bits: int, group_size: int) -> list[str]:
         problems.append((layer, grid, base))
     lines = [f"## What each idea contributes ({bits} bits, {len(problems)} layers)", "",
              "| configuration | mean loss / gptq_act | max | time / gptq_act |", "|---|---|---|---|"]
-    for label, overrides, sweeps, *refit in ABLATION:
+    for label, overrides, sweeps, *more in ABLATION:
         settings = ADMMSettings(**overrides)
-        rounds = SolverSettings(scale_refits=refit[0] if refit else 0)
+        rounds = SolverSettings(scale_refits=more[0] if more else 0)
+        idea = more[1] if len(more) > 1 else None
         ratios, seconds, base_seconds = [], 0.0, 0.0
         for layer, grid, base in problems:
             a = admmq(layer["weight"], layer["hessian"], grid, settings)
@@ -123,8 +134,8 @@ def ablation(layers, bits: int, group_size: int) -> list[str]:
                 ls = local_search(layer["weight"], layer["hessian"], grid, a.codes, sweeps)
                 loss, spent = ls.loss, spent + ls.seconds
                 if rounds.refits:
-                    more = refits(layer["weight"], layer["hessian"], grid, ls, rounds)
-                    loss, spent = more.loss, spent + more.seconds
+                    polished = refits(layer["weight"], layer["hessian"], grid, ls, rounds, idea)
+                    loss, spent = polished.loss, spent + polished.seconds
             ratios.append(loss / base.loss)
             seconds += spent
             base_seconds += base.seconds
