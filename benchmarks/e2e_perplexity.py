@@ -61,7 +61,7 @@ METHODS = {  # name: quantize flags; the plain methods pin the strength so a def
     "gptq+asym": ["--method", "gptq"],  # GPTAQ: strength from --asymmetric
     "admmq": ["--method", "admmq", "--asymmetric", "0"],
     "admmq+asym": ["--method", "admmq"],
-    # the grid fitted to the float weight W instead of the moved target (calibration.asymmetric_grid)
+    # the grid fitted to the float weight W, not the moved target (calibration.asymmetric_grid)
     "admmq+asym-wgrid": ["--method", "admmq", "--asymmetric-grid", "weight"],
 }
 
@@ -201,6 +201,11 @@ def run_one(model, tmp: Path, bits: int, seed: int, method: str, args, threads, 
             "mean_layer_loss": q["mean_loss"]}
 
 
+def few(recorded: list, runs: list) -> str:
+    """How many of ``runs`` a column's ``recorded`` values cover, where not all."""
+    return f", {len(recorded)} of {len(runs)} seeds" if 0 < len(recorded) < len(runs) else ""
+
+
 def tables(rows: list[dict], base: dict, args, started: float,
            partial: bool = False) -> tuple[str, dict]:
     """The results table: per bits and method, mean and min–max over the seeds of perplexity,
@@ -218,7 +223,8 @@ def tables(rows: list[dict], base: dict, args, started: float,
              "- `gptq+ls`: act-order GPTQ with the polish ADMM-Q gets (a local-search sweep, "
              f"then {DEFAULT_ADMMQ_REFITS} scale refit(s) each with a sweep); `+asym`: "
              f"asymmetric calibration (`--asymmetric {args.asymmetric}`, or the strength after "
-             "`=`); `gptq+asym` is GPTAQ",
+             "`=`); `gptq+asym` is GPTAQ; `-wgrid`: the grid fitted to the float weight "
+             "instead of the moved target (`--asymmetric-grid weight`)",
              "- the model's weights passed through 4-bit GGUF (Q4_1) at the source, so 3 bits is "
              "the telling setting",
              "- RTN reads no calibration data: its one run stands for every seed",
@@ -250,7 +256,7 @@ def tables(rows: list[dict], base: dict, args, started: float,
                 f"| {spread(gap_gptq, '.3f') if gap_gptq else ''} "
                 f"| {spread(gap_gptaq, '.3f') if gap_gptaq else ''} "
                 f"| {spread(losses, '.5f') if losses else ''}"
-                f"{f', {len(losses)} of {len(values)} seeds' if 0 < len(losses) < len(values) else ''} "
+                f"{few(losses, values)} "
                 f"| {spread([r['wall_seconds'] for r in values], '.0f')} "
                 f"| {spread(time_gptq, '.2f') if time_gptq else ''} |")
             summary[f"w{bits}_{method}_ppl"] = [r["ppl"] for r in values]

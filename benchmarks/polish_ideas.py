@@ -5,8 +5,8 @@ on real layers decides whether they move into ``admmq_dist.quant.solvers``.
   zero point; this one also moves it — the joint affine fit ``q = a · code + b`` per group, then
   ``zero = round(−b / a)`` and the exact scales for it, kept per row where the loss drops.
 - :func:`pair_moves`: local search moves one code at a time; this tries joint ±1 moves of two
-  codes on the most strongly coupled column pairs of the Hessian (largest ``|H_jk| / √(H_jj H_kk)``),
-  where a pair move can pay though neither single move does.
+  codes on the most strongly coupled column pairs of the Hessian (largest
+  ``|H_jk| / √(H_jj H_kk)``), where a pair move can pay though neither single move does.
 """
 
 from __future__ import annotations
