@@ -55,7 +55,7 @@ class CalibrationSettings:
     # which over-fits the calibration tokens. Costs one more forward pass per block and the float
     # model's activations of the block being solved. Dense layers only: experts see different
     # tokens in the two models. "auto": AUTO_ASYMMETRIC for the calibrated methods, 0 for
-    # round-to-nearest (which reads no calibration data).
+    # round-to-nearest (whose codes calibration data does not touch).
     asymmetric: float | Literal["auto"] = "auto"
     # What the grid (scales, zero points) is fitted to under asymmetric calibration: "target" the
     # moved target W̃ the codes approximate (a range fitted to W clips the entries the correction

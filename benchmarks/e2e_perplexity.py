@@ -129,7 +129,7 @@ def main(argv=None) -> int:
                         continue  # kept from an earlier run (--resume)
                     rtn = [r for r in rows if (r["bits"], r["method"]) == (bits, "rtn")]
                     if method == "rtn" and rtn:
-                        # RTN reads no calibration data: one run stands for every seed.
+                        # RTN codes do not depend on the calibration: one run stands for every seed.
                         rows.append({**rtn[0], "seed": seed})
                         continue
                     rows.append(run_one(model, Path(tmp), bits, seed, method, args, threads,
@@ -227,7 +227,7 @@ def tables(rows: list[dict], base: dict, args, started: float,
              "instead of the moved target (`--asymmetric-grid weight`)",
              "- the model's weights passed through 4-bit GGUF (Q4_1) at the source, so 3 bits is "
              "the telling setting",
-             "- RTN reads no calibration data: its one run stands for every seed",
+             "- RTN codes do not depend on calibration data: its one run stands for every seed",
              "- mean layer loss: of the objective each run calibrated for (with `+asym` the true "
              "asymmetric one, float weights on float inputs against quantized on quantized)",
              f"- each run in-process, {args.threads or 'all'} threads; environment: "
@@ -262,9 +262,10 @@ def tables(rows: list[dict], base: dict, args, started: float,
             summary[f"w{bits}_{method}_ppl"] = [r["ppl"] for r in values]
             if gap_gptq:
                 summary[f"w{bits}_{method}_gap_over_gptq_gap"] = gap_gptq
-    lines += ["", f"{'So far' if partial else 'Whole run'} {time.perf_counter() - started:.0f}s. Ratios are taken seed by "
-              "seed (each method against GPTQ / GPTAQ calibrated on the same windows), then "
-              "summarised.", ""]
+    lines += ["", f"{'So far' if partial else 'This invocation took'} "
+              f"{time.perf_counter() - started:.0f}s (runs kept from earlier ones not counted). "
+              "Ratios are taken seed by seed (each method against GPTQ / GPTAQ calibrated on the "
+              "same windows), then summarised.", ""]
     return "\n".join(lines) + "\n", summary
 
 
