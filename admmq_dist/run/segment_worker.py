@@ -209,8 +209,7 @@ class SegmentWorker(DeviceModel):
                                                self.recipe.solver.gptq.damp)
                 out.append(self._solve_layer(b, name, group, hessian, factors, acc.num_rows,
                                              warm_settings, cold, target,
-                                             None if asym is None else (weight, *asym),
-                                             grid_source(self.recipe, target, weight)))
+                                             None if asym is None else (weight, *asym)))
             self.count_factorizations(factors)
         self.busy["solve"] += time.perf_counter() - t
         return out
@@ -218,12 +217,11 @@ class SegmentWorker(DeviceModel):
     def _solve_layer(self, b: int, name: str, group: list[str], hessian: torch.Tensor,
                      factors: HessianFactors, tokens: int, warm_settings: SolverSettings,
                      cold: SolverSettings | None, weight: torch.Tensor,
-                     true_objective: tuple | None = None,
-                     grid_fitted_to: torch.Tensor | None = None) -> dict:
+                     true_objective: tuple | None = None) -> dict:
         """``weight``: the target solved for; ``true_objective``: ``(float weight, cross term,
-        deviation)`` under asymmetric calibration, for the report's loss; ``grid_fitted_to``:
-        what the grid is fitted to (default ``weight``)."""
-        grid = served_grid(weight if grid_fitted_to is None else grid_fitted_to, self.recipe,
+        deviation)`` under asymmetric calibration, for the report's loss."""
+        float_weight = weight if true_objective is None else true_objective[0]
+        grid = served_grid(grid_source(self.recipe, weight, float_weight), self.recipe,
                            self.scale_dtype, f"block {b} {name}")
         previous = self.layer_states.get((b, name))
         warm_start = previous is not None and cold is None
