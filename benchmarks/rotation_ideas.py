@@ -1,0 +1,177 @@
+"""Rotations composed with the solvers, measured on real layers before anything ships.
+
+A rotation ``R`` (orthogonal, ``[in, in]``) of a linear's inputs changes nothing in float —
+``W x = (W R)(Rᵀ x)`` — but the quantizer then sees ``W R`` with the Hessian ``Rᵀ H R``, where
+outlier columns are spread over many inputs (QuaRot, QuIP#; the 2026 LLM-scale ADMM-Q paper
+composes ADMM-Q with one). The layer loss is invariant: ``tr(Δ R Rᵀ H R Rᵀ Δᵀ) = tr(Δ H Δᵀ)``,
+so every figure here is measured in the original coordinates (``Q Rᵀ`` against ``W`` and ``H``)
+and divided by act-order GPTQ's loss *without* rotation on the same layer.
+
+Two rotations, both seeded:
+
+- ``hadamard-64``: block-diagonal Hadamard of the group size (64) with random signs. Each block
+  lies inside one quantization group, so a server needs only a 64-point Hadamard on every
+  linear's input (compressed-tensors' transform config describes such a checkpoint).
+- ``orthogonal``: a random orthogonal matrix over the whole input — the shape of QuaRot's
+  residual-stream rotation, which a server never sees for inputs taken from the residual stream
+  (q/k/v, gate/up: folded into the weights and the embedding), but which o_proj and down_proj
+  would need online.
+
+Every method gets the same rotation (RTN, act-order GPTQ, GPTQ with ADMM-Q's polish, the shipped
+ADMM-Q). Not shipped: this measures whether it would pay.
+
+    python benchmarks/rotation_ideas.py            # blocks 12 and 24, 3 and 4 bits (~10 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from admmq_dist.quant.grid import GridSpec, fit_grid  # noqa: E402
+from admmq_dist.quant.hessian import relative_loss  # noqa: E402
+from admmq_dist.quant.solvers import admmq, gptq, local_search, rtn  # noqa: E402
+from admmq_dist.quant.solvers.solve import SolverSettings  # noqa: E402
+from layer_quality import refits  # noqa: E402
+from real_layers import load_real_layers  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def sylvester_hadamard(size: int) -> torch.Tensor:
+    """The ``size × size`` Hadamard matrix (``size`` a power of two), scaled to be orthogonal.
+    Written out because torch has no Hadamard constructor and scipy is not a dependency."""
+    if size < 1 or size & (size - 1):
+        raise ValueError(f"a Sylvester Hadamard needs a power of two, got {size}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < size:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / size ** 0.5
+
+
+def block_hadamard(size: int, block: int, seed: int) -> torch.Tensor:
+    """Block-diagonal ``[size, size]`` rotation: a ``block``-point Hadamard on each aligned block,
+    after random signs (so the rotation is not the same on every layer)."""
+    if size % block:
+        raise ValueError(f"{size} inputs do not split into blocks of {block}")
+    signs = torch.randint(0, 2, (size,), generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return torch.block_diag(*[sylvester_hadamard(block)] * (size // block)) * signs[:, None]
+
+
+def random_orthogonal(size: int, seed: int) -> torch.Tensor:
+    """A Haar-random ``[size, size]`` orthogonal matrix (QR of a Gaussian, signs fixed)."""
+    g = torch.randn(size, size, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(seed))
+    q, r = torch.linalg.qr(g)
+    return q * torch.sign(torch.diagonal(r))[None, :]
+
+
+def rotation(kind: str, size: int, group_size: int, seed: int) -> torch.Tensor | None:
+    if kind == "none":
+        return None
+    if kind == "hadamard-64":
+        return block_hadamard(size, group_size, seed)
+    if kind == "orthogonal":
+        return random_orthogonal(size, seed)
+    raise ValueError(f"unknown rotation {kind!r}")
+
+
+def methods(weight, hessian, grid, settings: SolverSettings) -> dict:
+    """{method: (dequantized weight in the coordinates given, seconds)} — the layer_quality
+    pipeline for the four methods compared here."""
+    out = {}
+    r = rtn(weight, hessian, grid)
+    out["rtn"] = (r.weight, r.seconds)
+    ga = gptq(weight, hessian, grid)
+    out["gptq_act"] = (ga.weight, ga.seconds)
+    gls = local_search(weight, hessian, grid, ga.codes, max(settings.sweeps, 1))
+    gp = refits(weight, hessian, grid, gls, settings)
+    out["gptq_act_polish"] = (gp.weight, ga.seconds + gls.seconds + gp.seconds)
+    a = admmq(weight, hessian, grid, settings.admm, gptq_settings=settings.gptq)
+    als = local_search(weight, hessian, grid, a.codes, max(settings.sweeps, 1))
+    ap = refits(weight, hessian, grid, als, settings)
+    out["admmq"] = (ap.weight, a.seconds + als.seconds + ap.seconds)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bits", type=int, nargs="+", default=[3, 4])
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--blocks", type=int, nargs="+", default=[12, 24])
+    parser.add_argument("--rotations", nargs="+", default=["none", "hadamard-64", "orthogonal"],
+                        choices=["none", "hadamard-64", "orthogonal"])
+    parser.add_argument("--seed", type=int, default=0, help="seed of the rotations' randomness")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-write", action="store_true", help="do not write benchmarks/results/")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    layers = load_real_layers(blocks=args.blocks)
+    settings = SolverSettings()
+    names = ["rtn", "gptq_act", "gptq_act_polish", "admmq"]
+
+    lines = [
+        "# Rotations composed with the solvers (SmolLM2-135M layers, not shipped)", "",
+        f"- blocks {args.blocks}, {len(layers)} linears; Hessians from "
+        f"{layers[0]['num_tokens']} WikiText-2 tokens (second half of the test file)",
+        f"- grid: asymmetric, group {args.group_size}, min-max, fitted to the (rotated) weight; "
+        f"rotations seeded with {args.seed} + the layer's index",
+        "- every loss in the original coordinates, over act-order GPTQ's loss without rotation on "
+        "the same layer; time over that GPTQ's solver time (the rotation's own cost included)",
+        f"- ADMM-Q and the polish: the shipped defaults; machine: "
+        f"{platform.processor() or platform.machine()}, torch threads {args.threads}, "
+        f"torch {torch.__version__}; one run (solvers deterministic, one calibration draw)",
+        "",
+    ]
+    for bits in args.bits:
+        spec = GridSpec(bits=bits, group_size=args.group_size, symmetric=False)
+        ratio = {(k, m): [] for k in args.rotations for m in names}
+        seconds = {(k, m): 0.0 for k in args.rotations for m in names}
+        base_seconds = 0.0
+        for index, layer in enumerate(layers):
+            W, H = layer["weight"].float(), layer["hessian"].float()
+            reference = gptq(W, H, fit_grid(W, spec))
+            base = relative_loss(reference.weight, W, H)
+            base_seconds += reference.seconds
+            for kind in args.rotations:
+                t = time.perf_counter()
+                R = rotation(kind, W.shape[1], args.group_size, args.seed + index)
+                Wr, Hr = (W, H) if R is None else ((W.double() @ R).float(),
+                                                   (R.T @ H.double() @ R).float())
+                rotate_seconds = time.perf_counter() - t
+                for m, (q, s) in methods(Wr, Hr, fit_grid(Wr, spec), settings).items():
+                    q = q if R is None else (q.double() @ R.T).float()
+                    ratio[kind, m].append(relative_loss(q, W, H) / base)
+                    seconds[kind, m] += s + rotate_seconds
+            print(f"{bits}-bit {layer['name']}: " + ", ".join(
+                f"{k}/{m} {ratio[k, m][-1]:.3f}" for k in args.rotations
+                for m in ("gptq_act", "admmq")), file=sys.stderr, flush=True)
+        lines += [f"## {bits} bits", "",
+                  "| rotation | method | mean loss / gptq_act (no rotation) | min–max | "
+                  "time / gptq_act |", "|---|---|---|---|---|"]
+        for kind in args.rotations:
+            for m in names:
+                r = ratio[kind, m]
+                lines.append(f"| {kind} | {m} | {statistics.fmean(r):.4f} | "
+                             f"{min(r):.3f}–{max(r):.3f} | {seconds[kind, m] / base_seconds:.2f} |")
+        lines.append("")
+    lines.append(f"The whole run took {time.perf_counter() - started:.1f}s.")
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if not args.no_write:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "rotation_ideas.md").write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
