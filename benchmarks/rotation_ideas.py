@@ -7,7 +7,7 @@ composes ADMM-Q with one). The layer loss is invariant: ``tr(Δ R Rᵀ H R Rᵀ 
 so every figure here is measured in the original coordinates (``Q Rᵀ`` against ``W`` and ``H``)
 and divided by act-order GPTQ's loss *without* rotation on the same layer.
 
-Two rotations, both seeded:
+Three rotations, all seeded:
 
 - ``hadamard-64``: block-diagonal Hadamard of the group size (64) with random signs. Each block
   lies inside one quantization group, so a server needs only a 64-point Hadamard on every
@@ -16,6 +16,12 @@ Two rotations, both seeded:
   residual-stream rotation, which a server never sees for inputs taken from the residual stream
   (q/k/v, gate/up: folded into the weights and the embedding), but which o_proj and down_proj
   would need online.
+- ``fused``: only what folds into the weights, so the checkpoint stays an ordinary one and
+  vLLM serves it with tensor parallelism (its online transforms refuse TP > 1): the RMSNorm
+  scale folded into the linears that read the residual stream (q/k/v, gate/up), then one random
+  orthogonal rotation of the residual stream shared by every layer (QuaRot/SpinQuant's R1), which
+  also turns the output rows of the layers that write to it (o_proj, down_proj); a per-head
+  Hadamard on o_proj's input, folded into v_proj's output rows (R2); down_proj's input unrotated.
 
 Every method gets the same rotation (RTN, act-order GPTQ, GPTQ with ADMM-Q's polish, the shipped
 ADMM-Q). Not shipped: this measures whether it would pay.
@@ -74,14 +80,63 @@ def random_orthogonal(size: int, seed: int) -> torch.Tensor:
     return q * torch.sign(torch.diagonal(r))[None, :]
 
 
-def rotation(kind: str, size: int, group_size: int, seed: int) -> torch.Tensor | None:
-    if kind == "none":
-        return None
+RESIDUAL_READERS = {"q_proj": "input_layernorm", "k_proj": "input_layernorm",
+                    "v_proj": "input_layernorm", "gate_proj": "post_attention_layernorm",
+                    "up_proj": "post_attention_layernorm"}
+
+
+def norm_scales(blocks: list[int]) -> dict[str, torch.Tensor]:
+    """The RMSNorm scales of ``blocks`` from the embedded model, keyed by tensor name."""
+    from safetensors import safe_open
+
+    from admmq_dist.model.embedded import embedded_model_folder
+    wanted = {f"model.layers.{b}.{n}.weight" for b in blocks for n in set(RESIDUAL_READERS.values())}
+    with safe_open(str(embedded_model_folder() / "model.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k).double() for k in wanted}
+
+
+def rotated_problem(kind: str, layer: dict, group_size: int, seed: int, head_dim: int,
+                    norms: dict[str, torch.Tensor]):
+    """``(W', H', back)``: the problem the quantizer sees under rotation ``kind`` and the map
+    taking its dequantized weight back to the original coordinates.
+
+    With ``W' = Lᵀ W D R`` and ``H' = Rᵀ D⁻¹ H D⁻¹ R`` (``D`` a folded norm scale or ``I``; ``L``
+    a rotation of the output rows or ``I``), the loss of ``Q'`` equals the original loss of
+    ``back(Q') = L Q' Rᵀ D⁻¹``."""
+    W, H = layer["weight"].double(), layer["hessian"].double()
+    size, scale, R, L = W.shape[1], torch.ones(W.shape[1], dtype=torch.float64), None, None
     if kind == "hadamard-64":
-        return block_hadamard(size, group_size, seed)
-    if kind == "orthogonal":
-        return random_orthogonal(size, seed)
-    raise ValueError(f"unknown rotation {kind!r}")
+        R = block_hadamard(size, group_size, seed + layer["index"])
+    elif kind == "orthogonal":
+        R = random_orthogonal(size, seed + layer["index"])
+    elif kind == "fused" and layer["kind"] in RESIDUAL_READERS:
+        scale = norms[f"model.layers.{layer['block']}.{RESIDUAL_READERS[layer['kind']]}.weight"]
+        if (scale == 0).any():
+            raise ValueError(f"{layer['name']}: a zero RMSNorm scale cannot be folded")
+        R = random_orthogonal(size, seed)  # one residual-stream rotation for every layer
+    elif kind not in ("none", "fused"):
+        raise ValueError(f"unknown rotation {kind!r}")
+    if kind == "fused":
+        # One head's Hadamard for every head: the query heads sharing a KV head must agree.
+        def per_head(width):
+            return torch.block_diag(*[block_hadamard(head_dim, head_dim, seed)] * (width // head_dim))
+        if layer["kind"] == "v_proj":
+            L = per_head(W.shape[0])
+        if layer["kind"] == "o_proj":
+            R = per_head(size)
+        if layer["kind"] in ("o_proj", "down_proj"):
+            L = random_orthogonal(W.shape[0], seed)  # the residual stream's R1, as above
+    W, H = W * scale[None, :], H / (scale[:, None] * scale[None, :])
+    if R is not None:
+        W, H = W @ R, R.T @ H @ R
+    if L is not None:
+        W = L.T @ W
+
+    def back(q: torch.Tensor) -> torch.Tensor:
+        q = q.double() if L is None else L @ q.double()
+        q = q if R is None else q @ R.T
+        return (q / scale[None, :]).float()
+    return W.float(), H.float(), back
 
 
 def methods(weight, hessian, grid, settings: SolverSettings) -> dict:
@@ -107,15 +162,17 @@ def main(argv=None) -> int:
     parser.add_argument("--bits", type=int, nargs="+", default=[3, 4])
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--blocks", type=int, nargs="+", default=[12, 24])
-    parser.add_argument("--rotations", nargs="+", default=["none", "hadamard-64", "orthogonal"],
-                        choices=["none", "hadamard-64", "orthogonal"])
+    kinds = ["none", "hadamard-64", "orthogonal", "fused"]
+    parser.add_argument("--rotations", nargs="+", default=kinds, choices=kinds)
+    parser.add_argument("--head-dim", type=int, default=64, help="SmolLM2-135M's head size")
     parser.add_argument("--seed", type=int, default=0, help="seed of the rotations' randomness")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-write", action="store_true", help="do not write benchmarks/results/")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    layers = load_real_layers(blocks=args.blocks)
+    layers = [dict(layer, index=i) for i, layer in enumerate(load_real_layers(blocks=args.blocks))]
+    norms = norm_scales(args.blocks)
     settings = SolverSettings()
     names = ["rtn", "gptq_act", "gptq_act_polish", "admmq"]
 
@@ -124,7 +181,8 @@ def main(argv=None) -> int:
         f"- blocks {args.blocks}, {len(layers)} linears; Hessians from "
         f"{layers[0]['num_tokens']} WikiText-2 tokens (second half of the test file)",
         f"- grid: asymmetric, group {args.group_size}, min-max, fitted to the (rotated) weight; "
-        f"rotations seeded with {args.seed} + the layer's index",
+        f"rotations seeded with {args.seed} (+ the layer's index, "
+        "except `fused`'s, shared as a served model shares them)",
         "- every loss in the original coordinates, over act-order GPTQ's loss without rotation on "
         "the same layer; time over that GPTQ's solver time (the rotation's own cost included)",
         f"- ADMM-Q and the polish: the shipped defaults; machine: "
@@ -137,20 +195,18 @@ def main(argv=None) -> int:
         ratio = {(k, m): [] for k in args.rotations for m in names}
         seconds = {(k, m): 0.0 for k in args.rotations for m in names}
         base_seconds = 0.0
-        for index, layer in enumerate(layers):
+        for layer in layers:
             W, H = layer["weight"].float(), layer["hessian"].float()
             reference = gptq(W, H, fit_grid(W, spec))
             base = relative_loss(reference.weight, W, H)
             base_seconds += reference.seconds
             for kind in args.rotations:
                 t = time.perf_counter()
-                R = rotation(kind, W.shape[1], args.group_size, args.seed + index)
-                Wr, Hr = (W, H) if R is None else ((W.double() @ R).float(),
-                                                   (R.T @ H.double() @ R).float())
+                Wr, Hr, back = rotated_problem(kind, layer, args.group_size, args.seed,
+                                               args.head_dim, norms)
                 rotate_seconds = time.perf_counter() - t
                 for m, (q, s) in methods(Wr, Hr, fit_grid(Wr, spec), settings).items():
-                    q = q if R is None else (q.double() @ R.T).float()
-                    ratio[kind, m].append(relative_loss(q, W, H) / base)
+                    ratio[kind, m].append(relative_loss(back(q), W, H) / base)
                     seconds[kind, m] += s + rotate_seconds
             print(f"{bits}-bit {layer['name']}: " + ", ".join(
                 f"{k}/{m} {ratio[k, m][-1]:.3f}" for k in args.rotations
