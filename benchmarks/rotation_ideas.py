@@ -4,18 +4,16 @@ A rotation ``R`` (orthogonal, ``[in, in]``) of a linear's inputs changes nothing
 ``W x = (W R)(Rᵀ x)`` — but the quantizer then sees ``W R`` with the Hessian ``Rᵀ H R``, where
 outlier columns are spread over many inputs (QuaRot, QuIP#; the 2026 LLM-scale ADMM-Q paper
 composes ADMM-Q with one). The layer loss is invariant: ``tr(Δ R Rᵀ H R Rᵀ Δᵀ) = tr(Δ H Δᵀ)``,
-so every figure here is measured in the original coordinates (``Q Rᵀ`` against ``W`` and ``H``)
-and divided by act-order GPTQ's loss *without* rotation on the same layer.
+so every figure here is measured in the original coordinates (the dequantized weight rotated
+back, against ``W`` and ``H``) and divided by act-order GPTQ's loss *without* rotation on the same layer.
 
 Three rotations, all seeded:
 
 - ``hadamard-64``: block-diagonal Hadamard of the group size (64) with random signs. Each block
   lies inside one quantization group, so a server needs only a 64-point Hadamard on every
   linear's input (compressed-tensors' transform config describes such a checkpoint).
-- ``orthogonal``: a random orthogonal matrix over the whole input — the shape of QuaRot's
-  residual-stream rotation, which a server never sees for inputs taken from the residual stream
-  (q/k/v, gate/up: folded into the weights and the embedding), but which o_proj and down_proj
-  would need online.
+- ``orthogonal``: a random orthogonal matrix over the whole input, applied after the RMSNorm
+  scale (which does not commute with it), so a server would need it online on every linear.
 - ``fused``: only what folds into the weights, so the checkpoint stays an ordinary one and
   vLLM serves it with tensor parallelism (its online transforms refuse TP > 1): the RMSNorm
   scale folded into the linears that read the residual stream (q/k/v, gate/up), then one random
@@ -26,7 +24,7 @@ Three rotations, all seeded:
 Every method gets the same rotation (RTN, act-order GPTQ, GPTQ with ADMM-Q's polish, the shipped
 ADMM-Q). Not shipped: this measures whether it would pay.
 
-    python benchmarks/rotation_ideas.py            # blocks 12 and 24, 3 and 4 bits (~10 min)
+    python benchmarks/rotation_ideas.py            # blocks 12 and 24, 3 and 4 bits (~3 min on 2 cores)
 """
 
 from __future__ import annotations
