@@ -39,7 +39,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def run_layer(weight, hessian, grid, settings: SolverSettings) -> dict:
-    """Every method on one layer; returns {method: (loss, seconds)}."""
+    """Every method on one layer; returns {method: (loss, seconds)}, and under "weights" the
+    dequantized weights of rtn, gptq_act, gptq_act_polish and admmq."""
     out = {}
     r = rtn(weight, hessian, grid)
     out["rtn"] = (r.loss, r.seconds)
@@ -67,6 +68,8 @@ def run_layer(weight, hessian, grid, settings: SolverSettings) -> dict:
     total = row_losses(torch.zeros_like(weight), weight, hessian).sum()
     out["best_of_rows"] = ((best.sum() / total).item(),
                            out["admmq"][1] + out["gptq_act_polish"][1])
+    out["weights"] = {"rtn": r.weight, "gptq_act": ga.weight, "gptq_act_polish": gp.weight,
+                      "admmq": ap.weight}
     return out
 
 

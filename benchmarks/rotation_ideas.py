@@ -42,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from admmq_dist.quant.grid import GridSpec, fit_grid  # noqa: E402
 from admmq_dist.quant.hessian import relative_loss  # noqa: E402
-from admmq_dist.quant.solvers import admmq, gptq, local_search, rtn  # noqa: E402
+from admmq_dist.quant.solvers import gptq  # noqa: E402
 from admmq_dist.quant.solvers.solve import SolverSettings  # noqa: E402
-from layer_quality import refits  # noqa: E402
+from layer_quality import run_layer  # noqa: E402
 from real_layers import load_real_layers  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -137,24 +137,6 @@ def rotated_problem(kind: str, layer: dict, group_size: int, seed: int, head_dim
     return W.float(), H.float(), back
 
 
-def methods(weight, hessian, grid, settings: SolverSettings) -> dict:
-    """{method: (dequantized weight in the coordinates given, seconds)} — the layer_quality
-    pipeline for the four methods compared here."""
-    out = {}
-    r = rtn(weight, hessian, grid)
-    out["rtn"] = (r.weight, r.seconds)
-    ga = gptq(weight, hessian, grid)
-    out["gptq_act"] = (ga.weight, ga.seconds)
-    gls = local_search(weight, hessian, grid, ga.codes, max(settings.sweeps, 1))
-    gp = refits(weight, hessian, grid, gls, settings)
-    out["gptq_act_polish"] = (gp.weight, ga.seconds + gls.seconds + gp.seconds)
-    a = admmq(weight, hessian, grid, settings.admm, gptq_settings=settings.gptq)
-    als = local_search(weight, hessian, grid, a.codes, max(settings.sweeps, 1))
-    ap = refits(weight, hessian, grid, als, settings)
-    out["admmq"] = (ap.weight, a.seconds + als.seconds + ap.seconds)
-    return out
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", type=int, nargs="+", default=[3, 4])
@@ -171,6 +153,12 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     layers = [dict(layer, index=i) for i, layer in enumerate(load_real_layers(blocks=args.blocks))]
     norms = norm_scales(args.blocks)
+    problems = {}  # (layer index, rotation): (W', H', back, seconds to build) — the same at every bits
+    for layer in layers:
+        for kind in args.rotations:
+            t = time.perf_counter()
+            problem = rotated_problem(kind, layer, args.group_size, args.seed, args.head_dim, norms)
+            problems[layer["index"], kind] = (*problem, time.perf_counter() - t)
     settings = SolverSettings()
     names = ["rtn", "gptq_act", "gptq_act_polish", "admmq"]
 
@@ -182,7 +170,8 @@ def main(argv=None) -> int:
         f"rotations seeded with {args.seed} (+ the layer's index, "
         "except `fused`'s, shared as a served model shares them)",
         "- every loss in the original coordinates, over act-order GPTQ's loss without rotation on "
-        "the same layer; time over that GPTQ's solver time (the rotation's own cost included)",
+        "the same layer; time over that GPTQ's solver time (the rotation's own cost included); "
+        "the methods as `layer_quality.py` runs them",
         f"- ADMM-Q and the polish: the shipped defaults; machine: "
         f"{platform.processor() or platform.machine()}, torch threads {args.threads}, "
         f"torch {torch.__version__}; one run (solvers deterministic, one calibration draw)",
@@ -199,13 +188,11 @@ def main(argv=None) -> int:
             base = relative_loss(reference.weight, W, H)
             base_seconds += reference.seconds
             for kind in args.rotations:
-                t = time.perf_counter()
-                Wr, Hr, back = rotated_problem(kind, layer, args.group_size, args.seed,
-                                               args.head_dim, norms)
-                rotate_seconds = time.perf_counter() - t
-                for m, (q, s) in methods(Wr, Hr, fit_grid(Wr, spec), settings).items():
-                    ratio[kind, m].append(relative_loss(back(q), W, H) / base)
-                    seconds[kind, m] += s + rotate_seconds
+                Wr, Hr, back, rotate_seconds = problems[layer["index"], kind]
+                res = run_layer(Wr, Hr, fit_grid(Wr, spec), settings)
+                for m in names:
+                    ratio[kind, m].append(relative_loss(back(res["weights"][m]), W, H) / base)
+                    seconds[kind, m] += res[m][1] + rotate_seconds
             print(f"{bits}-bit {layer['name']}: " + ", ".join(
                 f"{k}/{m} {ratio[k, m][-1]:.3f}" for k in args.rotations
                 for m in ("gptq_act", "admmq")), file=sys.stderr, flush=True)
