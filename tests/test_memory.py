@@ -174,3 +174,29 @@ def test_a_coordinated_run_the_device_cannot_hold_is_refused_before_round_0(tmp_
                              progress=False)
     assert summary["memory_plan"]["items"]["every owned Hessian while capturing"] > 0
     assert captured
+
+
+@pytest.mark.parametrize("rows,cols,group_size", [(256, 1024, 128), (512, 2048, 64), (512, 2048, 32),
+                                                  (512, 4096, 128), (128, 2048, None), (128, 4096, 16)])
+def test_the_refit_holds_what_the_plan_says_and_no_rows_by_groups_by_cols_array(rows, cols,
+                                                                                group_size):
+    """The scale refit's peak beyond its inputs, measured by torch's allocator (tests/alloc.py),
+    lies within [1/1.3, 1] of memory.refit_bytes at every shape, and grows with rows·cols, not
+    rows·G·cols: the [rows, G, cols] arrays it once built were 6.8 GiB at cols = 8192 (the
+    benchmark: benchmarks/results/refit_memory.md has cols = 28672)."""
+    from alloc import peak_allocated
+
+    from admmq_dist.quant.grid import GridSpec, fit_grid
+    from admmq_dist.quant.solvers.scales import refit_scales
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(rows, cols, generator=g)
+    x = torch.randn(cols, 64, generator=g)
+    hessian = x @ x.T + torch.eye(cols)
+    grid = fit_grid(weight, GridSpec(bits=3, group_size=group_size))
+    codes = grid.codes(weight)
+    _, peak = peak_allocated(lambda: refit_scales(weight, hessian, grid, codes, torch.bfloat16))
+    planned = memory.refit_bytes(rows, cols, grid.num_groups)
+    assert peak <= planned <= 1.3 * peak, (peak, planned)
+    # One [rows, G, cols] float64 array alone would be more than the whole measured peak.
+    assert grid.num_groups == 1 or peak < 8 * rows * grid.num_groups * cols

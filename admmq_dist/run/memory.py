@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..quant.solvers.scales import COLUMN_CHUNK
+
 # Working arrays per row block and input column, in float32: ADMM-Q's W0, W, Z, dual and their
 # rotated copies, the projection's temporaries and the best iterate (14); GPTQ's start and the
 # local-search gradient reuse them.
@@ -28,9 +30,24 @@ CG_ARRAYS = 7
 # An eigendecomposition holds the scaled Hessian and its eigenvectors in float64 plus LAPACK's
 # workspace (3 x 8 bytes per entry) while it runs, and keeps two float32 rotations (8).
 EIGH_TRANSIENT, EIGH_KEPT = 24, 8
+# The scale refit (quant/solvers/scales.py), per row block: float64 [rows, cols] arrays, float64
+# [COLUMN_CHUNK, cols] Hessian blocks (the block and BLAS's transposed copies) and [rows, G, G]
+# systems, in its two phases — forming the systems chunk by chunk, then solving them (the systems
+# and their LU copy) — as measured by torch's allocator: tests/test_memory.py holds every tested
+# shape within [1, 1.3] of it.
+REFIT_FORM = (4.5, 4.25, 1)   # (row arrays, Hessian blocks, systems) while forming
+REFIT_SOLVE = (3.5, 0, 2)     # while solving
 # GPTQ's factor: the damped and permuted copies, the factor and the inverse (4 x 4) while it
 # runs, and keeps one upper factor (4).
 CHOLESKY_TRANSIENT, CHOLESKY_KEPT = 16, 4
+
+
+def refit_bytes(rows: int, cols: int, groups: int) -> int:
+    """Peak bytes the scale refit allocates beyond its inputs for one ``[rows, cols]`` row block
+    with ``groups`` groups per row."""
+    return int(8 * max(arrays * rows * cols + blocks * COLUMN_CHUNK * cols
+                       + systems * rows * groups * groups
+                       for arrays, blocks, systems in (REFIT_FORM, REFIT_SOLVE)))
 
 
 def dyadic_pieces(start: int, stop: int) -> int:

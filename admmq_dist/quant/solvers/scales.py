@@ -20,57 +20,112 @@ import dataclasses
 import torch
 
 from ..grid import Grid
-from ..hessian import condition
+from ..hessian import dead_inputs, zero_columns
 
 
-def row_losses(quantized: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor
-               ) -> torch.Tensor:
-    """``[rows]`` float64: ``(Q_i − W_i) H (Q_i − W_i)ᵀ`` per row."""
-    delta = (quantized - weight).double()
-    return ((delta @ hessian.double()) * delta).sum(dim=1)
+# Columns of the Hessian taken into float64 at a time: bounds the refit's working set to
+# O(rows · in) whatever the layer's width (a [256, 28672] float64 slice is 59 MB).
+COLUMN_CHUNK = 256
+
+
+def _column_chunks(cols: int, group_size: int, chunk: int = COLUMN_CHUNK):
+    """``(group, start, stop)``: ranges of at most ``chunk`` columns, none crossing a group."""
+    for group_start in range(0, cols, group_size):
+        group_stop = min(group_start + group_size, cols)
+        for start in range(group_start, group_stop, chunk):
+            yield group_start // group_size, start, min(start + chunk, group_stop)
+
+
+def _hessian_rows(hessian: torch.Tensor, start: int, stop: int, dead: torch.Tensor
+                  ) -> torch.Tensor:
+    """``H[start:stop, :]`` in float64 with the dead-input rule (``H_jj = 1``) applied — the
+    conditioned Hessian a block at a time, never a conditioned copy of the whole."""
+    block = hessian[start:stop].double()
+    if not torch.isfinite(block).all():
+        raise ValueError("the Hessian holds NaN or Inf: the calibration activations overflowed")
+    idx = torch.nonzero(dead[start:stop]).squeeze(1)
+    block[idx, idx + start] = 1.0
+    return block
+
+
+def row_losses(quantized: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor,
+               chunk: int = COLUMN_CHUNK) -> torch.Tensor:
+    """``[rows]`` float64: ``(Q_i − W_i) H (Q_i − W_i)ᵀ`` per row, summed in float64 over
+    column blocks of ``H`` (no float64 copy of the whole Hessian)."""
+    no_dead = torch.zeros(hessian.shape[0], dtype=torch.bool, device=hessian.device)
+    return _row_losses((quantized - weight).double(), hessian, no_dead, chunk)
 
 
 def refit_scales(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, codes: torch.Tensor,
-                 scale_dtype: torch.dtype | None = None, ridge: float = 1e-9) -> Grid:
+                 scale_dtype: torch.dtype | None = None, ridge: float = 1e-9,
+                 chunk: int = COLUMN_CHUNK) -> Grid:
     """The grid with each row's group scales refitted to ``codes`` (int ``[out, in]``), zero
     points kept. A row keeps its old scales unless the new ones are all positive and lower its
     loss (measured after rounding them to ``scale_dtype``, the dtype the checkpoint stores).
 
-    Shapes: weight ``[out, in]``, hessian ``[in, in]``; cost ``out · in²`` (one matrix product
-    of the weight's size with the Hessian), memory ``out · G · in`` (``G`` groups per row):
-    callers pass row blocks of large layers.
+    Shapes: weight ``[out, in]``, hessian ``[in, in]`` (any float dtype; never copied whole);
+    cost ``out · in²``; memory beyond the inputs a few ``[out, in]`` float64 arrays, one
+    ``[chunk, in]`` float64 block of ``H`` and the ``[out, G, G]`` systems (``G`` groups per row).
+    The systems are formed block by block: for the columns ``c`` of group ``g``,
+    ``A[:, g, :] += Σ_{j ∈ c} d_j · (d_c H_c)`` summed per group, ``b[:, g] += d_c · (W H_c)``.
     """
-    W, H = condition(weight.float(), hessian.float())
-    W, H = W.double(), H.double()
+    if weight.shape[1] != hessian.shape[0]:
+        raise ValueError(
+            f"weight has {weight.shape[1]} inputs but the Hessian is {hessian.shape[0]} wide")
+    dead = dead_inputs(hessian)
+    W = zero_columns(weight.float(), dead).double()
     rows, cols = W.shape
-    G = grid.num_groups
-    gs = grid.group_size
-    padded = G * gs
+    G, gs = grid.num_groups, grid.group_size
     _, zero = grid.expanded()
-    d = torch.zeros(rows, padded, dtype=torch.float64, device=W.device)
-    d[:, :cols] = codes.double() - zero.double()
-    h = torch.zeros(padded, cols, dtype=torch.float64, device=W.device)
-    h[:cols] = H
-    d = d.view(rows, G, gs)
-    vh = torch.einsum("rgk,gkn->rgn", d, h.view(G, gs, cols))  # [rows, G, cols]: V H per row
-    vh_pad = torch.zeros(rows, G, padded, dtype=torch.float64, device=W.device)
-    vh_pad[..., :cols] = vh
-    a = torch.einsum("rghk,rhk->rgh", vh_pad.view(rows, G, G, gs), d)  # V H Vᵀ
-    b = torch.einsum("rgn,rn->rg", vh, W)  # V H Wᵀ
+    d = codes.double() - zero.double()  # [rows, cols]: V's entries, group by group
+    a = torch.zeros(rows, G, G, dtype=torch.float64, device=W.device)
+    b = torch.zeros(rows, G, dtype=torch.float64, device=W.device)
+    loss_before = torch.zeros(rows, dtype=torch.float64, device=W.device)
+    delta_before = grid.dequantize(codes).double() - W
+    for group, start, stop in _column_chunks(cols, gs, chunk):
+        block = _hessian_rows(hessian, start, stop, dead)  # [c, cols]
+        dh = d[:, start:stop] @ block  # [rows, cols]: this chunk's share of row i's V H
+        # Σ over each group h of the columns: A[i, group, h] gathers d_h · (V H) per group.
+        a[:, group, :] += _sum_by_group(dh * d, G, gs)
+        b[:, group] += (d[:, start:stop] * (W @ block.T)).sum(dim=1)
+        loss_before += ((delta_before @ block.T) * delta_before[:, start:stop]).sum(dim=1)
+        del dh
+    del delta_before
     old = grid.scale.double()
     # A group whose codes all sit on its zero point has no say in the loss: keep its scale.
-    idle = torch.diagonal(a, dim1=1, dim2=2) <= 0
-    a = a + torch.diag_embed(idle.double())
+    diagonal = torch.diagonal(a, dim1=1, dim2=2)  # a view: the updates below are in place
+    idle = diagonal <= 0
+    diagonal.add_(idle.double())
     b = torch.where(idle, old, b)
-    a = a + ridge * torch.diag_embed(torch.diagonal(a, dim1=1, dim2=2))
+    diagonal.mul_(1 + ridge)
     new = torch.linalg.solve(a, b.unsqueeze(-1)).squeeze(-1)
+    del a
     if scale_dtype is not None:
         new = new.to(scale_dtype).double()
     ok = torch.isfinite(new).all(dim=1) & (new > 0).all(dim=1)
     new = torch.where(ok.unsqueeze(1), new, old)
     candidate = dataclasses.replace(grid, scale=new.float())
-    before = row_losses(grid.dequantize(codes), W, H)
-    after = row_losses(candidate.dequantize(codes), W, H)
-    keep_new = ok & (after < before)
+    after = _row_losses(candidate.dequantize(codes).double() - W, hessian, dead, chunk)
+    keep_new = ok & (after < loss_before)
     return dataclasses.replace(
         grid, scale=torch.where(keep_new.unsqueeze(1), new.float(), grid.scale))
+
+
+def _sum_by_group(x: torch.Tensor, groups: int, group_size: int) -> torch.Tensor:
+    """``[rows, cols]`` → ``[rows, groups]``: sums over each group's columns (ragged last)."""
+    rows, cols = x.shape
+    padded = groups * group_size
+    if padded != cols:
+        x = torch.nn.functional.pad(x, (0, padded - cols))
+    return x.view(rows, groups, group_size).sum(dim=-1)
+
+
+def _row_losses(delta: torch.Tensor, hessian: torch.Tensor, dead: torch.Tensor, chunk: int
+                ) -> torch.Tensor:
+    """``[rows]``: ``δ_i H δ_iᵀ`` for float64 ``delta`` on the conditioned Hessian, blockwise."""
+    out = torch.zeros(delta.shape[0], dtype=torch.float64, device=delta.device)
+    for start in range(0, hessian.shape[0], chunk):
+        stop = min(start + chunk, hessian.shape[0])
+        block = _hessian_rows(hessian, start, stop, dead)
+        out += ((delta @ block.T) * delta[:, start:stop]).sum(dim=1)
+    return out
