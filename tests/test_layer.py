@@ -61,8 +61,8 @@ def test_row_blocks_solved_apart_cross_processes_lean_and_report_in_one_schema()
 
 
 def test_one_factorization_per_hessian_per_worker(tmp_path):
-    """q/k/v share a Hessian, a layer is solved in several row blocks: the eigendecomposition and
-    GPTQ's factor are computed once per Hessian on the worker that solves it — and sharing them
+    """q/k/v share a Hessian, a layer is solved in several row blocks: the eigendecomposition,
+    GPTQ's factor and the asymmetric target's factor are computed once per Hessian on the worker that solves it — and sharing them
     changes no byte (tests/test_golden.py)."""
     from admmq_dist.recipe import Recipe, override
     from admmq_dist.run.backends import LocalBackend
@@ -85,6 +85,9 @@ def test_one_factorization_per_hessian_per_worker(tmp_path):
         layer_inputs = 2 * 4
         assert layer_inputs <= counts["hessians"] <= layer_inputs * workers
         assert counts["eigh"] == counts["cholesky"] == counts["hessians"]
+        # Asymmetric calibration (on by default) moves each linear's target with one float64
+        # factor per Hessian, shared by q/k/v and gate/up, not one per linear.
+        assert counts["asymmetric"] == counts["hessians"]
         if workers == 1:
             assert counts["eigh"] == layer_inputs
 

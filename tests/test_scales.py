@@ -91,3 +91,17 @@ def test_solve_refits_scales_after_admmq_by_default_and_for_any_method_on_reques
     assert admm_refit.loss < admm.loss
     with pytest.raises(ValueError, match="scale_refits"):
         SolverSettings(scale_refits=-1)
+
+
+def test_refit_solves_wide_systems_after_set_num_threads():
+    """torch 2.13's batched LU on CPU fails for systems of 160+ groups once set_num_threads has
+    run (every worker given a thread count calls it); the refit's Cholesky does not. 70B's
+    down_proj at group 128 has 224 groups per row."""
+    torch.set_num_threads(torch.get_num_threads())
+    w, h, _ = synthetic_layer(8, 224 * 16, 4096, seed=5)
+    grid = fit_grid(w, GridSpec(bits=3, group_size=16))
+    codes = grid.codes(w)
+    fitted = refit_scales(w, h, grid, codes, scale_dtype=torch.bfloat16)
+    assert grid.num_groups == 224
+    assert float(row_losses(fitted.dequantize(codes), w, h).sum()) \
+        < float(row_losses(grid.dequantize(codes), w, h).sum())

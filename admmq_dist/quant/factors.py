@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .hessian import condition_hessian, damp
+from .hessian import asymmetric_factor, condition_hessian, damp
 
 
 class HessianFactors:
@@ -25,7 +25,8 @@ class HessianFactors:
         # GPTQ's dead-input rule, applied once: ``hessian`` is H with H_jj = 1 on ``dead`` inputs.
         self.hessian, self.dead = condition_hessian(
             hessian.to(device=device or hessian.device, dtype=torch.float32))
-        self.counts = {"eigh": 0, "cholesky": 0}
+        self.counts = {"eigh": 0, "cholesky": 0, "asymmetric": 0}
+        self._asymmetric: dict[float, torch.Tensor] = {}
         self._eigen: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._gptq: dict[tuple, tuple[torch.Tensor | None, torch.Tensor]] = {}
 
@@ -40,6 +41,14 @@ class HessianFactors:
                            (evecs.T / d[None, :]).float().contiguous())
             self.counts["eigh"] += 1
         return self._eigen
+
+    def asymmetric(self, damping: float) -> torch.Tensor:
+        """The float64 factor every linear reading this input moves its target with under
+        asymmetric calibration (:func:`.hessian.asymmetric_factor`), computed once."""
+        if damping not in self._asymmetric:
+            self._asymmetric[damping] = asymmetric_factor(self.hessian, damping)
+            self.counts["asymmetric"] += 1
+        return self._asymmetric[damping]
 
     def gptq(self, act_order: bool, fraction: float, retry_factor: float,
              retries: int) -> tuple[torch.Tensor | None, torch.Tensor]:

@@ -209,14 +209,33 @@ def damp(hessian: torch.Tensor, fraction: float) -> torch.Tensor:
     return out
 
 
+# Rows of a Hessian taken into float64 at a time by the loss terms: a [256, 28672] float64 block
+# is 59 MB, where a float64 copy of the whole is 6.6 GB.
+LOSS_CHUNK = 256
+
+
+def bilinear_sums(pairs: list[tuple[torch.Tensor, torch.Tensor]], matrix: torch.Tensor,
+                  chunk: int = LOSS_CHUNK) -> list[float]:
+    """``[Σ (a Mᵀ) ⊙ b for (a, b) in pairs]`` in float64 (``a M`` for a symmetric ``M``;
+    pass ``Mᵀ`` for ``a M`` otherwise), with ``matrix`` ``M`` ``[in, in]`` in any float dtype and
+    float64 ``a``, ``b`` ``[rows, in]``: ``M`` is taken into float64 ``chunk`` rows at a time
+    (``(a Mᵀ)[:, c] = a M[c, :]ᵀ``), never copied whole."""
+    totals = [0.0] * len(pairs)
+    for start in range(0, matrix.shape[0], chunk):
+        block = matrix[start:start + chunk].double()
+        for k, (a, b) in enumerate(pairs):
+            totals[k] += float(((a @ block.T) * b[:, start:start + chunk]).sum())
+    return totals
+
+
 def loss_terms(weight: torch.Tensor, reference: torch.Tensor,
                hessian: torch.Tensor) -> tuple[float, float]:
     """``(tr(Δ H Δᵀ), tr(W0 H W0ᵀ))`` with ``Δ = weight - reference``, in float64: summed over
     row blocks, they give the relative loss of the whole matrix."""
-    h = hessian.double()
     delta = (weight - reference).double()
     w0 = reference.double()
-    return float(((delta @ h) * delta).sum()), float(((w0 @ h) * w0).sum())
+    num, den = bilinear_sums([(delta, delta), (w0, w0)], hessian)
+    return num, den
 
 
 def relative_loss(weight: torch.Tensor, reference: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -237,18 +256,37 @@ def asymmetric_loss_terms(quantized: torch.Tensor, weight: torch.Tensor, hessian
     numbers. Shapes: quantized and weight ``[out, in]``; ``hessian`` (``X Xᵀ``), ``cross``
     (``ΔX Xᵀ``) and ``deviation`` (``ΔX ΔXᵀ``) ``[in, in]``, all averaged over tokens.
     """
-    h, c, d = hessian.double(), cross.double(), deviation.double()
     w = weight.double()
     delta = w - quantized.double()
-    wd = w @ d
-    num = ((delta @ h) * delta).sum() + 2 * ((w @ c) * delta).sum() + (wd * w).sum()
+    # C is not symmetric: (W C)[:, c] = W C[:, c], so C's columns are taken through Cᵀ's rows.
+    dhd, whw = bilinear_sums([(delta, delta), (w, w)], hessian)
+    wcd, wcw = bilinear_sums([(w, delta), (w, w)], cross.T)
+    (wdw,) = bilinear_sums([(w, w)], deviation)
+    num = dhd + 2 * wcd + wdw
     # X_ref X_refᵀ = H + C + Cᵀ + D
-    den = ((w @ h) * w).sum() + 2 * ((w @ c) * w).sum() + (wd * w).sum()
-    return float(num), float(den)
+    den = whw + 2 * wcw + wdw
+    return num, den
+
+
+def asymmetric_factor(hessian: torch.Tensor, damping: float) -> torch.Tensor:
+    """``[in, in]`` float64 lower Cholesky factor of ``H`` with dead inputs at 1 (as in
+    :func:`condition`) damped by ``damping · mean(diag H)``: what :func:`asymmetric_target`
+    solves with, the same for every linear that reads the same input (share it:
+    :meth:`.factors.HessianFactors.asymmetric`)."""
+    h = hessian.double()
+    if h.data_ptr() == hessian.data_ptr():
+        h = h.clone()
+    dead = dead_inputs(hessian)
+    h[dead, dead] = 1.0
+    h.diagonal().add_(damping * torch.diagonal(h).mean())
+    factor = torch.linalg.cholesky(h)
+    del h
+    return factor
 
 
 def asymmetric_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor,
-                      strength: float, damping: float) -> torch.Tensor:
+                      strength: float, damping: float,
+                      factor: torch.Tensor | None = None) -> torch.Tensor:
     """The weight whose layer loss on the quantized model's inputs is GPTAQ's asymmetric objective.
 
     ``‖W X_ref − Q X‖²`` (float weights on the float model's inputs ``X_ref``, quantized weights on
@@ -257,15 +295,13 @@ def asymmetric_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.
     solver of the ordinary problem solves the asymmetric one when handed ``W̃`` as its target.
     ``strength`` scales the correction (GPTAQ uses 0.25: the exact ``W̃`` over-fits the calibration
     tokens); ``H`` is damped by ``damping · mean(diag H)`` and dead inputs are treated as in
-    :func:`condition`. Shapes: weight ``[out, in]``, hessian and cross ``[in, in]``.
+    :func:`condition`; ``factor``: :func:`asymmetric_factor` of them, when already computed.
+    Shapes: weight ``[out, in]``, hessian and cross ``[in, in]``.
     """
     if strength == 0:
         return weight
-    h = hessian.double().clone()
-    dead = dead_inputs(hessian)
-    h[dead, dead] = 1.0
-    h.diagonal().add_(damping * torch.diagonal(h).mean())
-    factor = torch.linalg.cholesky(h)
+    if factor is None:
+        factor = asymmetric_factor(hessian, damping)
     correction = weight.double() @ cross.double()  # [out, in]
     # X H = C  <=>  H Xᵀ = Cᵀ (H symmetric)
     correction = torch.cholesky_solve(correction.T, factor).T

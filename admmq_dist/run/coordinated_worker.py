@@ -169,8 +169,9 @@ class CoordinatedWorker(SegmentWorker):
                     targets = {name: self.float_weights[(b, name)] for name in group}
                     asym = (acc.cross(), acc.deviation()) if acc.has_cross else None
                     if asym is not None:
+                        damping = self.recipe.solver.gptq.damp
                         targets = {name: asymmetric_target(w, hessian, asym[0], self.asymmetric,
-                                                           self.recipe.solver.gptq.damp)
+                                                           damping, factors.asymmetric(damping))
                                    for name, w in targets.items()}
                     yield b, group, hessian, acc.num_rows, factors, targets, asym
                     self.count_factorizations(factors)

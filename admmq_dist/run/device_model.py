@@ -89,7 +89,7 @@ class DeviceModel:
         self.args, self.kwargs = calls.args, calls.kwargs
         self.busy = {"forward": 0.0, "merge": 0.0, "solve": 0.0}
         # Factorizations computed (per Hessian: at most one of each kind on this worker).
-        self.factorizations = {"eigh": 0, "cholesky": 0, "hessians": 0}
+        self.factorizations = {"eigh": 0, "cholesky": 0, "asymmetric": 0, "hessians": 0}
         self.token = f"{os.getpid()}-{time.time_ns()}"
 
     @torch.no_grad()

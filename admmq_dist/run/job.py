@@ -315,7 +315,7 @@ class Job:
                                     for s in stats],
             # Per Hessian (a layer input: q/k/v share one), at most one of each per worker.
             "factorizations": {kind: sum(s["factorizations"][kind] for s in stats)
-                               for kind in ("eigh", "cholesky", "hessians")},
+                               for kind in ("eigh", "cholesky", "asymmetric", "hessians")},
             # Workers' compute-device peaks (host RSS for CPU workers), and the driver's RSS.
             "peak_memory_bytes": max(s["peak_memory_bytes"] for s in stats),
             "driver_peak_rss_bytes": peak_memory_bytes(torch.device("cpu")),

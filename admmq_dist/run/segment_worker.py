@@ -205,8 +205,9 @@ class SegmentWorker(DeviceModel):
                 target = weight
                 if asym is not None:
                     # The asymmetric objective is the ordinary one with a moved target.
-                    target = asymmetric_target(weight, hessian, asym[0], self.asymmetric,
-                                               self.recipe.solver.gptq.damp)
+                    target = asymmetric_target(
+                        weight, hessian, asym[0], self.asymmetric, self.recipe.solver.gptq.damp,
+                        factors.asymmetric(self.recipe.solver.gptq.damp))
                 out.append(self._solve_layer(b, name, group, hessian, factors, acc.num_rows,
                                              warm_settings, cold, target,
                                              None if asym is None else (weight, *asym)))

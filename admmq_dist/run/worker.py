@@ -239,8 +239,9 @@ class Worker(DeviceModel):
         target = weight
         if key is not None and asym is not None:
             # The asymmetric objective is the ordinary one with a moved target (see the function).
-            target = asymmetric_target(weight, hessian, asym[0], self.asymmetric,
-                                       self.recipe.solver.gptq.damp)
+            damping = self.recipe.solver.gptq.damp
+            target = asymmetric_target(weight, hessian, asym[0], self.asymmetric, damping,
+                                       factors.asymmetric(damping))
         grid = served_grid(grid_source(self.recipe, target, weight), self.recipe,
                            self.scale_dtype, name)
         blocks: list[RowBlockResult] = solve_rows(

@@ -98,11 +98,17 @@ def refit_scales(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, codes:
     diagonal.add_(idle.double())
     b = torch.where(idle, old, b)
     diagonal.mul_(1 + ridge)
-    new = torch.linalg.solve(a, b.unsqueeze(-1)).squeeze(-1)
-    del a
+    # Cholesky, not LU: the systems are Gram matrices (positive definite with the ridge), and
+    # torch 2.13's batched LU on CPU fails ("Pivots given to lu_solve must all be greater or
+    # equal to 1") for systems of 160 groups or more once torch.set_num_threads has been called,
+    # which every worker with a thread count does (tests/test_scales.py).
+    factor, info = torch.linalg.cholesky_ex(a)
+    del a, diagonal
+    new = torch.cholesky_solve(b.unsqueeze(-1), factor).squeeze(-1)
+    del factor
     if scale_dtype is not None:
         new = new.to(scale_dtype).double()
-    ok = torch.isfinite(new).all(dim=1) & (new > 0).all(dim=1)
+    ok = (info == 0) & torch.isfinite(new).all(dim=1) & (new > 0).all(dim=1)
     new = torch.where(ok.unsqueeze(1), new, old)
     candidate = dataclasses.replace(grid, scale=new.float())
     after = _row_losses(candidate.dequantize(codes).double() - W, hessian, dead, chunk)
