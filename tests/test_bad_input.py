@@ -248,3 +248,24 @@ def test_usage_mistakes_cost_one_line_and_a_hint(capsys, argv, needle, command):
     assert err.count("\n") == 1 and err.startswith("admmq: error: ") and needle in err
     prog = "admmq" if command is None else f"admmq {command}"
     assert err.rstrip().endswith(f"(see `{prog} --help`)")
+
+
+def test_plan_level_mistakes_are_refused_before_any_weight_is_read(model, text, tmp_path,
+                                                                  capsys, monkeypatch):
+    """From the config alone, before the model's weights are read or hashed, Ray started or a
+    worker built: more workers than calibration batches, an existing output folder, and a job
+    the device cannot hold (here a device with 200 kB)."""
+    from admmq_dist.model.loading import TensorIndex
+    from admmq_dist.run import memory
+
+    reads = []
+    monkeypatch.setattr(TensorIndex, "read", lambda *a, **k: reads.append(a) or 1 / 0)
+    # 4 samples in batches of 2: 2 batches for 4 workers (Ray would start for --workers).
+    refused(capsys, args(model, tmp_path / "o", text, "--workers", "4", "--batch-size", "2"),
+            "4 workers but only 2 calibration batches")
+    (tmp_path / "exists").mkdir()
+    refused(capsys, args(model, tmp_path / "exists", text), "already exists", "--overwrite")
+    monkeypatch.setattr(memory, "device_capacity", lambda device, reserve=True: 200_000)
+    refused(capsys, args(model, tmp_path / "o", text), "model.layers.", "needs about",
+            "GiB usable")
+    assert reads == [] and not (tmp_path / "o").exists()

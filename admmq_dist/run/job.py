@@ -12,6 +12,7 @@ import dataclasses
 import importlib.resources
 import json
 import logging
+import re
 import shutil
 import sys
 import time
@@ -34,7 +35,9 @@ from .coordinated import CoordinatedSchedule
 from .depth_parallel import DepthParallelSchedule
 from .device_model import output_dtype, peak_memory_bytes
 from .faults import RECOVERABLE, FaultLog
+from .job_plan import JobPlan, config_folder, meta_skeleton, plan_job, smallest_fitting
 from .plan import shard_batches
+from . import memory
 from .ray_backend import RayBackend
 from .sequential import SequentialSchedule
 from .fingerprint import fingerprints, run_environment
@@ -81,6 +84,66 @@ def settle_recipe(recipe: Recipe, experts: bool) -> tuple[Recipe, list[str]]:
     return recipe, notes
 
 
+def preflight(model: str, out_dir: Path, recipe: Recipe, *, device: torch.device,
+              overwrite: bool, resume: bool, workers: int | None, local: bool) -> JobPlan:
+    """The checks that cost a line, not a run, made from the model's config alone before any
+    weight is read, hashed or any worker started: the output folder, the workers against the
+    calibration batches, the job's plan against this machine's device (workers in this process)
+    and the free disk where the output goes."""
+    if (out_dir.exists() or out_dir.is_symlink()) and not overwrite and not resume:
+        raise FileExistsError(f"{out_dir} already exists; choose another output folder or pass "
+                              "--overwrite")
+    count = workers or 1
+    skeleton = meta_skeleton(config_folder(model))
+    recipe, _ = settle_recipe(recipe, has_fused_experts(skeleton[1]))
+    calib = recipe.calibration
+    batches = -(-calib.num_samples // calib.batch_size)
+    if recipe.solver.schedule == "sequential" and count > batches:
+        raise ValueError(f"{count} workers but only {batches} calibration batches "
+                         f"({calib.num_samples} samples / batch {calib.batch_size}); use at most "
+                         f"{batches} workers, or more --num-samples or a smaller --batch-size")
+    usable = memory.device_capacity(device)  # free memory, less the reserve
+    plan = plan_job(model, recipe, workers=count, device_bytes=usable,
+                    device_type=device.type, skeleton=skeleton)
+    if local and recipe.solver.schedule == "sequential" and \
+            plan.worker_device_peak_bytes > usable:
+        raise MemoryError(
+            f"{_block_of(plan.worst)} needs about "
+            f"{plan.worker_device_peak_bytes / 2**30:.1f} GiB on each worker (worst: "
+            f"{plan.worst}; `admmq plan` lists the items), more than the "
+            f"{usable / 2**30:.1f} GiB usable on this {device.type} device; "
+            "use more workers (each holds fewer calibration tokens), fewer --num-samples or a "
+            "shorter --seq-len, or a device with more memory")
+    parent = out_dir.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if plan.disk_bytes > free:
+        raise OSError(f"the output and its work folder need about {plan.disk_bytes / 2**30:.1f} "
+                      f"GiB at {parent}, which has {free / 2**30:.1f} GiB free; free space or "
+                      "write the output elsewhere")
+    return plan
+
+
+def _block_of(where: str) -> str:
+    """``model.layers.3`` of ``model.layers.3.mlp.down_proj``."""
+    match = re.match(r"(.*?\.\d+)\.", where)
+    return match.group(1) if match else where
+
+
+def plan_model(model: str, recipe: Recipe, *, workers: int, device_bytes: int,
+               host_bytes: int | None = None, device_type: str = "cuda") -> JobPlan:
+    """``admmq plan``: the job :func:`quantize_model` would run, planned from the model's
+    config alone with the recipe settled for it as the run settles it."""
+    skeleton = meta_skeleton(config_folder(model))
+    recipe, _ = settle_recipe(recipe, has_fused_experts(skeleton[1]))
+    plan = plan_job(model, recipe, workers=workers, device_bytes=device_bytes,
+                    host_bytes=host_bytes, device_type=device_type, skeleton=skeleton)
+    plan.smallest_workers = smallest_fitting(model, recipe, device_bytes=device_bytes,
+                                             device_type=device_type, skeleton=skeleton)
+    return plan
+
+
 @torch.no_grad()
 def quantize_model(model: str, out_dir: Path, recipe: Recipe, *, device: torch.device,
                    overwrite: bool = False, progress: bool = True, workers: int | None = None,
@@ -99,6 +162,9 @@ def quantize_model(model: str, out_dir: Path, recipe: Recipe, *, device: torch.d
     broke) before it stops with what it committed kept for ``resume``.
     """
     faults = FaultLog(max_worker_restarts)
+    preflight(model, Path(out_dir), recipe, device=torch.device(device), overwrite=overwrite,
+              resume=resume, workers=workers if backend is None else backend.size,
+              local=backend is not None or (workers is None and address is None))
     model_dir = resolve_model_dir(model)
     config, skeleton = build_skeleton(model_dir, torch.float32)
     recipe, notes = settle_recipe(recipe, has_fused_experts(skeleton))
@@ -339,6 +405,8 @@ class Job:
                 worst = max(self.memory, key=lambda row: row["peak_bytes"])
                 summary["memory_plan"] = {
                     **{k: worst[k] for k in ("peak_bytes", "worst", "items")},
+                    "in_process_peak_bytes": max(r.get("in_process_peak_bytes", 0)
+                                                 for r in self.memory),
                     "per_block": [{k: r[k] for k in ("block", "peak_bytes")} for r in self.memory]}
         return summary
 

@@ -20,16 +20,34 @@ import torch
 
 from ..quant.solvers.scales import COLUMN_CHUNK
 
-# Working arrays per row block and input column, in float32: ADMM-Q's W0, W, Z, dual and their
-# rotated copies, the projection's temporaries and the best iterate (14); GPTQ's start and the
-# local-search gradient reuse them.
-SOLVER_ARRAYS = 14
+# Working arrays per row block and input column, in float32, while ADMM-Q runs: W0, W, Z, the
+# dual and their rotated copies, the expanded grid (scale and zero per column, twice), the
+# projection's temporaries, the best iterate, GPTQ's start and the loss's delta (measured by
+# torch's allocator at the peak of real blocks: 20 [rows, cols] float32 arrays).
+SOLVER_ARRAYS = 20
 # The CG W-update's own: W0 H, W H, the residual, the preconditioned residual, the direction, its
 # product with H and the preconditioner (7).
 CG_ARRAYS = 7
 # An eigendecomposition holds the scaled Hessian and its eigenvectors in float64 plus LAPACK's
 # workspace (3 x 8 bytes per entry) while it runs, and keeps two float32 rotations (8).
 EIGH_TRANSIENT, EIGH_KEPT = 24, 8
+# The asymmetric target's factor: a float64 copy of H and its float64 Cholesky factor while it is
+# computed (16), the factor kept for every linear reading the input (8); and per linear, its
+# moved target: the float64 weight, the correction and the float32 result (6 float32 arrays of
+# the linear's size).
+ASYMMETRIC_TRANSIENT, ASYMMETRIC_KEPT, ASYMMETRIC_TARGET_ARRAYS = 16, 8, 6
+# GPTQ's factor: the damped and permuted copies, the factor and the inverse (4 x 4) while it
+# runs, and keeps one upper factor (4).
+CHOLESKY_TRANSIENT, CHOLESKY_KEPT = 16, 4
+# The block's forward pass on one batch, per token and per column of the widest input: the MLP's
+# gate, up and product and the attention's projections (float32 on the compute device).
+FORWARD_ARRAYS = 4
+# The driver, per weight of a block: its codes as int32 (the writer's input) and as uint8 (what
+# every worker puts in place), the combined layer's dequantized weight while its report row is
+# made, and the packed tensors while the block is written.
+RESULTS_BYTES_PER_WEIGHT = 8
+
+
 # The scale refit (quant/solvers/scales.py), per row block: float64 [rows, cols] arrays, float64
 # [COLUMN_CHUNK, cols] Hessian blocks (the block and BLAS's transposed copies) and [rows, G, G]
 # systems, in its two phases — forming the systems chunk by chunk, then solving them (the systems
@@ -66,16 +84,22 @@ def dyadic_pieces(start: int, stop: int) -> int:
 @dataclass
 class MemoryPlan:
     """Planned bytes, by item, for one worker and one decoder block; ``peak`` is their
-    worst-case sum (held items plus the largest stage's working set)."""
+    worst-case sum (held items plus the largest stage's working set). ``phases``: per phase of
+    the block (``"capture <stage>"``, ``"solve <stage>"``), ``(held, factorizations, transient,
+    units)`` — what stays alive through it, the Hessians and factors it keeps, the largest
+    working set of one call inside it, and how many row-block units share the factors — so that
+    workers sharing one device or process can be added up (:func:`in_process_peak`)."""
 
     items: dict[str, int] = field(default_factory=dict)
     peak: int = 0
     worst_stage: str = ""
+    phases: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def on(self, device: torch.device) -> dict:
         """What a worker reports: the plan's figures and what ``device`` can hold."""
         return {"peak": self.peak, "items": self.items, "worst": self.worst_stage,
-                "describe": self.describe(), "capacity": device_capacity(device)}
+                "describe": self.describe(), "capacity": device_capacity(device),
+                "phases": self.phases}
 
     def describe(self) -> str:
         top = sorted(self.items.items(), key=lambda kv: -kv[1])[:3]
@@ -86,51 +110,103 @@ class MemoryPlan:
 def plan_block(groups: list[list[tuple[str, int, int]]], *, hidden: int, tokens: int,
                batch_range: tuple[int, int], act_bytes: int, row_block: int,
                asymmetric: bool, workers: int = 1,
-               eigh_for: Callable[[int], bool] = lambda cols: True) -> MemoryPlan:
-    """Plan one decoder block on one worker.
+               eigh_for: Callable[[int], bool] = lambda cols: True,
+               group_size: int | None = 128, batch_tokens: int = 0,
+               embeddings: int = 0) -> MemoryPlan:
+    """Plan one decoder block on one worker of the sequential schedule.
 
     ``groups``: per true-sequential stage, ``(linear, rows, cols)`` of every linear whose
     Hessian is its own group's (one entry per Hessian: q/k/v count once, with the rows of all
     three); ``tokens``: this worker's calibration tokens; ``batch_range``: its global batches;
     ``act_bytes``: bytes per element of activations and weights; ``workers``: how many workers'
     partial sums the owner of a Hessian receives; ``eigh_for(cols)``: whether a Hessian that
-    wide gets ADMM-Q's eigendecomposition (the exact W-update) or none (CG, GPTQ).
+    wide gets ADMM-Q's eigendecomposition (the exact W-update) or none (CG, GPTQ);
+    ``group_size``: the grid's (None: per channel), for the scale refit; ``batch_tokens``: tokens
+    per calibration batch (the forward pass's working set); ``embeddings``: bytes of the
+    embeddings, final norm and ``lm_head`` every worker holds.
     """
     plan = MemoryPlan()
     streams = 2 if asymmetric else 1
     # [cols, cols] statistics per Hessian: the Hessian, and under asymmetric calibration the cross
     # term and the deviation (the report's true loss).
     stats = 3 if asymmetric else 1
-    # Held through the block: the hidden states (the float stream too), the next block's
-    # inputs while propagating, and the block's weights.
-    plan.items["hidden states"] = (streams + 1) * tokens * hidden * act_bytes
+    # Held through the block: each stream's hidden states and the block's outputs for it, the
+    # block's weights, and under asymmetric calibration every dense linear's float inputs.
+    plan.items["hidden states"] = 2 * streams * tokens * hidden * act_bytes
     plan.items["block weights"] = sum(rows * cols for stage in groups
-                                      for _, rows, cols in stage) * act_bytes
+                                      for _, rows, cols, *_ in stage) * act_bytes
     if asymmetric:
         plan.items["float inputs"] = sum(tokens * cols for stage in groups
-                                         for _, _, cols in stage) * act_bytes
+                                         for _, _, cols, *_ in stage) * act_bytes
+    if embeddings:
+        plan.items["embeddings and lm_head"] = embeddings
     held = sum(plan.items.values())
     pieces = dyadic_pieces(*batch_range)
+    widest = max(cols for stage in groups for _, _, cols, *_ in stage)
+    forward = FORWARD_ARRAYS * batch_tokens * max(widest, hidden) * act_bytes
     worst = 0
     for stage in groups:
-        capture = sum(stats * pieces * cols * cols * 4 for _, _, cols in stage)
-        # The owner folds the other workers' partial sums in one at a time.
-        merge = max(stats * pieces * cols * cols * 4 for _, _, cols in stage) \
-            if workers > 1 else 0
-        kept = sum((stats * 4 + CHOLESKY_KEPT + EIGH_KEPT * eigh_for(cols)) * cols * cols
-                   for _, _, cols in stage)
-        factor = max((EIGH_TRANSIENT if eigh_for(cols) else CHOLESKY_TRANSIENT) * cols * cols
-                     for _, _, cols in stage)
-        solve = max((SOLVER_ARRAYS + CG_ARRAYS * (not eigh_for(cols))) * min(rows, row_block)
-                    * cols * 4 for _, rows, cols in stage)
-        need = max(capture + merge, kept + max(factor, solve))
+        name = stage[0][0]
+        # Row-block units of the stage: at most this many workers solve (and factorize) it.
+        units = sum(entry[3] if len(entry) > 3 else math.ceil(entry[1] / row_block)
+                    for entry in stage)
+        stage = [entry[:3] for entry in stage]
+        capture = sum(stats * pieces * cols * cols * 4 for _, _, cols, *_ in stage)
+        # The owner folds the other workers' partial sums in one at a time, then merges.
+        merge = max(stats * (pieces * (workers > 1) + 1) * cols * cols * 4
+                    for _, _, cols, *_ in stage)
+        kept = sum((stats * 4 + CHOLESKY_KEPT + EIGH_KEPT * eigh_for(cols)
+                    + ASYMMETRIC_KEPT * asymmetric) * cols * cols for _, _, cols, *_ in stage)
+        transient = max(_solve_transient(rows, cols, row_block, group_size, asymmetric,
+                                         eigh_for(cols)) for _, rows, cols, *_ in stage)
+        plan.phases[f"capture {name}"] = (held, 0, capture + max(forward, merge), 1)
+        # A worker that handed its partial sums to the Hessian's owner keeps them until the next
+        # stage's capture (a retried merge asks for them again).
+        handed = capture if workers > 1 else 0
+        plan.phases[f"solve {name}"] = (held + handed, kept, transient, units)
+        need = max(capture + max(forward, merge), handed + kept + transient)
         if need > worst:
-            worst, plan.worst_stage = need, stage[0][0]
-            plan.items["Hessians and factorizations"] = kept + factor
+            worst, plan.worst_stage = need, name
+            plan.items["Hessians and factorizations"] = kept
             plan.items["partial sums"] = capture + merge
-            plan.items["row-block solve"] = solve
+            plan.items["row-block solve"] = transient
+            plan.items["forward pass"] = forward
     plan.peak = held + worst
     return plan
+
+
+def _solve_transient(rows: int, cols: int, row_block: int, group_size: int | None,
+                     asymmetric: bool, eigh: bool) -> int:
+    """The largest working set of one call solving rows of a ``[rows, cols]`` linear: the
+    factorizations being computed, or one row block's solver state (with the asymmetric target
+    of the whole linear), or its scale refit."""
+    block = min(rows, row_block)
+    target = ASYMMETRIC_TARGET_ARRAYS * rows * cols * 4 if asymmetric else 0
+    groups = 1 if group_size is None else math.ceil(cols / group_size)
+    return max(EIGH_TRANSIENT * cols * cols * eigh,
+               ASYMMETRIC_TRANSIENT * cols * cols * asymmetric,
+               CHOLESKY_TRANSIENT * cols * cols,
+               (SOLVER_ARRAYS + CG_ARRAYS * (not eigh)) * block * cols * 4 + target,
+               refit_bytes(block, cols, groups) + SOLVER_ARRAYS // 2 * block * cols * 4)
+
+
+def results_bytes(groups: list[list[tuple[str, int, int]]]) -> int:
+    """What the driver holds of one block's results until it is written."""
+    return RESULTS_BYTES_PER_WEIGHT * sum(rows * cols for stage in groups
+                                          for _, rows, cols, *_ in stage)
+
+
+def in_process_peak(phases: list[dict[str, tuple]], driver: int = 0) -> int:
+    """The peak of workers that share one process (or device) and run one call at a time, and of
+    the driver beside them, from each worker's :attr:`MemoryPlan.phases`: per phase, every
+    worker's held bytes, the factorizations of as many workers as the stage has row-block units
+    (only a worker that solves rows of a Hessian factorizes it), and the largest working set."""
+    def peak(phase: str) -> int:
+        rows = [p[phase] for p in phases]
+        solvers = min(len(rows), max(r[3] for r in rows))
+        return (sum(r[0] for r in rows) + solvers * max(r[1] for r in rows)
+                + max(r[2] for r in rows))
+    return driver + max(peak(phase) for phase in phases[0])
 
 
 def plan_segments(blocks: list[list[list[tuple[str, int, int]]]], *, hidden: int, tokens: int,
@@ -142,7 +218,7 @@ def plan_segments(blocks: list[list[list[tuple[str, int, int]]]], *, hidden: int
     ``segments``' input and output over all ``tokens`` (and under asymmetric calibration the float
     model's input); then one block's work at a time."""
     plan = MemoryPlan()
-    weights = sum(rows * cols for block in blocks for stage in block for _, rows, cols in stage)
+    weights = sum(rows * cols for block in blocks for stage in block for _, rows, cols, *_ in stage)
     # The weights, their float32 copies, int32 codes and float32 duals (4 + 4 + 4).
     plan.items["segment weights, codes and duals"] = weights * (act_bytes + 12)
     plan.items["segment inputs and outputs"] = (2 + asymmetric) * segments * tokens * hidden \
@@ -174,7 +250,7 @@ def plan_coordinated(blocks: list[list[list[tuple[str, int, int]]]], *, hidden: 
     hidden states per stream; then one Hessian's factorizations and one row block's solve."""
     plan = MemoryPlan()
     streams = 2 if asymmetric else 1
-    shapes = [(rows, cols) for block in blocks for stage in block for _, rows, cols in stage]
+    shapes = [(rows, cols) for block in blocks for stage in block for _, rows, cols, *_ in stage]
     # Weights, float32 copies, int32 best codes and last iterate, float32 duals (4 * 4).
     plan.items["blocks' weights, codes and duals"] = sum(r * c for r, c in shapes) * (
         act_bytes + 16)
@@ -203,11 +279,29 @@ def largest_fitting(plans: list[dict], needs: Callable[[int, dict], str], advice
     return max(range(len(plans)), key=lambda w: plans[w]["peak"])
 
 
-def device_capacity(device: torch.device) -> int:
-    """Bytes a worker may use on ``device``: the GPU's total memory, or this host's available
-    memory (MemAvailable) for CPU workers."""
+# What a device keeps for itself beyond the plan's tensors: the CUDA context, the allocator's
+# fragmentation and cached blocks, kernels' workspaces (on a CPU: the interpreter and libraries).
+RESERVE_FRACTION, RESERVE_MIN = 0.05, 2 * 2**30
+
+
+def usable(capacity: int) -> int:
+    """What a worker may plan to use of ``capacity`` bytes: less the reserve (5%, at least
+    2 GiB)."""
+    return capacity - max(RESERVE_MIN, int(RESERVE_FRACTION * capacity))
+
+
+def device_capacity(device: torch.device, reserve: bool = True) -> int:
+    """Bytes a worker may use on ``device``: what is free on the GPU now (another process's
+    memory is not ours to plan with), or this host's available memory (MemAvailable) for CPU
+    workers — less the reserve unless ``reserve`` is False."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = _host_available()
+    return usable(free) if reserve else free
+
+
+def _host_available() -> int:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -220,12 +314,19 @@ def device_capacity(device: torch.device) -> int:
 
 def llama_block(hidden: int, intermediate: int, heads: int, kv_heads: int,
                 head_dim: int | None = None) -> list[list[tuple[str, int, int]]]:
-    """A Llama-style decoder block's stages as :func:`plan_block` takes them."""
+    """A Llama-style decoder block's stages as :func:`plan_block` takes them (with each
+    Hessian's row-block units at 512 rows)."""
     head_dim = head_dim or hidden // heads
     qkv = (heads + 2 * kv_heads) * head_dim
-    return [[("self_attn.q_proj", qkv, hidden)], [("self_attn.o_proj", hidden, heads * head_dim)],
-            [("mlp.gate_proj", 2 * intermediate, hidden)], [("mlp.down_proj", hidden,
-                                                             intermediate)]]
+
+    def units(*rows: int) -> int:
+        return sum(math.ceil(r / 512) for r in rows)
+
+    return [[("self_attn.q_proj", qkv, hidden,
+              units(heads * head_dim, kv_heads * head_dim, kv_heads * head_dim))],
+            [("self_attn.o_proj", hidden, heads * head_dim, units(hidden))],
+            [("mlp.gate_proj", 2 * intermediate, hidden, units(intermediate, intermediate))],
+            [("mlp.down_proj", hidden, intermediate, units(hidden))]]
 
 
 def tokens_per_worker(samples: int, seq_len: int, batch_size: int,

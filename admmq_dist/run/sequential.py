@@ -208,8 +208,15 @@ class SequentialSchedule:
             plans, lambda w, p: f"{prefix} needs about {p['describe']} on worker {w}",
             "use more workers (each holds fewer calibration tokens), fewer --num-samples or a "
             "shorter --seq-len, or devices with more memory")
+        driver = memory.results_bytes([[(g[0], sum(plan["shapes"][n][0] for n in g),
+                                         plan["shapes"][g[0]][1]) for g in st.groups]
+                                       for st in plan["stages"]])
         return {"peak_bytes": plans[worst]["peak"], "worker": worst,
-                "worst": f"{prefix}.{plans[worst]['worst']}", "items": plans[worst]["items"]}
+                "worst": f"{prefix}.{plans[worst]['worst']}", "items": plans[worst]["items"],
+                "driver_bytes": driver,
+                # Every worker and the driver in one process (the in-process backend).
+                "in_process_peak_bytes": memory.in_process_peak([p["phases"] for p in plans],
+                                                                driver)}
 
     def _start_layer_bar(self, b: int, plan: dict) -> None:
         if self.layer_bar is not None and not self.layer_bar.total:

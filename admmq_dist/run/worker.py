@@ -12,6 +12,7 @@ move between workers — "data-parallel sequential" in ``architecture.md``.
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -132,15 +133,24 @@ class Worker(DeviceModel):
         device can hold."""
         self._block(b)
         shapes = {n: tuple(m.weight.shape) for n, m in self.linears.items()}
-        groups = [[(g[0], sum(shapes[n][0] for n in g), shapes[g[0]][1]) for g in stage.groups]
+        row_block = self.recipe.solver.row_block
+        groups = [[(g[0], sum(shapes[n][0] for n in g), shapes[g[0]][1],
+                    sum(math.ceil(shapes[n][0] / row_block) for n in g)) for g in stage.groups]
                   for stage in stages]
         tokens = sum(int(h.shape[0]) * int(h.shape[1]) for h in self.hidden)
+        block = {id(t) for t in self.blocks[b].parameters()}
+        outside = sum(t.numel() * t.element_size() for t in self.model.parameters()
+                      if t.device.type != "meta" and id(t) not in block)
         plan = memory.plan_block(groups, hidden=int(self.hidden[0].shape[-1]), tokens=tokens,
                                  batch_range=(self.batch_ids[0], self.batch_ids[-1] + 1),
                                  act_bytes=self.dtype.itemsize,
                                  row_block=self.recipe.solver.row_block,
                                  asymmetric=bool(self.asymmetric), workers=workers,
-                                 eigh_for=self.recipe.solver.uses_eigh)
+                                 eigh_for=self.recipe.solver.uses_eigh,
+                                 group_size=self.recipe.grid.group_size,
+                                 batch_tokens=max(int(h.shape[0]) * int(h.shape[1])
+                                                  for h in self.hidden),
+                                 embeddings=outside)
         return {"block": b, **plan.on(self.device)}
 
     # -------------------------------------------------------------------------------- capture

@@ -1,0 +1,103 @@
+"""`admmq plan`: a job planned from config.json alone (tests/configs holds the public configs of
+large models), the README's table recomputed row by row, and the figures pinned."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from admmq_dist.cli import main
+from admmq_dist.run.job_plan import parse_bytes
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = Path(__file__).resolve().parent / "configs"
+JOB = ["--num-samples", "128", "--seq-len", "2048"]
+
+
+def plan(capsys, *args: str) -> tuple[int, dict]:
+    code = main(["plan", *args, "--json"])
+    return code, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def readme_rows() -> list[list[str]]:
+    text = (ROOT / "README.md").read_text()
+    table = text.split("<!-- plan-table -->")[1].split("<!-- /plan-table -->")[0]
+    return [[c.strip() for c in line.strip("|").split("|")]
+            for line in table.strip().splitlines()[2:]]
+
+
+def test_the_json_line_has_what_the_issue_names(capsys):
+    code, out = plan(capsys, str(CONFIGS / "Llama-3.1-8B"), "--device-memory", "80GiB", *JOB)
+    assert code == 0 and out["fits"] is True
+    for key in ("fits", "worker_device_peak_bytes", "worker_host_peak_bytes",
+                "driver_host_peak_bytes", "disk_bytes", "items", "smallest_workers",
+                "bytes_moved_per_block"):
+        assert key in out, key
+    assert out["worker_device_peak_bytes"] >= max(out["items"].values())
+    assert out["disk_bytes"] == out["output_bytes"] + out["work_bytes"] > 0
+
+
+def test_every_readme_row_is_what_the_command_prints(capsys):
+    rows = readme_rows()
+    assert len(rows) >= 8
+    for model, schedule, cluster, peak, fits, fewest, worst in rows:
+        workers, device = (part.strip() for part in cluster.split("×"))
+        code, out = plan(capsys, str(CONFIGS / model), "--schedule", schedule, "--workers",
+                         workers, "--device-memory", device, *JOB)
+        assert f"{out['worker_device_peak_bytes'] / 2**30:.1f} GiB" == peak, (model, cluster)
+        assert ("yes" if out["fits"] else "no") == fits and code == (0 if out["fits"] else 1)
+        assert ("none" if out["smallest_workers"] is None
+                else str(out["smallest_workers"])) == fewest, (model, schedule)
+        assert out["worst"].endswith(worst)
+
+
+def test_the_70b_targets(capsys):
+    """Llama-3.1-70B with the defaults: 8 x 80 GB fits at <= 60 GiB a worker, one 141 GB H200
+    fits, one 80 GB H100 is refused with the figure; 405B on 64 x 80 GB is refused first for
+    its calibration batches (16 with the defaults), the figure of what one worker needs next."""
+    llama70 = str(CONFIGS / "Llama-3.1-70B")
+    code, out = plan(capsys, llama70, "--workers", "8", "--device-memory", "80GiB", *JOB)
+    assert code == 0 and out["worker_device_peak_bytes"] <= 60 * 2**30
+    code, out = plan(capsys, llama70, "--device-memory", "141GB", *JOB)
+    assert code == 0
+    code, out = plan(capsys, llama70, "--device-memory", "80GiB", *JOB)
+    assert code == 1 and "80 GiB" in out["problems"][0]
+    code, out = plan(capsys, str(CONFIGS / "Llama-3.1-405B"), "--workers", "64",
+                     "--device-memory", "80GiB", *JOB)
+    assert code == 1 and "only 16 calibration batches" in out["problems"][0]
+
+
+def test_more_workers_shrink_the_hidden_states_not_the_hessians(capsys):
+    llama70 = str(CONFIGS / "Llama-3.1-70B")
+    _, one = plan(capsys, llama70, "--device-memory", "141GB", *JOB)
+    _, eight = plan(capsys, llama70, "--workers", "8", "--device-memory", "141GB", *JOB)
+    assert eight["items"]["hidden states"] * 8 == one["items"]["hidden states"]
+    assert eight["items"]["Hessians and factorizations"] == \
+        one["items"]["Hessians and factorizations"]
+
+
+def test_mistakes_cost_a_line(capsys, tmp_path):
+    assert main(["plan", str(tmp_path), "--device-memory", "80GiB"]) == 1
+    assert "config.json" in capsys.readouterr().err
+    assert main(["plan", str(CONFIGS / "Llama-3.1-8B"), "--device-memory", "eighty"]) == 1
+    assert "amount of memory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,value", [("80GiB", 80 * 2**30), ("80GB", 80 * 10**9),
+                                        ("141G", 141 * 10**9), ("512MiB", 512 * 2**20),
+                                        ("1024", 1024)])
+def test_memory_amounts(text, value):
+    assert parse_bytes(text) == value
+
+
+def test_the_plan_reads_nothing_but_the_config(tmp_path, capsys):
+    """A folder with config.json alone (no weights, no tokenizer) is planned."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text((CONFIGS / "Mixtral-8x22B-v0.1" / "config.json")
+                                        .read_text())
+    code, out = plan(capsys, str(folder), "--workers", "16", "--device-memory", "80GiB", *JOB)
+    assert re.search(r"experts", out["worst"])
