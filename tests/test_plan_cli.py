@@ -101,3 +101,44 @@ def test_the_plan_reads_nothing_but_the_config(tmp_path, capsys):
                                         .read_text())
     code, out = plan(capsys, str(folder), "--workers", "16", "--device-memory", "80GiB", *JOB)
     assert re.search(r"experts", out["worst"])
+
+
+HUB_CONFIGS = {"meta-llama/Llama-3.1-8B": "Llama-3.1-8B", "meta-llama/Llama-3.1-70B":
+               "Llama-3.1-70B", "meta-llama/Llama-3.1-405B": "Llama-3.1-405B"}
+NOT_PLANNED = {"-o", "--output", "--address", "--dataset"}  # flags with a value plan ignores
+NOT_PLANNED_SWITCHES = {"--resume", "--overwrite", "--round-checkpoints", "--json"}
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    """Every `admmq quantize` of a hub model in the README and launch/, as (where, argv)."""
+    out = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "launch").iterdir())]:
+        text = path.read_text().replace("\\\n", " ").replace(">-\n", "")
+        # Continued lines, in YAML and in shell comments.
+        text = re.sub(r"\s#\s+--", " --", re.sub(r"\n\s*#?\s+--", " --", text))
+        for match in re.finditer(r"admmq (?:quantize|plan) (meta-llama/\S+)([^\n`'|#]*)", text):
+            out.append((f"{path.name}: {match.group(0)[:80]}",
+                        [match.group(1), *match.group(2).split()]))
+    return out
+
+
+def test_every_documented_command_passes_its_own_plan(capsys, monkeypatch):
+    """The README's and launch/'s commands, planned as written on 80 GB GPUs (the cluster size
+    each names): each fits, so none of them is refused at its first step."""
+    monkeypatch.chdir(ROOT)
+    commands = documented_commands()
+    assert len(commands) >= 6
+    for where, argv in commands:
+        model, rest, args = argv[0], argv[1:], []
+        skip = False
+        for token in rest:
+            if skip:
+                skip = False
+            elif token in NOT_PLANNED:
+                skip = True
+            elif token not in NOT_PLANNED_SWITCHES:
+                args.append(token)
+        if "--device-memory" not in args:
+            args += ["--device-memory", "80GiB"]
+        code, out = plan(capsys, str(CONFIGS / HUB_CONFIGS[model]), *args)
+        assert code == 0, (where, out["problems"])

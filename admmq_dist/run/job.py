@@ -8,11 +8,9 @@ with the resolved recipe and the run report beside the weights.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.resources
 import json
 import logging
-import re
 import shutil
 import sys
 import time
@@ -22,7 +20,6 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from ..checkpoint.serving import Layout, check_servable, default_symmetric
 from ..checkpoint.writer import CheckpointWriter
 from ..model.calibration import read_text, token_windows
 from ..model.loading import TensorIndex, build_skeleton, resolve_model_dir
@@ -35,9 +32,8 @@ from .coordinated import CoordinatedSchedule
 from .depth_parallel import DepthParallelSchedule
 from .device_model import output_dtype, peak_memory_bytes
 from .faults import RECOVERABLE, FaultLog
-from .job_plan import JobPlan, config_folder, meta_skeleton, plan_job, smallest_fitting
 from .plan import shard_batches
-from . import memory
+from .preflight import preflight, settle_recipe
 from .ray_backend import RayBackend
 from .sequential import SequentialSchedule
 from .fingerprint import fingerprints, run_environment
@@ -61,87 +57,6 @@ def calibration_batches(model_dir: Path, recipe: Recipe) -> list[torch.Tensor]:
         cal.dataset, split=cal.split, text_field=cal.text_field)
     windows = token_windows(tokenizer, text, cal.num_samples, cal.seq_len, cal.seed)
     return list(torch.split(windows, cal.batch_size))
-
-
-def settle_recipe(recipe: Recipe, experts: bool) -> tuple[Recipe, list[str]]:
-    """The recipe with the choices it leaves open made for this model (the grid's symmetry, the
-    strength asymmetric calibration's "auto" stands for), and one line per such choice and per
-    engine that will not serve the result. Raises ValueError, before any work, when no engine
-    would serve it."""
-    notes = []
-    if recipe.grid.symmetric is None:
-        symmetric, why = default_symmetric(recipe.output.format, experts)
-        recipe = dataclasses.replace(
-            recipe, grid=dataclasses.replace(recipe.grid, symmetric=symmetric))
-        if why:
-            notes.append(why)
-    # Stored resolved, so the recipe beside the checkpoint says what ran.
-    recipe = dataclasses.replace(
-        recipe, calibration=recipe.calibration.settled(recipe.solver.method))
-    grid = recipe.grid
-    notes += check_servable(Layout(recipe.output.format, grid.bits, grid.symmetric,
-                                   grid.group_size, experts))
-    return recipe, notes
-
-
-def preflight(model: str, out_dir: Path, recipe: Recipe, *, device: torch.device,
-              overwrite: bool, resume: bool, workers: int | None, local: bool) -> JobPlan:
-    """The checks that cost a line, not a run, made from the model's config alone before any
-    weight is read, hashed or any worker started: the output folder, the workers against the
-    calibration batches, the job's plan against this machine's device (workers in this process)
-    and the free disk where the output goes."""
-    if (out_dir.exists() or out_dir.is_symlink()) and not overwrite and not resume:
-        raise FileExistsError(f"{out_dir} already exists; choose another output folder or pass "
-                              "--overwrite")
-    count = workers or 1
-    skeleton = meta_skeleton(config_folder(model))
-    recipe, _ = settle_recipe(recipe, has_fused_experts(skeleton[1]))
-    calib = recipe.calibration
-    batches = -(-calib.num_samples // calib.batch_size)
-    if recipe.solver.schedule == "sequential" and count > batches:
-        raise ValueError(f"{count} workers but only {batches} calibration batches "
-                         f"({calib.num_samples} samples / batch {calib.batch_size}); use at most "
-                         f"{batches} workers, or more --num-samples or a smaller --batch-size")
-    usable = memory.device_capacity(device)  # free memory, less the reserve
-    plan = plan_job(model, recipe, workers=count, device_bytes=usable,
-                    device_type=device.type, skeleton=skeleton)
-    if local and recipe.solver.schedule == "sequential" and \
-            plan.worker_device_peak_bytes > usable:
-        raise MemoryError(
-            f"{_block_of(plan.worst)} needs about "
-            f"{plan.worker_device_peak_bytes / 2**30:.1f} GiB on each worker (worst: "
-            f"{plan.worst}; `admmq plan` lists the items), more than the "
-            f"{usable / 2**30:.1f} GiB usable on this {device.type} device; "
-            "use more workers (each holds fewer calibration tokens), fewer --num-samples or a "
-            "shorter --seq-len, or a device with more memory")
-    parent = out_dir.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    free = shutil.disk_usage(parent).free
-    if plan.disk_bytes > free:
-        raise OSError(f"the output and its work folder need about {plan.disk_bytes / 2**30:.1f} "
-                      f"GiB at {parent}, which has {free / 2**30:.1f} GiB free; free space or "
-                      "write the output elsewhere")
-    return plan
-
-
-def _block_of(where: str) -> str:
-    """``model.layers.3`` of ``model.layers.3.mlp.down_proj``."""
-    match = re.match(r"(.*?\.\d+)\.", where)
-    return match.group(1) if match else where
-
-
-def plan_model(model: str, recipe: Recipe, *, workers: int, device_bytes: int,
-               host_bytes: int | None = None, device_type: str = "cuda") -> JobPlan:
-    """``admmq plan``: the job :func:`quantize_model` would run, planned from the model's
-    config alone with the recipe settled for it as the run settles it."""
-    skeleton = meta_skeleton(config_folder(model))
-    recipe, _ = settle_recipe(recipe, has_fused_experts(skeleton[1]))
-    plan = plan_job(model, recipe, workers=workers, device_bytes=device_bytes,
-                    host_bytes=host_bytes, device_type=device_type, skeleton=skeleton)
-    plan.smallest_workers = smallest_fitting(model, recipe, device_bytes=device_bytes,
-                                             device_type=device_type, skeleton=skeleton)
-    return plan
 
 
 @torch.no_grad()

@@ -1,38 +1,23 @@
 """The whole job planned from the model's ``config.json`` alone, before any weight is read: per
 worker the device and host peaks (:mod:`.memory`, whose sequential model tests hold within
 [1, 1.3] of the peaks measured on real blocks), the driver's host peak, disk for the output and
-the work folder, and bytes moved per block; and whether it fits. ``admmq plan`` prints it;
-``admmq quantize`` refuses, before any work, a job it says does not fit.
-
-The skeleton is built on the meta device from the config (no weights), and each block's
-true-sequential stages are inferred from its linears' names — q/k/v (or an MLA's two down
-projections) share the attention's input, gate/up the MLP's, each expert's gate/up one Hessian,
-every expert's down one stage — where the run observes them from a forward pass
-(:func:`.capture.calibration_stages`). A linear whose name no rule covers is its own stage, which
-can only add Hessians to the plan.
-"""
+the work folder, and bytes moved per block; whether it fits, and the fewest workers that hold it.
+``admmq plan`` prints it; ``admmq quantize`` refuses, before any work, a job it says does not fit
+(:mod:`.preflight`)."""
 
 from __future__ import annotations
 
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
-
-import torch
-from torch import nn
 
 from ..model.arch import find_blocks
-from ..model.loading import ModelLoadError, resolve_model_dir, source_dtype
-from ..model.moe import is_router
 from ..recipe import Recipe
 from . import memory
 from .memory import usable
+from .model_shape import block_stages, config_folder, meta_skeleton, source_bytes
 
-# Leaf names of the linears that read the attention's input, and the MLP's.
-ATTENTION_INPUT = {"q_proj", "k_proj", "v_proj", "qkv_proj", "q_a_proj", "kv_a_proj_with_mqa",
-                   "query_key_value", "W_pack", "c_attn", "Wqkv"}
-MLP_INPUT = {"gate_proj", "up_proj", "w1", "w3", "fc1", "c_fc", "gate_up_proj"}
+
 @dataclass
 class JobPlan:
     """The plan of a whole job; bytes throughout."""
@@ -103,114 +88,148 @@ class JobPlan:
         return "\n".join(lines)
 
 
-def _leaf(name: str) -> str:
-    return name.rsplit(".", 1)[-1]
+@dataclass(frozen=True)
+class _Model:
+    """What the plan needs of a model: its distinct blocks (stages, first index, how many), the
+    parameters outside the blocks, and its dimensions."""
+
+    name: str
+    prefix: str
+    hidden: int
+    blocks: list[tuple[list, int, int, int]]  # (stages, first block, count, parameters)
+    outside: int
+    stored: int
+
+    def total(self, per_entry) -> int:
+        return sum(count * sum(per_entry(rows, cols) for stage in stages
+                               for _, rows, cols, *_ in stage)
+                   for stages, _, count, _ in self.blocks)
+
+    @property
+    def largest_block(self) -> int:
+        return max(params for *_, params in self.blocks)
 
 
-def block_stages(block: nn.Module, skip: tuple[str, ...], row_block: int
-                 ) -> list[list[tuple[str, int, int, int]]]:
-    """The block's true-sequential stages as :func:`.memory.plan_block` takes them: per stage,
-    ``(name, rows, cols, row-block units)`` of every Hessian (linears sharing an input count
-    once, their rows added)."""
-    entries: list[tuple[str, int, int, int]] = []  # (name, rows, cols, experts)
-    for name, module in block.named_modules():
-        if isinstance(module, nn.Linear) and not is_router(name) \
-                and not any(s and s in name for s in skip):
-            entries.append((name, module.out_features, module.in_features, 1))
-    for name, param in block.named_parameters():
-        if param.dim() == 3 and not any(s and s in name for s in skip):  # fused experts
-            entries.append((name, int(param.shape[1]), int(param.shape[2]), int(param.shape[0])))
-    stages: list[list[tuple[str, int, int, int]]] = []
-    attention: list[tuple[str, int, int, int]] = []
-    experts_in: list[tuple[str, int, int, int]] = []
-    experts_out: list[tuple[str, int, int, int]] = []
-    pending: tuple[str, list] | None = None  # an MLP-input group being gathered
-    for name, rows, cols, count in entries:
-        parent, leaf = name.rpartition(".")[0], _leaf(name.removesuffix(".weight"))
-        per_expert = re.search(r"experts\.(\d+)\.", name)
-        units = count * math.ceil(rows / row_block)
-        if count > 1 or per_expert:
-            target = experts_in if leaf in MLP_INPUT else experts_out
-            if count > 1:
-                target += [(f"{name}[{e}]", rows, cols, math.ceil(rows / row_block))
-                           for e in range(count)]
-            else:
-                target.append((name, rows, cols, units))
-            continue
-        if leaf in ATTENTION_INPUT:
-            attention.append((name, rows, cols, units))
-            continue
-        if leaf in MLP_INPUT:
-            if pending and pending[0] == parent:
-                pending[1].append((name, rows, cols, units))
-            else:
-                pending = (parent, [(name, rows, cols, units)])
-                stages.append(pending[1])
-            continue
-        stages.append([(name, rows, cols, units)])
-    out = []
-    if attention:
-        out.append([(attention[0][0], sum(e[1] for e in attention), attention[0][2],
-                     sum(e[3] for e in attention))])
-    for stage in stages:
-        out.append([(stage[0][0], sum(e[1] for e in stage), stage[0][2], sum(e[3] for e in stage))])
-    # Experts' gate/up of one expert share an input: pair them by expert.
-    if experts_in:
-        merged: dict[str, list] = {}
-        for name, rows, cols, units in experts_in:
-            key = re.sub(r"\.(gate_proj|up_proj|w1|w3)(\.weight)?$", "", name)
-            entry = merged.setdefault(key, [name, 0, cols, 0])
-            entry[1] += rows
-            entry[3] += units
-        out.append([tuple(v) for v in merged.values()])
-    if experts_out:
-        out.append(experts_out)
-    # The attention's input comes first, the MLP's last, as the block calls them.
-    return out
+def _model(model: str, recipe: Recipe, skeleton) -> _Model:
+    config_dir = config_folder(model)
+    config, module = skeleton or meta_skeleton(config_dir)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layout, blocks = find_blocks(module)
+    distinct: dict[tuple, list] = {}
+    for b, block in enumerate(blocks):
+        stages = block_stages(block, tuple(recipe.output.skip), recipe.solver.row_block)
+        key = tuple(map(tuple, stages))
+        if key not in distinct:
+            distinct[key] = [stages, b, 0, sum(p.numel() for p in block.parameters())]
+        distinct[key][2] += 1
+    in_blocks = sum(count * params for _, _, count, params in distinct.values())
+    return _Model(model, layout.prefix, int(text.hidden_size),
+                  [tuple(v) for v in distinct.values()],
+                  sum(p.numel() for p in module.parameters()) - in_blocks,
+                  source_bytes(config_dir))
 
 
-def config_folder(model: str) -> Path:
-    """The folder holding the model's ``config.json``: a local folder, or for a hub id only that
-    file fetched (nothing else is downloaded). Mistakes are worded as the run words them."""
-    path = Path(model).expanduser()
-    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
-        folder = resolve_model_dir(model)  # a local path: its own errors
-        if not (folder / "config.json").is_file():
-            raise ModelLoadError(f"{model} has no config.json; point at a Hugging Face model "
-                                 "folder")
-        return folder
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(model, "config.json")).parent
-    except Exception as exc:  # offline, unknown id, gated: all mean "not available"
-        raise ModelLoadError(
-            f"cannot find model {model!r}: it is not a local folder and the hub answered: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
-            "Pass a local folder, or check the name, your network and HF_HUB_OFFLINE") from None
-
-
-def meta_skeleton(config_dir: Path):
-    """``(config, model)`` with every parameter and buffer on the meta device: nothing is
-    allocated, even for fused expert tensors that ``init_empty_weights`` would first create in
-    host memory (DeepSeek-V3's are 30 GB each in float32)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(config_dir)
-    with torch.device("meta"):
-        try:
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-        except ValueError as exc:
-            raise ValueError(f"{config_dir} is not a causal language model transformers can "
-                             f"build: {str(exc).splitlines()[0]}") from None
-    return config, model
+def _device_plan(shape: _Model, recipe: Recipe, workers: int, act: int
+                 ) -> tuple[memory.MemoryPlan, int]:
+    """The worst block's plan on one worker, and that block's index."""
+    calib, solver = recipe.calibration, recipe.solver
+    asymmetric = calib.asymmetric_strength(solver.method) > 0
+    embeddings = shape.outside * act
+    if solver.schedule == "sequential":
+        batches = math.ceil(calib.num_samples / calib.batch_size)
+        tokens, batch_range = memory.tokens_per_worker(
+            calib.num_samples, calib.seq_len, calib.batch_size, min(workers, batches))
+        plans = [(memory.plan_block(
+            stages, hidden=shape.hidden, tokens=tokens, batch_range=batch_range, act_bytes=act,
+            row_block=solver.row_block, asymmetric=asymmetric, workers=workers,
+            eigh_for=solver.uses_eigh, group_size=recipe.grid.group_size,
+            batch_tokens=calib.batch_size * calib.seq_len, embeddings=embeddings), b)
+            for stages, b, _, _ in shape.blocks]
+        return max(plans, key=lambda pb: pb[0].peak)
+    stages, b, _, _ = max(shape.blocks, key=lambda entry: entry[3])
+    per_worker = math.ceil(sum(count for _, _, count, _ in shape.blocks) / workers)
+    if solver.schedule == "depth-parallel":
+        plan = memory.plan_segments(
+            [stages] * per_worker, hidden=shape.hidden, tokens=calib.num_samples * calib.seq_len,
+            num_batches=math.ceil(calib.num_samples / calib.batch_size), act_bytes=act,
+            row_block=solver.row_block, segments=solver.segments or 1, asymmetric=asymmetric,
+            eigh_for=solver.uses_eigh)
+    else:
+        plan = memory.plan_coordinated(
+            [stages] * per_worker, hidden=shape.hidden,
+            batch_tokens=calib.batch_size * calib.seq_len, act_bytes=act,
+            row_block=solver.row_block, asymmetric=asymmetric, eigh_for=solver.uses_eigh)
+    plan.items["embeddings and lm_head"] = embeddings
+    plan.peak += embeddings
+    return plan, b
 
 
-def _source_bytes(config_dir: Path) -> int:
-    try:
-        return source_dtype(config_dir).itemsize
-    except Exception:
-        return 2
+def _disk_and_transfers(shape: _Model, recipe: Recipe, workers: int) -> tuple[int, int, int]:
+    """``(output, work folder, bytes moved per block)``. The output: packed codes, scales in the
+    stored dtype (and packed zero points when asymmetric), everything else dense; the work
+    folder: every committed block's uint8 codes and float32 scales and zero points; between
+    workers per block, at most: every other worker's partial Hessians to their owner and the
+    merged ones back to the other solvers, the block's tensors shared by the worker that read
+    them, and the uint8 codes every worker puts in place."""
+    grid = recipe.grid
+    quantized = shape.total(lambda rows, cols: rows * cols)
+    scales = shape.total(lambda rows, cols: rows * grid.num_groups(cols))
+    dense = sum(count * params for _, _, count, params in shape.blocks) + shape.outside \
+        - quantized
+    output = int(quantized * grid.bits / 8 + scales * shape.stored
+                 + (0 if grid.symmetric else scales * grid.bits / 8) + dense * shape.stored)
+    work = int(quantized + scales * 8)
+    stats = 3 if recipe.calibration.asymmetric_strength(recipe.solver.method) > 0 else 1
+    hessians = max(sum(stats * 4 * cols * cols for stage in stages for _, _, cols, *_ in stage)
+                   for stages, *_ in shape.blocks)
+    moved = 0 if workers == 1 else (2 * (workers - 1) * hessians
+                                    + (workers - 1) * shape.largest_block * shape.stored
+                                    + workers * shape.largest_block)
+    return output, work, moved
+
+
+def plan_job(model: str, recipe: Recipe, *, workers: int, device_bytes: int,
+             host_bytes: int | None = None, device_type: str = "cuda",
+             skeleton=None) -> JobPlan:
+    """Plan quantizing ``model`` (folder or hub id; only its config is read) with the settled
+    ``recipe`` on ``workers`` workers with ``device_bytes`` each (``host_bytes`` of host memory
+    on the driver's machine, when given). The sequential schedule's model is measured; the round
+    schedules are planned with :func:`.memory.plan_segments` / :func:`.memory.plan_coordinated`."""
+    if workers < 1:
+        raise ValueError(f"--workers {workers} must be at least 1")
+    shape = _model(model, recipe, skeleton)
+    calib, sequential = recipe.calibration, recipe.solver.schedule == "sequential"
+    act = 4 if device_type == "cpu" else 2
+    device_plan, worst_block = _device_plan(shape, recipe, workers, act)
+    output, work, moved = _disk_and_transfers(shape, recipe, workers)
+    # Host: a worker reads its block (mapped pages) and gets the results back as uint8 codes;
+    # the driver holds one block's results and the block's tensors it shares.
+    worker_host = shape.largest_block * (shape.stored + 1)
+    driver_host = shape.largest_block * (memory.RESULTS_BYTES_PER_WEIGHT + shape.stored)
+    problems = []
+    batches = math.ceil(calib.num_samples / calib.batch_size)
+    if sequential and workers > batches:
+        problems.append(f"{workers} workers but only {batches} calibration batches "
+                        f"({calib.num_samples} samples / batch {calib.batch_size}): use at most "
+                        f"{batches} workers, or more --num-samples or a smaller --batch-size")
+    if device_plan.peak > usable(device_bytes):
+        problems.append(
+            f"each worker needs about {device_plan.describe()} on its device, more than the "
+            f"{usable(device_bytes) / 2**30:.1f} GiB usable of {device_bytes / 2**30:.0f} GiB; "
+            + ("use more workers (each holds fewer calibration tokens), fewer --num-samples or "
+               "a shorter --seq-len, or devices with more memory" if sequential else
+               "use more workers (each holds fewer blocks) or devices with more memory"))
+    if host_bytes is not None and driver_host > usable(host_bytes):
+        problems.append(f"the driver needs about {driver_host / 2**30:.1f} GiB of host memory, "
+                        f"more than the {usable(host_bytes) / 2**30:.1f} GiB usable")
+    return JobPlan(
+        model=model, schedule=recipe.solver.schedule, workers=workers,
+        worker_device_peak_bytes=device_plan.peak, worker_host_peak_bytes=worker_host,
+        driver_host_peak_bytes=driver_host, output_bytes=output, work_bytes=work,
+        bytes_moved_per_block=moved, device_capacity_bytes=device_bytes,
+        host_capacity_bytes=host_bytes,
+        worst=f"{shape.prefix}.{worst_block}.{device_plan.worst_stage}",
+        items=dict(device_plan.items), problems=problems)
 
 
 def smallest_fitting(model: str, recipe: Recipe, *, device_bytes: int,
@@ -237,124 +256,6 @@ def smallest_fitting(model: str, recipe: Recipe, *, device_bytes: int,
         mid = (low + high) // 2
         low, high = (low, mid) if fits(mid) else (mid + 1, high)
     return low
-
-
-def plan_job(model: str, recipe: Recipe, *, workers: int, device_bytes: int,
-             host_bytes: int | None = None, device_type: str = "cuda",
-             skeleton=None) -> JobPlan:
-    """Plan quantizing ``model`` (folder or hub id; only its config is read) with the settled
-    ``recipe`` on ``workers`` workers with ``device_bytes`` each (``host_bytes`` of host memory
-    per node, when given). Sequential schedule measured; the round schedules planned with
-    :func:`.memory.plan_segments` / :func:`.memory.plan_coordinated`."""
-    if workers < 1:
-        raise ValueError(f"--workers {workers} must be at least 1")
-    config_dir = config_folder(model)
-    config, skeleton = skeleton or meta_skeleton(config_dir)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layout, blocks = find_blocks(skeleton)
-    calib, solver, grid = recipe.calibration, recipe.solver, recipe.grid
-    act = 4 if device_type == "cpu" else 2
-    stored = _source_bytes(config_dir)
-    skip = tuple(recipe.output.skip)
-    signatures: dict[tuple, tuple[int, list]] = {}
-    for b, block in enumerate(blocks):
-        stages = block_stages(block, skip, solver.row_block)
-        signatures.setdefault(tuple(map(tuple, stages)), (b, stages))
-    block_params = {b: sum(p.numel() for p in blocks[b].parameters())
-                    for b, _ in signatures.values()}
-    counts = {key: 0 for key in signatures}
-    for block in blocks:
-        counts[tuple(map(tuple, block_stages(block, skip, solver.row_block)))] += 1
-    total_params = sum(p.numel() for p in skeleton.parameters())
-
-    def over_blocks(per_stage_entry) -> int:
-        return sum(counts[key] * sum(per_stage_entry(rows, cols) for stage in stages
-                                     for _, rows, cols, *_ in stage)
-                   for key, (_, stages) in signatures.items())
-
-    quantized = over_blocks(lambda rows, cols: rows * cols)
-    scale_count = over_blocks(lambda rows, cols: rows * grid.num_groups(cols))
-    embeddings = (total_params - sum(counts[k] * block_params[b]
-                                     for k, (b, _) in signatures.items())) * act
-    batches = math.ceil(calib.num_samples / calib.batch_size)
-    problems = []
-    if workers > batches:
-        problems.append(f"{workers} workers but only {batches} calibration batches "
-                        f"({calib.num_samples} samples / batch {calib.batch_size}): use at most "
-                        f"{batches} workers, or more --num-samples or a smaller --batch-size")
-    asymmetric = calib.asymmetric_strength(solver.method) > 0
-    hidden = int(text.hidden_size)
-    tokens, batch_range = memory.tokens_per_worker(calib.num_samples, calib.seq_len,
-                                                   calib.batch_size, min(workers, batches))
-    worst_plan, worst_block = None, -1
-    if solver.schedule == "sequential":
-        for b, stages in signatures.values():
-            p = memory.plan_block(
-                stages, hidden=hidden, tokens=tokens,
-                batch_range=batch_range, act_bytes=act, row_block=solver.row_block,
-                asymmetric=asymmetric, workers=workers, eigh_for=solver.uses_eigh,
-                group_size=grid.group_size, batch_tokens=calib.batch_size * calib.seq_len,
-                embeddings=embeddings)
-            if worst_plan is None or p.peak > worst_plan.peak:
-                worst_plan, worst_block = p, b
-    else:
-        per_worker = math.ceil(len(blocks) / workers)
-        stages = signatures[max(signatures, key=lambda k: block_params[signatures[k][0]])][1]
-        if solver.schedule == "depth-parallel":
-            worst_plan = memory.plan_segments(
-                [stages] * per_worker, hidden=hidden,
-                tokens=calib.num_samples * calib.seq_len, num_batches=batches, act_bytes=act,
-                row_block=solver.row_block, segments=solver.segments or 1,
-                asymmetric=asymmetric, eigh_for=solver.uses_eigh)
-        else:
-            worst_plan = memory.plan_coordinated(
-                [stages] * per_worker, hidden=hidden,
-                batch_tokens=calib.batch_size * calib.seq_len, act_bytes=act,
-                row_block=solver.row_block, asymmetric=asymmetric, eigh_for=solver.uses_eigh)
-        worst_plan.items["embeddings and lm_head"] = embeddings
-        worst_plan.peak += embeddings
-        worst_block = signatures[max(signatures, key=lambda k: block_params[signatures[k][0]])][0]
-    largest_block = max(block_params.values())
-    # Host: a worker reads its block from the files (mapped pages) and gets its results back as
-    # uint8 codes; the driver holds one block's results (and the block's tensors it shares).
-    worker_host = largest_block * stored + largest_block
-    driver_host = memory.RESULTS_BYTES_PER_WEIGHT * largest_block + largest_block * stored
-    # The output: packed codes, scales in the stored dtype (and packed zero points when
-    # asymmetric), everything else dense; the work folder: every committed block's uint8 codes
-    # and float32 scales and zero points (kept until the output is complete).
-    dense = total_params - quantized
-    output = int(quantized * grid.bits / 8 + scale_count * stored
-                 + (0 if grid.symmetric else scale_count * grid.bits / 8) + dense * stored)
-    work = int(quantized + scale_count * 8)
-    # Between workers, per block, at most: every other worker's partial Hessians to their owner
-    # and the merged ones back to the other solvers, the block's tensors shared by the worker
-    # that read them, and the uint8 codes every worker puts in place.
-    stats = 3 if asymmetric else 1
-    hessian_bytes = max(sum(stats * 4 * cols * cols for stage in stages
-                            for _, _, cols, *_ in stage) for _, stages in signatures.values())
-    moved = 0 if workers == 1 else (2 * (workers - 1) * hessian_bytes
-                                    + (workers - 1) * largest_block * stored
-                                    + workers * largest_block)
-    usable_bytes = usable(device_bytes)
-    if worst_plan.peak > usable_bytes:
-        problems.append(
-            f"each worker needs about {worst_plan.describe()} on its device, more than the "
-            f"{usable_bytes / 2**30:.1f} GiB usable of {device_bytes / 2**30:.0f} GiB; "
-            + ("use more workers (each holds fewer calibration tokens), fewer --num-samples or "
-               "a shorter --seq-len, or devices with more memory"
-               if solver.schedule == "sequential" else
-               "use more workers (each holds fewer blocks) or devices with more memory"))
-    if host_bytes is not None and driver_host > usable(host_bytes):
-        problems.append(f"the driver needs about {driver_host / 2**30:.1f} GiB of host memory, "
-                        f"more than the {usable(host_bytes) / 2**30:.1f} GiB usable")
-    return JobPlan(
-        model=model, schedule=solver.schedule, workers=workers,
-        worker_device_peak_bytes=worst_plan.peak, worker_host_peak_bytes=worker_host,
-        driver_host_peak_bytes=driver_host, output_bytes=output, work_bytes=work,
-        bytes_moved_per_block=moved, device_capacity_bytes=device_bytes,
-        host_capacity_bytes=host_bytes,
-        worst=f"{layout.block_prefix(worst_block)}.{worst_plan.worst_stage}",
-        items=dict(worst_plan.items), problems=problems)
 
 
 def parse_bytes(text: str) -> int:

@@ -125,21 +125,11 @@ def plan_block(groups: list[list[tuple[str, int, int]]], *, hidden: int, tokens:
     per calibration batch (the forward pass's working set); ``embeddings``: bytes of the
     embeddings, final norm and ``lm_head`` every worker holds.
     """
-    plan = MemoryPlan()
-    streams = 2 if asymmetric else 1
+    plan = MemoryPlan(items=_held_through_block(groups, hidden, tokens, act_bytes, asymmetric,
+                                                embeddings))
     # [cols, cols] statistics per Hessian: the Hessian, and under asymmetric calibration the cross
     # term and the deviation (the report's true loss).
     stats = 3 if asymmetric else 1
-    # Held through the block: each stream's hidden states and the block's outputs for it, the
-    # block's weights, and under asymmetric calibration every dense linear's float inputs.
-    plan.items["hidden states"] = 2 * streams * tokens * hidden * act_bytes
-    plan.items["block weights"] = sum(rows * cols for stage in groups
-                                      for _, rows, cols, *_ in stage) * act_bytes
-    if asymmetric:
-        plan.items["float inputs"] = sum(tokens * cols for stage in groups
-                                         for _, _, cols, *_ in stage) * act_bytes
-    if embeddings:
-        plan.items["embeddings and lm_head"] = embeddings
     held = sum(plan.items.values())
     pieces = dyadic_pieces(*batch_range)
     widest = max(cols for stage in groups for _, _, cols, *_ in stage)
@@ -173,6 +163,22 @@ def plan_block(groups: list[list[tuple[str, int, int]]], *, hidden: int, tokens:
             plan.items["forward pass"] = forward
     plan.peak = held + worst
     return plan
+
+
+def _held_through_block(groups: list, hidden: int, tokens: int, act_bytes: int,
+                        asymmetric: bool, embeddings: int) -> dict[str, int]:
+    """Each stream's hidden states and the block's outputs for it, the block's weights, under
+    asymmetric calibration every dense linear's float inputs, and the embeddings."""
+    streams = 2 if asymmetric else 1
+    items = {"hidden states": 2 * streams * tokens * hidden * act_bytes,
+             "block weights": sum(rows * cols for stage in groups
+                                  for _, rows, cols, *_ in stage) * act_bytes}
+    if asymmetric:
+        items["float inputs"] = sum(tokens * cols for stage in groups
+                                    for _, _, cols, *_ in stage) * act_bytes
+    if embeddings:
+        items["embeddings and lm_head"] = embeddings
+    return items
 
 
 def _solve_transient(rows: int, cols: int, row_block: int, group_size: int | None,
