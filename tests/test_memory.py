@@ -9,6 +9,7 @@ from admmq_dist.run import memory
 from admmq_dist.run.job import quantize_model
 from admmq_dist.run.memory import dyadic_pieces, llama_block, plan_block, tokens_per_worker
 
+from memory_cells import CELLS, measure_cell
 from tiny import tiny_model_dir
 
 
@@ -205,13 +206,8 @@ def test_the_refit_holds_what_the_plan_says_and_no_rows_by_groups_by_cols_array(
     assert grid.num_groups == 1 or peak < 8 * rows * grid.num_groups * cols
 
 
-MEASURED_CELLS = [(hidden, asymmetric, workers, "exact") for hidden in (128, 256)
-                  for asymmetric in (0.0, 0.25) for workers in (1, 2)] + [
-    (512, 0.0, 1, "exact"), (512, 0.25, 2, "exact"), (512, 0.25, 1, "cg"), (256, 0.0, 2, "cg")]
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("hidden,asymmetric,workers,w_update", MEASURED_CELLS)
+@pytest.mark.parametrize("hidden,asymmetric,workers,w_update", CELLS)
 def test_the_plan_holds_the_measured_peak_of_real_blocks(tmp_path, hidden, asymmetric, workers,
                                                          w_update):
     """The whole sequential run — loading, float pass, captures, merges, factorizations, solves,
@@ -219,23 +215,6 @@ def test_the_plan_holds_the_measured_peak_of_real_blocks(tmp_path, hidden, asymm
     three widths, 1 and 2 in-process workers, plain and asymmetric calibration, exact and CG
     W-updates: the peak of live tensor bytes torch's allocator counts (tests/alloc.py) lies
     within [1/1.3, 1] of the plan (every worker's phases added up as they share the process,
-    plus the driver's results). The source is bfloat16 so that the float32 weights a CPU worker
-    computes with are allocations the tracker sees (float32 weights would stay mapped from the
-    file)."""
-    from alloc import peak_allocated
-
-    from admmq_dist.run.backends import LocalBackend
-
-    src = tiny_model_dir(tmp_path / "src", "llama", dtype=torch.bfloat16, hidden_size=hidden,
-                         intermediate_size=int(2.75 * hidden), num_attention_heads=4,
-                         num_key_value_heads=2)
-    recipe = override(Recipe(), {
-        "grid": {"group_size": 32}, "report": {"html": False},
-        "calibration": {"dataset": None, "num_samples": 16, "seq_len": 64, "batch_size": 2,
-                        "asymmetric": asymmetric},
-        "solver": {"admm": {"iterations": 10, "w_update": w_update}}})
-    summary, measured = peak_allocated(lambda: quantize_model(
-        str(src), tmp_path / "out", recipe, device=torch.device("cpu"), progress=False,
-        backend=LocalBackend(workers)))
-    planned = summary["memory_plan"]["in_process_peak_bytes"]
+    plus the driver's results)."""
+    measured, planned = measure_cell(tmp_path, hidden, asymmetric, workers, w_update)
     assert measured <= planned <= 1.3 * measured, (measured, planned, planned / measured)

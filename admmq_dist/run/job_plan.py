@@ -197,7 +197,12 @@ def plan_job(model: str, recipe: Recipe, *, workers: int, device_bytes: int,
     schedules are planned with :func:`.memory.plan_segments` / :func:`.memory.plan_coordinated`."""
     if workers < 1:
         raise ValueError(f"--workers {workers} must be at least 1")
-    shape = _model(model, recipe, skeleton)
+    return _plan(_model(model, recipe, skeleton), recipe, workers, device_bytes, host_bytes,
+                 device_type)
+
+
+def _plan(shape: _Model, recipe: Recipe, workers: int, device_bytes: int,
+          host_bytes: int | None, device_type: str) -> JobPlan:
     calib, sequential = recipe.calibration, recipe.solver.schedule == "sequential"
     act = 4 if device_type == "cpu" else 2
     device_plan, worst_block = _device_plan(shape, recipe, workers, act)
@@ -223,7 +228,7 @@ def plan_job(model: str, recipe: Recipe, *, workers: int, device_bytes: int,
         problems.append(f"the driver needs about {driver_host / 2**30:.1f} GiB of host memory, "
                         f"more than the {usable(host_bytes) / 2**30:.1f} GiB usable")
     return JobPlan(
-        model=model, schedule=recipe.solver.schedule, workers=workers,
+        model=shape.name, schedule=recipe.solver.schedule, workers=workers,
         worker_device_peak_bytes=device_plan.peak, worker_host_peak_bytes=worker_host,
         driver_host_peak_bytes=driver_host, output_bytes=output, work_bytes=work,
         bytes_moved_per_block=moved, device_capacity_bytes=device_bytes,
@@ -237,16 +242,14 @@ def smallest_fitting(model: str, recipe: Recipe, *, device_bytes: int,
     """The fewest workers with ``device_bytes`` each on which the job's device peak fits (the
     peak falls as workers are added: fewer calibration tokens, or fewer blocks, each), or None
     when even the most the job can use do not suffice."""
-    if skeleton is None:
-        skeleton = meta_skeleton(config_folder(model))
+    shape = _model(model, recipe, skeleton)
     calib = recipe.calibration
     most = (math.ceil(calib.num_samples / calib.batch_size)
             if recipe.solver.schedule == "sequential"
-            else find_blocks(skeleton[1])[0].num_blocks)
+            else sum(count for _, _, count, _ in shape.blocks))
 
     def fits(workers: int) -> bool:
-        plan = plan_job(model, recipe, workers=workers, device_bytes=device_bytes,
-                        device_type=device_type, skeleton=skeleton)
+        plan = _plan(shape, recipe, workers, device_bytes, None, device_type)
         return plan.worker_device_peak_bytes <= usable(device_bytes)
 
     if not fits(most):

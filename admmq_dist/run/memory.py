@@ -196,6 +196,15 @@ def _solve_transient(rows: int, cols: int, row_block: int, group_size: int | Non
                refit_bytes(block, cols, groups) + SOLVER_ARRAYS // 2 * block * cols * 4)
 
 
+def stage_entries(stages, shapes: dict[str, tuple[int, int]], row_block: int
+                  ) -> list[list[tuple[str, int, int, int]]]:
+    """The stages of a block (each with ``.groups``: the names of the linears sharing one
+    Hessian) as :func:`plan_block` takes them, from ``{linear: (rows, cols)}``."""
+    return [[(g[0], sum(shapes[n][0] for n in g), shapes[g[0]][1],
+              sum(math.ceil(shapes[n][0] / row_block) for n in g)) for g in stage.groups]
+            for stage in stages]
+
+
 def results_bytes(groups: list[list[tuple[str, int, int]]]) -> int:
     """What the driver holds of one block's results until it is written."""
     return RESULTS_BYTES_PER_WEIGHT * sum(rows * cols for stage in groups

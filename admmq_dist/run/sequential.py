@@ -208,9 +208,8 @@ class SequentialSchedule:
             plans, lambda w, p: f"{prefix} needs about {p['describe']} on worker {w}",
             "use more workers (each holds fewer calibration tokens), fewer --num-samples or a "
             "shorter --seq-len, or devices with more memory")
-        driver = memory.results_bytes([[(g[0], sum(plan["shapes"][n][0] for n in g),
-                                         plan["shapes"][g[0]][1]) for g in st.groups]
-                                       for st in plan["stages"]])
+        driver = memory.results_bytes(memory.stage_entries(plan["stages"], plan["shapes"],
+                                                           self.recipe.solver.row_block))
         return {"peak_bytes": plans[worst]["peak"], "worker": worst,
                 "worst": f"{prefix}.{plans[worst]['worst']}", "items": plans[worst]["items"],
                 "driver_bytes": driver,

@@ -12,7 +12,6 @@ move between workers — "data-parallel sequential" in ``architecture.md``.
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -133,10 +132,7 @@ class Worker(DeviceModel):
         device can hold."""
         self._block(b)
         shapes = {n: tuple(m.weight.shape) for n, m in self.linears.items()}
-        row_block = self.recipe.solver.row_block
-        groups = [[(g[0], sum(shapes[n][0] for n in g), shapes[g[0]][1],
-                    sum(math.ceil(shapes[n][0] / row_block) for n in g)) for g in stage.groups]
-                  for stage in stages]
+        groups = memory.stage_entries(stages, shapes, self.recipe.solver.row_block)
         tokens = sum(int(h.shape[0]) * int(h.shape[1]) for h in self.hidden)
         block = {id(t) for t in self.blocks[b].parameters()}
         outside = sum(t.numel() * t.element_size() for t in self.model.parameters()
