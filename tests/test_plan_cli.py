@@ -1,5 +1,6 @@
 """`admmq plan`: a job planned from config.json alone (tests/configs holds the public configs of
-large models), the README's table recomputed row by row, and the figures pinned."""
+large models), the results table docs/planning.md quotes recomputed row by row, and the figures
+pinned."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def plan(capsys, *args: str) -> tuple[int, dict]:
 
 
 def readme_rows() -> list[list[str]]:
-    text = (ROOT / "README.md").read_text()
+    """The table docs/planning.md quotes (benchmarks/results/plan_table.md)."""
+    text = (ROOT / "benchmarks" / "results" / "plan_table.md").read_text()
     table = text.split("<!-- plan-table -->")[1].split("<!-- /plan-table -->")[0]
     return [[c.strip() for c in line.strip("|").split("|")]
             for line in table.strip().splitlines()[2:]]
@@ -112,7 +114,8 @@ NOT_PLANNED_SWITCHES = {"--resume", "--overwrite", "--round-checkpoints", "--jso
 def documented_commands() -> list[tuple[str, list[str]]]:
     """Every `admmq quantize` of a hub model in the README and launch/, as (where, argv)."""
     out = []
-    for path in [ROOT / "README.md", *sorted((ROOT / "launch").iterdir())]:
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+                 *sorted((ROOT / "launch").iterdir())]:
         text = path.read_text().replace("\\\n", " ").replace(">-\n", "")
         # Continued lines, in YAML and in shell comments.
         text = re.sub(r"\s#\s+--", " --", re.sub(r"\n\s*#?\s+--", " --", text))
