@@ -1,8 +1,11 @@
 """run/coordinated.py: one ADMM-Q run across rounds with every layer at once — the same bytes for
 any number of workers, one ρ continued across rounds, Hessians refreshed from the current model,
-the dual rule and the polish real options, and resume between rounds into the same bytes."""
+the dual rule and the polish real options, resume between rounds and inside the sequential start
+into the same bytes, the last two rounds kept, and a driver that holds one block at a time."""
 
 import hashlib
+import json
+import weakref
 
 import pytest
 import torch
@@ -136,6 +139,60 @@ def test_the_stationary_dual_rule_and_the_sequential_start_are_real_options(mode
     assert digest(tmp_path / "asym") == digest(tmp_path / "asym2")
 
 
+def test_a_run_stopped_in_the_sequential_start_goes_on_from_its_last_committed_block(
+        model_dir, tmp_path, monkeypatch):
+    """The sequential start commits block by block: stopped in block 2, a resumed run solves
+    block 2 only, and writes the bytes of a run never stopped."""
+    recipe = override(Recipe(), {**SETTINGS, "solver": {
+        **SETTINGS["solver"], "schedule": "coordinated", "coordinated_rounds": 2,
+        "coordinated_start": "sequential"},
+        "calibration": {**SETTINGS["calibration"], "asymmetric": 0.25}})
+    run = lambda out, **kw: quantize_model(  # noqa: E731
+        str(model_dir), out, recipe, device=torch.device("cpu"), progress=False, threads=1,
+        backend=LocalBackend(2), **kw)
+    run(tmp_path / "ref")
+    original, started = CoordinatedWorker.sequential_start, []
+
+    def sequential_start(self, s, *args):
+        started.append(s)
+        if s == 2 and len(started) == 3:
+            raise KeyboardInterrupt
+        return original(self, s, *args)
+
+    monkeypatch.setattr(CoordinatedWorker, "sequential_start", sequential_start)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "out")
+    work = work_dir_for(tmp_path / "out")
+    assert sorted(p.name for p in work.glob("start-*")) == [
+        "start-hidden-00000.safetensors", "start-hidden-00001.safetensors",
+        "start-segment-00000.safetensors", "start-segment-00001.safetensors"]
+    run(tmp_path / "out", resume=True)
+    assert started == [0, 1, 2, 2]
+    assert digest(tmp_path / "out") == digest(tmp_path / "ref")
+
+
+def test_the_driver_holds_one_block_of_results_at_a_time(model_dir, tmp_path, monkeypatch):
+    """Blocks go from the workers to the writer one at a time (uint8 codes): when a block
+    arrives, the blocks before it are gone from the driver. Counted by weak references to what
+    the driver was handed, so a driver that gathered every block first fails."""
+    from admmq_dist.run.depth_parallel import DepthParallelSchedule
+
+    original, alive, most = DepthParallelSchedule._each_block, {}, []
+
+    def each_block(self, start=0):
+        for b, out in original(self, start):
+            for name, (codes, _, _) in out.quantized.items():
+                assert codes.dtype == torch.uint8
+                alive[(b, name)] = weakref.ref(codes)
+            yield b, out
+            most.append(len({key[0] for key, ref in alive.items() if ref() is not None}))
+
+    monkeypatch.setattr(DepthParallelSchedule, "_each_block", each_block)
+    coordinated(model_dir, tmp_path / "out", coordinated_polish=False)
+    # Three blocks written (the round checkpoints' too), never more than the one in hand.
+    assert len(most) == 3 * (ROUNDS + 1) and max(most) <= 1
+
+
 def test_keeping_the_better_codes_per_row_stops_the_first_rounds_from_overshooting(
         model_dir, reference, tmp_path):
     """With coordinated_keep_best a round puts in place, row by row, the better of its best
@@ -179,7 +236,7 @@ def test_a_run_stopped_inside_a_round_resumes_into_the_same_bytes(model_dir, ref
 
     def iterate(self, rho, *args):
         calls.append(rho)
-        if len(calls) == 3:  # the process "dies" in round 2 with rounds 0 and 1 committed
+        if len(calls) == 4:  # the process "dies" in round 3 with rounds 0, 1 and 2 committed
             raise KeyboardInterrupt
         return original(self, rho, *args)
 
@@ -187,8 +244,15 @@ def test_a_run_stopped_inside_a_round_resumes_into_the_same_bytes(model_dir, ref
     with pytest.raises(KeyboardInterrupt):
         coordinated(model_dir, tmp_path / "out")
     monkeypatch.setattr(CoordinatedWorker, "iterate", original)
-    assert sorted(p.name for p in work_dir_for(tmp_path / "out").glob("round-*.done")) == [
-        "round-000.done", "round-001.done"]
+    # Only the last two rounds are kept (each holds every layer's codes, iterate and duals),
+    # and the size the run reported for them is what is on disk.
+    work = work_dir_for(tmp_path / "out")
+    assert sorted(p.name for p in work.glob("round-*.done")) == [
+        "round-001.done", "round-002.done"]
+    assert {p.name[:9] for p in work.glob("round-*-segment-*")} == {"round-001", "round-002"}
+    marker = json.loads((work / "round-002.done").read_text())
+    assert marker["history"][-1]["work_bytes"] == sum(
+        p.stat().st_size for p in work.glob("round-*-segment-*"))
     recipe = override(Recipe(), {**SETTINGS, "solver": {
         **SETTINGS["solver"], "schedule": "coordinated", "coordinated_rounds": ROUNDS,
         "coordinated_start": "float"}})

@@ -114,12 +114,14 @@ def round_references(model_dir, tmp_path_factory):
 
 
 # (schedule, method, worker, n-th call of it): round 0's forward and solve, a correction round's
-# exchange and commit, the coordinated refresh, iterations, commit, polish and the writer's reads.
+# exchange and commit, the coordinated sequential start, refresh, iterations, commit, polish and
+# the writer's reads.
 ROUND_STEPS = [("depth-parallel", "own", 1, 1), ("depth-parallel", "forward_shard", 1, 3),
                ("depth-parallel", "run_round", 1, 1), ("depth-parallel", "run_round", 1, 2),
                ("depth-parallel", "segment_output", 0, 1), ("depth-parallel", "set_input", 1, 2),
                ("depth-parallel", "save_round", 1, 2), ("depth-parallel", "results", 1, 1),
-               ("coordinated", "memory_plan", 1, 1), ("coordinated", "start_capture", 0, 2),
+               ("coordinated", "memory_plan", 1, 1), ("coordinated", "sequential_start", 1, 1),
+               ("coordinated", "start_capture", 0, 2),
                ("coordinated", "capture_batch", 1, 5), ("coordinated", "iterate", 1, 2),
                ("coordinated", "save_round", 0, 1), ("coordinated", "polish", 1, 1),
                ("coordinated", "results", 1, 2)]

@@ -203,3 +203,26 @@ def test_depth_parallel_needs_admmq_and_resumes_between_rounds(model_dir, tmp_pa
     assert [h["round"] for h in resumed["rounds"]] == [0, 1, 2]
     assert figures(resumed) == figures(reference)
     assert digest(tmp_path / "out") == digest(tmp_path / "ref")
+
+
+def test_round_commits_keep_each_segments_last_two_rounds(tmp_path):
+    """Depth-parallel segment j is re-solved in rounds 0…j only: after round 2 of four segments,
+    segment 0 keeps round 0 (its only one), the others their newest two; older markers and the
+    coordinated start's files go."""
+    from admmq_dist.run.workdir import prune_rounds, round_files
+
+    for r in range(3):
+        (tmp_path / f"round-{r:03d}.done").write_text("{}")
+        for s in range(4):
+            if s >= r:
+                (tmp_path / f"round-{r:03d}-segment-{s:05d}.safetensors").write_bytes(b"x" * 10)
+    (tmp_path / "start-segment-00000.safetensors").write_bytes(b"x")
+    kept, _ = round_files(tmp_path)
+    prune_rounds(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "round-000-segment-00000.safetensors", "round-000-segment-00001.safetensors",
+        "round-001-segment-00001.safetensors", "round-001-segment-00002.safetensors",
+        "round-001-segment-00003.safetensors", "round-001.done",
+        "round-002-segment-00002.safetensors", "round-002-segment-00003.safetensors",
+        "round-002.done"]
+    assert kept == 7 * 10

@@ -25,12 +25,13 @@ import dataclasses
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from ..quant.solvers.admmq import ADMMSettings
 from ..recipe import Recipe
 from .depth_parallel import DepthParallelSchedule
-from .workdir import DecoderBlockOutput, last_round_marker, mark_round
+from .workdir import (DecoderBlockOutput, committed_start, last_round_marker, mark_round,
+                      prune_rounds, round_files)
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +55,11 @@ class CoordinatedSchedule(DepthParallelSchedule):
         return num_blocks  # one segment per block: blocks are owned, never solved in sequence
 
     def _run(self, check_width: Callable[[str, int], None], progress: bool,
-             on_round: Callable[[int, dict[int, DecoderBlockOutput]], None] | None = None
-             ) -> tuple[dict[int, DecoderBlockOutput], list[dict]]:
+             on_round: Callable[[int, Iterator[tuple[int, DecoderBlockOutput]]], None] | None = None
+             ) -> list[dict]:
         """Every round until the codes settle or ``coordinated_rounds`` ran, then the polish;
-        returns every block's output and the per-round figures. ``on_round(r, outputs)`` sees the
-        model as each round left it."""
+        returns the per-round figures. ``on_round(r, blocks)`` sees the model as each round left
+        it, block by block."""
         solver = self.recipe.solver
         self.history, self.latest = [], {}  # a recovery starts again from the last commit
         self._own_and_check(check_width)
@@ -74,11 +75,11 @@ class CoordinatedSchedule(DepthParallelSchedule):
             stopped = self._round(r, started, aside, progress)
             if on_round is not None:
                 t = time.perf_counter()
-                on_round(r, self.collect())
+                on_round(r, self._each_block())
                 aside += time.perf_counter() - t
         if solver.coordinated_polish:
             self._polish(progress)
-        return self.collect(), self.history
+        return self.history
 
     def _resume(self) -> tuple[int, float, bool]:
         """``(first round to run, ρ, whether the run had stopped)`` after the last committed
@@ -97,15 +98,23 @@ class CoordinatedSchedule(DepthParallelSchedule):
     def _sequential_start(self, progress: bool) -> None:
         """One GPTQ pass block by block, each on the outputs of the quantized blocks before it:
         the codes round 0 starts from. One worker computes at a time (GPTQ's cost, not
-        ADMM-Q's); not committed — a run that stops before round 0's commit redoes it."""
+        ADMM-Q's); every block is committed as it finishes (its codes, and its outputs until the
+        next block's are), so a stopped run goes on from the first block not committed."""
         t = time.perf_counter()
         settings = dataclasses.replace(self.recipe.solver, method="gptq", schedule="sequential",
                                        local_search_sweeps=0)
-        hidden = None
-        for j in range(self.num_segments):
+        done = committed_start(self.work, self.num_segments)
+        if done:
+            self._each("load_start", lambda k: (str(self.work),
+                                                [j for j in self.owned[k] if j < done]))
+            log.info("resuming the sequential start after block %d", done - 1)
+        # A resumed start reads the last committed block's outputs from the work folder.
+        hidden = str(self.work) if done else None
+        for j in range(done, self.num_segments):
             hidden = self.backend.call(self.segment_owner[j], "sequential_start", j, hidden,
-                                       settings)
-        self.backend.get([hidden])
+                                       settings, str(self.work), j < self.num_segments - 1)
+        if done < self.num_segments:
+            self.backend.get([hidden])
         self.timings["solve"] += time.perf_counter() - t
         if progress:
             print(f"sequential GPTQ start: {time.perf_counter() - t:.0f}s", file=sys.stderr,
@@ -154,9 +163,12 @@ class CoordinatedSchedule(DepthParallelSchedule):
         stop = (r >= 1 and changed < solver.round_stop_changed
                 and rho > solver.admm.stop_min_rho)
         self._each("save_round", lambda w: (str(self.work), r, self.owned[w]))
+        # What the work folder holds once this round is marked and the older ones pruned.
+        self.history[-1]["work_bytes"] = round_files(self.work)[0]
         mark_round(self.work, r, {"round": r, "rho": self.rho, "history": self.history,
                                   "stopped": stop, "rows": list(self.latest.values()),
                                   "frozen": sorted(self.frozen)})
+        prune_rounds(self.work)
         return stop
 
     def _polish(self, progress: bool) -> None:

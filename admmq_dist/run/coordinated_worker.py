@@ -27,6 +27,7 @@ from ..quant.solvers.solve import SolverSettings
 from . import memory
 from .layer import served_grid, solve_rows
 from .segment_worker import SegmentWorker
+from .workdir import load_start_hidden, save_segment_round, save_start_hidden
 
 
 def better_rows(block, codes: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor,
@@ -75,12 +76,17 @@ class CoordinatedWorker(SegmentWorker):
         return plan.on(self.device)
 
     @torch.no_grad()
-    def sequential_start(self, s: int, hidden: tuple | None, settings: SolverSettings) -> tuple:
+    def sequential_start(self, s: int, hidden: tuple | str | None, settings: SolverSettings,
+                         folder: str, hand_on: bool = True) -> tuple | None:
         """The sequential start: solve block ``s`` (one segment per block) with ``settings``
         (GPTQ) on all its inputs — ``hidden``: ``(quantized, float)`` per batch from the block
-        before, None on block 0 — and return its outputs for the next. Its codes become the
-        layers' states, the start of round 0."""
+        before, None on block 0, or the work ``folder`` to read the block before's committed
+        outputs from (a resumed start) — commit it to ``folder`` and return its outputs for the
+        next (None when ``hand_on`` is False: the last block). Its codes become the layers'
+        states, the start of round 0."""
         self._owned()
+        if isinstance(hidden, str):
+            hidden = load_start_hidden(hidden, s - 1)
         if hidden is not None:
             h, ref = hidden
             self.inputs[s] = [x.to(self.device, self.dtype) for x in h]
@@ -95,7 +101,26 @@ class CoordinatedWorker(SegmentWorker):
         if s != 0:
             self.inputs[s] = [None] * len(self.batch_ids)
             self.float_inputs[s] = [None] * len(self.batch_ids)
+        # The outputs first: a block whose codes are committed can always be gone on from.
+        if hand_on:
+            save_start_hidden(folder, s, out, ref)
+        save_segment_round(folder, "start", s, {key: state for key, state
+                                                in self.layer_states.items()
+                                                if key[0] in self.segments[s]}, [])
+        if not hand_on:
+            return None
         return tuple(None if x is None else [t.cpu() for t in x] for x in (out, ref))
+
+    @torch.no_grad()
+    def load_start(self, folder: str, segments: list[int]) -> None:
+        """Restore the owned ``segments``' committed sequential start (their codes become the
+        layers' states and their last iterates) and put the weights in place."""
+        self._owned()
+        for s in segments:
+            self._restore(folder, "start", s)
+            for key, state in self.layer_states.items():
+                if key[0] in self.segments[s]:
+                    state["last"] = state["codes"]
 
     def start_capture(self, frozen: list[tuple[int, str]] = ()) -> None:
         """Fresh Hessian accumulators for every owned layer input (one per group of linears that

@@ -19,14 +19,15 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..model.loading import TensorIndex
 from ..recipe import Recipe
 from . import memory
 from .faults import RECOVERABLE, FaultLog
-from .workdir import DecoderBlockOutput, last_round_marker, mark_round
+from .workdir import (DecoderBlockOutput, last_round_marker, mark_round, prune_rounds,
+                      round_files)
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,13 @@ class DepthParallelSchedule:
                                  for k in range(self.num_workers)])
 
     def run(self, check_width: Callable[[str, int], None], progress: bool,
-            on_round: Callable[[int, dict[int, DecoderBlockOutput]], None] | None = None
-            ) -> tuple[dict[int, DecoderBlockOutput], list[dict]]:
+            on_round: Callable[[int, Iterator[tuple[int, DecoderBlockOutput]]], None] | None = None
+            ) -> list[dict]:
         """The rounds (:meth:`_run`); when a worker is lost or found rebuilt, every worker takes
         its blocks again and the run continues from the last committed round — the resume path,
-        in process, so the bytes are the uninterrupted run's."""
+        in process, so the bytes are the uninterrupted run's. Returns the per-round figures; the
+        blocks then come from :meth:`blocks`."""
+        self._arguments = (check_width, progress, on_round)
         while True:  # until done, or the fault budget is spent (record raises)
             try:
                 return self._run(check_width, progress, on_round)
@@ -84,10 +87,10 @@ class DepthParallelSchedule:
                                    f"after {after}")
 
     def _run(self, check_width: Callable[[str, int], None], progress: bool,
-             on_round: Callable[[int, dict[int, DecoderBlockOutput]], None] | None = None
-             ) -> tuple[dict[int, DecoderBlockOutput], list[dict]]:
-        """Round 0 and the correction rounds; returns every block's output and per-round figures.
-        ``on_round(r, outputs)`` sees the model as each round left it."""
+             on_round: Callable[[int, Iterator[tuple[int, DecoderBlockOutput]]], None] | None = None
+             ) -> list[dict]:
+        """Round 0 and the correction rounds; returns the per-round figures. ``on_round(r,
+        blocks)`` sees the model as each round left it, block by block."""
         self.history, self.latest = [], {}  # a recovery starts again from the last commit
         self._own_and_check(check_width)
         started, aside = time.perf_counter(), 0.0  # aside: time spent in on_round
@@ -99,13 +102,13 @@ class DepthParallelSchedule:
             stop = self._round(r, dirty, started, aside, progress)
             if on_round is not None:
                 t = time.perf_counter()
-                on_round(r, self.collect())
+                on_round(r, self._each_block())
                 aside += time.perf_counter() - t
             if stop:
                 break
             # The next round's inputs: what each re-solved segment now outputs.
             self._exchange([j + 1 for j in dirty if j + 1 < self.num_segments])
-        return self.collect(), self.history
+        return self.history
 
     def _own_and_check(self, check_width: Callable[[str, int], None]) -> None:
         """Hand every worker its segments, then check every layer's width for the writer and
@@ -188,8 +191,11 @@ class DepthParallelSchedule:
         stop = r >= 1 and changed < self.recipe.solver.round_stop_changed
         self._each("save_round", lambda k: (str(self.work), r,
                                             [j for j in self.owned[k] if j in dirty]))
+        # What the work folder holds once this round is marked and the older ones pruned.
+        self.history[-1]["work_bytes"] = round_files(self.work)[0]
         mark_round(self.work, r, {"round": r, "history": self.history, "stopped": stop,
                                   "rows": list(self.latest.values())})
+        prune_rounds(self.work)
         return stop
 
     def _exchange(self, targets: list[int]) -> None:
@@ -199,10 +205,25 @@ class DepthParallelSchedule:
         self.backend.get([self.backend.call(self.segment_owner[j], "set_input", j, outs[j])
                           for j in targets])
 
-    def collect(self) -> dict[int, DecoderBlockOutput]:
-        """Every block's current codes and report rows, as the writer takes them."""
-        outputs = {}
-        for b in range(self.num_blocks):
+    def blocks(self) -> Iterator[tuple[int, DecoderBlockOutput]]:
+        """Every block's codes (uint8) and report rows, one block at a time in order, as the
+        writer takes them: the driver never holds more than the block being written. A worker
+        lost on the way is rebuilt, the run resumed from its last commit (no solving: it had
+        finished) and the blocks go on from where they stopped."""
+        following = 0
+        while following < self.num_blocks:
+            try:
+                for b, out in self._each_block(start=following):
+                    following = b + 1
+                    yield b, out
+            except RECOVERABLE as exc:
+                self.faults.record(f"collecting block {following}", exc,
+                                   self.backend.restarted(),
+                                   "every worker reloaded from the last commit")
+                self.run(*self._arguments)
+
+    def _each_block(self, start: int = 0) -> Iterator[tuple[int, DecoderBlockOutput]]:
+        for b in range(start, self.num_blocks):
             prefix = f"{self.blocks_prefix}{b}"
             out = DecoderBlockOutput()
             results = self.backend.get([self.backend.call(self.block_owner[b], "results", b)])[0]
@@ -213,5 +234,4 @@ class DepthParallelSchedule:
                 report = {k: v for k, v in row.items() if k not in ("changed", "size")}
                 out.report.append({**report, "layer": f"{prefix}.{name}",
                                    "changed_last_round": row["changed"]})
-            outputs[b] = out
-        return outputs
+            yield b, out

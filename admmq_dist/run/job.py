@@ -179,12 +179,14 @@ class Job:
             schedule = kind(self.backend, self.recipe, self.index, self.layout_prefix,
                             self.num_blocks, len(self.batches), self.timings, self.work,
                             self.faults)
-            done, rounds = schedule.run(writer.check_width, self.progress,
-                                        self._write_round if round_checkpoints else None)
+            rounds = schedule.run(writer.check_width, self.progress,
+                                  self._write_round if round_checkpoints else None)
             self.memory = [schedule.memory_plan]
-            for b in range(self.num_blocks):
-                self._write_block(writer, b, done[b])
-                report.extend(done[b].report)
+            # Block by block from the workers into the writer: the driver holds one block.
+            for b, out in schedule.blocks():
+                self._write_block(writer, b, out)
+                report.extend(out.report)
+                del out
                 if on_block is not None:
                     on_block(b)
             resumed = 0
@@ -263,10 +265,11 @@ class Job:
             if not name.startswith(self.layout_prefix + "."):
                 writer.add_tensor(disk, self.index.read(disk))
 
-    def _write_round(self, r: int, outputs: dict[int, DecoderBlockOutput]) -> None:
-        """A checkpoint of the model as depth-parallel round ``r`` left it, beside the output."""
+    def _write_round(self, r: int, blocks) -> None:
+        """A checkpoint of the model as round ``r`` left it (``blocks``: ``(b, output)`` one at a
+        time), beside the output."""
         with self._writer(self.out_dir.parent / f"{self.out_dir.name}.round-{r}", True) as extra:
-            for b, out in outputs.items():
+            for b, out in blocks:
                 self._write_block(extra, b, out)
             self._write_outer(extra)
             extra.finalize(config=self.config.to_dict(), source_dir=self.model_dir,
@@ -310,6 +313,8 @@ class Job:
         if rounds is not None:
             summary["schedule"] = self.recipe.solver.schedule
             summary["rounds"] = rounds
+            # The work folder at its fullest: the last two rounds' commits (older ones pruned).
+            summary["work_peak_bytes"] = max((h.get("work_bytes", 0) for h in rounds), default=0)
             summary["memory_plan"] = self.memory[0]
         else:
             kinds = sorted({k for row in self.moved for k in row} - {"block"})

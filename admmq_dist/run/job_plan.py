@@ -164,13 +164,15 @@ def _device_plan(shape: _Model, recipe: Recipe, workers: int, act: int
     return plan, b
 
 
-def _disk_and_transfers(shape: _Model, recipe: Recipe, workers: int) -> tuple[int, int, int]:
+def _disk_and_transfers(shape: _Model, recipe: Recipe, workers: int, act: int
+                        ) -> tuple[int, int, int]:
     """``(output, work folder, bytes moved per block)``. The output: packed codes, scales in the
     stored dtype (and packed zero points when asymmetric), everything else dense; the work
-    folder: every committed block's uint8 codes and float32 scales and zero points; between
-    workers per block, at most: every other worker's partial Hessians to their owner and the
-    merged ones back to the other solvers, the block's tensors shared by the worker that read
-    them, and the uint8 codes every worker puts in place."""
+    folder: every committed block's uint8 codes and float32 scales and zero points (sequential),
+    or the last two rounds' commits (:func:`_round_commits`); between workers per block, at
+    most: every other worker's partial Hessians to their owner and the merged ones back to the
+    other solvers, the block's tensors shared by the worker that read them, and the uint8 codes
+    every worker puts in place."""
     grid = recipe.grid
     quantized = shape.total(lambda rows, cols: rows * cols)
     scales = shape.total(lambda rows, cols: rows * grid.num_groups(cols))
@@ -178,7 +180,8 @@ def _disk_and_transfers(shape: _Model, recipe: Recipe, workers: int) -> tuple[in
         - quantized
     output = int(quantized * grid.bits / 8 + scales * shape.stored
                  + (0 if grid.symmetric else scales * grid.bits / 8) + dense * shape.stored)
-    work = int(quantized + scales * 8)
+    work = (int(quantized + scales * 8) if recipe.solver.schedule == "sequential"
+            else _round_commits(shape, recipe, workers, act, quantized, scales))
     stats = 3 if recipe.calibration.asymmetric_strength(recipe.solver.method) > 0 else 1
     hessians = max(sum(stats * 4 * cols * cols for stage in stages for _, _, cols, *_ in stage)
                    for stages, *_ in shape.blocks)
@@ -186,6 +189,27 @@ def _disk_and_transfers(shape: _Model, recipe: Recipe, workers: int) -> tuple[in
                                     + (workers - 1) * shape.largest_block * shape.stored
                                     + workers * shape.largest_block)
     return output, work, moved
+
+
+def _round_commits(shape: _Model, recipe: Recipe, workers: int, act: int, quantized: int,
+                   scales: int) -> int:
+    """The work folder of a round schedule at its fullest: the last two rounds' commits (per
+    weight its uint8 codes, the coordinated schedule's uint8 last iterate and ADMM-Q's float32
+    dual; float32 scales and zero points; depth-parallel: every segment's output over the
+    calibration tokens), or, at round 0's commit, that round beside the coordinated sequential
+    start's commits (codes and grids, and two blocks' outputs on each stream)."""
+    calib, solver = recipe.calibration, recipe.solver
+    coordinated = solver.schedule == "coordinated"
+    tokens = calib.num_samples * calib.seq_len
+    blocks = sum(count for _, _, count, _ in shape.blocks)
+    segments = 0 if coordinated else min(solver.segments or workers, blocks)
+    duals = 4 * quantized if solver.method == "admmq" else 0
+    round_commit = (quantized * (1 + coordinated) + duals + scales * 8
+                    + segments * tokens * shape.hidden * act)
+    streams = 2 if calib.asymmetric_strength(solver.method) > 0 else 1
+    start = (quantized + scales * 8 + 2 * streams * tokens * shape.hidden * act
+             if coordinated and solver.coordinated_start == "sequential" else 0)
+    return int(max(2 * round_commit, round_commit + start))
 
 
 def plan_job(model: str, recipe: Recipe, *, workers: int, device_bytes: int,
@@ -206,11 +230,13 @@ def _plan(shape: _Model, recipe: Recipe, workers: int, device_bytes: int,
     calib, sequential = recipe.calibration, recipe.solver.schedule == "sequential"
     act = 4 if device_type == "cpu" else 2
     device_plan, worst_block = _device_plan(shape, recipe, workers, act)
-    output, work, moved = _disk_and_transfers(shape, recipe, workers)
+    output, work, moved = _disk_and_transfers(shape, recipe, workers, act)
     # Host: a worker reads its block (mapped pages) and gets the results back as uint8 codes;
-    # the driver holds one block's results and the block's tensors it shares.
+    # the driver holds one block's results (every schedule streams blocks to the writer one at
+    # a time), the block's tensors it shares, and the writer's shard buffer.
     worker_host = shape.largest_block * (shape.stored + 1)
-    driver_host = shape.largest_block * (memory.RESULTS_BYTES_PER_WEIGHT + shape.stored)
+    driver_host = (shape.largest_block * (memory.RESULTS_BYTES_PER_WEIGHT + shape.stored)
+                   + int(recipe.output.max_shard_gb * 2**30))
     problems = []
     batches = math.ceil(calib.num_samples / calib.batch_size)
     if sequential and workers > batches:

@@ -255,9 +255,11 @@ class SegmentWorker(DeviceModel):
                           size=result.codes.numel())
 
     def results(self, b: int) -> dict:
-        """Codes and grids of block ``b``'s layers, for the writer."""
+        """Codes (uint8: a quarter of int32's bytes on the wire and on the driver) and grids of
+        block ``b``'s layers, for the writer."""
         self._owned()
-        return {name: (st["codes"].cpu(), st["grid"].scale.cpu(), st["grid"].zero.cpu())
+        return {name: (st["codes"].to(torch.uint8).cpu(), st["grid"].scale.cpu(),
+                       st["grid"].zero.cpu())
                 for (bb, name), st in self.layer_states.items() if bb == b}
 
     def save_round(self, folder: str, r: int, segments: list[int]) -> None:
@@ -276,17 +278,21 @@ class SegmentWorker(DeviceModel):
         """Restore the owned segments' states and outputs from the rounds that last solved them
         (``solved_in``: segment -> round), and put the quantized weights in place."""
         self._owned()
-        spec = self.recipe.grid
-        for s, blocks in self.segments.items():
-            layers = {key: linear.weight.shape for key, linear in self.layers.items()
-                      if key[0] in blocks}
-            outputs, states = load_segment_round(
-                folder, solved_in[s], s, layers, len(self.batch_ids),
-                lambda rows: len(row_blocks(rows, self.recipe.solver.row_block)), self.device)
-            self.outputs[s] = [h.to(self.device, self.dtype) for h in outputs]
-            for key, (codes, scale, zero, duals, last) in states.items():
-                grid = Grid.from_parts(spec, codes.shape[1], scale, zero)
-                self.layer_states[key] = {"codes": codes, "grid": grid, "duals": duals,
-                                          "last": last}
-                linear = self.layers[key]
-                linear.weight.copy_(grid.dequantize(codes).to(linear.weight.dtype))
+        for s in self.segments:
+            self._restore(folder, solved_in[s], s)
+
+    def _restore(self, folder: str, r: int | str, s: int) -> None:
+        """Segment ``s``'s states and outputs as round ``r`` (or ``"start"``) committed them,
+        the quantized weights put in place."""
+        layers = {key: linear.weight.shape for key, linear in self.layers.items()
+                  if key[0] in self.segments[s]}
+        outputs, states = load_segment_round(
+            folder, r, s, layers, len(self.batch_ids),
+            lambda rows: len(row_blocks(rows, self.recipe.solver.row_block)), self.device)
+        self.outputs[s] = [h.to(self.device, self.dtype) for h in outputs]
+        for key, (codes, scale, zero, duals, last) in states.items():
+            grid = Grid.from_parts(self.recipe.grid, codes.shape[1], scale, zero)
+            self.layer_states[key] = {"codes": codes, "grid": grid, "duals": duals,
+                                      "last": last}
+            linear = self.layers[key]
+            linear.weight.copy_(grid.dequantize(codes).to(linear.weight.dtype))

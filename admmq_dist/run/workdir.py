@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +62,8 @@ def prepare_work_dir(out_dir: Path, prints: dict, resume: bool, overwrite: bool)
 
 
 def committed_anything(work: Path) -> bool:
-    return any(work.glob("block-*.safetensors")) or any(work.glob("round-*.done"))
+    return (any(work.glob("block-*.safetensors")) or any(work.glob("round-*.done"))
+            or any(work.glob("start-*.safetensors")))
 
 
 # ------------------------------------------------------------------- sequential: per block
@@ -150,12 +152,46 @@ def last_round_marker(work: Path) -> dict | None:
     return None
 
 
-def _segment_path(folder: str | Path, r: int, s: int) -> Path:
+def _segment_path(folder: str | Path, r: int | str, s: int) -> Path:
+    """Round ``r``'s commit of segment ``s``; ``r == "start"``: the coordinated schedule's
+    sequential start."""
+    if r == "start":
+        return Path(folder) / f"start-segment-{s:05d}.safetensors"
     return Path(folder) / f"round-{r:03d}-segment-{s:05d}.safetensors"
 
 
-def save_segment_round(folder: str | Path, r: int, s: int, states: dict[tuple[int, str], dict],
-                       outputs: list[torch.Tensor]) -> None:
+_SEGMENT_FILE = re.compile(r"round-(\d+)-segment-(\d+)\.safetensors")
+
+
+def round_files(work: Path, keep: int = 2) -> tuple[int, list[Path]]:
+    """``(bytes of the segment files kept, files to remove)`` once the newest round is marked:
+    the newest ``keep`` round markers and each segment's newest ``keep`` round files stay (a
+    segment not re-solved keeps the round that last solved it); the sequential start's files go
+    once a round is committed. Two, not one: an unreadable newest marker (a disk fault) falls
+    back to the one before, whose files must still be there."""
+    markers = sorted(work.glob("round-*.done"))
+    remove = list(markers[:-keep])
+    kept = 0
+    by_segment: dict[int, list[tuple[int, Path]]] = {}
+    for path in work.glob("round-*-segment-*.safetensors"):
+        match = _SEGMENT_FILE.fullmatch(path.name)
+        if match:
+            by_segment.setdefault(int(match[2]), []).append((int(match[1]), path))
+    for files in by_segment.values():
+        files.sort()
+        remove += [path for _, path in files[:-keep]]
+        kept += sum(path.stat().st_size for _, path in files[-keep:])
+    return kept, remove + sorted(work.glob("start-*.safetensors"))
+
+
+def prune_rounds(work: Path, keep: int = 2) -> None:
+    """Remove what :func:`round_files` says is no longer needed."""
+    for path in round_files(work, keep)[1]:
+        path.unlink(missing_ok=True)
+
+
+def save_segment_round(folder: str | Path, r: int | str, s: int,
+                       states: dict[tuple[int, str], dict], outputs: list[torch.Tensor]) -> None:
     """Segment ``s`` as round ``r`` left it: each layer's codes, grid and row blocks' duals
     (``states``: (block, layer) -> state), and the segment's output per batch."""
     tensors = {}
@@ -174,7 +210,7 @@ def save_segment_round(folder: str | Path, r: int, s: int, states: dict[tuple[in
     save_tensors(tensors, _segment_path(folder, r, s))
 
 
-def load_segment_round(folder: str | Path, r: int, s: int, layers, num_batches: int,
+def load_segment_round(folder: str | Path, r: int | str, s: int, layers, num_batches: int,
                        num_row_blocks, device: torch.device):
     """What :func:`save_segment_round` wrote: ``(outputs, states)`` with ``states`` (block, layer)
     -> ``(codes, scale, zero, duals, last codes or None)`` for the ``layers`` asked (``(block,
@@ -205,3 +241,44 @@ def _read_segment_round(path: Path, layers, num_batches: int, num_row_blocks,
             states[(b, name)] = (codes, f.get_tensor(f"{key}.scale").to(device),
                                  f.get_tensor(f"{key}.zero").to(device), duals, last)
     return outputs, states
+
+
+# ------------------------------------------------- coordinated: the sequential start, per block
+
+
+def _start_hidden_path(folder: str | Path, s: int) -> Path:
+    return Path(folder) / f"start-hidden-{s:05d}.safetensors"
+
+
+def save_start_hidden(folder: str | Path, s: int, outputs: list[torch.Tensor],
+                      float_outputs: list[torch.Tensor] | None) -> None:
+    """What the sequential start's block ``s`` handed on (the quantized stream's outputs and,
+    under asymmetric calibration, the float stream's): the next block's input on resume. Only
+    the newest two are kept — each is a whole calibration set of hidden states."""
+    tensors = {f"output.{i}": h.cpu().contiguous() for i, h in enumerate(outputs)}
+    for i, h in enumerate(float_outputs or []):
+        tensors[f"float.{i}"] = h.cpu().contiguous()
+    save_tensors(tensors, _start_hidden_path(folder, s))
+    for old in Path(folder).glob("start-hidden-*.safetensors"):
+        if int(old.stem.rsplit("-", 1)[1]) < s - 1:
+            old.unlink(missing_ok=True)
+
+
+def load_start_hidden(folder: str | Path, s: int) -> tuple[list[torch.Tensor],
+                                                           list[torch.Tensor] | None]:
+    with safe_open(_start_hidden_path(folder, s), "pt") as f:
+        keys = set(f.keys())
+        outputs = [f.get_tensor(f"output.{i}") for i in range(len(keys))
+                   if f"output.{i}" in keys]
+        floats = [f.get_tensor(f"float.{i}") for i in range(len(keys)) if f"float.{i}" in keys]
+    return outputs, floats or None
+
+
+def committed_start(work: Path, num_segments: int) -> int:
+    """How many blocks of the coordinated schedule's sequential start are committed. A block's
+    outputs are written before its layers' codes, so a committed block's outputs — what the next
+    block goes on from — are on disk (the newest two are kept)."""
+    done = 0
+    while done < num_segments and _segment_path(work, "start", done).is_file():
+        done += 1
+    return done
