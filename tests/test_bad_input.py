@@ -253,8 +253,9 @@ def test_usage_mistakes_cost_one_line_and_a_hint(capsys, argv, needle, command):
 def test_plan_level_mistakes_are_refused_before_any_weight_is_read(model, text, tmp_path,
                                                                   capsys, monkeypatch):
     """From the config alone, before the model's weights are read or hashed, Ray started or a
-    worker built: more workers than calibration batches, an existing output folder, and a job
-    the device cannot hold (here a device with 200 kB)."""
+    worker built: more workers than calibration batches, an existing output folder, a group size
+    or a skip entry that does not fit the model, and a job the device cannot hold (here a device
+    with 200 kB)."""
     from admmq_dist.model.loading import TensorIndex
     from admmq_dist.run import memory
 
@@ -265,6 +266,14 @@ def test_plan_level_mistakes_are_refused_before_any_weight_is_read(model, text, 
             "4 workers but only 2 calibration batches")
     (tmp_path / "exists").mkdir()
     refused(capsys, args(model, tmp_path / "exists", text), "already exists", "--overwrite")
+    # Groups that do not tile a layer's width, a skip entry naming nothing (a typo), a module
+    # the format cannot keep dense.
+    refused(capsys, args(model, tmp_path / "o", text, "--group-size", "48"), "group_size=48",
+            "model.layers.0.self_attn.q_proj")
+    refused(capsys, args(model, tmp_path / "o", text, "--skip", "down_porj"),
+            "--skip 'down_porj' matches no module", "mlp.down_proj")
+    refused(capsys, args(model, tmp_path / "o", text, "--format", "gptq", "--sym", "--skip",
+                         "down_proj"), "GPTQ checkpoints cannot mark")
     monkeypatch.setattr(memory, "device_capacity", lambda device, reserve=True: 200_000)
     refused(capsys, args(model, tmp_path / "o", text), "model.layers.", "needs about",
             "GiB usable")

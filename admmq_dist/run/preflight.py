@@ -12,11 +12,13 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.serving import Layout, check_servable, default_symmetric
+from ..checkpoint.stored import check_ignore_entries, check_width
+from ..model.arch import find_blocks
 from ..model.moe import has_fused_experts
 from ..recipe import Recipe
 from . import memory
 from .job_plan import JobPlan, plan_job, smallest_fitting
-from .model_shape import config_folder, meta_skeleton
+from .model_shape import block_stages, config_folder, meta_skeleton
 
 
 def settle_recipe(recipe: Recipe, experts: bool) -> tuple[Recipe, list[str]]:
@@ -52,6 +54,7 @@ def preflight(model: str, out_dir: Path, recipe: Recipe, *, device: torch.device
     count = workers or 1
     skeleton = meta_skeleton(config_folder(model))
     recipe, _ = settle_recipe(recipe, has_fused_experts(skeleton[1]))
+    check_layers(skeleton[1], recipe, model)
     calib = recipe.calibration
     batches = -(-calib.num_samples // calib.batch_size)
     if recipe.solver.schedule == "sequential" and count > batches:
@@ -81,6 +84,35 @@ def preflight(model: str, out_dir: Path, recipe: Recipe, *, device: torch.device
     return plan
 
 
+def check_layers(module: torch.nn.Module, recipe: Recipe, model: str) -> None:
+    """Every ``--skip`` entry names something in ``model``, the format can keep those modules
+    dense, and the grid's groups tile every quantized linear's input width — from the model's
+    structure on the meta device, before any weight is read."""
+    names = [name for name, _ in module.named_modules()] + [
+        name for name, _ in module.named_parameters()]
+    for entry in recipe.output.skip:
+        if entry and entry != "lm_head" and not any(entry in name for name in names):
+            raise ValueError(
+                f"--skip {entry!r} matches no module of {model}; a skip entry is part of a "
+                f"module's name, e.g. 'mlp.down_proj' or 'layers.0.' (this model's first "
+                f"block holds: {', '.join(_first_block_linears(module))})")
+    check_ignore_entries(recipe.output.format, list(recipe.output.skip))
+    layout, blocks = find_blocks(module)
+    seen = set()
+    for b, block in enumerate(blocks):
+        for stage in block_stages(block, tuple(recipe.output.skip), recipe.solver.row_block):
+            for name, _, cols, *_ in stage:
+                if (name, cols) not in seen:
+                    seen.add((name, cols))
+                    check_width(recipe.output.format, recipe.grid.group_size,
+                                f"{layout.prefix}.{b}.{name}", cols)
+
+
+def _first_block_linears(module: torch.nn.Module) -> list[str]:
+    _, blocks = find_blocks(module)
+    return [name for name, m in blocks[0].named_modules() if isinstance(m, torch.nn.Linear)]
+
+
 def _block_of(where: str) -> str:
     """``model.layers.3`` of ``model.layers.3.mlp.down_proj``."""
     match = re.match(r"(.*?\.\d+)\.", where)
@@ -93,6 +125,7 @@ def plan_model(model: str, recipe: Recipe, *, workers: int, device_bytes: int,
     config alone with the recipe settled for it as the run settles it."""
     skeleton = meta_skeleton(config_folder(model))
     recipe, _ = settle_recipe(recipe, has_fused_experts(skeleton[1]))
+    check_layers(skeleton[1], recipe, model)
     plan = plan_job(model, recipe, workers=workers, device_bytes=device_bytes,
                     host_bytes=host_bytes, device_type=device_type, skeleton=skeleton)
     plan.smallest_workers = smallest_fitting(model, recipe, device_bytes=device_bytes,
