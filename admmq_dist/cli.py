@@ -111,6 +111,10 @@ def _add_plan(sub) -> None:
                    help="the workers' device type (cuda: bfloat16 activations; cpu: float32)")
     p.add_argument("--recipe", type=Path, help="YAML recipe; flags override its keys")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON line")
+    p.add_argument("--rates", type=Path, default=None, metavar="FILE",
+                   help="rates measured on your device, for the modelled time "
+                        "(benchmarks/layer_shapes.py + benchmarks/fit_rates.py write one; "
+                        "default: the shipped rates of a 2-core CPU, not a GPU)")
     _add_recipe_flags(p)
 
 
@@ -207,7 +211,8 @@ def cmd_plan(args) -> int:
                          "80GiB) for the cluster's devices, or --device cpu")
     host_bytes = None if args.host_memory is None else parse_bytes(args.host_memory)
     plan = plan_model(model, _recipe_from_args(args), workers=args.workers,
-                      device_bytes=device_bytes, host_bytes=host_bytes, device_type=args.device)
+                      device_bytes=device_bytes, host_bytes=host_bytes, device_type=args.device,
+                      rates=args.rates)
     print(json.dumps(plan.as_json()) if args.json else plan.describe())
     return 0 if plan.fits else 1
 

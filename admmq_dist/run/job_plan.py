@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from ..model.arch import find_blocks
 from ..recipe import Recipe
-from . import memory
+from . import memory, time_model
 from .memory import usable
 from .model_shape import block_stages, config_folder, meta_skeleton, source_bytes
 
@@ -39,6 +39,11 @@ class JobPlan:
     # The fewest workers of this device size whose device peak fits (None: none do; unset: not
     # searched).
     smallest_workers: int | None = -1
+    # The modelled time (:mod:`.time_model`; None: not modelled), by phase, and the rates'
+    # provenance in words.
+    modelled_seconds: float | None = None
+    modelled_seconds_by_phase: dict[str, float] = field(default_factory=dict)
+    modelled_rates: str = ""
 
     @property
     def fits(self) -> bool:
@@ -61,7 +66,11 @@ class JobPlan:
                 "usable_device_bytes": usable(self.device_capacity_bytes),
                 "worst": self.worst, "items": self.items, "problems": self.problems,
                 **({} if self.smallest_workers == -1
-                   else {"smallest_workers": self.smallest_workers})}
+                   else {"smallest_workers": self.smallest_workers}),
+                **({} if self.modelled_seconds is None
+                   else {"modelled_seconds": self.modelled_seconds,
+                         "modelled_seconds_by_phase": self.modelled_seconds_by_phase,
+                         "modelled_rates": self.modelled_rates})}
 
     def describe(self) -> str:
         gib = 2**30
@@ -83,9 +92,18 @@ class JobPlan:
                 if self.smallest_workers is None else
                 f"  the fewest workers of this device size that hold it: "
                 f"{self.smallest_workers}"]),
+            *([] if self.modelled_seconds is None else [self._time_line()]),
             "  fits" if self.fits else "  does NOT fit:\n" + "\n".join(
                 f"    - {p}" for p in self.problems)]
         return "\n".join(lines)
+
+    def _time_line(self) -> str:
+        h = {k: v / 3600 for k, v in self.modelled_seconds_by_phase.items()}
+        return (f"  modelled time: {self.modelled_seconds / 3600:.2f} h (forward "
+                f"{h['forward']:.2f} h, capture {h['capture']:.2f} h, factorizations "
+                f"{h['factorizations']:.2f} h, solve {h['solve']:.2f} h, transfers "
+                f"{h['transfers']:.2f} h at an assumed "
+                f"{time_model.LINK_BYTES_PER_S / 1e9:.0f} GB/s) {self.modelled_rates}")
 
 
 @dataclass(frozen=True)
@@ -99,6 +117,7 @@ class _Model:
     blocks: list[tuple[list, int, int, int]]  # (stages, first block, count, parameters)
     outside: int
     stored: int
+    experts_per_token: int | None = None  # routed experts per token (MoE), for the time model
 
     def total(self, per_entry) -> int:
         return sum(count * sum(per_entry(rows, cols) for stage in stages
@@ -126,7 +145,7 @@ def _model(model: str, recipe: Recipe, skeleton) -> _Model:
     return _Model(model, layout.prefix, int(text.hidden_size),
                   [tuple(v) for v in distinct.values()],
                   sum(p.numel() for p in module.parameters()) - in_blocks,
-                  source_bytes(config_dir))
+                  source_bytes(config_dir), getattr(text, "num_experts_per_tok", None))
 
 
 def _device_plan(shape: _Model, recipe: Recipe, workers: int, act: int
@@ -214,19 +233,33 @@ def _round_commits(shape: _Model, recipe: Recipe, workers: int, act: int, quanti
 
 def plan_job(model: str, recipe: Recipe, *, workers: int, device_bytes: int,
              host_bytes: int | None = None, device_type: str = "cuda",
-             skeleton=None) -> JobPlan:
+             skeleton=None, rates=None) -> JobPlan:
     """Plan quantizing ``model`` (folder or hub id; only its config is read) with the settled
     ``recipe`` on ``workers`` workers with ``device_bytes`` each (``host_bytes`` of host memory
     on the driver's machine, when given). The sequential schedule's model is measured; the round
-    schedules are planned with :func:`.memory.plan_segments` / :func:`.memory.plan_coordinated`."""
+    schedules are planned with :func:`.memory.plan_segments` / :func:`.memory.plan_coordinated`.
+    With ``rates`` (:func:`.time_model.load_rates`) the job's time is modelled too."""
     if workers < 1:
         raise ValueError(f"--workers {workers} must be at least 1")
     return _plan(_model(model, recipe, skeleton), recipe, workers, device_bytes, host_bytes,
-                 device_type)
+                 device_type, rates)
+
+
+def _modelled(shape: _Model, recipe: Recipe, workers: int, rates, act: int) -> dict:
+    """JobPlan's modelled-time fields (none without rates)."""
+    if rates is None:
+        return {}
+    costs = time_model.job_seconds(
+        [(stages, count) for stages, _, count, _ in shape.blocks], hidden=shape.hidden,
+        recipe=recipe, workers=workers, rates=rates, experts_per_token=shape.experts_per_token,
+        act_bytes=act)
+    return {"modelled_seconds": costs["total"],
+            "modelled_seconds_by_phase": {p: costs[p] for p in time_model.PHASES},
+            "modelled_rates": time_model.describe_rates(rates)}
 
 
 def _plan(shape: _Model, recipe: Recipe, workers: int, device_bytes: int,
-          host_bytes: int | None, device_type: str) -> JobPlan:
+          host_bytes: int | None, device_type: str, rates=None) -> JobPlan:
     calib, sequential = recipe.calibration, recipe.solver.schedule == "sequential"
     act = 4 if device_type == "cpu" else 2
     device_plan, worst_block = _device_plan(shape, recipe, workers, act)
@@ -260,7 +293,8 @@ def _plan(shape: _Model, recipe: Recipe, workers: int, device_bytes: int,
         bytes_moved_per_block=moved, device_capacity_bytes=device_bytes,
         host_capacity_bytes=host_bytes,
         worst=f"{shape.prefix}.{worst_block}.{device_plan.worst_stage}",
-        items=dict(device_plan.items), problems=problems)
+        items=dict(device_plan.items), problems=problems,
+        **_modelled(shape, recipe, workers, rates, act))
 
 
 def smallest_fitting(model: str, recipe: Recipe, *, device_bytes: int,

@@ -19,6 +19,7 @@ from ..recipe import Recipe
 from . import memory
 from .job_plan import JobPlan, plan_job, smallest_fitting
 from .model_shape import block_stages, config_folder, meta_skeleton
+from .time_model import load_rates
 
 
 def settle_recipe(recipe: Recipe, experts: bool) -> tuple[Recipe, list[str]]:
@@ -120,14 +121,18 @@ def _block_of(where: str) -> str:
 
 
 def plan_model(model: str, recipe: Recipe, *, workers: int, device_bytes: int,
-               host_bytes: int | None = None, device_type: str = "cuda") -> JobPlan:
+               host_bytes: int | None = None, device_type: str = "cuda",
+               rates: str | Path | None = None) -> JobPlan:
     """``admmq plan``: the job :func:`quantize_model` would run, planned from the model's
-    config alone with the recipe settled for it as the run settles it."""
+    config alone with the recipe settled for it as the run settles it, and its time modelled
+    from ``rates`` (a file ``benchmarks/fit_rates.py`` wrote; default: the shipped CPU rates)."""
+    fitted = load_rates(rates)
     skeleton = meta_skeleton(config_folder(model))
     recipe, _ = settle_recipe(recipe, has_fused_experts(skeleton[1]))
     check_layers(skeleton[1], recipe, model)
     plan = plan_job(model, recipe, workers=workers, device_bytes=device_bytes,
-                    host_bytes=host_bytes, device_type=device_type, skeleton=skeleton)
+                    host_bytes=host_bytes, device_type=device_type, skeleton=skeleton,
+                    rates=fitted)
     plan.smallest_workers = smallest_fitting(model, recipe, device_bytes=device_bytes,
                                              device_type=device_type, skeleton=skeleton)
     return plan
