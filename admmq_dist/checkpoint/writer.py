@@ -20,6 +20,7 @@ from typing import Any, Literal, Mapping
 import torch
 from safetensors.torch import save_file
 
+from admmq_dist import __version__
 from admmq_dist.checkpoint.formats import (
     CONFIG_NAME,
     FORMATS,
@@ -28,6 +29,7 @@ from admmq_dist.checkpoint.formats import (
     layer_tensors,
     quantization_config,
 )
+from admmq_dist.checkpoint.manifest import MANIFEST_NAME, Digests, write_manifest
 from admmq_dist.checkpoint.publish import (
     check_replaceable,
     copy_source_files,
@@ -119,6 +121,7 @@ class CheckpointWriter:
         self._weight_map: dict[str, str] = {}  # tensor name -> temporary shard name
         self._total_size = 0
         self._quantized: dict[str, None] = {}  # module names, in write order (an ordered set)
+        self._digests = Digests()  # shards' SHA-256, hashed in the background as written
 
     # ------------------------------------------------------------------------------ public API
 
@@ -202,8 +205,9 @@ class CheckpointWriter:
     ) -> Path:
         """Write the remaining shard, the index, ``config.json`` (``config`` plus
         ``quantization_config``; for GPTQ also ``quantize_config.json``), the tokenizer files and
-        ``generation_config.json`` found in ``source_dir``, and ``extra_files`` (name -> text or
-        bytes); then move the folder into place as ``out_dir`` and return it.
+        ``generation_config.json`` found in ``source_dir``, ``extra_files`` (name -> text or
+        bytes) and, last, ``admmq-manifest.json`` (every other file's size and SHA-256; nothing
+        is written after it); then move the folder into place as ``out_dir`` and return it.
 
         ``ignore`` lists the modules left unquantized (``"lm_head"``, routers; compressed-tensors
         also takes ``"re:<regex>"`` entries); a GPTQ config has no such list, so for GPTQ callers
@@ -223,6 +227,7 @@ class CheckpointWriter:
             return
         self._state = "aborted"
         self._pending.clear()
+        self._digests.close()
         shutil.rmtree(self._tmp_dir, ignore_errors=True)
 
     def __enter__(self) -> "CheckpointWriter":
@@ -267,6 +272,7 @@ class CheckpointWriter:
         name = f"shard-{len(self._shard_files) + 1:05d}.partial.safetensors"
         path = self._tmp_dir / name
         save_file(self._pending, str(path), metadata={"format": "pt"})
+        self._digests.add(path)  # hashed from the page cache while fsync flushes it to disk
         fsync(path)
         for tensor_name, tensor in self._pending.items():
             self._weight_map[tensor_name] = name
@@ -301,7 +307,8 @@ class CheckpointWriter:
         written |= self._write_configs(config, ignore)
         if source_dir is not None:
             written |= copy_source_files(Path(source_dir), self._tmp_dir)
-        write_extra_files(self._tmp_dir, extra_files or {}, written)
+        write_extra_files(self._tmp_dir, extra_files or {}, written | {MANIFEST_NAME})
+        write_manifest(self._tmp_dir, self._digests, f"admmq-dist {__version__}")
         fsync(self._tmp_dir)
         swap_into_place(self._tmp_dir, self.out_dir, self.overwrite)
         self._state = "finalized"
@@ -313,6 +320,7 @@ class CheckpointWriter:
         final_names = {tmp: _shard_name(i + 1, total) for i, tmp in enumerate(self._shard_files)}
         for tmp, final in final_names.items():
             os.rename(self._tmp_dir / tmp, self._tmp_dir / final)
+            self._digests.rename(tmp, final)
         index = {
             "metadata": {"total_size": self._total_size},
             "weight_map": {name: final_names[tmp] for name, tmp in sorted(self._weight_map.items())},
