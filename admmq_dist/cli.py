@@ -123,11 +123,13 @@ def _add_inspect_and_verify(sub) -> None:
                        "quantized and skipped modules, size, compression ratio, recipe, engines")
     i.add_argument("folder", type=Path)
     i.add_argument("--json", action="store_true", help="print the details as one JSON line")
-    v = sub.add_parser("verify", help="check a written checkpoint: index, shapes and dtypes "
-                       "against the config, codes in range, scales, packing round trips")
+    v = sub.add_parser("verify", help="check a written checkpoint: every file's size and "
+                       "SHA-256 against its manifest, index, shapes and dtypes against the "
+                       "config, codes in range, scales, packing round trips")
     v.add_argument("folder", type=Path)
     v.add_argument("--max-problems", type=int, default=20, help="stop listing after this many")
-    v.add_argument("--json", action="store_true", help='print {"ok": ..., "problems": [...]}')
+    v.add_argument("--json", action="store_true",
+                   help='print {"ok": ..., "problems": [...], "notes": [...]}')
 
 
 def _add_eval(sub) -> None:
@@ -237,9 +239,12 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    problems = verify_checkpoint(args.folder, max_problems=args.max_problems)
+    notes: list[str] = []
+    problems = verify_checkpoint(args.folder, max_problems=args.max_problems, notes=notes)
     if args.json:
-        print(json.dumps({"ok": not problems, "problems": problems}))
+        print(json.dumps({"ok": not problems, "problems": problems, "notes": notes}))
+    for line in notes:
+        print(f"admmq: note: {line}", file=sys.stderr)
     if problems:
         print(f"admmq: {args.folder} failed verification:", file=sys.stderr)
         for line in problems:

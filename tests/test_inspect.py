@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from tiny import sample_text, tiny_model_dir
 
 from admmq_dist.checkpoint.inspect import format_inspection, inspect_checkpoint
+from admmq_dist.checkpoint.manifest import MANIFEST_NAME
 from admmq_dist.checkpoint.verify import verify_checkpoint
 from admmq_dist.recipe import Recipe, override
 from admmq_dist.run.job import quantize_model
@@ -65,8 +66,11 @@ def checkpoints(sources, tmp_path_factory):
 
 
 def damaged(checkpoints, name: str, tmp_path: Path) -> Path:
+    """A copy to damage, without its manifest: these tests pin the layout checks' own lines, as
+    on a checkpoint written before manifests (tests/test_manifest.py checks the digests)."""
     copy = tmp_path / name
     shutil.copytree(checkpoints[name], copy)
+    (copy / MANIFEST_NAME).unlink()
     return copy
 
 
@@ -185,6 +189,7 @@ def test_verify_passes_a_moe_checkpoint(sources, tmp_path):
     assert "model.layers.0.block_sparse_moe.gate" in info["skipped_modules"]
     assert info["served_by"] == {"vLLM 0.33.0": "yes", "transformers": "yes"}
     # The Qwen3-MoE bug class: a router stored dense but missing from the ignore list.
+    (out / MANIFEST_NAME).unlink()  # the layout check's lines alone, not config.json's digest
     config = json.loads((out / "config.json").read_text())
     config["quantization_config"]["ignore"] = ["lm_head"]
     (out / "config.json").write_text(json.dumps(config))

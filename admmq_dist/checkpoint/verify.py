@@ -1,9 +1,10 @@
-"""Whether a quantized checkpoint folder is what its loaders expect: ``verify_checkpoint`` checks,
-one module at a time so memory stays bounded, the index against the shards, every tensor's shape
-and dtype against the model ``config.json`` describes (built on the meta device) and against the
-layout (:mod:`.formats`), the packed words (codes, zero points, zero padding bits), the scales
-(finite, positive), and that the ignore list names every module stored dense. It returns one
-line per problem.
+"""Whether a quantized checkpoint folder is what its loaders expect: ``verify_checkpoint`` checks
+first every file against the sizes and SHA-256 digests of ``admmq-manifest.json`` when the folder
+has one (:mod:`.manifest`), then, one module at a time so memory stays bounded, the index against
+the shards, every tensor's shape and dtype against the model ``config.json`` describes (built on
+the meta device) and against the layout (:mod:`.formats`), the packed words (codes, zero points,
+zero padding bits), the scales (finite, positive), and that the ignore list names every module
+stored dense. It returns one line per problem.
 """
 
 from __future__ import annotations
@@ -29,20 +30,26 @@ from admmq_dist.checkpoint.formats import (
     unpack_codes,
     unpack_zeros,
 )
+from admmq_dist.checkpoint.manifest import check_manifest
 from admmq_dist.checkpoint.shards import Enough, Problems, ShardFiles, check_shards
 from admmq_dist.quant.grid import SUPPORTED_BITS
 
 __all__ = ["verify_checkpoint"]
 
 
-def verify_checkpoint(folder, max_problems: int = 20) -> list[str]:
+def verify_checkpoint(folder, max_problems: int = 20,
+                      notes: list[str] | None = None) -> list[str]:
     """Check the quantized checkpoint in ``folder``; return its problems, one line each.
 
-    An empty list means the checkpoint is consistent: the index and the shards agree; every
-    tensor has the shape and dtype the model in ``config.json`` and the quantization settings
-    call for; the packed codes and zero points unpack and repack to the stored words (so padding
-    bits are zero); symmetric GPTQ zero points are ``2**(bits-1)``; scales are finite and
-    positive. After ``max_problems`` problems a last line says that more were not listed.
+    An empty list means the checkpoint is consistent: every file its manifest lists is there
+    with the recorded size and SHA-256 (each one that is not is named); the index and the shards
+    agree; every tensor has the shape and dtype the model in ``config.json`` and the quantization
+    settings call for; the packed codes and zero points unpack and repack to the stored words
+    (so padding bits are zero); symmetric GPTQ zero points are ``2**(bits-1)``; scales are
+    finite and positive. After ``max_problems`` problems a last line says that more were not
+    listed. The manifest's lines come first; the layout's follow, whatever the manifest found.
+    ``notes``, when given, receives what is worth saying but not wrong: files the manifest does
+    not list (a README added later), or that there is no manifest (older checkpoints).
 
     Raises FileNotFoundError for a missing folder or ``config.json`` and ValueError for a folder
     that is not a quantized checkpoint.
@@ -50,9 +57,18 @@ def verify_checkpoint(folder, max_problems: int = 20) -> list[str]:
     if isinstance(max_problems, bool) or not isinstance(max_problems, int) or max_problems < 1:
         raise ValueError(f"max_problems={max_problems!r} must be a positive integer")
     folder = Path(folder)
-    config = load_config(folder)
-    settings = read_settings(folder, config)
     problems = Problems(max_problems)
+    try:
+        if folder.is_dir():
+            check_manifest(folder, problems, [] if notes is None else notes)
+        config = load_config(folder)
+        settings = read_settings(folder, config)
+    except Enough:
+        return problems.result()
+    except (OSError, ValueError) as exc:
+        if not problems.lines:
+            raise
+        return [*problems.result(), str(exc)]  # a damaged config.json, already named above
     with ExitStack() as stack:
         try:
             files = check_shards(folder, problems, stack)
