@@ -64,8 +64,19 @@ def _add_quantize(sub) -> None:
                      help="run N Ray workers (one GPU each; CPU workers without GPUs); starts a "
                      "local Ray instance unless --address is given")
     run.add_argument("--address", default=None,
-                     help="join an existing Ray cluster: 'auto' or ray://host:port")
-    run.add_argument("--threads", type=int, default=None, help="CPU threads per worker")
+                     help="the Ray cluster to join: 'auto', ray://host:port, or 'local' for a "
+                     "private instance (default: the cluster running here, if any, else a "
+                     "private instance)")
+    run.add_argument("--worker-device", default="auto", choices=("auto", "cuda", "cpu"),
+                     help="the Ray workers' device: auto (one GPU each when the cluster has "
+                     "GPUs, even if this machine has none), cuda or cpu")
+    run.add_argument("--step-timeout", type=float, default=None, metavar="SECONDS",
+                     help="a Ray worker that takes longer for one step is treated as lost "
+                     "(killed, rebuilt, the step redone); default: twice the job's modelled time, "
+                     "at least an hour")
+    run.add_argument("--threads", type=int, default=None,
+                     help="CPU threads per worker, alike for every backend (default: this "
+                     "machine's torch default); the bytes depend on the device kind and this")
     run.add_argument("--resume", action="store_true",
                      help="finish an interrupted run from its committed blocks (same model, "
                      "recipe and calibration data)")
@@ -169,12 +180,14 @@ def _recipe_from_args(args) -> Recipe:
     return override(recipe, updates)
 
 
-def _device(name: str | None):
+def _device(name: str | None, ray: bool = False):
+    """The in-process worker's device (Ray workers' comes from the cluster: --worker-device)."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA device is available here; use --device cpu")
+        raise ValueError(f"--device {name}: no CUDA device is available here; use --device cpu"
+                         + (", and --worker-device for the Ray workers' device" if ray else ""))
     return device
 
 
@@ -187,7 +200,11 @@ def _model_or_embedded(model: str | None) -> str:
 def cmd_quantize(args) -> int:
     recipe = _recipe_from_args(args)
     summary = quantize_model(_model_or_embedded(args.model), args.output, recipe,
-                             device=_device(args.device), overwrite=args.overwrite,
+                             device=_device(args.device, ray=args.workers is not None
+                                            or args.address is not None),
+                             overwrite=args.overwrite,
+                             worker_device=args.worker_device, step_timeout=args.step_timeout,
+                             log_level="DEBUG" if args.debug else "WARNING",
                              progress=True, workers=args.workers, address=args.address,
                              threads=args.threads, resume=args.resume,
                              round_checkpoints=args.round_checkpoints,

@@ -226,3 +226,31 @@ def test_round_commits_keep_each_segments_last_two_rounds(tmp_path):
         "round-002-segment-00002.safetensors", "round-002-segment-00003.safetensors",
         "round-002.done"]
     assert kept == 7 * 10
+
+
+def test_resuming_depth_parallel_with_other_workers_names_the_segments(model_dir, tmp_path,
+                                                                       monkeypatch):
+    """Segments follow the worker count unless --segments is given: a resume on another count
+    is refused in one line that says so, not as an unreadable commit."""
+    from admmq_dist.run.backends import LocalBackend
+    from admmq_dist.run.segment_worker import SegmentWorker
+
+    recipe = override(Recipe(), {**SETTINGS, "solver": {
+        **SETTINGS["solver"], "schedule": "depth-parallel", "rounds": 2}})
+    original, calls = SegmentWorker.run_round, []
+
+    def run_round(self, *args):
+        calls.append(1)
+        if len(calls) == 3:  # round 1, with round 0 committed
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(SegmentWorker, "run_round", run_round)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(str(model_dir), out, recipe, device=torch.device("cpu"), progress=False,
+                       threads=1, backend=LocalBackend(2))
+    monkeypatch.undo()
+    with pytest.raises(ResumeError, match=r"segments \(2 -> 3.*--workers 2 or --segments 2"):
+        quantize_model(str(model_dir), out, recipe, device=torch.device("cpu"), progress=False,
+                       threads=1, backend=LocalBackend(3), resume=True)

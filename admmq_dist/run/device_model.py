@@ -8,6 +8,7 @@ batch (:func:`admmq_dist.model.capture.record_block_calls`), so a block can late
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import time
@@ -65,6 +66,11 @@ class DeviceModel:
 
     def __init__(self, model_dir: str, recipe: Recipe, batches: dict[int, torch.Tensor],
                  device: str, threads: int | None = None) -> None:
+        if "ADMMQ_LOG_LEVEL" in os.environ:
+            # A Ray worker's process: its records go to its stderr, which Ray forwards to the
+            # driver's terminal prefixed with the worker.
+            logging.basicConfig(level=os.environ["ADMMQ_LOG_LEVEL"],
+                                format="%(levelname)s %(name)s: %(message)s")
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)

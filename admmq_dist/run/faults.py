@@ -20,6 +20,11 @@ class PositionError(RuntimeError):
     worker, back at block 0, asked to capture block 5): nothing was changed."""
 
 
+class HostOutOfMemory(MemoryError):
+    """A worker's node ran out of host memory (Ray's memory monitor): not a lost worker — redoing
+    the step would run out again — so the run stops at once, its commits kept for --resume."""
+
+
 class TooManyFaults(RuntimeError):
     """The run lost workers more often than ``--max-worker-restarts`` allows."""
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import struct
 from pathlib import Path
 
@@ -95,22 +96,54 @@ def code_version() -> str:
     return f"{__version__}+{h.hexdigest()[:12]}"
 
 
+def device_environment(device: str) -> dict:
+    """What of a worker's device changes its float results: the GPU's name and compute
+    capability and the CUDA and cuDNN builds (the CPU's model on a CPU)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        if not torch.cuda.is_available():  # a GPU slot Ray gave without CUDA (tests)
+            return {"device": "cuda", "gpu": None}
+        index = torch.device(device).index or 0
+        return {"device": "cuda", "gpu": torch.cuda.get_device_name(index),
+                "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(index))),
+                "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
+    return {"device": kind, "cpu": _cpu_model()}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def run_environment(device: str, backend) -> dict:
-    """What changes float reductions besides torch: the device type and the threads each worker
-    uses (a Ray backend's, else this process's)."""
-    return {"device": torch.device(device).type,
+    """What changes float reductions besides torch: the workers' device (as they report it: a
+    Ray backend's workers may sit on other machines than the driver) and the threads each worker
+    uses."""
+    env = getattr(backend, "environment", None)
+    return {**(env if env is not None else device_environment(device)),
             "threads_per_worker": getattr(backend, "threads", None) or torch.get_num_threads()}
 
 
 def fingerprints(model_dir: Path, recipe: Recipe, batches: list[torch.Tensor],
-                 environment: dict) -> dict:
-    """What a resumed run must share with the interrupted one; ``environment``: the device
-    type and threads per worker."""
+                 environment: dict, workers: int = 1) -> dict:
+    """What a resumed run must share with the interrupted one; ``environment``: the workers'
+    device and threads (:func:`run_environment`); ``workers``: how many (only the depth-parallel
+    schedule's default segments depend on it)."""
     config = (model_dir / "config.json").read_bytes() if (model_dir / "config.json").is_file() \
         else b""
     mapping = to_mapping(recipe)
     mapping["output"] = {k: v for k, v in mapping["output"].items() if k != "max_shard_gb"}
     return {
+        # Depth-parallel segments default to one per worker: a resume with other --workers
+        # would cut the blocks differently, so it is named, not found unreadable.
+        "segments": (recipe.solver.segments or workers)
+        if recipe.solver.schedule == "depth-parallel" else None,
         "config": _sha(config),
         "model": model_hashes(model_dir),
         "recipe": _sha(yaml.safe_dump(mapping, sort_keys=True).encode()),
@@ -137,6 +170,10 @@ def describe_changes(old: dict, new: dict) -> list[str]:
                 + ")")
         elif key == "version":
             out.append(f"the code ({before} -> {value})")
+        elif key == "segments":
+            out.append(f"the depth-parallel segments ({before} -> {value}: they follow --workers "
+                       f"unless --segments is given; resume with --workers {before} or "
+                       f"--segments {before})")
         else:
             out.append(f"the {key}")
     return out

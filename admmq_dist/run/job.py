@@ -64,22 +64,32 @@ def quantize_model(model: str, out_dir: Path, recipe: Recipe, *, device: torch.d
                    overwrite: bool = False, progress: bool = True, workers: int | None = None,
                    address: str | None = None, threads: int | None = None,
                    resume: bool = False, on_block=None, round_checkpoints: bool = False,
-                   backend=None, max_worker_restarts: int = 3) -> dict:
+                   backend=None, max_worker_restarts: int = 3, worker_device: str = "auto",
+                   step_timeout: float | None = None, log_level: str = "WARNING") -> dict:
     """Quantize ``model`` (hub id or folder) into a checkpoint at ``out_dir``; returns a summary.
 
     ``workers``/``address`` run the workers as Ray actors (a local Ray instance, or the cluster
-    at ``address``); otherwise one worker runs in this process. ``threads`` limits each worker's
-    CPU threads. ``resume`` finishes an interrupted run from its committed blocks;
+    at ``address``, or the one running here); otherwise one worker runs in this process.
+    ``threads``: each worker's CPU threads, for every backend alike (default: this process's
+    torch default), so that how the job was started never changes its bytes.
+    ``worker_device``: the Ray workers' device (auto: a GPU each when the cluster has GPUs);
+    ``step_timeout``: seconds a Ray worker call may take before the worker counts as lost
+    (default: twice the job's modelled time, at least an hour); ``log_level``: the Ray workers'. ``resume`` finishes an interrupted run from its committed blocks;
     ``on_block(b)`` is called after block ``b`` is written. ``round_checkpoints``
     (depth-parallel) also writes the model as each round left it, to ``<out_dir>.round-<r>``.
     ``backend`` runs the workers instead (e.g. ``LocalBackend(2)``: two in-process workers).
     ``max_worker_restarts``: how many lost workers the run survives (each redoes the step it
     broke) before it stops with what it committed kept for ``resume``.
     """
+    if backend is not None and (workers is not None or address is not None):
+        raise ValueError("pass a backend or workers/address, not both")
     faults = FaultLog(max_worker_restarts)
-    preflight(model, Path(out_dir), recipe, device=torch.device(device), overwrite=overwrite,
-              resume=resume, workers=workers if backend is None else backend.size,
-              local=backend is not None or (workers is None and address is None))
+    local = backend is not None or (workers is None and address is None)
+    plan = preflight(model, Path(out_dir), recipe, device=torch.device(device),
+                     overwrite=overwrite, resume=resume,
+                     workers=workers if backend is None else backend.requested, local=local,
+                     modelled=not local and step_timeout is None)
+    threads = threads or torch.get_num_threads()
     model_dir = resolve_model_dir(model)
     config, skeleton = build_skeleton(model_dir, torch.float32)
     recipe, notes = settle_recipe(recipe, has_fused_experts(skeleton))
@@ -88,18 +98,20 @@ def quantize_model(model: str, out_dir: Path, recipe: Recipe, *, device: torch.d
         log.warning("%s", note)
     batches = calibration_batches(model_dir, recipe)
     previous_threads = torch.get_num_threads()
-    if backend is not None and (workers is not None or address is not None):
-        raise ValueError("pass a backend or workers/address, not both")
     if backend is None and workers is None and address is None:
         backend = LocalBackend(1)
-    if isinstance(backend, LocalBackend) and threads:
+    if isinstance(backend, LocalBackend):
         torch.set_num_threads(threads)
     if backend is None:
+        if step_timeout is None and plan.modelled_seconds:
+            # A hung GPU must not hang the job forever; a deadline loose enough for rates
+            # measured on a slower device than the workers'.
+            step_timeout = max(3600.0, 2 * plan.modelled_seconds)
         backend = RayBackend(workers or 1, address=address, threads=threads,
-                             gpu=torch.device(device).type == "cuda",
-                             max_restarts=max_worker_restarts)
+                             worker_device=worker_device, max_restarts=max_worker_restarts,
+                             step_timeout=step_timeout, log_level=log_level)
     job = Job(model_dir, model, Path(out_dir), recipe, batches, backend, config=config,
-              device="cuda" if getattr(backend, "gpu", False) else str(device),
+              device=getattr(backend, "device", None) or str(device),
               progress=progress, notes=tuple(notes), faults=faults)
     try:
         return job.run(overwrite=overwrite, resume=resume, on_block=on_block,
@@ -127,7 +139,7 @@ class Job:
 
     def run(self, *, overwrite: bool, resume: bool, on_block, round_checkpoints: bool) -> dict:
         prints = fingerprints(self.model_dir, self.recipe, self.batches,
-                              run_environment(self.device, self.backend))
+                              run_environment(self.device, self.backend), self.backend.requested)
         self.work = prepare_work_dir(self.out_dir, prints, resume, overwrite)
         try:
             self._start()
@@ -295,6 +307,10 @@ class Job:
             "method": self.recipe.solver.method, "layers": len(report),
             "mean_loss": sum(r["loss"] for r in solved) / max(len(solved), 1),
             "workers": self.backend.size, "resumed_blocks": resumed,
+            # What the bytes depend on besides the inputs: the workers' device and threads.
+            "threads_per_worker": getattr(self.backend, "threads", None)
+            or torch.get_num_threads(),
+            "step_timeout_seconds": getattr(self.backend, "step_timeout", None),
             "worker_busy_seconds": [{k: v for k, v in s.items() if k != "factorizations"}
                                     for s in stats],
             # Per Hessian (a layer input: q/k/v share one), at most one of each per worker.

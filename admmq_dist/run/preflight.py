@@ -44,11 +44,13 @@ def settle_recipe(recipe: Recipe, experts: bool) -> tuple[Recipe, list[str]]:
 
 
 def preflight(model: str, out_dir: Path, recipe: Recipe, *, device: torch.device,
-              overwrite: bool, resume: bool, workers: int | None, local: bool) -> JobPlan:
+              overwrite: bool, resume: bool, workers: int | None, local: bool,
+              modelled: bool = False) -> JobPlan:
     """The checks that cost a line, not a run, made from the model's config alone before any
     weight is read, hashed or any worker started: the output folder, the workers against the
     calibration batches, the job's plan against this machine's device (workers in this process)
-    and the free disk where the output goes."""
+    and the free disk where the output goes. ``modelled``: also model the job's time (the Ray
+    workers' step deadline is derived from it)."""
     if (out_dir.exists() or out_dir.is_symlink()) and not overwrite and not resume:
         raise FileExistsError(f"{out_dir} already exists; choose another output folder or pass "
                               "--overwrite")
@@ -64,7 +66,8 @@ def preflight(model: str, out_dir: Path, recipe: Recipe, *, device: torch.device
                          f"{batches} workers, or more --num-samples or a smaller --batch-size")
     usable = memory.device_capacity(device)  # free memory, less the reserve
     plan = plan_job(model, recipe, workers=count, device_bytes=usable,
-                    device_type=device.type, skeleton=skeleton)
+                    device_type=device.type, skeleton=skeleton,
+                    rates=load_rates() if modelled else None)
     if local and recipe.solver.schedule == "sequential" and \
             plan.worker_device_peak_bytes > usable:
         raise MemoryError(

@@ -1,11 +1,16 @@
-"""Ray: the only module that imports it. Workers run as actors, one per GPU (or CPU workers on
-machines without one), placed through a placement group; a local Ray instance is started when no
-cluster address is given.
+"""Ray: the only module that imports it. Workers run as actors placed through a placement group:
+one per GPU when the *cluster* has GPUs (a GPU-less head with GPU nodes is the normal case), CPU
+workers otherwise, or as ``worker_device`` says. A private local Ray instance is started when no
+cluster runs here and no address is given; when one runs (a cluster node, a notebook, a test
+cluster) the job joins it and says so; ``address="local"`` asks for a private one regardless.
 
 Actors restart when their process or node dies (``max_restarts``); Ray rebuilds a restarted actor
 with its original arguments, so it comes back holding its calibration shard at block 0, and the
-sequential schedule replays the committed blocks on it
-(:meth:`admmq_dist.run.sequential.SequentialSchedule.run_block_with_restarts`).
+schedules bring it back to the last commit. Everything Ray reports when a worker or its node is
+gone — a dead actor, objects lost with their node or owner — is a lost worker; a worker that does
+not answer within the step deadline is killed and counts as lost too; a node out of host memory
+stops the run at once (retrying would only repeat it). Worker logs reach the driver's terminal,
+prefixed by Ray with the worker.
 
 Ray is a dependency of the package, but a machine without it (a bare GPU node) can still run
 in-process: the import is allowed to fail until Ray workers are asked for.
@@ -18,45 +23,79 @@ import os
 import time
 
 from ..recipe import Recipe
-from .backends import WorkerLost, worker_class
+from .backends import worker_class
+from .faults import HostOutOfMemory, WorkerLost
+from .fingerprint import device_environment
 
 try:
     import ray
-    from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+    from ray.exceptions import (ActorUnavailableError, GetTimeoutError, NodeDiedError,
+                                ObjectLostError, OutOfMemoryError, OwnerDiedError,
+                                RayActorError, RayTaskError, WorkerCrashedError)
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    # What a lost process or node looks like from the driver (ObjectReconstructionFailedError
+    # and its kin are ObjectLostErrors).
+    LOST = (RayActorError, ActorUnavailableError, ObjectLostError, OwnerDiedError,
+            NodeDiedError, WorkerCrashedError)
 except ImportError:  # pragma: no cover - exercised on machines without Ray
     ray = None
 
 log = logging.getLogger(__name__)
 
 
+def _probe(device: str) -> dict:
+    """Run in each worker's slot before the workers start: where it landed and what it sees."""
+    return {"node": ray.get_runtime_context().get_node_id(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "environment": device_environment(device)}
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Ray's memory monitor killed the worker (host memory), as opposed to a lost process."""
+    return isinstance(exc, OutOfMemoryError) or "memory monitor" in str(exc) \
+        or "OutOfMemoryError" in str(exc)
+
+
 class RayBackend:
-    """``workers`` actors on a local Ray instance, or on the cluster at ``address``
-    (``auto``, ``ray://host:port``)."""
+    """``workers`` actors on the Ray cluster at ``address`` (``auto``, ``ray://host:port``), the
+    one already running here, or a private local instance (``address`` None with no cluster
+    running, or ``"local"``). ``worker_device``: ``auto`` (one GPU per worker when the cluster has
+    GPUs, else CPU), ``cuda`` or ``cpu``. ``step_timeout``: seconds a worker call may take before
+    the worker is treated as lost (None: no deadline). ``log_level``: the workers' logging level
+    (their records reach the driver's terminal)."""
 
     def __init__(self, workers: int, *, address: str | None = None, threads: int | None = None,
-                 gpu: bool = False, max_restarts: int = 3) -> None:
+                 worker_device: str = "auto", max_restarts: int = 3,
+                 step_timeout: float | None = None, log_level: str = "WARNING") -> None:
         if ray is None:
             raise RuntimeError("Ray is not installed here (pip install ray); run without "
                                "--workers/--address to quantize in this process")
         if workers < 1:
             raise ValueError(f"--workers {workers}: must be at least 1")
+        if worker_device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"--worker-device {worker_device!r}: use auto, cuda or cpu")
+        if step_timeout is not None and step_timeout <= 0:
+            raise ValueError(f"--step-timeout {step_timeout}: must be a positive number of "
+                             "seconds")
         self.requested = workers
-        self.gpu = gpu
         self.threads = threads or 1
         self.max_restarts = max_restarts
+        self.step_timeout = step_timeout
+        self.log_level = log_level
         self._owns_ray = False
-        if not ray.is_initialized():
-            if address is None:
-                # A private local instance: no dashboard, quiet logs, workers see this package.
-                ray.init(num_cpus=max(os.cpu_count() or 1, workers * self.threads),
-                         include_dashboard=False, log_to_driver=False,
-                         runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
-            else:
-                ray.init(address=address, log_to_driver=False)
-            self._owns_ray = True
-        bundle = {"CPU": self.threads, **({"GPU": 1} if gpu else {})}
+        self._connect(address, workers)
+        try:
+            self.gpu = self._use_gpus(worker_device, workers)
+        except Exception:
+            if self._owns_ray:
+                ray.shutdown()
+            raise
+        self.device = "cuda" if self.gpu else "cpu"
+        # GPU workers compute on the GPU: one CPU each is enough to place them.
+        bundle = {"CPU": 1, "GPU": 1} if self.gpu else {"CPU": self.threads}
         self._pg = placement_group([bundle] * workers, strategy="PACK")
         try:
             ray.get(self._pg.ready(), timeout=120)
@@ -65,8 +104,59 @@ class RayBackend:
             raise RuntimeError(
                 f"Ray could not place {workers} workers of {bundle} each within 2 minutes; the "
                 f"cluster has {ray.cluster_resources()}. Use fewer --workers or --threads") from None
+        self._bundle = bundle
+        self.placement = ray.get([
+            ray.remote(_probe).options(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
+                                       scheduling_strategy=self._slot(i)).remote(self.device)
+            for i in range(workers)])
         self.actors: list = []
         self._tokens: list[str] = []
+        self._owner: dict = {}  # object ref -> the worker computing it (for the deadline)
+
+    def _connect(self, address: str | None, workers: int) -> None:
+        if ray.is_initialized():
+            log.warning("using the Ray instance this process is already connected to")
+            return
+        if address is None:
+            try:  # a cluster already running here: join it, and say so
+                ray.init(address="auto", log_to_driver=True)
+                self._owns_ray = True
+                log.warning("joining the Ray cluster already running here (%s); pass --address "
+                            "local for a private Ray instance instead",
+                            ", ".join(f"{v:g} {k}" for k, v in sorted(
+                                ray.cluster_resources().items()) if k in ("CPU", "GPU")))
+                return
+            except ConnectionError:
+                address = "local"
+        if address == "local":
+            # A private local instance: no dashboard; the workers see this package.
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, workers * self.threads),
+                     include_dashboard=False, log_to_driver=True)
+        else:
+            ray.init(address=address, log_to_driver=True)
+        self._owns_ray = True
+
+    def _use_gpus(self, worker_device: str, workers: int) -> bool:
+        """Whether the workers get a GPU each, from what the cluster has (not this driver)."""
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        if worker_device == "cpu" or (worker_device == "auto" and gpus == 0):
+            return False
+        if gpus < workers:
+            raise RuntimeError(
+                f"the Ray cluster has {gpus} GPU(s) and {workers} workers need one each; use "
+                f"--workers {gpus} or fewer" + (", or --worker-device cpu" if gpus else
+                                                 ", or --worker-device auto/cpu"))
+        return True
+
+    def _slot(self, i: int):
+        return PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i)
+
+    @property
+    def environment(self) -> dict:
+        """What changes float reductions on the workers (every worker's; they must agree)."""
+        seen = [p["environment"] for p in self.placement]
+        distinct = [e for i, e in enumerate(seen) if e not in seen[:i]]
+        return distinct[0] if len(distinct) == 1 else {"workers": distinct}
 
     @property
     def size(self) -> int:
@@ -74,27 +164,59 @@ class RayBackend:
 
     def start(self, model_dir: str, recipe: Recipe, shards, device: str) -> None:
         actor_cls = ray.remote(worker_class(recipe))
+        env = {"env_vars": {"ADMMQ_LOG_LEVEL": self.log_level}}
         self.actors = [
             actor_cls.options(
-                max_restarts=self.max_restarts, max_task_retries=0,
-                num_cpus=self.threads, num_gpus=1 if self.gpu else 0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg,
-                                                                     placement_group_bundle_index=i),
-            ).remote(model_dir, recipe, shard, "cuda" if self.gpu else device, self.threads)
+                max_restarts=self.max_restarts, max_task_retries=0, runtime_env=env,
+                num_cpus=self._bundle["CPU"], num_gpus=self._bundle.get("GPU", 0),
+                scheduling_strategy=self._slot(i),
+            ).remote(model_dir, recipe, shard, self.device, self.threads)
             for i, shard in enumerate(shards)]
         self._tokens = self.get([a.ping.remote() for a in self.actors])
 
     def call(self, w: int, method: str, *args):
-        return getattr(self.actors[w], method).remote(*args)
+        ref = getattr(self.actors[w], method).remote(*args)
+        self._owner[ref] = w
+        return ref
 
     def get(self, futures):
+        futures = list(futures)
         try:
-            return ray.get(list(futures))
-        except (RayActorError, ActorUnavailableError) as exc:
-            raise WorkerLost(str(exc).splitlines()[0]) from exc
+            if self.step_timeout is not None:
+                self._within_deadline(futures)
+            return ray.get(futures)
         except RayTaskError as exc:
+            if _out_of_memory(exc):
+                raise self._host_oom(exc) from None
             # An exception inside a worker: re-raise it as itself, with the worker's traceback.
             raise exc.as_instanceof_cause() from None
+        except LOST as exc:
+            if _out_of_memory(exc):
+                raise self._host_oom(exc) from None
+            raise WorkerLost(f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+        finally:
+            for ref in futures:
+                self._owner.pop(ref, None)
+
+    def _within_deadline(self, futures: list) -> None:
+        """Wait for ``futures`` until the step deadline; the workers past it are killed (Ray
+        rebuilds them) and the step fails as if they had been lost."""
+        _, pending = ray.wait(futures, num_returns=len(futures), timeout=self.step_timeout)
+        if not pending:
+            return
+        hung = sorted({self._owner[ref] for ref in pending if ref in self._owner})
+        for w in hung:
+            ray.kill(self.actors[w], no_restart=False)
+        raise WorkerLost(f"worker(s) {hung} did not answer within the step deadline of "
+                         f"{self.step_timeout:g} s (--step-timeout); killed and rebuilt")
+
+    def _host_oom(self, exc: BaseException) -> HostOutOfMemory:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return HostOutOfMemory(
+            f"a worker's node ran out of host memory and Ray's memory monitor stopped it "
+            f"({first[:300]}); retrying would repeat it. `admmq plan` gives each worker's host "
+            "peak: free memory on the nodes, run fewer workers per node, or use fewer "
+            "--num-samples, then rerun with --resume (what was committed is kept)")
 
     def restarted(self) -> list[int]:
         """Workers rebuilt since they were started or last checked (waits for them to be up)."""
@@ -105,7 +227,9 @@ class RayBackend:
                 try:
                     token = ray.get(actor.ping.remote(), timeout=600)
                     break
-                except (RayActorError, ActorUnavailableError):
+                except GetTimeoutError:
+                    raise WorkerLost(f"worker {w} did not come back within 10 minutes") from None
+                except LOST:
                     # Restarting: Ray rebuilds the actor (its constructor replays block 0's
                     # calibration capture) before it answers again.
                     if time.monotonic() > deadline:

@@ -1,0 +1,161 @@
+"""Several Ray nodes on this machine (ray.cluster_utils.Cluster: a head and three nodes, each its
+own raylet, object store and resources), as a user's cluster is: a GPU-less head with GPU nodes
+gets one worker per GPU (the GPUs are declared resources here: placement and the device each
+worker is told are checked, CUDA itself is not needed); a job started where a cluster runs joins
+it; workers spread over nodes write the in-process bytes; a node lost between steps, a worker
+that hangs, and a node out of host memory each end in the uninterrupted bytes or one clear
+error."""
+
+import os
+import time
+
+import pytest
+import torch
+
+from admmq_dist.run.faults import HostOutOfMemory
+
+from runs import digest, quantize
+from tiny import tiny_model_dir
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0})
+    nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(3)]
+    cluster.wait_for_nodes()
+    # As on a cluster's node (KubeRay and `ray start` set it): every raylet here shares one IP,
+    # so "auto" alone could attach the driver to the wrong one.
+    before = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = cluster.address
+    yield cluster, nodes
+    if before is None:
+        os.environ.pop("RAY_ADDRESS", None)
+    else:
+        os.environ["RAY_ADDRESS"] = before
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("src"), "llama", num_hidden_layers=3)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "out"
+    quantize(model_dir, out)
+    return digest(out)
+
+
+def test_a_gpu_less_head_places_one_worker_per_gpu_node(cluster):
+    from admmq_dist.run.ray_backend import RayBackend
+
+    _, nodes = cluster
+    backend = RayBackend(2)  # no address: joins the cluster running here
+    try:
+        assert backend.gpu and backend.device == "cuda"
+        placed = [p["node"] for p in backend.placement]
+        assert len(set(placed)) == 2 and set(placed) <= {n.node_id for n in nodes}
+        assert all(p["gpu_ids"] and p["cuda_visible_devices"] is not None
+                   for p in backend.placement)
+        assert all(p["environment"]["device"] == "cuda" for p in backend.placement)
+    finally:
+        backend.shutdown()
+    backend = RayBackend(2, worker_device="cpu")
+    try:
+        assert not backend.gpu and all(not p["gpu_ids"] for p in backend.placement)
+    finally:
+        backend.shutdown()
+    with pytest.raises(RuntimeError, match=r"has 3 GPU\(s\) and 4 workers need one each"):
+        RayBackend(4)
+
+
+def _capture_backend(monkeypatch):
+    from admmq_dist.run.ray_backend import RayBackend
+
+    backends, original = [], RayBackend.start
+
+    def start(self, *args):
+        original(self, *args)
+        backends.append(self)
+
+    monkeypatch.setattr(RayBackend, "start", start)
+    return backends
+
+
+def test_two_nodes_write_the_in_process_bytes_and_survive_a_lost_node(cluster, model_dir,
+                                                                      reference, tmp_path,
+                                                                      monkeypatch):
+    """Worker 1's whole node is removed after block 0: its placement moves to the spare node,
+    the worker is rebuilt there and the run writes the in-process bytes."""
+    c, nodes = cluster
+    backends = _capture_backend(monkeypatch)
+    summary = quantize(model_dir, tmp_path / "two", workers=2, worker_device="cpu")
+    assert digest(tmp_path / "two") == reference and summary["faults"] == []
+    assert len({p["node"] for p in backends[-1].placement}) == 2
+    removed = []
+
+    def remove_after(b):
+        if b == 0 and not removed:
+            node_id = backends[-1].placement[1]["node"]
+            node = next(n for n in nodes if n.node_id == node_id)
+            c.remove_node(node, allow_graceful=False)
+            removed.append(node_id)
+
+    summary = quantize(model_dir, tmp_path / "lost", workers=2, worker_device="cpu",
+                       on_block=remove_after)
+    assert removed and digest(tmp_path / "lost") == reference
+    assert [f["restarted_workers"] for f in summary["faults"]] == [[1]]
+    nodes[:] = [n for n in nodes if n.node_id not in removed] + [
+        c.add_node(num_cpus=1, num_gpus=1)]
+    c.wait_for_nodes()
+
+
+def _inject(monkeypatch, method, action):
+    """Worker 1's first call of ``method`` runs ``action`` in the worker instead."""
+    from admmq_dist.run.ray_backend import RayBackend
+
+    original, fired = RayBackend.call, []
+
+    def call(self, w, name, *args):
+        if w == 1 and name == method and not fired:
+            fired.append(name)
+            ref = self.actors[w].__ray_call__.remote(action)
+            self._owner[ref] = w
+            return ref
+        return original(self, w, name, *args)
+
+    monkeypatch.setattr(RayBackend, "call", call)
+    return fired
+
+
+def test_a_hung_worker_passes_its_deadline_and_is_rebuilt(cluster, model_dir, reference,
+                                                         tmp_path, monkeypatch):
+    fired = _inject(monkeypatch, "solve", lambda worker: time.sleep(3600))
+    started = time.monotonic()
+    summary = quantize(model_dir, tmp_path / "out", workers=2, worker_device="cpu",
+                       step_timeout=20)
+    assert fired and time.monotonic() - started < 600
+    assert digest(tmp_path / "out") == reference
+    assert len(summary["faults"]) == 1 and "step deadline" in summary["faults"][0]["error"]
+    assert summary["step_timeout_seconds"] == 20
+
+
+def test_a_node_out_of_host_memory_stops_at_once_naming_resume(cluster, model_dir, tmp_path,
+                                                               monkeypatch):
+    from ray.exceptions import OutOfMemoryError
+
+    def oom(worker):
+        raise OutOfMemoryError("Task was killed due to the node running low on memory")
+
+    fired = _inject(monkeypatch, "solve", oom)
+    with pytest.raises(HostOutOfMemory, match="--resume") as info:
+        quantize(model_dir, tmp_path / "out", workers=2, worker_device="cpu",
+                 max_worker_restarts=3)
+    assert fired == ["solve"] and "retrying would repeat it" in str(info.value)
+    assert not (tmp_path / "out").exists()
+    assert torch.get_num_threads() >= 1
