@@ -74,9 +74,9 @@ RECIPE_FLAGS: list[tuple[str, str, dict]] = [
     ("--coordinated-iterations", "solver.coordinated_iterations", {
         "type": int, "help": "coordinated: ADMM-Q iterations per layer per round (10)"}),
     ("--refresh-dual", "solver.refresh_dual", {
-        "choices": ("keep", "zero", "stationary"),
-        "help": "coordinated: what a layer's dual does when its Hessian is refreshed: keep it, "
-                "zero it, or reset it so the codes are stationary on the new Hessian (keep)"}),
+        "choices": ("keep", "zero"),
+        "help": "coordinated: what a layer's dual does when its Hessian is refreshed: keep it "
+                "(default) or zero it"}),
     ("--coordinated-start", "solver.coordinated_start", {
         "choices": ("float", "sequential"),
         "help": "coordinated: round 0 after one sequential GPTQ pass, block by block "

@@ -116,16 +116,15 @@ def test_the_dual_rule_and_the_polish_change_the_result(model_dir, reference, tm
     assert tensors(tmp_path / "plain") != tensors(out)
 
 
-def test_the_stationary_dual_rule_and_the_sequential_start_are_real_options(model_dir, reference,
-                                                                           tmp_path):
-    """The stationary rule resets every dual on each refresh (a different run from keep and
-    zero); the sequential start hands round 0 the codes of a sequential GPTQ pass, so round 0
-    moves only part of them (from a float start, every code is new) — for any worker count,
-    with asymmetric calibration's float stream carried through the pass too."""
+def test_the_sequential_start_is_a_real_option_and_the_diverging_dual_rule_is_gone(
+        model_dir, reference, tmp_path):
+    """The sequential start hands round 0 the codes of a sequential GPTQ pass, so round 0 moves
+    only part of them (from a float start, every code is new) — for any worker count, with
+    asymmetric calibration's float stream carried through the pass too. The stationary dual
+    rule, which diverged, is gone."""
     out, one = reference
-    stationary = coordinated(model_dir, tmp_path / "stationary", refresh_dual="stationary")
-    assert tensors(tmp_path / "stationary") != tensors(out)
-    assert stationary["rounds"][1]["changed"] != one["rounds"][1]["changed"]
+    with pytest.raises(ValueError, match=r"'stationary' is not one of \('keep', 'zero'\)"):
+        override(Recipe(), {"solver": {"refresh_dual": "stationary"}})
     start = coordinated(model_dir, tmp_path / "start", coordinated_start="sequential")
     assert one["rounds"][0]["changed"] == 1.0 and 0 < start["rounds"][0]["changed"] < 0.5
     assert tensors(tmp_path / "start") != tensors(out)

@@ -238,8 +238,7 @@ class CoordinatedWorker(SegmentWorker):
         if previous is not None:
             rule = self.recipe.solver.refresh_dual
             warm = [{"codes": previous["last"][start:stop],
-                     "dual": {"keep": previous["duals"][k], "zero": None,
-                              "stationary": "stationary"}[rule]}
+                     "dual": {"keep": previous["duals"][k], "zero": None}[rule]}
                     for k, (start, stop) in enumerate(rows)]
         true_objective = None if asym is None else (self.float_weights[(b, name)], *asym)
         blocks = solve_rows(weight, hessian, grid, settings, rows, factors=factors, warm=warm,

@@ -31,6 +31,15 @@ from .layer import grid_source, report_row, served_grid, served_scale_dtype, sol
 from .workdir import load_segment_round, save_segment_round
 
 
+def moved_codes(previous: dict, result) -> float:
+    """The fraction of a layer's codes that moved since ``previous`` (its state: codes and
+    grid), counted on one grid: the previous weights as the new grid would code them (a refit
+    or a fresh fit changes the grid, and with it what a code means)."""
+    before = result.grid.codes(previous["grid"].dequantize(previous["codes"]).to(
+        result.grid.scale.device))
+    return float((result.codes != before).float().mean())
+
+
 class SegmentWorker(DeviceModel):
     def own(self, segments: dict[int, list[int]]) -> None:
         """Take ``segments`` (segment -> its decoder blocks): load their blocks for good."""
@@ -222,10 +231,13 @@ class SegmentWorker(DeviceModel):
         """``weight``: the target solved for; ``true_objective``: ``(float weight, cross term,
         deviation)`` under asymmetric calibration, for the report's loss."""
         float_weight = weight if true_objective is None else true_objective[0]
-        grid = served_grid(grid_source(self.recipe, weight, float_weight), self.recipe,
-                           self.scale_dtype, f"block {b} {name}")
         previous = self.layer_states.get((b, name))
         warm_start = previous is not None and cold is None
+        # A warm round goes on from its codes on the grid they were solved on (the refitted
+        # one); a cold one fits afresh, as the sequential schedule does.
+        grid = previous["grid"] if warm_start else served_grid(
+            grid_source(self.recipe, weight, float_weight), self.recipe, self.scale_dtype,
+            f"block {b} {name}")
         settings = warm_settings if warm_start else cold or self.recipe.solver
         rows = row_blocks(weight.shape[0], settings.row_block)
         warm = ([{"codes": previous["codes"][start:stop], "dual": previous["duals"][k]}
@@ -235,8 +247,7 @@ class SegmentWorker(DeviceModel):
                             scale_dtype=served_scale_dtype(self.recipe, self.scale_dtype),
                             true_objective=true_objective)
         result = combine(blocks, grid)
-        changed = 1.0 if previous is None else float(
-            (result.codes != previous["codes"]).float().mean())
+        changed = 1.0 if previous is None else moved_codes(previous, result)
         return self._keep(b, name, group, blocks, grid, tokens, changed)
 
     def _keep(self, b: int, name: str, group: list[str], blocks: list, grid: Grid, tokens: int,

@@ -20,7 +20,7 @@ from .scales import refit_scales
 
 METHODS = ("admmq", "gptq", "rtn")
 SCHEDULES = ("sequential", "depth-parallel", "coordinated")
-REFRESH_DUALS = ("keep", "zero", "stationary")
+REFRESH_DUALS = ("keep", "zero")
 
 
 @dataclass(frozen=True)
@@ -64,9 +64,10 @@ class SolverSettings:
     coordinated_rounds: int = 8
     coordinated_iterations: int = 10
     # What a layer's dual does when its Hessian is refreshed: "keep" the unscaled dual Y = ρU
-    # (continuous in ρ, so a change of ρ rescales U consistently by itself), "zero" it, or reset
-    # it to the new Hessian's "stationary" value (the codes a fixed point of the W-step).
-    refresh_dual: Literal["keep", "zero", "stationary"] = "keep"
+    # (continuous in ρ, so a change of ρ rescales U consistently by itself) or "zero" it. (A
+    # third rule, reset to the new Hessian's stationary dual, diverged — perplexity 2.6e14 by
+    # round 5, benchmarks/results/coordinated_start_quick.md — and was removed.)
+    refresh_dual: Literal["keep", "zero"] = "keep"
     # Where round 0's codes come from: "sequential" — one sequential GPTQ pass first (block by
     # block on the quantized model's inputs, one worker busy at a time: GPTQ's time), so that
     # round 0's Hessians are already near the final model's; "float" — GPTQ on the float
