@@ -311,3 +311,21 @@ def test_asymmetric_calibration_pulls_the_model_toward_the_float_one(model_dir, 
     plain = float(((logits(out) - float_logits) ** 2).mean())
     asym = float(((logits(tmp_path / "asym") - float_logits) ** 2).mean())
     assert asym < 0.9 * plain
+
+
+def test_the_polish_refits_the_scales_on_the_final_hessians(model_dir, reference, tmp_path):
+    """Like the sequential schedule's default, the scales are refitted after the last round —
+    on the Hessians of the final model, before the local search — so a run without the refit
+    writes other scales, and the refit lowers the polished loss."""
+    from safetensors.torch import load_file
+
+    out, one = reference
+    plain = coordinated(model_dir, tmp_path / "norefit", scale_refits=0)
+    refitted = {k: v for p in out.glob("model*.safetensors") for k, v in load_file(p).items()}
+    fixed = {k: v for p in (tmp_path / "norefit").glob("model*.safetensors")
+             for k, v in load_file(p).items()}
+    scales = [k for k in refitted if k.endswith("weight_scale")]
+    assert scales and any(not torch.equal(refitted[k], fixed[k]) for k in scales)
+    assert one["rounds"][-1]["mean_loss"] < plain["rounds"][-1]["mean_loss"]
+    # The polish is committed like a round: a resumed run would not refit twice.
+    assert one["rounds"][-1]["round"] == "polish" and one["rounds"][-1]["work_bytes"] > 0

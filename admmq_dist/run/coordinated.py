@@ -65,6 +65,7 @@ class CoordinatedSchedule(DepthParallelSchedule):
         self._own_and_check(check_width)
         started, aside = time.perf_counter(), 0.0  # aside: time spent in on_round
         self.frozen: set[tuple[int, str]] = set()
+        self.polished = False
         first, self.rho, stopped = self._resume()
         if first == 0 and solver.coordinated_start == "sequential":
             self._sequential_start(progress)
@@ -77,7 +78,7 @@ class CoordinatedSchedule(DepthParallelSchedule):
                 t = time.perf_counter()
                 on_round(r, self._each_block())
                 aside += time.perf_counter() - t
-        if solver.coordinated_polish:
+        if solver.coordinated_polish and not self.polished:
             self._polish(progress)
         return self.history
 
@@ -90,6 +91,7 @@ class CoordinatedSchedule(DepthParallelSchedule):
         self.history = marker["history"]
         self.latest = {(row["block"], row["layer"]): row for row in marker["rows"]}
         self.frozen = {tuple(key) for key in marker.get("frozen", [])}
+        self.polished = marker.get("polished", False)
         self._each("load_round", lambda k: (str(self.work),
                                             {j: marker["round"] for j in self.owned[k]}))
         log.info("resuming the coordinated schedule after round %d", marker["round"])
@@ -172,6 +174,8 @@ class CoordinatedSchedule(DepthParallelSchedule):
         return stop
 
     def _polish(self, progress: bool) -> None:
+        """Refresh every Hessian on the final model, refit every layer's scales on it and run
+        a local-search sweep on the refitted grid (:meth:`.CoordinatedWorker.polish`)."""
         self._refresh()
         t = time.perf_counter()
         rows = [row for part in self._each("polish") for row in part]
@@ -184,6 +188,16 @@ class CoordinatedSchedule(DepthParallelSchedule):
         self.history.append({"round": "polish", "changed": changed,
                              "mean_loss": sum(r["loss"] for r in rows) / max(len(rows), 1),
                              "seconds": round(time.perf_counter() - t, 3)})
+        # Committed like a round: a resumed run does not refit and polish twice.
+        r = max((h["round"] for h in self.history if isinstance(h["round"], int)),
+                default=-1) + 1
+        self._each("save_round", lambda w: (str(self.work), r, self.owned[w]))
+        self.history[-1]["work_bytes"] = round_files(self.work)[0]
+        mark_round(self.work, r, {"round": r, "rho": self.rho, "history": self.history,
+                                  "stopped": True, "polished": True,
+                                  "rows": list(self.latest.values()),
+                                  "frozen": sorted(self.frozen)})
+        prune_rounds(self.work)
         if progress:
             print(f"polish: mean loss {self.history[-1]['mean_loss']:.5f}, {changed:.2%} of "
                   "codes moved", file=sys.stderr, flush=True)

@@ -21,11 +21,13 @@ from ..model.capture import block_output
 from ..quant.factors import HessianFactors
 from ..quant.hessian import (HessianAccumulator, asymmetric_loss_terms, asymmetric_target,
                              loss_terms)
+from ..quant.grid import Grid
 from ..quant.solvers.local_search import local_search
 from ..quant.solvers.rows import row_blocks
+from ..quant.solvers.scales import refit_scales
 from ..quant.solvers.solve import SolverSettings
 from . import memory
-from .layer import served_grid, solve_rows
+from .layer import served_grid, served_scale_dtype, solve_rows
 from .segment_worker import SegmentWorker
 from .workdir import load_start_hidden, save_segment_round, save_start_hidden
 
@@ -252,16 +254,22 @@ class CoordinatedWorker(SegmentWorker):
 
     @torch.no_grad()
     def polish(self) -> list[dict]:
-        """A local-search sweep on every owned layer's best codes against the Hessian just
-        captured (its inputs as the final model gives them). Returns the report rows."""
+        """On the Hessians just captured (every layer's inputs as the final model gives them):
+        the recipe's scale refits of every owned layer's best codes, row block by row block (the
+        sequential schedule's default, after the last round here: the grid stays fixed through
+        the rounds so that codes compare across them), then a local-search sweep on the refitted
+        grid. Returns the report rows."""
         self._owned()
         t = time.perf_counter()
-        sweeps = self.recipe.solver.sweeps or 1
+        solver = self.recipe.solver
+        sweeps = solver.sweeps or 1
         out = []
         for b, group, hessian, tokens, _, targets, asym in self._hessians():
             for name in group:
                 state = self.layer_states[(b, name)]
                 before = state["codes"]
+                for _ in range(solver.refits):
+                    state["grid"] = self._refit(targets[name], hessian, state["grid"], before)
                 result = local_search(targets[name], hessian, state["grid"], before, sweeps,
                                       method="admmq")
                 state["codes"] = result.codes.to(torch.int32)
@@ -276,3 +284,12 @@ class CoordinatedWorker(SegmentWorker):
                             "changed": float((state["codes"] != before).float().mean())})
         self.busy["solve"] += time.perf_counter() - t
         return out
+
+    def _refit(self, target: torch.Tensor, hessian: torch.Tensor, grid, codes: torch.Tensor):
+        """``grid`` with every row block's scales refitted to ``codes`` (as the sequential
+        schedule's row blocks refit theirs; a row block at a time bounds the memory)."""
+        scale_dtype = served_scale_dtype(self.recipe, self.scale_dtype)
+        scales = [refit_scales(target[start:stop], hessian, grid.row_slice(start, stop),
+                               codes[start:stop], scale_dtype).scale
+                  for start, stop in row_blocks(target.shape[0], self.recipe.solver.row_block)]
+        return Grid.from_parts(self.recipe.grid, target.shape[1], torch.cat(scales), grid.zero)
