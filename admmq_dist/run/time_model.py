@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..quant.solvers.rows import row_blocks
+from .memory import tokens_per_worker
 from .plan import assign
 
 # Between workers: an assumption (10 GB/s), not a measurement.
@@ -432,7 +433,6 @@ def job_seconds(blocks: list[tuple[list, int]], *, hidden: int, recipe, workers:
     """The recipe's job on ``workers`` workers: ``{phase: seconds}`` (:data:`PHASES`), ``total``
     and ``bytes``. ``blocks``: each distinct block's stages (as :func:`.model_shape.block_stages`
     gives them) and how many blocks are like it."""
-    from .memory import tokens_per_worker
 
     calib, solver = recipe.calibration, recipe.solver
     method = solver.method
