@@ -85,3 +85,69 @@ def test_accelerate_launched_evaluation_matches_one_process(tmp_path):
     expected = json.loads(one.stdout.strip().splitlines()[-1])
     assert lines[0]["tokens"] == expected["tokens"] == 5 * 63
     assert abs(lines[0]["ppl"] - expected["ppl"]) < 1e-9 * expected["ppl"]
+
+
+def _commands(text: str) -> list[list[str]]:
+    """Every `admmq …` command in ``text`` (comments and continuation lines joined; commands
+    with an ellipsis are sketches and skipped), as argument lists after ``admmq``."""
+    import re
+    import shlex
+
+    lines = [re.sub(r"^\s*#\s?", "", line) for line in text.splitlines()]
+    start = re.compile(r"\badmmq(?:_dist\.cli)? (quantize|eval|plan)\b")
+    out, i = [], 0
+    while i < len(lines):
+        line = lines[i]
+        if start.search(line):
+            command = line
+            while command.rstrip().endswith("\\") and i + 1 < len(lines):
+                i += 1
+                command = command.rstrip()[:-1] + " " + lines[i]
+            command = command[start.search(command).start():]
+            command = command.split("'")[0].split("`")[0]
+            if "…" not in command:
+                out.append(shlex.split(command)[1:])
+        i += 1
+    return out
+
+
+def test_launcher_commands_use_flags_that_exist_and_leave_the_driver_device_alone():
+    from admmq_dist.cli import build_parser
+
+    rayjob = yaml.safe_load((LAUNCH / "rayjob.yaml").read_text())
+    slurm = (LAUNCH / "slurm.sbatch").read_text()
+    # The Slurm script's own invocation, its shell variables given values.
+    invocation = slurm[slurm.index('admmq quantize "$model"'):].split("\n\n")[0]
+    invocation = (invocation.replace('"$model"', "MODEL").replace('"$output"', "OUT")
+                  .replace('"$head_ip:$port"', "10.0.0.1:6379").replace('"$workers"', "16")
+                  .replace('"$@"', ""))
+    texts = {"ray-cluster.yaml": (LAUNCH / "ray-cluster.yaml").read_text(),
+             "rayjob.yaml": rayjob["spec"]["entrypoint"],
+             "slurm.sbatch": invocation.replace("\\\n", " "),
+             "accelerate.yaml": (LAUNCH / "accelerate.yaml").read_text()}
+    seen = 0
+    for name, text in texts.items():
+        for args in _commands(text):
+            parsed = build_parser().parse_args(args)  # exits on an unknown flag
+            seen += 1
+            if parsed.command == "quantize":
+                # The driver on a GPU-less head gets GPU workers from the cluster.
+                assert parsed.device is None, (name, args)
+                assert parsed.resume, (name, args)
+    assert seen >= 4
+
+
+def test_every_launcher_that_runs_admmq_puts_the_model_cache_on_shared_storage():
+    rayjob = yaml.safe_load((LAUNCH / "rayjob.yaml").read_text())["spec"]["rayClusterSpec"]
+    specs = [rayjob["headGroupSpec"]] + rayjob["workerGroupSpecs"]
+    for spec in specs:
+        for container in spec["template"]["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            mounts = [m["mountPath"] for m in container.get("volumeMounts", [])]
+            assert env.get("HF_HOME", "").startswith(tuple(mounts)), container["name"]
+    assert "--resume" in yaml.safe_load((LAUNCH / "rayjob.yaml").read_text())["spec"]["entrypoint"]
+    cluster = yaml.safe_load((LAUNCH / "ray-cluster.yaml").read_text())
+    options = cluster["docker"]["run_options"]
+    assert "-v /data:/data" in options and "-e HF_HOME=/data/hf" in options
+    slurm = (LAUNCH / "slurm.sbatch").read_text()
+    assert slurm.index("export HF_HOME=") < slurm.index("$(srun ")
