@@ -185,3 +185,116 @@ def test_an_in_order_accumulator_keeps_one_running_sum_and_refuses_disorder():
         late.add(batches[2], 2)
     with pytest.raises(ValueError, match="nothing merges"):
         tree.merge(running)
+
+
+def crossed(count: int, n: int = 24, seed: int = 6):
+    data = batches(count=count, seed=seed, n=n)
+    g = torch.Generator().manual_seed(seed + 1)
+    return data, [x + 0.1 * torch.randn(x.shape, generator=g) for x in data]
+
+
+@pytest.mark.parametrize("cuts", [(3,), (1, 5), (2, 3, 6, 9)])
+def test_parts_fold_in_place_into_the_single_pass_bytes_and_the_parts_stay_intact(cuts):
+    """merge_state folds another worker's part in one node at a time, adding in place into
+    the nodes this accumulator owns; take() finishes a statistic in its partial sums' memory.
+    Any order gives the bytes of one pass, and what was handed over (the parts, the senders'
+    trees, which share their tensors on a CPU) is never written to."""
+    data, refs = crossed(11)
+    whole = HessianAccumulator(24, cross=True)
+    for i, (x, r) in enumerate(zip(data, refs)):
+        whole.add(x, i, r)
+    bounds = [0, *cuts, len(data)]
+    shards = []
+    for a, b in zip(bounds, bounds[1:]):
+        acc = HessianAccumulator(24, cross=True)
+        for i in range(a, b):
+            acc.add(data[i], i, refs[i])
+        shards.append(acc)
+    before = [{k: {i: v.clone() for i, v in s.state().get(k, {}).items()}
+               for k in ("nodes", "cross", "deviation")} for s in shards]
+    for order in itertools.permutations(range(len(shards))):
+        owner = HessianAccumulator(24, cross=True)  # the first part's batches, added here
+        first = order[0]
+        for i in range(bounds[first], bounds[first + 1]):
+            owner.add(data[i], i, refs[i])
+        for k in order[1:]:
+            owner.merge_state(shards[k].state())
+        for stat in ("deviation", "cross", "hessian"):
+            assert torch.equal(owner.take(stat), getattr(whole, stat)()), (order, stat)
+        with pytest.raises(ValueError, match="taken already"):
+            owner.take("hessian")
+    for shard, kept in zip(shards, before):
+        state = shard.state()
+        assert all(torch.equal(state[k][i], v) for k in kept for i, v in kept[k].items())
+    # Merging shared parts into shared parts (no owned node anywhere) allocates new sums.
+    merged = HessianAccumulator.from_state(shards[0].state())
+    for shard in shards[1:]:
+        merged.merge(shard)
+    assert torch.equal(merged.take("hessian"), whole.hessian())
+    assert all(torch.equal(shard.state()[k][i], v)
+               for shard, kept in zip(shards, before) for k in kept for i, v in kept[k].items())
+
+
+def test_a_merge_and_its_finish_need_no_second_copy_of_the_statistics():
+    """The owner's tree and another worker's part (on the CPU, shared): folding the part in
+    and finishing all three statistics allocates no [n, n] matrix at all — the old merge held a
+    copy of the part and a new sum per level, and finishing cloned each statistic."""
+    from alloc import peak_allocated
+
+    n = 256
+    data, refs = crossed(8, n=n)
+    owner, other = HessianAccumulator(n, cross=True), HessianAccumulator(n, cross=True)
+    for i, (x, r) in enumerate(zip(data, refs)):
+        (owner if i < 4 else other).add(x, i, r)
+    part = other.state()
+
+    def fold_and_finish():
+        owner.merge_state(part)
+        return [owner.take(stat) for stat in ("deviation", "cross", "hessian")]
+
+    _, peak = peak_allocated(fold_and_finish)
+    assert peak < 4 * n * n / 8
+
+
+def test_capturing_adds_each_batch_in_place():
+    """While a worker adds its batches, the tree holds its canonical pieces and one new product:
+    16 batches peak at 4 nodes + 1, not a new sum per level."""
+    from alloc import peak_allocated
+
+    n = 128
+    data = batches(count=16, n=n)
+    acc = HessianAccumulator(n)
+    _, peak = peak_allocated(lambda: [acc.add(x, i) for i, x in enumerate(data)])
+    activations = max(x.numel() for x in data) * 4
+    assert peak <= (4 + 1) * 4 * n * n + 2 * activations
+    assert len(acc._nodes) == 1
+
+
+def test_asymmetric_targets_are_the_bytes_of_one_target_at_a_time_in_less_memory():
+    """asymmetric_targets moves every weight reading an input with one factor computed after
+    the float64 cross term is gone: the same bytes as asymmetric_target per weight (bfloat16
+    weights enter float64 exactly), the float64 factor and the copy cholesky_solve makes of it
+    at most, never beside the float64 cross term."""
+    from admmq_dist.quant.hessian import (asymmetric_loss_terms, asymmetric_target,
+                                          asymmetric_targets, deviation_term)
+    from alloc import peak_allocated
+
+    n, m = 300, 96
+    data, refs = crossed(6, n=n)
+    acc = HessianAccumulator(n, cross=True)
+    for i, (x, r) in enumerate(zip(data, refs)):
+        acc.add(x, i, r)
+    h, cross, deviation = acc.hessian(), acc.cross(), acc.deviation()
+    g = torch.Generator().manual_seed(9)
+    weights = {"a": torch.randn(m, n, generator=g), "b": torch.randn(m // 3, n, generator=g)}
+    weights["c"] = weights["a"].bfloat16()
+    targets, peak = peak_allocated(lambda: asymmetric_targets(weights, h, cross, 0.25, 0.01,
+                                                              dtype=torch.float32))
+    for name, w in weights.items():
+        assert torch.equal(targets[name], asymmetric_target(w.float(), h, cross, 0.25, 0.01))
+    rows = sum(w.shape[0] for w in weights.values())
+    assert peak <= 1.02 * (16 * n * n + 16 * rows * n)
+    # The deviation's share of the true loss, taken apart, is the same number.
+    w, q = weights["a"][:40], weights["a"][:40] + 0.01
+    assert asymmetric_loss_terms(q, w, h, cross, deviation) == asymmetric_loss_terms(
+        q, w, h, cross, deviation_term(w, deviation))

@@ -6,7 +6,8 @@ serves every row block of every such linear: ADMM-Q's eigendecomposition of the 
 Hessian (the dominant one-off cost at wide inputs: an ``n³`` float64 ``eigh``) and GPTQ's
 (act-order permuted, damped) upper Cholesky factor of the inverse. Each is computed on first use,
 exactly as a solver alone would compute it, so sharing changes no byte; ``counts`` says how many
-were computed.
+were computed. The Cholesky factors are computed in place (the bytes of the out-of-place chains,
+in the memory of their result: what decides whether a 53248-wide down_proj fits a GPU).
 
 Shapes: ``H`` is ``[n, n]``; ``ell`` ``[n]``; ``to_rotated``/``from_rotated`` ``[n, n]``.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .hessian import asymmetric_factor, condition_hessian, damp
+from .hessian import asymmetric_factor, condition_hessian
 
 
 class HessianFactors:
@@ -25,6 +26,8 @@ class HessianFactors:
         # GPTQ's dead-input rule, applied once: ``hessian`` is H with H_jj = 1 on ``dead`` inputs.
         self.hessian, self.dead = condition_hessian(
             hessian.to(device=device or hessian.device, dtype=torch.float32))
+        # Where the factorizations are computed (``hessian`` may wait on the host for a while).
+        self.device = self.hessian.device
         self.counts = {"eigh": 0, "cholesky": 0, "asymmetric": 0}
         self._asymmetric: dict[float, torch.Tensor] = {}
         self._eigen: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -46,9 +49,14 @@ class HessianFactors:
         """The float64 factor every linear reading this input moves its target with under
         asymmetric calibration (:func:`.hessian.asymmetric_factor`), computed once."""
         if damping not in self._asymmetric:
-            self._asymmetric[damping] = asymmetric_factor(self.hessian, damping)
+            self._asymmetric[damping] = asymmetric_factor(self.hessian, damping, self.device)
             self.counts["asymmetric"] += 1
         return self._asymmetric[damping]
+
+    def drop_asymmetric(self) -> None:
+        """Forget the asymmetric factors (8 bytes per entry each): once every target that
+        needs one is moved (:func:`.hessian.asymmetric_targets`), nothing else reads them."""
+        self._asymmetric = {}
 
     def gptq(self, act_order: bool, fraction: float, retry_factor: float,
              retries: int) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -59,22 +67,54 @@ class HessianFactors:
             H, perm = self.hessian, None
             if act_order:
                 perm = torch.argsort(torch.diagonal(H), descending=True)
-                H = H[perm][:, perm]
-            self._gptq[key] = (perm, _upper_cholesky_of_inverse(H, fraction, retry_factor,
+            self._gptq[key] = (perm, _upper_cholesky_of_inverse(H, perm, fraction, retry_factor,
                                                                 retries))
             self.counts["cholesky"] += 1
         return self._gptq[key]
 
 
-def _upper_cholesky_of_inverse(hessian: torch.Tensor, fraction: float, retry_factor: float,
+def _damped_permuted(hessian: torch.Tensor, perm: torch.Tensor | None,
+                     fraction: float) -> torch.Tensor:
+    """``damp(H[perm][:, perm], fraction)`` as a column-major ``[n, n]`` (the layout LAPACK
+    factorizes in place, and that of torch's factors): its transpose is gathered into a
+    row-major buffer ``PERMUTE_ROWS`` rows at a time, so there is no second ``[n, n]`` copy (and
+    ``H`` need not be exactly symmetric: the column-major view is the permuted ``H`` itself)."""
+    n = hessian.shape[0]
+    rows = torch.empty((n, n), dtype=hessian.dtype, device=hessian.device)
+    if perm is None:
+        rows.copy_(hessian.mT)
+    else:
+        for start in range(0, n, PERMUTE_ROWS):
+            rows[start:start + PERMUTE_ROWS] = hessian.index_select(
+                1, perm[start:start + PERMUTE_ROWS]).index_select(0, perm).T
+    out = rows.mT
+    out.diagonal().add_(fraction * torch.diagonal(out).mean())
+    return out
+
+
+# Rows of the permuted Hessian gathered at a time by :func:`_damped_permuted`.
+PERMUTE_ROWS = 64
+
+
+def _upper_cholesky_of_inverse(hessian: torch.Tensor, perm: torch.Tensor | None,
+                               fraction: float, retry_factor: float,
                                retries: int) -> torch.Tensor:
+    """GPTQ's factor of ``H[perm][:, perm]``, damped, computed in place: the damped permuted
+    copy, its Cholesky factor, the inverse and the inverse's upper factor are one ``[n, n]``
+    array in turn (4 bytes per entry in all: the result; on a GPU cuSOLVER's inverse works on a
+    copy of the factor, 4 more), where the out-of-place chain held up to four — the same bytes
+    (the factor's layout is torch's own, column-major; no step reads its input after writing
+    its output, so aliasing them is safe on either device)."""
+    info = torch.empty((), dtype=torch.int32, device=hessian.device)
     for _ in range(retries + 1):
-        L, info = torch.linalg.cholesky_ex(damp(hessian, fraction))
+        A = _damped_permuted(hessian, perm, fraction)
+        torch.linalg.cholesky_ex(A, out=(A, info))
         if int(info) == 0:
-            inv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(inv, upper=True)
+            torch.cholesky_inverse(A, out=A)
+            torch.linalg.cholesky_ex(A, upper=True, out=(A, info))
             if int(info) == 0:
-                return U
+                return A
+        del A
         fraction = max(fraction, 1e-4) * retry_factor
     raise ValueError(
         "the Hessian is not positive definite even with damping "
