@@ -9,6 +9,7 @@ from one file (the benchmarks evaluate on the first half of WikiText-2 test, cal
 
 from __future__ import annotations
 
+import importlib.resources
 import re
 from pathlib import Path
 
@@ -131,3 +132,22 @@ def split_text(text: str, fraction: float = 0.5) -> tuple[str, str]:
             best = min(cuts, key=lambda m: abs(m.start() - target))
             return text[:best.start()], text[best.end():]
     raise ValueError("the text has no line break to split at")
+
+
+def default_calibration_text() -> str:
+    """The calibration text shipped in the package (see ``admmq_dist/data/README.md``)."""
+    return importlib.resources.files("admmq_dist").joinpath("data/calibration.txt").read_text(
+        encoding="utf-8")
+
+
+def calibration_batches(model_dir: Path, recipe) -> list[torch.Tensor]:
+    """The recipe's calibration windows (its ``calibration`` settings) in batches, tokenized with
+    the model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    cal = recipe.calibration
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    text = default_calibration_text() if cal.dataset is None else read_text(
+        cal.dataset, split=cal.split, text_field=cal.text_field)
+    windows = token_windows(tokenizer, text, cal.num_samples, cal.seq_len, cal.seed)
+    return list(torch.split(windows, cal.batch_size))

@@ -8,7 +8,6 @@ with the resolved recipe and the run report beside the weights.
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 import logging
 import shutil
@@ -21,7 +20,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from ..checkpoint.writer import CheckpointWriter
-from ..model.calibration import read_text, token_windows
+from ..model.calibration import calibration_batches
 from ..model.loading import TensorIndex, build_skeleton, resolve_model_dir
 from ..model.moe import has_fused_experts
 from ..quant.grid import Grid
@@ -40,23 +39,6 @@ from .fingerprint import fingerprints, run_environment
 from .workdir import DecoderBlockOutput, committed_anything, prepare_work_dir
 
 log = logging.getLogger(__name__)
-
-
-def default_calibration_text() -> str:
-    """The calibration text shipped in the package (see ``admmq_dist/data/README.md``)."""
-    return importlib.resources.files("admmq_dist").joinpath("data/calibration.txt").read_text(
-        encoding="utf-8")
-
-
-def calibration_batches(model_dir: Path, recipe: Recipe) -> list[torch.Tensor]:
-    from transformers import AutoTokenizer
-
-    cal = recipe.calibration
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    text = default_calibration_text() if cal.dataset is None else read_text(
-        cal.dataset, split=cal.split, text_field=cal.text_field)
-    windows = token_windows(tokenizer, text, cal.num_samples, cal.seq_len, cal.seed)
-    return list(torch.split(windows, cal.batch_size))
 
 
 @torch.no_grad()
