@@ -80,6 +80,10 @@ def _add_quantize(sub) -> None:
     run.add_argument("--resume", action="store_true",
                      help="finish an interrupted run from its committed blocks (same model, "
                      "recipe and calibration data)")
+    run.add_argument("--work-dir", type=Path, default=None, metavar="DIR",
+                     help="where the resume folder (.OUT.admmq-work) goes, default beside the "
+                     "output; on a cluster, storage every node writes at the same path (the "
+                     "round schedules' workers commit there; checked before any block)")
     run.add_argument("--max-worker-restarts", type=int, default=3, metavar="N",
                      help="lost workers the run survives, each redoing only the step it broke "
                      "(3); past that it stops, keeping what it committed for --resume")
@@ -208,7 +212,8 @@ def cmd_quantize(args) -> int:
                              progress=True, workers=args.workers, address=args.address,
                              threads=args.threads, resume=args.resume,
                              round_checkpoints=args.round_checkpoints,
-                             max_worker_restarts=args.max_worker_restarts)
+                             max_worker_restarts=args.max_worker_restarts,
+                             work_dir=args.work_dir)
     print(f"wrote {summary['layers']} quantized linears to {args.output} "
           f"({summary['format']}, {summary['bits']}-bit, group {summary['group_size']}); "
           f"mean relative loss {summary['mean_loss']:.5f}; "

@@ -7,6 +7,7 @@ that hangs, and a node out of host memory each end in the uninterrupted bytes or
 error."""
 
 import os
+import re
 import time
 
 import pytest
@@ -72,6 +73,40 @@ def test_a_gpu_less_head_places_one_worker_per_gpu_node(cluster):
         backend.shutdown()
     with pytest.raises(RuntimeError, match=r"has 3 GPU\(s\) and 4 workers need one each"):
         RayBackend(4)
+
+
+def test_each_node_finds_the_model_itself_and_a_node_without_it_stops_in_one_line(cluster,
+                                                                                 model_dir):
+    from admmq_dist.model.loading import ModelLoadError, ModelSource
+    from admmq_dist.run.ray_backend import RayBackend
+
+    source = ModelSource.of("org/tiny", model_dir)
+    backend = RayBackend(2, worker_device="cpu")
+    try:
+        assert backend._locate(source, 2) == [str(model_dir)] * 2
+        elsewhere = ModelSource(source.name, source.path + "-not-mounted", None, source.content)
+        with pytest.raises(ModelLoadError) as caught:
+            backend._locate(elsewhere, 2)
+        assert "does not exist here" in str(caught.value) and "ray::" not in str(caught.value)
+        assert len(str(caught.value).splitlines()) == 1
+    finally:
+        backend.shutdown()
+
+
+def test_worker_logs_reach_the_driver_prefixed_by_the_worker(cluster, model_dir, tmp_path,
+                                                            capfd):
+    quantize(model_dir, tmp_path / "out", workers=2, worker_device="cpu", log_level="DEBUG")
+    seen, deadline = "", time.monotonic() + 60
+    while seen.count("worker ready on") < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)  # Ray forwards workers' output from a thread of its own
+        seen += capfd.readouterr().err
+    ready = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in seen.splitlines()
+             if "worker ready on" in line]
+    assert len(ready) >= 2, seen[-6000:]
+    # Ray's prefix names the worker (its class and process) on every forwarded line.
+    assert all(re.match(r"\((Worker|SegmentWorker|CoordinatedWorker) pid=\d+", line)
+               for line in ready), ready
+    assert len({re.match(r"\(\w+ pid=(\d+)", line).group(1) for line in ready}) >= 2
 
 
 def _capture_backend(monkeypatch):

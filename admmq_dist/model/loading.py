@@ -7,7 +7,11 @@ whole model never sits on the compute device (or in host memory) at once.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import socket
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,6 +48,95 @@ def resolve_model_dir(model: str) -> Path:
             f"cannot find model {model!r}: it is not a local folder and the hub answered: "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
             "Pass a local folder, or check the name, your network and HF_HUB_OFFLINE") from None
+
+
+def storage_print(model_dir: Path) -> dict[str, str]:
+    """What identifies the model's files without reading their weights: per file (config,
+    tokenizer, safetensors), its size and — for a hub download — the blob's name (the content's
+    SHA-256 for weights), else a safetensors file's header (names, dtypes, shapes, offsets) or a
+    small file's bytes, hashed."""
+    out = {}
+    for path in sorted(Path(model_dir).iterdir()):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        real = path.resolve()
+        h = hashlib.sha256(str(real.stat().st_size).encode())
+        if real.parent.name == "blobs":
+            h.update(real.name.encode())
+        elif path.suffix == ".safetensors":
+            with open(real, "rb") as f:
+                head = f.read(8)
+                h.update(head + f.read(struct.unpack("<Q", head)[0] if len(head) == 8 else 0))
+        elif real.stat().st_size <= 64 << 20:
+            h.update(real.read_bytes())
+        out[path.name] = h.hexdigest()[:16]
+    return out
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """The model as the driver resolved it, for workers on other machines to find for
+    themselves: the driver's folder where their node sees the same files there, else the hub id
+    at the driver's revision from their own cache (``HF_HOME``) or the hub. ``content``: the
+    files' :func:`storage_print`; a worker refuses any other files."""
+
+    name: str
+    path: str
+    revision: str | None
+    content: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def of(cls, name: str, model_dir: Path) -> "ModelSource":
+        model_dir = Path(model_dir)
+        revision = model_dir.name if model_dir.parent.name == "snapshots" else None
+        return cls(name, str(model_dir), revision, tuple(storage_print(model_dir).items()))
+
+    def _differs(self, folder: Path) -> str | None:
+        """How ``folder`` differs from the driver's files (None: it does not)."""
+        here, there = storage_print(folder), dict(self.content)
+        files = sorted(set(here) | set(there), key=lambda f: (f not in there, f))
+        diff = [f for f in files if here.get(f) != there.get(f)]
+        if not diff:
+            return None
+        f = diff[0]
+        what = "is missing" if f not in here else "is not the driver's" if f in there else \
+            "is not in the driver's folder"
+        return f"{f} {what}" + (f" (and {len(diff) - 1} more files differ)" if len(diff) > 1
+                                 else "")
+
+    def locate(self) -> Path:
+        """The folder holding the driver's files on this machine."""
+        folder, why = Path(self.path), None
+        if folder.is_dir():
+            why = self._differs(folder)
+            if why is None:
+                return folder
+            why = f"{folder} here holds other files: {why}"
+        else:
+            why = f"{folder} does not exist here"
+        if self.revision is not None:
+            from huggingface_hub import snapshot_download
+
+            try:
+                folder = Path(snapshot_download(self.name, revision=self.revision,
+                                                allow_patterns=HUB_PATTERNS))
+            except Exception as exc:  # the hub client raises many types; all mean "not here"
+                why += f"; {self.name}@{self.revision[:12]} is not in this machine's hub cache " \
+                    f"nor downloadable ({type(exc).__name__})"
+            else:
+                diff = self._differs(folder)
+                if diff is None:
+                    return folder
+                why += f"; this machine's copy of {self.name}@{self.revision[:12]} differs: {diff}"
+        raise ModelLoadError(
+            f"a worker on {socket.gethostname()} cannot find the model the driver read: {why}. "
+            "Put the model on storage every node mounts at the same path, or pass a hub id "
+            "with HF_HOME on shared storage (docs/clusters.md)")
+
+
+def located(model: "str | ModelSource") -> str:
+    """A worker's model folder: ``model`` itself, or a :class:`ModelSource` located here."""
+    return str(model.locate()) if isinstance(model, ModelSource) else model
 
 
 def checkpoint_renamer(model_type: str | None):

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..model.loading import ModelSource, located
 from ..recipe import Recipe
 from .coordinated_worker import CoordinatedWorker
 from .faults import WorkerLost  # noqa: F401  (schedules and backends raise it from here)
@@ -51,9 +52,10 @@ class LocalBackend:
         self.requested = workers
         self.workers: list = []
 
-    def start(self, model_dir: str, recipe: Recipe, shards: list[dict[int, torch.Tensor]],
-              device: str) -> None:
+    def start(self, model_dir: str | ModelSource, recipe: Recipe,
+              shards: list[dict[int, torch.Tensor]], device: str) -> None:
         cls = worker_class(recipe)
+        model_dir = located(model_dir)
         self.workers = [cls(model_dir, recipe, shard, device, None) for shard in shards]
 
     @property

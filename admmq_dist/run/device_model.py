@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import socket
 import time
 from pathlib import Path
 
 import torch
 
+from ..files import write_text
 from ..model.arch import find_blocks, target_linears, weight_modules
 from ..model.capture import block_output, record_block_calls
 from ..model.loading import TensorIndex, build_skeleton, materialize, source_dtype
@@ -23,6 +25,8 @@ from ..model.moe import expert_lists, is_router, unfuse_experts
 from ..recipe import Recipe
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+log = logging.getLogger(__name__)
 
 
 def output_dtype(recipe: Recipe, model_dir: Path) -> torch.dtype:
@@ -97,6 +101,9 @@ class DeviceModel:
         # Factorizations computed (per Hessian: at most one of each kind on this worker).
         self.factorizations = {"eigh": 0, "cholesky": 0, "asymmetric": 0, "hessians": 0}
         self.token = f"{os.getpid()}-{time.time_ns()}"
+        log.debug("worker ready on %s: model %s on %s, %d calibration batches, %d threads",
+                  socket.gethostname(), self.model_dir, self.device, len(self.batch_ids),
+                  torch.get_num_threads())
 
     @torch.no_grad()
     def forward(self, b: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -130,6 +137,12 @@ class DeviceModel:
                 for entry in {name, disk}:
                     out[entry] = is_linear and name.startswith(inside)
         return dict(sorted(out.items()))
+
+    def write_probe(self, work: str, name: str) -> str:
+        """Write ``name`` into the work folder (round schedules' workers commit there); returns
+        this worker's host, for the driver to name it when it does not see the file."""
+        write_text(Path(work) / name, self.token)
+        return socket.gethostname()
 
     def ping(self) -> str:
         """A token that changes when the worker is rebuilt (a restarted Ray actor)."""

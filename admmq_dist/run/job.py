@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint.writer import CheckpointWriter
 from ..model.calibration import calibration_batches
-from ..model.loading import TensorIndex, build_skeleton, resolve_model_dir
+from ..model.loading import ModelSource, TensorIndex, build_skeleton, resolve_model_dir
 from ..model.moe import has_fused_experts
 from ..quant.grid import Grid
 from ..recipe import Recipe, to_mapping
@@ -36,7 +36,8 @@ from .preflight import preflight, settle_recipe
 from .ray_backend import RayBackend
 from .sequential import SequentialSchedule
 from .fingerprint import fingerprints, run_environment
-from .workdir import DecoderBlockOutput, committed_anything, prepare_work_dir
+from .workdir import (DecoderBlockOutput, check_work_folder_shared, committed_anything,
+                      prepare_work_dir)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,8 @@ def quantize_model(model: str, out_dir: Path, recipe: Recipe, *, device: torch.d
                    address: str | None = None, threads: int | None = None,
                    resume: bool = False, on_block=None, round_checkpoints: bool = False,
                    backend=None, max_worker_restarts: int = 3, worker_device: str = "auto",
-                   step_timeout: float | None = None, log_level: str = "WARNING") -> dict:
+                   step_timeout: float | None = None, log_level: str = "WARNING",
+                   work_dir: Path | None = None) -> dict:
     """Quantize ``model`` (hub id or folder) into a checkpoint at ``out_dir``; returns a summary.
 
     ``workers``/``address`` run the workers as Ray actors (a local Ray instance, or the cluster
@@ -56,8 +58,10 @@ def quantize_model(model: str, out_dir: Path, recipe: Recipe, *, device: torch.d
     torch default), so that how the job was started never changes its bytes.
     ``worker_device``: the Ray workers' device (auto: a GPU each when the cluster has GPUs);
     ``step_timeout``: seconds a Ray worker call may take before the worker counts as lost
-    (default: twice the job's modelled time, at least an hour); ``log_level``: the Ray workers'. ``resume`` finishes an interrupted run from its committed blocks;
-    ``on_block(b)`` is called after block ``b`` is written. ``round_checkpoints``
+    (default: twice the job's modelled time, at least an hour); ``log_level``: the Ray workers'.
+    ``resume`` finishes an interrupted run from its committed blocks, kept in ``work_dir``
+    (default: beside the output; the round schedules' workers on a cluster write it too).
+    ``on_block(b)`` is called after block ``b`` is written; ``round_checkpoints``
     (depth-parallel) also writes the model as each round left it, to ``<out_dir>.round-<r>``.
     ``backend`` runs the workers instead (e.g. ``LocalBackend(2)``: two in-process workers).
     ``max_worker_restarts``: how many lost workers the run survives (each redoes the step it
@@ -70,14 +74,9 @@ def quantize_model(model: str, out_dir: Path, recipe: Recipe, *, device: torch.d
     plan = preflight(model, Path(out_dir), recipe, device=torch.device(device),
                      overwrite=overwrite, resume=resume,
                      workers=workers if backend is None else backend.requested, local=local,
-                     modelled=not local and step_timeout is None)
+                     modelled=not local and step_timeout is None, work_dir=work_dir)
     threads = threads or torch.get_num_threads()
-    model_dir = resolve_model_dir(model)
-    config, skeleton = build_skeleton(model_dir, torch.float32)
-    recipe, notes = settle_recipe(recipe, has_fused_experts(skeleton))
-    del skeleton
-    for note in notes:
-        log.warning("%s", note)
+    model_dir, config, recipe, notes = _settled(model, recipe)
     batches = calibration_batches(model_dir, recipe)
     previous_threads = torch.get_num_threads()
     if backend is None and workers is None and address is None:
@@ -94,7 +93,7 @@ def quantize_model(model: str, out_dir: Path, recipe: Recipe, *, device: torch.d
                              step_timeout=step_timeout, log_level=log_level)
     job = Job(model_dir, model, Path(out_dir), recipe, batches, backend, config=config,
               device=getattr(backend, "device", None) or str(device),
-              progress=progress, notes=tuple(notes), faults=faults)
+              progress=progress, notes=tuple(notes), faults=faults, work_root=work_dir)
     try:
         return job.run(overwrite=overwrite, resume=resume, on_block=on_block,
                        round_checkpoints=round_checkpoints)
@@ -103,15 +102,27 @@ def quantize_model(model: str, out_dir: Path, recipe: Recipe, *, device: torch.d
         torch.set_num_threads(previous_threads)
 
 
+def _settled(model: str, recipe: Recipe) -> tuple:
+    """``(model folder, config, recipe settled for the model, notes)``; the notes logged."""
+    model_dir = resolve_model_dir(model)
+    config, skeleton = build_skeleton(model_dir, torch.float32)
+    recipe, notes = settle_recipe(recipe, has_fused_experts(skeleton))
+    for note in notes:
+        log.warning("%s", note)
+    return model_dir, config, recipe, notes
+
+
 class Job:
     """One run: the workers, the resume folder, the schedule, the writer and the summary."""
 
     def __init__(self, model_dir: Path, label: str, out_dir: Path, recipe: Recipe, batches,
                  backend, *, config, device: str, progress: bool,
-                 notes: tuple[str, ...], faults: FaultLog | None = None) -> None:
+                 notes: tuple[str, ...], faults: FaultLog | None = None,
+                 work_root: Path | None = None) -> None:
         self.model_dir, self.label, self.out_dir = model_dir, label, out_dir
         self.recipe, self.batches, self.backend, self.config = recipe, batches, backend, config
         self.device, self.progress, self.notes = device, progress, notes
+        self.work_root = work_root
         self.faults = faults if faults is not None else FaultLog(3)
         self.started = time.perf_counter()
         self.timings = {"load": 0.0, "forward": 0.0, "solve": 0.0, "write": 0.0, "commit": 0.0}
@@ -122,7 +133,7 @@ class Job:
     def run(self, *, overwrite: bool, resume: bool, on_block, round_checkpoints: bool) -> dict:
         prints = fingerprints(self.model_dir, self.recipe, self.batches,
                               run_environment(self.device, self.backend), self.backend.requested)
-        self.work = prepare_work_dir(self.out_dir, prints, resume, overwrite)
+        self.work = prepare_work_dir(self.out_dir, prints, resume, overwrite, self.work_root)
         try:
             self._start()
             writer = self._writer(self.out_dir, overwrite)
@@ -143,7 +154,8 @@ class Job:
         # Depth-parallel workers own blocks, not batches: every batch flows through every worker.
         shards = ([dict(enumerate(self.batches))] * self.backend.requested if self.depth_parallel
                   else shard_batches(self.batches, self.backend.requested))
-        self.backend.start(str(self.model_dir), self.recipe, shards, self.device)
+        self.backend.start(ModelSource.of(self.label, self.model_dir), self.recipe, shards,
+                           self.device)
         self.timings["load"] += time.perf_counter() - t
         first = lambda method: self.backend.get([self.backend.call(0, method)])[0]  # noqa: E731
         self.num_blocks = first("num_blocks")
@@ -151,6 +163,8 @@ class Job:
         # Everything with a 2-D weight that stays dense is named in the ignore list (exactly).
         self.dense = first("dense_modules")
         self.ignore = list(self.dense)
+        if self.depth_parallel:  # their workers commit into the work folder
+            check_work_folder_shared(self.work, self.backend)
 
     def _writer(self, target: Path, overwrite: bool) -> CheckpointWriter:
         grid, output = self.recipe.grid, self.recipe.output

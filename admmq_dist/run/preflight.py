@@ -5,6 +5,7 @@ before Ray or any worker starts."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import shutil
 from pathlib import Path
@@ -45,7 +46,7 @@ def settle_recipe(recipe: Recipe, experts: bool) -> tuple[Recipe, list[str]]:
 
 def preflight(model: str, out_dir: Path, recipe: Recipe, *, device: torch.device,
               overwrite: bool, resume: bool, workers: int | None, local: bool,
-              modelled: bool = False) -> JobPlan:
+              modelled: bool = False, work_dir: Path | None = None) -> JobPlan:
     """The checks that cost a line, not a run, made from the model's config alone before any
     weight is read, hashed or any worker started: the output folder, the workers against the
     calibration batches, the job's plan against this machine's device (workers in this process)
@@ -77,15 +78,30 @@ def preflight(model: str, out_dir: Path, recipe: Recipe, *, device: torch.device
             f"{usable / 2**30:.1f} GiB usable on this {device.type} device; "
             "use more workers (each holds fewer calibration tokens), fewer --num-samples or a "
             "shorter --seq-len, or a device with more memory")
-    parent = out_dir.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    free = shutil.disk_usage(parent).free
-    if plan.disk_bytes > free:
-        raise OSError(f"the output and its work folder need about {plan.disk_bytes / 2**30:.1f} "
-                      f"GiB at {parent}, which has {free / 2**30:.1f} GiB free; free space or "
-                      "write the output elsewhere")
+    places = [(out_dir.resolve().parent, plan.output_bytes, "the output")]
+    places.append((Path(work_dir).resolve(), plan.work_bytes, "its work folder")
+                  if work_dir is not None else (places[0][0], plan.work_bytes, "its work folder"))
+    _check_free_disk(places)
     return plan
+
+
+def _check_free_disk(places: list[tuple[Path, int, str]]) -> None:
+    """Each filesystem has room for what goes there (the output and the work folder on one, or
+    two with ``--work-dir``)."""
+    need: dict[int, list] = {}
+    for folder, size, what in places:
+        while not folder.exists():
+            folder = folder.parent
+        entry = need.setdefault(os.stat(folder).st_dev, [folder, 0, []])
+        entry[1] += size
+        entry[2].append(what)
+    for folder, size, what in need.values():
+        free = shutil.disk_usage(folder).free
+        if size > free:
+            raise OSError(f"{' and '.join(what)} need about {size / 2**30:.1f} GiB at {folder}, "
+                          f"which has {free / 2**30:.1f} GiB free; free space or write "
+                          f"{' and '.join(what)} elsewhere" + (" (--work-dir)" if "its work folder"
+                                                                in what else ""))
 
 
 def check_layers(module: torch.nn.Module, recipe: Recipe, model: str) -> None:

@@ -22,6 +22,7 @@ import logging
 import os
 import time
 
+from ..model.loading import ModelLoadError, ModelSource, located
 from ..recipe import Recipe
 from .backends import worker_class
 from .faults import HostOutOfMemory, WorkerLost
@@ -106,8 +107,7 @@ class RayBackend:
                 f"cluster has {ray.cluster_resources()}. Use fewer --workers or --threads") from None
         self._bundle = bundle
         self.placement = ray.get([
-            ray.remote(_probe).options(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
-                                       scheduling_strategy=self._slot(i)).remote(self.device)
+            ray.remote(_probe).options(**self._in_slot(i)).remote(self.device)
             for i in range(workers)])
         self.actors: list = []
         self._tokens: list[str] = []
@@ -151,6 +151,11 @@ class RayBackend:
     def _slot(self, i: int):
         return PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i)
 
+    def _in_slot(self, i: int) -> dict:
+        """Options of a task run in worker ``i``'s slot (its node, its GPU)."""
+        return {"num_cpus": self._bundle["CPU"], "num_gpus": self._bundle.get("GPU", 0),
+                "scheduling_strategy": self._slot(i)}
+
     @property
     def environment(self) -> dict:
         """What changes float reductions on the workers (every worker's; they must agree)."""
@@ -162,7 +167,8 @@ class RayBackend:
     def size(self) -> int:
         return len(self.actors)
 
-    def start(self, model_dir: str, recipe: Recipe, shards, device: str) -> None:
+    def start(self, model_dir: str | ModelSource, recipe: Recipe, shards, device: str) -> None:
+        paths = self._locate(model_dir, len(shards))
         actor_cls = ray.remote(worker_class(recipe))
         env = {"env_vars": {"ADMMQ_LOG_LEVEL": self.log_level}}
         self.actors = [
@@ -170,9 +176,21 @@ class RayBackend:
                 max_restarts=self.max_restarts, max_task_retries=0, runtime_env=env,
                 num_cpus=self._bundle["CPU"], num_gpus=self._bundle.get("GPU", 0),
                 scheduling_strategy=self._slot(i),
-            ).remote(model_dir, recipe, shard, self.device, self.threads)
+            ).remote(paths[i], recipe, shard, self.device, self.threads)
             for i, shard in enumerate(shards)]
         self._tokens = self.get([a.ping.remote() for a in self.actors])
+
+    def _locate(self, model: str | ModelSource, workers: int) -> list[str]:
+        """The model's folder as each slot's node sees it (a worker is rebuilt on its node)."""
+        if not isinstance(model, ModelSource):
+            return [model] * workers
+        try:
+            return ray.get([ray.remote(located).options(**self._in_slot(i)).remote(model)
+                            for i in range(workers)])
+        except RayTaskError as exc:
+            if isinstance(exc.cause, ModelLoadError):  # its one line, without Ray's traceback
+                raise ModelLoadError(str(exc.cause)) from None
+            raise
 
     def call(self, w: int, method: str, *args):
         ref = getattr(self.actors[w], method).remote(*args)

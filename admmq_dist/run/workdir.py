@@ -29,13 +29,40 @@ class ResumeError(ValueError):
     """The interrupted run cannot be resumed as asked; the message says why and what to do."""
 
 
-def work_dir_for(out_dir: Path) -> Path:
-    return out_dir.parent / f".{out_dir.name}.admmq-work"
+class StorageError(OSError):
+    """A worker cannot write the work folder, or writes where the driver does not read."""
 
 
-def prepare_work_dir(out_dir: Path, prints: dict, resume: bool, overwrite: bool) -> Path:
+def work_dir_for(out_dir: Path, root: Path | None = None) -> Path:
+    """``.<out>.admmq-work`` beside the output, or in ``root`` (``--work-dir``: storage every
+    node of a cluster writes). Always a folder of its own: the run removes it when done."""
+    return (out_dir.parent if root is None else Path(root)) / f".{out_dir.name}.admmq-work"
+
+
+def check_work_folder_shared(work: Path, backend) -> None:
+    """Every worker of ``backend`` writes ``work`` and this driver sees what it wrote (storage
+    shared by every node): the round schedules' workers commit there. Checked before any block
+    is solved."""
+    names = [f"probe-{w}.txt" for w in range(backend.size)]
+    hint = "pass --work-dir on storage every node writes, at the same path (docs/clusters.md)"
+    try:
+        hosts = backend.get([backend.call(w, "write_probe", str(work), name)
+                             for w, name in enumerate(names)])
+    except OSError as exc:
+        raise StorageError(f"a worker cannot write the work folder {work} "
+                           f"({type(exc).__name__}: {exc}); {hint}") from None
+    for w, (name, host) in enumerate(zip(names, hosts)):
+        path = work / name
+        if not path.is_file():
+            raise StorageError(f"worker {w} on {host} wrote {path}, which this driver does not "
+                               f"see: the work folder is not shared storage; {hint}")
+        path.unlink()
+
+
+def prepare_work_dir(out_dir: Path, prints: dict, resume: bool, overwrite: bool,
+                     root: Path | None = None) -> Path:
     """The resume folder, fresh or (``resume``) the interrupted run's when it shares ``prints``."""
-    work = work_dir_for(out_dir)
+    work = work_dir_for(out_dir, root)
     manifest = work / "manifest.json"
     if work.exists():
         if resume and manifest.is_file():
