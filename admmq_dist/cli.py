@@ -19,7 +19,7 @@ from .evaluate import perplexity
 from .model.embedded import embedded_model_folder
 from .cli_flags import RECIPE_FLAGS, group_size
 from .recipe import Recipe, load_recipe, override
-from .run import memory
+from .run import launched, memory
 from .run.job import quantize_model
 from .run.preflight import plan_model
 from .run.job_plan import parse_bytes
@@ -67,6 +67,9 @@ def _add_quantize(sub) -> None:
                      help="the Ray cluster to join: 'auto', ray://host:port, or 'local' for a "
                      "private instance (default: the cluster running here, if any, else a "
                      "private instance)")
+    run.add_argument("--ray-port", type=int, default=None, metavar="PORT",
+                     help="under accelerate launch (or torchrun): the port of the Ray head that "
+                     "rank 0 starts and the other ranks join (default: MASTER_PORT + 1)")
     run.add_argument("--worker-device", default="auto", choices=("auto", "cuda", "cpu"),
                      help="the Ray workers' device: auto (one GPU each when the cluster has "
                      "GPUs, even if this machine has none), cuda or cpu")
@@ -202,15 +205,29 @@ def _model_or_embedded(model: str | None) -> str:
 
 
 def cmd_quantize(args) -> int:
+    launch = launched.from_environment(args.ray_port)
+    if launch is None:
+        return _quantize(args, args.workers, args.address, args.threads)
+    # Under accelerate launch: one Ray cluster of the launched processes, rank 0 drives.
+    launched.check(launch, args.workers, args.address)
+    launched.exit_on_sigterm()
+    if launch.rank:
+        return launched.serve(launch)
+    threads = args.threads or torch.get_num_threads()
+    return launched.drive(launch, threads,
+                          lambda address: _quantize(args, launch.world, address, threads))
+
+
+def _quantize(args, workers: int | None, address: str | None, threads: int | None) -> int:
     recipe = _recipe_from_args(args)
     summary = quantize_model(_model_or_embedded(args.model), args.output, recipe,
-                             device=_device(args.device, ray=args.workers is not None
-                                            or args.address is not None),
+                             device=_device(args.device, ray=workers is not None
+                                            or address is not None),
                              overwrite=args.overwrite,
                              worker_device=args.worker_device, step_timeout=args.step_timeout,
                              log_level="DEBUG" if args.debug else "WARNING",
-                             progress=True, workers=args.workers, address=args.address,
-                             threads=args.threads, resume=args.resume,
+                             progress=True, workers=workers, address=address,
+                             threads=threads, resume=args.resume,
                              round_checkpoints=args.round_checkpoints,
                              max_worker_restarts=args.max_worker_restarts,
                              work_dir=args.work_dir)

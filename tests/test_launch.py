@@ -125,16 +125,19 @@ def test_launcher_commands_use_flags_that_exist_and_leave_the_driver_device_alon
              "rayjob.yaml": rayjob["spec"]["entrypoint"],
              "slurm.sbatch": invocation.replace("\\\n", " "),
              "accelerate.yaml": (LAUNCH / "accelerate.yaml").read_text()}
-    seen = 0
+    seen, quantized = 0, set()
     for name, text in texts.items():
         for args in _commands(text):
             parsed = build_parser().parse_args(args)  # exits on an unknown flag
             seen += 1
             if parsed.command == "quantize":
+                quantized.add(name)
+                # accelerate launch forms its own cluster (tests/test_accelerate_launch.py).
+                assert name != "accelerate.yaml" or parsed.address is None, args
                 # The driver on a GPU-less head gets GPU workers from the cluster.
                 assert parsed.device is None, (name, args)
                 assert parsed.resume, (name, args)
-    assert seen >= 4
+    assert seen >= 6 and quantized == set(texts)
 
 
 def test_every_launcher_that_runs_admmq_puts_the_model_cache_on_shared_storage():

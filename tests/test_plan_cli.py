@@ -111,6 +111,10 @@ NOT_PLANNED = {"-o", "--output", "--address", "--dataset"}  # flags with a value
 NOT_PLANNED_SWITCHES = {"--resume", "--overwrite", "--round-checkpoints", "--json"}
 
 
+# `admmq quantize` and `accelerate launch … -m admmq_dist.cli quantize`, maybe continued.
+DOCUMENTED = r"admmq(?:_dist\.cli)? (?:quantize|plan)\s+(?:#\s+)?(meta-llama/\S+)([^\n`'|#]*)"
+
+
 def documented_commands() -> list[tuple[str, list[str]]]:
     """Every `admmq quantize` of a hub model in the README and launch/, as (where, argv)."""
     out = []
@@ -119,7 +123,7 @@ def documented_commands() -> list[tuple[str, list[str]]]:
         text = path.read_text().replace("\\\n", " ").replace(">-\n", "")
         # Continued lines, in YAML and in shell comments.
         text = re.sub(r"\s#\s+--", " --", re.sub(r"\n\s*#?\s+--", " --", text))
-        for match in re.finditer(r"admmq (?:quantize|plan) (meta-llama/\S+)([^\n`'|#]*)", text):
+        for match in re.finditer(DOCUMENTED, text):
             out.append((f"{path.name}: {match.group(0)[:80]}",
                         [match.group(1), *match.group(2).split()]))
     return out

@@ -303,6 +303,7 @@ class Job:
             "method": self.recipe.solver.method, "layers": len(report),
             "mean_loss": sum(r["loss"] for r in solved) / max(len(solved), 1),
             "workers": self.backend.size, "resumed_blocks": resumed,
+            "nodes": len({p["node"] for p in getattr(self.backend, "placement", ())}) or 1,
             # What the bytes depend on besides the inputs: the workers' device and threads.
             "threads_per_worker": getattr(self.backend, "threads", None)
             or torch.get_num_threads(),

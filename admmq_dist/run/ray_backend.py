@@ -12,6 +12,10 @@ not answer within the step deadline is killed and counts as lost too; a node out
 stops the run at once (retrying would only repeat it). Worker logs reach the driver's terminal,
 prefixed by Ray with the worker.
 
+``cluster_get``/``cluster_put``/``cluster_nodes`` read and write the cluster's key-value store and
+count its nodes without joining it as a driver (the processes of an `accelerate launch` use them to
+wait for each other and hand on rank 0's status: run/launched.py).
+
 Ray is a dependency of the package, but a machine without it (a bare GPU node) can still run
 in-process: the import is allowed to fail until Ray workers are asked for.
 """
@@ -35,6 +39,7 @@ try:
                                 RayActorError, RayTaskError, WorkerCrashedError)
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    from ray.core.generated.gcs_pb2 import GcsNodeInfo
 
     # What a lost process or node looks like from the driver (ObjectReconstructionFailedError
     # and its kin are ObjectLostErrors).
@@ -44,6 +49,34 @@ except ImportError:  # pragma: no cover - exercised on machines without Ray
     ray = None
 
 log = logging.getLogger(__name__)
+
+
+_GCS: dict = {}  # address -> a client of that cluster's GCS
+
+
+def _gcs(address: str):
+    """A client of the cluster's control store (Ray's GCS): no driver, no raylet, no session."""
+    if ray is None:
+        raise RuntimeError("Ray is not installed here (pip install ray)")
+    if address not in _GCS:
+        _GCS[address] = ray._raylet.GcsClient(address=address)
+    return _GCS[address]
+
+
+def cluster_get(address: str, key: str, timeout: float = 5.0) -> str | None:
+    """``key``'s value in the key-value store of the cluster at ``address`` (None: unset)."""
+    value = _gcs(address).internal_kv_get(key.encode(), b"admmq", timeout=timeout)
+    return None if value is None else value.decode()
+
+
+def cluster_put(address: str, key: str, value: str, timeout: float = 5.0) -> None:
+    _gcs(address).internal_kv_put(key.encode(), value.encode(), True, b"admmq", timeout=timeout)
+
+
+def cluster_nodes(address: str, timeout: float = 5.0) -> int:
+    """How many nodes of the cluster at ``address`` are alive."""
+    nodes = _gcs(address).get_all_node_info(timeout=timeout).values()
+    return sum(1 for node in nodes if node.state == GcsNodeInfo.ALIVE)
 
 
 def _probe(device: str) -> dict:
