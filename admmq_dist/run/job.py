@@ -305,8 +305,7 @@ class Job:
             "workers": self.backend.size, "resumed_blocks": resumed,
             "nodes": len({p["node"] for p in getattr(self.backend, "placement", ())}) or 1,
             # What the bytes depend on besides the inputs: the workers' device and threads.
-            "threads_per_worker": getattr(self.backend, "threads", None)
-            or torch.get_num_threads(),
+            "threads_per_worker": getattr(self.backend, "threads", None) or torch.get_num_threads(),
             "step_timeout_seconds": getattr(self.backend, "step_timeout", None),
             "worker_busy_seconds": [{k: v for k, v in s.items() if k != "factorizations"}
                                     for s in stats],
