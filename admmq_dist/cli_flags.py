@@ -77,6 +77,11 @@ RECIPE_FLAGS: list[tuple[str, str, dict]] = [
         "choices": ("keep", "zero"),
         "help": "coordinated: what a layer's dual does when its Hessian is refreshed: keep it "
                 "(default) or zero it"}),
+    ("--penalty", "solver.penalty", {
+        "choices": ("continuation", "balance"),
+        "help": "coordinated: each round's ρ from the admm schedule carried across rounds "
+                "(continuation, default), or that balanced on the model's primal and dual "
+                "residuals (balance)"}),
     ("--coordinated-start", "solver.coordinated_start", {
         "choices": ("float", "sequential"),
         "help": "coordinated: round 0 after one sequential GPTQ pass, block by block "

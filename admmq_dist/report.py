@@ -148,8 +148,9 @@ def _rounds_plot(summary: dict) -> Figure | None:
     rounds = summary.get("rounds")
     if not rounds:
         return None
-    fig = _figure((10, 3.4))
-    changed_ax, loss_ax = fig.subplots(1, 2)
+    residual_rounds = [(x, r) for x, r in enumerate(rounds) if "primal_residual" in r]
+    fig = _figure((15 if residual_rounds else 10, 3.4))
+    changed_ax, loss_ax, *more = fig.subplots(1, 3 if residual_rounds else 2)
     # Rounds are numbered, and the coordinated schedule's polish comes last by name.
     xs = list(range(len(rounds)))
     labels = [str(r["round"]) for r in rounds]
@@ -168,7 +169,17 @@ def _rounds_plot(summary: dict) -> Figure | None:
     loss_ax.plot(xs, [r["mean_loss"] for r in rounds], marker="o", color="tab:green")
     loss_ax.set_ylabel("mean relative loss")
     loss_ax.set_title("mean layer loss per round")
-    for ax in (changed_ax, loss_ax):
+    if residual_rounds:  # what the coordinator's penalty rule reads
+        for key, label in (("primal_residual", "primal ‖W − Z‖"),
+                           ("dual_residual", "dual ρ‖Z − Z_prev‖")):
+            more[0].plot([x for x, _ in residual_rounds],
+                         [max(r[key], 1e-12) for _, r in residual_rounds], marker="o",
+                         label=label)
+        more[0].set_yscale("log")
+        more[0].set_ylabel("relative to ‖W0‖ (model RMS)")
+        more[0].set_title("residuals at each round's end")
+        more[0].legend(fontsize=7)
+    for ax in (changed_ax, loss_ax, *more):
         ax.set_xticks(xs, labels)
         ax.set_xlabel("round")
     fig.tight_layout()

@@ -13,7 +13,8 @@ import torch
 from admmq_dist.quant.solvers.admmq import ADMMSettings
 from admmq_dist.recipe import Recipe, override
 from admmq_dist.run.backends import LocalBackend
-from admmq_dist.run.coordinated import advance
+from admmq_dist.run import coordinated as coordinated_module
+from admmq_dist.run.coordinated import advance, model_residuals, next_rho
 from admmq_dist.run.coordinated_worker import CoordinatedWorker
 from admmq_dist.run.job import quantize_model
 from admmq_dist.run.workdir import work_dir_for
@@ -282,6 +283,47 @@ def test_advance_follows_the_two_phase_schedule():
     assert advance(0.1, 1, admm) == pytest.approx(0.11)
     assert advance(0.5, 2, admm) == pytest.approx(0.5 * 1.03 ** 2)
     assert advance(0.25, 0, admm) == 0.25
+
+
+def test_residual_balancing_scales_the_continued_penalty_by_the_models_residuals():
+    admm = ADMMSettings()
+    base = advance(0.4, 10, admm)
+    assert next_rho(0.4, 10, admm, "continuation", (1.0, 0.0)) == base
+    assert next_rho(0.4, 10, admm, "balance", (1.0, 0.05)) == pytest.approx(2 * base)
+    assert next_rho(0.4, 10, admm, "balance", (0.05, 1.0)) == pytest.approx(base / 2)
+    assert next_rho(0.4, 10, admm, "balance", (1.0, 0.5)) == base
+    assert next_rho(0.4, 10, admm, "balance", None) == base
+    # The model's residuals: the layers' last values, root mean square weighted by size.
+    rows = [{"size": 3, "residual": [9.0, 0.2], "dual_residual": [9.0, 0.0]},
+            {"size": 1, "residual": [9.0, 0.4], "dual_residual": [9.0, 0.4]},
+            {"size": 5, "residual": [], "dual_residual": []}]  # a frozen or non-ADMM layer
+    primal, dual = model_residuals(rows)
+    assert primal == pytest.approx(((3 * 0.04 + 0.16) / 4) ** 0.5)
+    assert dual == pytest.approx((0.16 / 4) ** 0.5)
+    assert model_residuals([]) is None
+
+
+def test_every_round_reports_the_residuals_and_balancing_moves_the_penalty(model_dir, reference,
+                                                                         tmp_path, monkeypatch):
+    out, one = reference
+    rounds = [h for h in one["rounds"] if h["round"] != "polish"]
+    assert all(h["primal_residual"] > 0 and h["dual_residual"] >= 0 for h in rounds)
+    row = next(r for r in one_report(out) if r["layer"].endswith("mlp.down_proj"))
+    assert len(row["dual_residual"]) == len(row["residual"]) == ROUNDS * 10
+    # This tiny model's residuals stay within Boyd's 10x of each other (the rule would hold ρ
+    # on the continuation); a tighter balance shows the rule reaches the workers' ρ and bytes.
+    monkeypatch.setattr(coordinated_module, "BALANCE_RATIO", 1.2)
+    balanced = coordinated(model_dir, tmp_path / "balance", penalty="balance")
+    got = [h for h in balanced["rounds"] if h["round"] != "polish"]
+    admm, k = ADMMSettings(), Recipe().solver.coordinated_iterations
+    for before, after in zip(got, got[1:]):  # each round's ρ is the rule applied to the last
+        assert after["rho"] == pytest.approx(next_rho(
+            before["rho"], k, admm, "balance",
+            (before["primal_residual"], before["dual_residual"])))
+    assert [h["rho"] for h in got] != [h["rho"] for h in rounds]
+    assert tensors(tmp_path / "balance") != tensors(out)
+    with pytest.raises(ValueError, match="penalty"):
+        override(Recipe(), {"solver": {"penalty": "spectral"}})
 
 
 def test_asymmetric_calibration_pulls_the_model_toward_the_float_one(model_dir, reference,

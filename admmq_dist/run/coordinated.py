@@ -7,9 +7,11 @@ Workers own contiguous runs of decoder blocks for the whole run. A round:
    from the inputs the current model gives it (round 0: the float model);
 2. **iterate** — every layer takes ``coordinated_iterations`` ADMM-Q iterations on its refreshed
    Hessian, warm from its own last iterate and dual, at the one ρ the coordinator holds;
-3. **synchronize** — the coordinator reads what changed, advances ρ along the admm schedule (a
-   continuation: never reset, so the codes of the whole model anneal together), decides whether
-   the run is done, and commits the round (every layer's codes, iterate and duals, and ρ).
+3. **synchronize** — the coordinator reads what changed and the whole model's primal and dual
+   residuals, advances ρ along the admm schedule (a continuation: never reset, so the codes of
+   the whole model anneal together; the ``penalty`` rule "balance" also scales it by the
+   residuals' balance), decides whether the run is done, and commits the round (every layer's
+   codes, iterate and duals, and ρ).
 
 The duals are the unscaled ``Y = ρU`` (see :mod:`admmq_dist.quant.solvers.admmq`): a change of ρ
 rescales the scaled dual consistently on every worker without any work, and when a Hessian is
@@ -42,6 +44,38 @@ def advance(rho: float, iterations: int, admm: ADMMSettings) -> float:
     for _ in range(iterations):
         slow = admm.rho_slow_from is not None and rho >= admm.rho_slow_from
         rho *= admm.rho_growth_slow if slow else admm.rho_growth
+    return rho
+
+
+# Residual balancing (Boyd et al. 2011, (3.13)): ρ ×τ when the primal residual is more than μ
+# times the dual one, ÷τ when the dual one is more than μ times the primal; their values.
+BALANCE_RATIO = 10.0
+BALANCE_STEP = 2.0
+
+
+def model_residuals(rows: list[dict]) -> tuple[float, float] | None:
+    """The whole model's relative primal and dual residuals at the end of a round: the root mean
+    square, weighted by layer size, of every layer's last ``‖W − Z‖/‖W0‖`` and
+    ``ρ‖Z − Z_prev‖/‖W0‖`` of the round (None without ADMM-Q curves)."""
+    rows = [r for r in rows if r.get("residual") and r.get("dual_residual")]
+    size = sum(r["size"] for r in rows)
+    if not size:
+        return None
+    return tuple((sum(r["size"] * r[key][-1] ** 2 for r in rows) / size) ** 0.5
+                 for key in ("residual", "dual_residual"))
+
+
+def next_rho(rho: float, iterations: int, admm: ADMMSettings, rule: str,
+             residuals: tuple[float, float] | None) -> float:
+    """The next round's ρ: the admm continuation over the round's ``iterations``; under the
+    "balance" rule also balanced on the model's ``(primal, dual)`` residuals (``BALANCE_*``)."""
+    rho = advance(rho, iterations, admm)
+    if rule == "balance" and residuals is not None:
+        primal, dual = residuals
+        if primal > BALANCE_RATIO * dual:
+            rho *= BALANCE_STEP
+        elif dual > BALANCE_RATIO * primal:
+            rho /= BALANCE_STEP
     return rho
 
 
@@ -136,23 +170,26 @@ class CoordinatedSchedule(DepthParallelSchedule):
         rows = [row for part in self._each("iterate", lambda w: (self.rho, k, sorted(self.frozen)))
                 for row in part]
         self.timings["solve"] += time.perf_counter() - t
+        residuals = model_residuals(rows)
         for row in rows:
             old = self.latest.get((row["block"], row["layer"]))
             if old is not None:  # one run across rounds: its curves continue
-                for curve in ("residual", "rho"):
-                    row[curve] = old[curve] + row[curve]
+                for curve in ("residual", "dual_residual", "rho"):
+                    row[curve] = old.get(curve, []) + row.get(curve, [])
                 row["iterations"] += old["iterations"]
             self.latest[(row["block"], row["layer"])] = row
         for key in self.frozen:
             self.latest[key]["changed"] = 0.0
         size = sum(row["size"] for row in self.latest.values())
         changed = sum(row["changed"] * row["size"] for row in self.latest.values()) / max(size, 1)
-        rho, self.rho = self.rho, advance(self.rho, k, solver.admm)
+        rho, self.rho = self.rho, next_rho(self.rho, k, solver.admm, solver.penalty, residuals)
         if solver.freeze_changed is not None and r >= 1 and rho > solver.admm.stop_min_rho:
             self.frozen |= {(row["block"], row["layer"]) for row in rows
                             if row["changed"] < solver.freeze_changed}
         self.history.append({
             "round": r, "rho": rho, "changed": changed, "segments_solved": self.num_segments,
+            **({} if residuals is None else {"primal_residual": residuals[0],
+                                             "dual_residual": residuals[1]}),
             "mean_loss": sum(row["loss"] for row in self.latest.values()) / max(len(self.latest), 1),
             "iterations": sum(row["iterations"] for row in self.latest.values()),
             "frozen": len(self.frozen),

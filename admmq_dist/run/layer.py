@@ -81,7 +81,8 @@ def portable(blocks: list[RowBlockResult]) -> list[RowBlockResult]:
     return [dataclasses.replace(
         b, codes=b.codes.to(device="cpu", dtype=torch.uint8), weight=None, state={},
         scale=None if b.scale is None else b.scale.cpu(),
-        history={k: b.history[k] for k in ("residual", "rho", "weight_norm") if k in b.history})
+        history={k: b.history[k] for k in ("residual", "dual_residual", "rho", "weight_norm")
+                 if k in b.history})
         for b in blocks]
 
 

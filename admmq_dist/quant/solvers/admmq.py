@@ -224,7 +224,7 @@ def _run(loop, codes0: torch.Tensor, grid: Grid, settings: ADMMSettings,
     # stay on the device until the run ends: the only value read back per iteration is the count
     # of changed codes, and only once ρ is high enough for it to stop the run.
     track: dict[str, list[torch.Tensor]] = {"loss": [best_rows.sum()], "best_loss": [],
-                                            "changed": [], "residual": []}
+                                            "changed": [], "residual": [], "dual_residual": []}
     rhos: list[float] = []
     gen = None
     if settings.projection == "random":
@@ -244,6 +244,9 @@ def _run(loop, codes0: torch.Tensor, grid: Grid, settings: ADMMSettings,
             if rho > settings.stop_min_rho or it % 5 == 0 else None
         track["changed"].append(count)
         track["residual"].append(torch.linalg.vector_norm(W - Znew))
+        # The dual residual ρ‖Z − Z_prev‖_F (Boyd et al. §3.3): with the primal one, what a
+        # coordinator balancing the penalty reads.
+        track["dual_residual"].append(rho * torch.linalg.vector_norm(Znew - Z))
         rows_loss = loop.z_done(Znew, Zhard, rho)
         Z, hard = Znew, new_hard
         iterations = it + 1
@@ -275,4 +278,5 @@ def _history(track: dict[str, list], rhos: list[float], size: int,
             "rho": rhos,
             "changed": [float("nan") if c is None else int(c) / size for c in track["changed"]],
             "residual": floats(track["residual"]),
+            "dual_residual": floats(track["dual_residual"]),
             "weight_norm": [float(torch.linalg.vector_norm(W0))]}

@@ -113,18 +113,20 @@ def solve_row_block(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Gr
 
 
 def layer_history(blocks: list[RowBlockResult]) -> dict:
-    """A layer's ADMM-Q curves from its row blocks': the relative primal residual
-    ``‖W − Z‖_F / ‖W0‖_F`` and ρ per iteration (a block that stopped early holds its last value),
-    and the baselines' relative losses. Empty lists for methods without iterations."""
+    """A layer's ADMM-Q curves from its row blocks': the relative primal and dual residuals
+    ``‖W − Z‖_F / ‖W0‖_F`` and ``ρ‖Z − Z_prev‖_F / ‖W0‖_F`` and ρ per iteration (a block that
+    stopped early holds its last value), and the baselines' relative losses. Empty lists for
+    methods without iterations."""
     blocks = sorted(blocks, key=lambda b: b.start)
     curves = [b.history for b in blocks if b.history.get("residual")]
-    out: dict = {"residual": [], "rho": []}
+    out: dict = {"residual": [], "dual_residual": [], "rho": []}
     if curves:
         length = max(len(c["residual"]) for c in curves)
         norm = math.sqrt(sum(c["weight_norm"][0] ** 2 for c in curves)) or 1.0
-        for i in range(length):
-            squares = sum(c["residual"][min(i, len(c["residual"]) - 1)] ** 2 for c in curves)
-            out["residual"].append(_short(math.sqrt(squares) / norm))
+        for key in ("residual", "dual_residual"):
+            for i in range(length if all(c.get(key) for c in curves) else 0):
+                squares = sum(c[key][min(i, len(c[key]) - 1)] ** 2 for c in curves)
+                out[key].append(_short(math.sqrt(squares) / norm))
         out["rho"] = [_short(r) for r in max(curves, key=lambda c: len(c["rho"]))["rho"]]
     methods = {m for b in blocks for m in b.compare}
     if methods:

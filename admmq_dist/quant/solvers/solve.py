@@ -21,6 +21,7 @@ from .scales import refit_scales
 METHODS = ("admmq", "gptq", "rtn")
 SCHEDULES = ("sequential", "depth-parallel", "coordinated")
 REFRESH_DUALS = ("keep", "zero")
+PENALTIES = ("continuation", "balance")
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,11 @@ class SolverSettings:
     # third rule, reset to the new Hessian's stationary dual, diverged — perplexity 2.6e14 by
     # round 5, benchmarks/results/coordinated_start_quick.md — and was removed.)
     refresh_dual: Literal["keep", "zero"] = "keep"
+    # coordinated: how the coordinator sets each round's ρ: "continuation" — the admm schedule
+    # carried across rounds; "balance" — that, and ×2 / ÷2 when the whole model's primal residual
+    # is more than 10× its dual one / the other way round (residual balancing, Boyd et al. 2011
+    # §3.4.1; the workers report both residuals each round).
+    penalty: Literal["continuation", "balance"] = "continuation"
     # Where round 0's codes come from: "sequential" — one sequential GPTQ pass first (block by
     # block on the quantized model's inputs, one worker busy at a time: GPTQ's time), so that
     # round 0's Hessians are already near the final model's; "float" — GPTQ on the float
@@ -104,6 +110,8 @@ class SolverSettings:
         if self.coordinated_start not in ("float", "sequential"):
             raise ValueError(f"coordinated_start={self.coordinated_start!r} must be 'float' or "
                              "'sequential'")
+        if self.penalty not in PENALTIES:
+            raise ValueError(f"penalty={self.penalty!r} must be one of {PENALTIES}")
         if self.refresh_dual not in REFRESH_DUALS:
             raise ValueError(f"refresh_dual={self.refresh_dual!r} must be one of {REFRESH_DUALS}")
         if self.segments is not None and self.segments < 1:
