@@ -25,6 +25,7 @@ from ..grid import Grid, dequantize_codes
 from ..factors import HessianFactors
 from ..hessian import relative_loss
 from .gptq import GPTQSettings, gptq
+from .admmq_iterations import run_iterations
 from .result import SolverResult
 from .w_updates import ExactUpdate, InexactUpdate
 
@@ -61,6 +62,13 @@ class ADMMSettings:
     stop_tolerance: float = 1e-4
     stop_patience: int = 5
     stop_min_rho: float = 1.0
+    # Active rows (solvers/active_rows.py): a row whose codes have not moved for row_patience
+    # iterations with ρ above row_min_rho (None: stop_min_rho) leaves the iteration, its best
+    # iterate final; the W-update, projection, dual update and loss then run on the rows left.
+    # The run stops when no row is left (or by the whole-matrix rule above, whichever first).
+    active_rows: bool = False
+    row_patience: int = 5
+    row_min_rho: float | None = None
     # Inexact W-updates. Five warm-started CG steps per iteration keep the layer loss within
     # ~0.5% of the exact update's on Llama-shaped layers; three lose ~2.5%, one or two ~8%.
     cg_steps: int = 5
@@ -89,6 +97,12 @@ class ADMMSettings:
                 raise ValueError(f"admm {name}={getattr(self, name)!r} must be one of {allowed}")
         if self.stop_patience < 1:
             raise ValueError(f"admm stop_patience={self.stop_patience} must be at least 1")
+        if self.row_patience < 1:
+            raise ValueError(f"admm row_patience={self.row_patience} must be at least 1")
+        if self.row_min_rho is not None and not self.row_min_rho > 0:
+            raise ValueError(f"admm row_min_rho={self.row_min_rho} must be positive")
+        if not isinstance(self.active_rows, bool):
+            raise ValueError(f"admm active_rows={self.active_rows!r} must be true or false")
         if self.cg_from_width < 1:
             raise ValueError(f"admm cg_from_width={self.cg_from_width} must be at least 1")
         if self.cg_steps < 1 or self.gradient_steps < 1 or self.gradient_batch_tokens < 1:
@@ -99,6 +113,10 @@ class ADMMSettings:
             raise ValueError(
                 f"admm random_probability={self.random_probability} must lie in (0, 1]"
             )
+
+    def row_min_rho_for(self) -> float:
+        """The ρ above which a row's quiet iterations count (active rows)."""
+        return self.stop_min_rho if self.row_min_rho is None else self.row_min_rho
 
     def w_update_for(self, width: int) -> str:
         """The W-update a layer with ``width`` inputs gets (``"auto"`` resolved)."""
@@ -155,12 +173,12 @@ def admmq(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
     else:
         codes0 = grid.codes(loop.W0)  # dead input columns already zeroed
     dual0 = _start_dual(loop, init_dual, codes0, grid)
-    best_codes, best_loss, iterations, history, rho, last = _run(loop, codes0, grid, settings,
-                                                                 dual0)
+    best_codes, best_loss, iterations, history, rho, last, dual = run_iterations(
+        loop, codes0, grid, settings, dual0)
     deq = grid.dequantize(best_codes)
     loss = relative_loss(deq, w0, h0) if h0 is not None else best_loss
     return SolverResult("admmq", best_codes, grid, deq, loss, iterations,
-                        time.perf_counter() - start, history, state={"dual": loop.Y, "rho": rho,
+                        time.perf_counter() - start, history, state={"dual": dual, "rho": rho,
                                                        "last_codes": grid.codes(last)})
 
 
@@ -188,95 +206,3 @@ def _start_dual(loop, init_dual, codes0: torch.Tensor, grid: Grid) -> torch.Tens
         scale, zero = grid.expanded()
         return loop.stationary_dual(dequantize_codes(codes0, scale, zero))
     return init_dual.to(device=codes0.device, dtype=torch.float32)
-
-
-def _project(settings: ADMMSettings, V: torch.Tensor, P: torch.Tensor, Z: torch.Tensor, gen,
-             row_scale_norm):
-    """The Z-step's projection of ``V = W + U`` given its nearest grid points ``P``: ``(Z, the
-    hard Z the soft variant also passes on or None, the codes' grid points)``."""
-    if settings.projection == "hard":
-        return P, None, P
-    if settings.projection == "random":
-        keep = torch.rand(P.shape, generator=gen, device=P.device) >= settings.random_probability
-        Znew = torch.where(keep, Z, P)
-        return Znew, None, Znew
-    dist = (P - V).norm(dim=1, keepdim=True)
-    t = settings.soft_strength * row_scale_norm
-    frac = torch.where(dist <= t, torch.ones_like(dist), t / dist.clamp_min(1e-30))
-    return V + frac * (P - V), P, P
-
-
-def _run(loop, codes0: torch.Tensor, grid: Grid, settings: ADMMSettings,
-         dual0: torch.Tensor | None = None):
-    """The ADMM iterations; ``loop`` supplies the W-step. Returns the best codes row by row, the
-    best loss, the iterations run, the history and the ρ the next iteration would have used."""
-    scale, zero = grid.expanded()
-    inv_scale = 1.0 / scale
-    # clamp(round(v / s) + z, 0, maxq) - z == clamp(round(v / s), -z, maxq - z): z is an integer.
-    low, high = -zero, grid.maxq - zero
-    Z = dequantize_codes(codes0, scale, zero)
-    # The objective is a sum over rows that do not interact, so the best iterate is kept row by
-    # row: a row that oscillates is taken at its own best moment, not at the matrix's.
-    best_rows = loop.start(Z, dual0)
-    best_Z = Z
-    # "residual" is the primal residual ‖W − Z‖_F per iteration (the report plots it beside ρ);
-    # "weight_norm" holds ‖W0‖_F so that row blocks' residuals combine into a layer's. The figures
-    # stay on the device until the run ends: the only value read back per iteration is the count
-    # of changed codes, and only once ρ is high enough for it to stop the run.
-    track: dict[str, list[torch.Tensor]] = {"loss": [best_rows.sum()], "best_loss": [],
-                                            "changed": [], "residual": [], "dual_residual": []}
-    rhos: list[float] = []
-    gen = None
-    if settings.projection == "random":
-        gen = torch.Generator(device=Z.device).manual_seed(settings.seed)
-    row_scale_norm = scale.norm(dim=1, keepdim=True) if settings.projection == "soft" else None
-    hard = Z
-    rho = settings.rho_start
-    quiet = 0
-    iterations = 0
-    for it in range(settings.iterations):
-        W = loop.w_step(rho)
-        V = torch.add(W, loop.Y, alpha=1.0 / rho)  # W + U
-        P = (V * inv_scale).round_().clamp_(low, high).mul_(scale)
-        Znew, Zhard, new_hard = _project(settings, V, P, Z, gen, row_scale_norm)
-        # Counting changed codes costs two passes; below stop_min_rho it only feeds the history.
-        count = torch.count_nonzero(new_hard != hard) \
-            if rho > settings.stop_min_rho or it % 5 == 0 else None
-        track["changed"].append(count)
-        track["residual"].append(torch.linalg.vector_norm(W - Znew))
-        # The dual residual ρ‖Z − Z_prev‖_F (Boyd et al. §3.3): with the primal one, what a
-        # coordinator balancing the penalty reads.
-        track["dual_residual"].append(rho * torch.linalg.vector_norm(Znew - Z))
-        rows_loss = loop.z_done(Znew, Zhard, rho)
-        Z, hard = Znew, new_hard
-        iterations = it + 1
-        better = rows_loss < best_rows
-        best_rows = torch.where(better, rows_loss, best_rows)
-        best_Z = torch.where(better.unsqueeze(1), hard, best_Z)
-        track["loss"].append(rows_loss.sum())
-        track["best_loss"].append(best_rows.sum())
-        rhos.append(rho)
-        if rho > settings.stop_min_rho and int(count) / P.numel() < settings.stop_tolerance:
-            quiet += 1
-            if quiet >= settings.stop_patience:
-                break
-        else:
-            quiet = 0
-        slow = settings.rho_slow_from is not None and rho >= settings.rho_slow_from
-        rho *= settings.rho_growth_slow if slow else settings.rho_growth
-    history = _history(track, rhos, Z.numel(), loop.W0)
-    return grid.codes(best_Z), float(best_rows.sum()), iterations, history, rho, hard
-
-
-def _history(track: dict[str, list], rhos: list[float], size: int,
-             W0: torch.Tensor) -> dict[str, list[float]]:
-    """The run's figures as numbers, read back from the device once."""
-    def floats(values: list[torch.Tensor]) -> list[float]:
-        return torch.stack(values).tolist() if values else []
-
-    return {"loss": floats(track["loss"]), "best_loss": floats(track["best_loss"]),
-            "rho": rhos,
-            "changed": [float("nan") if c is None else int(c) / size for c in track["changed"]],
-            "residual": floats(track["residual"]),
-            "dual_residual": floats(track["dual_residual"]),
-            "weight_norm": [float(torch.linalg.vector_norm(W0))]}

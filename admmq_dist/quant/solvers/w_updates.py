@@ -11,6 +11,7 @@ import torch
 
 from ..factors import HessianFactors
 from ..hessian import zero_columns
+from .active_rows import compact
 
 
 class ExactUpdate:
@@ -64,6 +65,12 @@ class ExactUpdate:
         if Zhard is None:
             return self.row_loss_rotated(RZ)
         return self.row_loss_rotated(Zhard @ self.to_rotated)
+
+    def keep(self, index: torch.Tensor, memo: dict) -> None:
+        """Keep only rows ``index`` of the row state (active rows, :mod:`.active_rows`); the last
+        W-step's ``W`` is dropped, the next one makes it."""
+        self.W = self.RW = None
+        _keep_rows(self, ("W0", "RW0", "RW0_ell", "RZ", "Y", "RY"), index, memo)
 
 
 class InexactUpdate:
@@ -164,6 +171,18 @@ class InexactUpdate:
         self.Y.add_(self.W, alpha=rho).sub_(Z, alpha=rho)
         self.Z = Z
         return self._row_loss(Z if Zhard is None else Zhard)
+
+    def keep(self, index: torch.Tensor, memo: dict) -> None:
+        """Keep only rows ``index`` of the row state (active rows, :mod:`.active_rows`)."""
+        _keep_rows(self, ("W0", "W0H", "Z", "Y", "W", "WH"), index, memo)
+
+
+def _keep_rows(loop, names: tuple[str, ...], index: torch.Tensor, memo: dict) -> None:
+    state = {name: getattr(loop, name, None) for name in names}
+    compact(state, index, memo)
+    for name, value in state.items():
+        if value is not None:
+            setattr(loop, name, value)
 
 
 def top_eigenvalue(x: torch.Tensor, gen: torch.Generator, steps: int = 30) -> float:
