@@ -7,7 +7,8 @@ import torch
 from admmq_dist.recipe import Recipe, override
 from admmq_dist.run import memory
 from admmq_dist.run.job import quantize_model
-from admmq_dist.run.memory import dyadic_pieces, llama_block, plan_block, tokens_per_worker
+from admmq_dist.run.memory import dyadic_pieces, plan_block
+from admmq_dist.run.plan import llama_block, tokens_per_worker
 
 from memory_cells import CELLS, measure_cell
 from tiny import tiny_model_dir
@@ -95,6 +96,10 @@ def test_llama_405b_on_64_workers_of_80_gib_with_asymmetric_calibration():
         "row-block solve"]
     assert gpu.items["partial sums"] == (3 + 2) * 4 * n2  # the owner's merge
     assert cpu.peak - gpu.peak >= 8 * n2 and cpu.peak > memory.usable(80 * 2**30)
+    # What waits on the host meanwhile, at most (the owner's): partial sums handed over, the
+    # merged copy handed to the other solvers, and per statistic up to 8 nodes waiting for a
+    # sibling (64 batches merged: 7 levels, and its own piece). A CPU worker parks nothing.
+    assert gpu.host == (3 + 2 + 3 * 8) * 4 * n2 and cpu.host == 0
     # Left to the default, act_bytes 2 means a GPU.
     assert plan(None).peak == gpu.peak
 

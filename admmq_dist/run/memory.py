@@ -86,16 +86,19 @@ class MemoryPlan:
     the block (``"capture <stage>"``, ``"solve <stage>"``), ``(held, factorizations, transient,
     units)`` — what stays alive through it, the Hessians and factors it keeps, the largest
     working set of one call inside it, and how many row-block units share the factors — so that
-    workers sharing one device or process can be added up (:func:`in_process_peak`)."""
+    workers sharing one device or process can be added up (:func:`in_process_peak`). ``host``:
+    the most a GPU worker parks in host memory meanwhile (:func:`plan_block`)."""
 
     items: dict[str, int] = field(default_factory=dict)
     peak: int = 0
+    host: int = 0
     worst_stage: str = ""
     phases: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def on(self, device: torch.device) -> dict:
         """What a worker reports: the plan's figures and what ``device`` can hold."""
-        return {"peak": self.peak, "items": self.items, "worst": self.worst_stage,
+        return {"peak": self.peak, "host": self.host, "items": self.items,
+                "worst": self.worst_stage,
                 "describe": self.describe(), "capacity": device_capacity(device),
                 "phases": self.phases}
 
@@ -120,9 +123,8 @@ def plan_block(groups: list[list[tuple[str, int, int]]], *, hidden: int, tokens:
     eigendecomposition (the exact W-update) or none (CG, GPTQ); ``group_size``: the grid's (None:
     per channel), for the scale refit; ``batch_tokens``: tokens per calibration batch (the
     forward pass's); ``embeddings``: bytes of the embeddings, final norm and ``lm_head`` every
-    worker holds; ``host``: whether what waits on the host (run/worker.py: handed or waiting
-    partial sums, H and the cross term while targets move) is off the device (None: ``act_bytes
-    < 4``: only CPU workers use float32)."""
+    worker holds; ``host``: whether what waits on the host (:func:`_host_bytes`) is off the
+    device (None: ``act_bytes < 4``: only CPU workers use float32)."""
     host = act_bytes < 4 if host is None else host
     plan = MemoryPlan(items=_held_through_block(groups, hidden, tokens, act_bytes, asymmetric,
                                                 embeddings))
@@ -158,12 +160,30 @@ def plan_block(groups: list[list[tuple[str, int, int]]], *, hidden: int, tokens:
         handed = stats * pieces * sum(squares) if workers > 1 and not host else 0
         plan.phases[f"solve {name}"] = (held + handed, kept, transient, units)
         need = max(trees + forward, merge, handed + kept + transient)
+        plan.host = max(plan.host, host * _host_bytes(
+            squares, stats, kept_stats, pieces, asymmetric, workers * (stop - start), workers))
         if need > worst:
             worst, plan.worst_stage = need, name
             plan.items.update({"Hessians and factorizations": kept, "row-block solve": transient,
                                "partial sums": max(trees, merge, handed), "forward pass": forward})
     plan.peak = held + worst
     return plan
+
+
+def _host_bytes(squares: list[int], stats: int, kept_stats: int, pieces: int,
+                asymmetric: bool, batches: int, workers: int) -> int:
+    """What a GPU worker parks on the host in a stage with Hessians of ``squares`` bytes: the
+    partial sums it handed to an owner (till the next capture), and either the nodes its merge
+    as an owner leaves waiting for a sibling (at most one per level of the ``batches`` merged in
+    ascending order, and its own pieces) or H and the cross term with their float64 copies
+    while the targets move; and as an owner, the merged copy handed to the other solvers."""
+    big = max(squares)
+    moving = (kept_stats + 2) * big if asymmetric else 0
+    if workers == 1:
+        return moving
+    levels = batches.bit_length() + pieces
+    return (stats * pieces * sum(squares) + kept_stats * big
+            + max(stats * levels * big, moving))
 
 
 def _held_through_block(groups: list, hidden: int, tokens: int, act_bytes: int,
@@ -331,30 +351,3 @@ def _host_available() -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def llama_block(hidden: int, intermediate: int, heads: int, kv_heads: int,
-                head_dim: int | None = None) -> list[list[tuple[str, int, int]]]:
-    """A Llama-style decoder block's stages as :func:`plan_block` takes them (with each
-    Hessian's row-block units at 512 rows)."""
-    head_dim = head_dim or hidden // heads
-    qkv = (heads + 2 * kv_heads) * head_dim
-
-    def units(*rows: int) -> int:
-        return sum(math.ceil(r / 512) for r in rows)
-
-    return [[("self_attn.q_proj", qkv, hidden,
-              units(heads * head_dim, kv_heads * head_dim, kv_heads * head_dim))],
-            [("self_attn.o_proj", hidden, heads * head_dim, units(hidden))],
-            [("mlp.gate_proj", 2 * intermediate, hidden, units(intermediate, intermediate))],
-            [("mlp.down_proj", hidden, intermediate, units(hidden))]]
-
-
-def tokens_per_worker(samples: int, seq_len: int, batch_size: int,
-                      workers: int) -> tuple[int, tuple[int, int]]:
-    """The largest shard's tokens and its batch range, as :func:`plan.shard_batches` cuts."""
-    batches = math.ceil(samples / batch_size)
-    bounds = [batches * k // workers for k in range(workers + 1)]
-    k = max(range(workers), key=lambda w: bounds[w + 1] - bounds[w])
-    count = bounds[k + 1] - bounds[k]
-    return count * batch_size * seq_len, (bounds[k], bounds[k + 1])
