@@ -7,7 +7,8 @@ import torch
 from admmq_dist.recipe import Recipe, override
 from admmq_dist.run import memory
 from admmq_dist.run.job import quantize_model
-from admmq_dist.run.memory import dyadic_pieces, llama_block, plan_block, tokens_per_worker
+from admmq_dist.run.memory import dyadic_pieces, plan_block
+from admmq_dist.run.plan import llama_block, tokens_per_worker
 
 from memory_cells import CELLS, measure_cell
 from tiny import tiny_model_dir
@@ -57,10 +58,61 @@ def test_the_default_cg_update_at_70b_widths_plans_no_eigendecomposition():
     n2 = 28672**2
     assert (exact.items["Hessians and factorizations"] - auto.items["Hessians and factorizations"]
             == memory.EIGH_KEPT * n2)
-    assert exact.items["row-block solve"] - auto.items["row-block solve"] == (
-        memory.EIGH_TRANSIENT - memory.CHOLESKY_TRANSIENT) * n2
+    assert exact.items["row-block solve"] == memory.EIGH_TRANSIENT * n2
+    # GPTQ's factor is computed in place: beyond the factor it keeps, only the copy cuSOLVER's
+    # inverse makes of it on a GPU (4 B per entry).
+    assert 4 * n2 <= auto.items["row-block solve"] < 5 * n2
     assert not SolverSettings().uses_eigh(28672) and SolverSettings().uses_eigh(8192)
     assert not override(Recipe(), {"solver": {"method": "gptq"}}).solver.uses_eigh(4096)
+
+
+def test_llama_405b_on_64_workers_of_80_gib_with_asymmetric_calibration():
+    """Llama-3.1-405B, 128 x 2048 tokens in batches of 2 (one per worker), asymmetric
+    calibration, defaults, GPU workers: down_proj (53248 wide, 10.6 GiB per float32 [n, n])
+    fits 80 GB. Its worst moment is moving the asymmetric target — the float64 factor and the
+    copy cholesky_solve makes of it (16 B per entry) — with the Hessian and cross term waiting on
+    the host; the owner's merge (its three statistics, the node arriving, a sibling back from
+    the host) comes next. On a CPU (no separate host) the same worker would not fit."""
+    from admmq_dist.quant.solvers.solve import SolverSettings
+
+    block = llama_block(16384, 53248, heads=128, kv_heads=8)
+    tokens, batches = tokens_per_worker(128, 2048, 2, 64)
+    assert batches[1] - batches[0] == 1
+
+    def plan(host):
+        return plan_block(block, hidden=16384, tokens=tokens, batch_range=batches, act_bytes=2,
+                          row_block=512, asymmetric=True, workers=64, host=host,
+                          eigh_for=SolverSettings().uses_eigh, batch_tokens=2 * 2048,
+                          embeddings=2 * 2 * 16384 * 128256)
+
+    gpu, cpu = plan(True), plan(False)
+    n2 = 53248**2
+    assert gpu.worst_stage == "mlp.down_proj" and gpu.peak < memory.usable(80 * 2**30)
+    held = sum(v for k, v in gpu.items.items() if k not in (
+        "Hessians and factorizations", "partial sums", "row-block solve", "forward pass"))
+    # Kept: Hessian and cross term, GPTQ's factor, the float32 target.
+    assert gpu.items["Hessians and factorizations"] == 12 * n2 + 16384 * 53248 * 4
+    assert gpu.peak == held + gpu.items["Hessians and factorizations"] + gpu.items[
+        "row-block solve"]
+    assert gpu.items["partial sums"] == (3 + 2) * 4 * n2  # the owner's merge
+    assert cpu.peak - gpu.peak >= 8 * n2 and cpu.peak > memory.usable(80 * 2**30)
+    # What waits on the host meanwhile, at most (the owner's): partial sums handed over, the
+    # merged copy handed to the other solvers, and per statistic up to 8 nodes waiting for a
+    # sibling (64 batches merged: 7 levels, and its own piece). A CPU worker parks nothing.
+    assert gpu.host == (3 + 2 + 3 * 8) * 4 * n2 and cpu.host == 0
+    # Left to the default, act_bytes 2 means a GPU.
+    assert plan(None).peak == gpu.peak
+
+
+def test_a_worker_adding_many_batches_holds_their_canonical_pieces():
+    """One worker adding 16 batches holds up to 4 partial sums per statistic (before batch 15:
+    [0-7], [8-11], [12-13], [14]) and the new product while it captures: at 70B's down_proj,
+    (3 x 4 + 1) float32 [n, n] under asymmetric calibration."""
+    block = llama_block(8192, 28672, heads=64, kv_heads=8)
+    tokens, batches = tokens_per_worker(128, 2048, 8, 1)
+    p = plan_block(block, hidden=8192, tokens=tokens, batch_range=batches, act_bytes=2,
+                   row_block=512, asymmetric=True)
+    assert p.phases["capture mlp.down_proj"][2] >= 13 * 4 * 28672**2
 
 
 def test_a_block_the_device_cannot_hold_is_refused_before_its_work(tmp_path, monkeypatch):

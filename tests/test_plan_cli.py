@@ -72,6 +72,18 @@ def test_the_70b_targets(capsys):
     assert code == 1 and "only 16 calibration batches" in out["problems"][0]
 
 
+def test_405b_fits_64_gpus_of_80_gib_in_batches_of_2(capsys):
+    """Llama-3.1-405B with the defaults, 128 x 2048 tokens in batches of 2 (one per worker):
+    each worker's device peak fits 80 GB; its host holds what the GPU worker parks there (the
+    owner of down_proj's Hessian: handed parts, the merged copy, up to 8 waiting nodes per
+    statistic; memory.plan_block's host) beside its block."""
+    code, out = plan(capsys, str(CONFIGS / "Llama-3.1-405B"), "--workers", "64", "--batch-size",
+                     "2", "--device-memory", "80GiB", *JOB)
+    assert code == 0 and out["fits"] and out["worker_device_peak_bytes"] < 76 * 2**30
+    assert out["worst"].endswith("mlp.down_proj")
+    assert out["worker_host_peak_bytes"] > (3 + 2 + 3 * 8) * 4 * 53248**2
+
+
 def test_more_workers_shrink_the_hidden_states_not_the_hessians(capsys):
     llama70 = str(CONFIGS / "Llama-3.1-70B")
     _, one = plan(capsys, llama70, "--device-memory", "141GB", *JOB)

@@ -25,7 +25,10 @@ def started(src, recipe, workers: int) -> LocalBackend:
 
 def test_two_workers_hand_over_what_one_worker_computes(tmp_path):
     src = tiny_model_dir(tmp_path / "src", "llama")
-    recipe, _ = settle_recipe(override(Recipe(), FAST), experts=False)
+    # Row blocks of 32: the rows solved below are canonical blocks (the deviation's share of
+    # the true loss is taken per canonical block when the Hessian is merged).
+    recipe, _ = settle_recipe(override(Recipe(), {**FAST, "solver": {"row_block": 32}}),
+                              experts=False)
     one, two = started(src, recipe, 1), started(src, recipe, 2)
     for backend in (one, two):
         for w in range(backend.size):
@@ -46,9 +49,9 @@ def test_two_workers_hand_over_what_one_worker_computes(tmp_path):
     one.call(0, "finish_hessian", 0, key)
     two.call(0, "merge_hessian_part", 0, key, two.call(1, "hessian_part", 0, key))
     size = two.call(0, "finish_hessian", 0, key)
-    # The merged Hessian, cross term and deviation (asymmetric calibration, the default) cross
-    # once, fp32, no partial-sum tree.
-    assert size == 3 * 64 * 64 * 4
+    # The merged Hessian and cross term (asymmetric calibration, the default) cross once, fp32,
+    # no partial-sum tree; the deviation only as its numbers per row block.
+    assert size == 2 * 64 * 64 * 4
     a = one.call(0, "solve", 0, key, key, [(0, 32)])
     b = two.call(1, "solve", 0, key, key, [(0, 32)], two.call(0, "merged_hessian", 0, key))
     c = two.call(0, "solve", 0, key, key, [(32, 64)])

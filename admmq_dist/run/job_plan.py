@@ -16,6 +16,7 @@ from ..recipe import Recipe
 from . import memory, time_model
 from .memory import usable
 from .model_shape import block_stages, config_folder, meta_skeleton, source_bytes
+from .plan import tokens_per_worker
 
 
 @dataclass
@@ -156,7 +157,7 @@ def _device_plan(shape: _Model, recipe: Recipe, workers: int, act: int
     embeddings = shape.outside * act
     if solver.schedule == "sequential":
         batches = math.ceil(calib.num_samples / calib.batch_size)
-        tokens, batch_range = memory.tokens_per_worker(
+        tokens, batch_range = tokens_per_worker(
             calib.num_samples, calib.seq_len, calib.batch_size, min(workers, batches))
         plans = [(memory.plan_block(
             stages, hidden=shape.hidden, tokens=tokens, batch_range=batch_range, act_bytes=act,
@@ -264,10 +265,11 @@ def _plan(shape: _Model, recipe: Recipe, workers: int, device_bytes: int,
     act = 4 if device_type == "cpu" else 2
     device_plan, worst_block = _device_plan(shape, recipe, workers, act)
     output, work, moved = _disk_and_transfers(shape, recipe, workers, act)
-    # Host: a worker reads its block (mapped pages) and gets the results back as uint8 codes;
+    # Host: a worker reads its block (mapped pages), gets the results back as uint8 codes and,
+    # off a CPU, parks partial sums and statistics there (MemoryPlan.host);
     # the driver holds one block's results (every schedule streams blocks to the writer one at
     # a time), the block's tensors it shares, and the writer's shard buffer.
-    worker_host = shape.largest_block * (shape.stored + 1)
+    worker_host = shape.largest_block * (shape.stored + 1) + device_plan.host
     driver_host = (shape.largest_block * (memory.RESULTS_BYTES_PER_WEIGHT + shape.stored)
                    + int(recipe.output.max_shard_gb * 2**30))
     problems = []

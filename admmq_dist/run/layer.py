@@ -24,8 +24,9 @@ def merge_parts(parts: list[dict], device: torch.device
     the merge is exact, so the result does not depend on the sharding)."""
     acc = HessianAccumulator.from_state(parts[0], device)
     for part in parts[1:]:
-        acc.merge(HessianAccumulator.from_state(part, device))
-    return acc.hessian(), acc.num_rows, acc.cross() if acc.has_cross else None
+        acc.merge_state(part)
+    return (acc.take("hessian"), acc.num_rows,
+            acc.take("cross") if acc.has_cross else None)
 
 
 def served_scale_dtype(recipe: Recipe, dtype: torch.dtype) -> torch.dtype:
@@ -64,7 +65,8 @@ def solve_rows(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
     same input); ``warm[k]`` warm-starts block ``k`` (``{"codes", "dual"}``); refitted scales
     (``settings.scale_refits``) are rounded to ``scale_dtype``; ``true_objective`` under
     asymmetric calibration (``weight`` is then the moved target): ``(float weight, cross term,
-    deviation)``, for the report's loss (:func:`.rows.solve_row_block`)."""
+    deviation or its terms per row block)``, for the report's loss
+    (:func:`.rows.solve_row_block`)."""
     if hessian is not None and factors is None:
         factors = HessianFactors(hessian)
     return [solve_row_block(weight, hessian, grid, settings, start, stop,

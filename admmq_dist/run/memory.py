@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..quant.factors import PERMUTE_ROWS
 from ..quant.solvers.scales import COLUMN_CHUNK
 
 # Working arrays per row block and input column, in float32, while ADMM-Q runs: W0, W, Z, the
@@ -31,14 +32,14 @@ CG_ARRAYS = 7
 # An eigendecomposition holds the scaled Hessian and its eigenvectors in float64 plus LAPACK's
 # workspace (3 x 8 bytes per entry) while it runs, and keeps two float32 rotations (8).
 EIGH_TRANSIENT, EIGH_KEPT = 24, 8
-# The asymmetric target's factor: a float64 copy of H and its float64 Cholesky factor while it is
-# computed (16), the factor kept for every linear reading the input (8); and per linear, its
-# moved target: the float64 weight, the correction and the float32 result (6 float32 arrays of
-# the linear's size).
-ASYMMETRIC_TRANSIENT, ASYMMETRIC_KEPT, ASYMMETRIC_TARGET_ARRAYS = 16, 8, 6
-# GPTQ's factor: the damped and permuted copies, the factor and the inverse (4 x 4) while it
-# runs, and keeps one upper factor (4).
-CHOLESKY_TRANSIENT, CHOLESKY_KEPT = 16, 4
+# Moving the asymmetric targets of every linear reading an input (hessian.asymmetric_targets):
+# the float64 factor and cholesky_solve's copy of it, or the float64 cross term (16 per entry);
+# per weight, float64 corrections and a solve's output less the targets made (3 float32 arrays);
+# kept after, the float32 targets alone (1 array): the factor is dropped.
+ASYMMETRIC_TRANSIENT, ASYMMETRIC_TARGET_ARRAYS, ASYMMETRIC_KEPT_ARRAYS = 16, 3, 1
+# GPTQ's factor, computed in place (quant/factors.py): the factor it keeps (4), and two
+# [PERMUTE_ROWS, cols] blocks of the permutation.
+CHOLESKY_TRANSIENT, CHOLESKY_KEPT = 4, 4
 # The block's forward pass on one batch, per token and per column of the widest input: the MLP's
 # gate, up and product and the attention's projections (float32 on the compute device).
 FORWARD_ARRAYS = 4
@@ -55,9 +56,6 @@ RESULTS_BYTES_PER_WEIGHT = 8
 # shape within [1, 1.3] of it.
 REFIT_FORM = (4.5, 4.25, 1)   # (row arrays, Hessian blocks, systems) while forming
 REFIT_SOLVE = (3.5, 0, 2)     # while solving
-# GPTQ's factor: the damped and permuted copies, the factor and the inverse (4 x 4) while it
-# runs, and keeps one upper factor (4).
-CHOLESKY_TRANSIENT, CHOLESKY_KEPT = 16, 4
 
 
 def refit_bytes(rows: int, cols: int, groups: int) -> int:
@@ -88,16 +86,19 @@ class MemoryPlan:
     the block (``"capture <stage>"``, ``"solve <stage>"``), ``(held, factorizations, transient,
     units)`` — what stays alive through it, the Hessians and factors it keeps, the largest
     working set of one call inside it, and how many row-block units share the factors — so that
-    workers sharing one device or process can be added up (:func:`in_process_peak`)."""
+    workers sharing one device or process can be added up (:func:`in_process_peak`). ``host``:
+    the most a GPU worker parks in host memory meanwhile (:func:`plan_block`)."""
 
     items: dict[str, int] = field(default_factory=dict)
     peak: int = 0
+    host: int = 0
     worst_stage: str = ""
     phases: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def on(self, device: torch.device) -> dict:
         """What a worker reports: the plan's figures and what ``device`` can hold."""
-        return {"peak": self.peak, "items": self.items, "worst": self.worst_stage,
+        return {"peak": self.peak, "host": self.host, "items": self.items,
+                "worst": self.worst_stage,
                 "describe": self.describe(), "capacity": device_capacity(device),
                 "phases": self.phases}
 
@@ -112,26 +113,28 @@ def plan_block(groups: list[list[tuple[str, int, int]]], *, hidden: int, tokens:
                asymmetric: bool, workers: int = 1,
                eigh_for: Callable[[int], bool] = lambda cols: True,
                group_size: int | None = 128, batch_tokens: int = 0,
-               embeddings: int = 0) -> MemoryPlan:
-    """Plan one decoder block on one worker of the sequential schedule.
-
-    ``groups``: per true-sequential stage, ``(linear, rows, cols)`` of every linear whose
-    Hessian is its own group's (one entry per Hessian: q/k/v count once, with the rows of all
-    three); ``tokens``: this worker's calibration tokens; ``batch_range``: its global batches;
-    ``act_bytes``: bytes per element of activations and weights; ``workers``: how many workers'
-    partial sums the owner of a Hessian receives; ``eigh_for(cols)``: whether a Hessian that
-    wide gets ADMM-Q's eigendecomposition (the exact W-update) or none (CG, GPTQ);
-    ``group_size``: the grid's (None: per channel), for the scale refit; ``batch_tokens``: tokens
-    per calibration batch (the forward pass's working set); ``embeddings``: bytes of the
-    embeddings, final norm and ``lm_head`` every worker holds.
-    """
+               embeddings: int = 0, host: bool | None = None) -> MemoryPlan:
+    """Plan one decoder block on one worker of the sequential schedule. ``groups``: per
+    true-sequential stage, ``(linear, rows, cols)`` of every linear whose Hessian is its own
+    group's (one entry per Hessian: q/k/v count once, with the rows of all three); ``tokens``:
+    this worker's calibration tokens; ``batch_range``: its global batches; ``act_bytes``: bytes
+    per element of activations and weights; ``workers``: how many workers' partial sums the owner
+    of a Hessian receives; ``eigh_for(cols)``: whether a Hessian that wide gets ADMM-Q's
+    eigendecomposition (the exact W-update) or none (CG, GPTQ); ``group_size``: the grid's (None:
+    per channel), for the scale refit; ``batch_tokens``: tokens per calibration batch (the
+    forward pass's); ``embeddings``: bytes of the embeddings, final norm and ``lm_head`` every
+    worker holds; ``host``: whether what waits on the host (:func:`_host_bytes`) is off the
+    device (None: ``act_bytes < 4``: only CPU workers use float32)."""
+    host = act_bytes < 4 if host is None else host
     plan = MemoryPlan(items=_held_through_block(groups, hidden, tokens, act_bytes, asymmetric,
                                                 embeddings))
-    # [cols, cols] statistics per Hessian: the Hessian, and under asymmetric calibration the cross
-    # term and the deviation (the report's true loss).
-    stats = 3 if asymmetric else 1
+    # [cols, cols] statistics per Hessian captured: the Hessian and, asymmetric, the cross term
+    # and the deviation (the true loss's; consumed into row blocks' loss terms when merged).
+    stats, kept_stats = (3, 2) if asymmetric else (1, 1)
     held = sum(plan.items.values())
-    pieces = dyadic_pieces(*batch_range)
+    pieces, (start, stop) = dyadic_pieces(*batch_range), batch_range
+    # Partial sums per statistic while the batches are added (in place): the pieces so far.
+    growing = max(dyadic_pieces(start, i) for i in range(start + 1, stop + 1))
     widest = max(cols for stage in groups for _, _, cols, *_ in stage)
     forward = FORWARD_ARRAYS * batch_tokens * max(widest, hidden) * act_bytes
     worst = 0
@@ -141,28 +144,46 @@ def plan_block(groups: list[list[tuple[str, int, int]]], *, hidden: int, tokens:
         units = sum(entry[3] if len(entry) > 3 else math.ceil(entry[1] / row_block)
                     for entry in stage)
         stage = [entry[:3] for entry in stage]
-        capture = sum(stats * pieces * cols * cols * 4 for _, _, cols, *_ in stage)
-        # The owner folds the other workers' partial sums in one at a time, then merges.
-        merge = max(stats * (pieces * (workers > 1) + 1) * cols * cols * 4
-                    for _, _, cols, *_ in stage)
-        kept = sum((stats * 4 + CHOLESKY_KEPT + EIGH_KEPT * eigh_for(cols)
-                    + ASYMMETRIC_KEPT * asymmetric) * cols * cols for _, _, cols, *_ in stage)
-        transient = max(_solve_transient(rows, cols, row_block, group_size, asymmetric,
-                                         eigh_for(cols)) for _, rows, cols, *_ in stage)
-        plan.phases[f"capture {name}"] = (held, 0, capture + max(forward, merge), 1)
-        # A worker that handed its partial sums to the Hessian's owner keeps them until the next
-        # stage's capture (a retried merge asks for them again).
-        handed = capture if workers > 1 else 0
+        squares = [4 * cols * cols for _, _, cols in stage]  # one float32 [cols, cols] each
+        # Capturing: every Hessian's tree and one new product, beside the forward pass.
+        trees = stats * growing * sum(squares) + max(squares)
+        # An owner folds the others' partial sums in node by node (its trees, the node arriving,
+        # a waiting sibling back from the host); finishing needs no more.
+        merge = stats * pieces * sum(squares) + 2 * max(squares) if workers > 1 else 0
+        kept = sum((kept_stats * 4 + CHOLESKY_KEPT + EIGH_KEPT * eigh_for(c)) * c * c
+                   + ASYMMETRIC_KEPT_ARRAYS * r * c * 4 * asymmetric for _, r, c in stage)
+        transient = max(_solve_transient(r, c, row_block, group_size, asymmetric, eigh_for(c),
+                                         host, act_bytes) for _, r, c in stage)
+        plan.phases[f"capture {name}"] = (held, 0, max(trees + forward, merge), 1)
+        # Partial sums handed to an owner stay until the next capture (a retried merge asks
+        # for them again): on the host, off a CPU.
+        handed = stats * pieces * sum(squares) if workers > 1 and not host else 0
         plan.phases[f"solve {name}"] = (held + handed, kept, transient, units)
-        need = max(capture + max(forward, merge), handed + kept + transient)
+        need = max(trees + forward, merge, handed + kept + transient)
+        plan.host = max(plan.host, host * _host_bytes(
+            squares, stats, kept_stats, pieces, asymmetric, workers * (stop - start), workers))
         if need > worst:
             worst, plan.worst_stage = need, name
-            plan.items["Hessians and factorizations"] = kept
-            plan.items["partial sums"] = capture + merge
-            plan.items["row-block solve"] = transient
-            plan.items["forward pass"] = forward
+            plan.items.update({"Hessians and factorizations": kept, "row-block solve": transient,
+                               "partial sums": max(trees, merge, handed), "forward pass": forward})
     plan.peak = held + worst
     return plan
+
+
+def _host_bytes(squares: list[int], stats: int, kept_stats: int, pieces: int,
+                asymmetric: bool, batches: int, workers: int) -> int:
+    """What a GPU worker parks on the host in a stage with Hessians of ``squares`` bytes: the
+    partial sums it handed to an owner (till the next capture), and either the nodes its merge
+    as an owner leaves waiting for a sibling (at most one per level of the ``batches`` merged in
+    ascending order, and its own pieces) or H and the cross term with their float64 copies
+    while the targets move; and as an owner, the merged copy handed to the other solvers."""
+    big = max(squares)
+    moving = (kept_stats + 2) * big if asymmetric else 0
+    if workers == 1:
+        return moving
+    levels = batches.bit_length() + pieces
+    return (stats * pieces * sum(squares) + kept_stats * big
+            + max(stats * levels * big, moving))
 
 
 def _held_through_block(groups: list, hidden: int, tokens: int, act_bytes: int,
@@ -182,18 +203,23 @@ def _held_through_block(groups: list, hidden: int, tokens: int, act_bytes: int,
 
 
 def _solve_transient(rows: int, cols: int, row_block: int, group_size: int | None,
-                     asymmetric: bool, eigh: bool) -> int:
-    """The largest working set of one call solving rows of a ``[rows, cols]`` linear: the
-    factorizations being computed, or one row block's solver state (with the asymmetric target
-    of the whole linear), or its scale refit."""
-    block = min(rows, row_block)
-    target = ASYMMETRIC_TARGET_ARRAYS * rows * cols * 4 if asymmetric else 0
+                     asymmetric: bool, eigh: bool, host: bool = False,
+                     act_bytes: int = 4) -> int:
+    """The largest working set of one call solving rows of a ``[rows, cols]`` linear beyond what
+    the stage keeps: a factorization (a GPU's cuSOLVER inverts a copy of GPTQ's factor), moving
+    the targets (first, before the stage's factors exist; H and the cross term on the host if
+    ``host``), a row block's solver state beside the float32 weight (a copy unless
+    ``act_bytes`` is 4), or its scale refit."""
+    block, squares = min(rows, row_block), cols * cols
+    weight = rows * cols * 4 if act_bytes < 4 else 0
+    targets = (ASYMMETRIC_TRANSIENT * squares + ASYMMETRIC_TARGET_ARRAYS * rows * cols * 4
+               - (8 * host + CHOLESKY_KEPT + EIGH_KEPT * eigh) * squares) if asymmetric else 0
     groups = 1 if group_size is None else math.ceil(cols / group_size)
-    return max(EIGH_TRANSIENT * cols * cols * eigh,
-               ASYMMETRIC_TRANSIENT * cols * cols * asymmetric,
-               CHOLESKY_TRANSIENT * cols * cols,
-               (SOLVER_ARRAYS + CG_ARRAYS * (not eigh)) * block * cols * 4 + target,
-               refit_bytes(block, cols, groups) + SOLVER_ARRAYS // 2 * block * cols * 4)
+    return max(EIGH_TRANSIENT * squares * eigh, targets,
+               (CHOLESKY_TRANSIENT - CHOLESKY_KEPT + 4 * host) * squares
+               + 2 * PERMUTE_ROWS * cols * 4,
+               (SOLVER_ARRAYS + CG_ARRAYS * (not eigh)) * block * cols * 4 + weight,
+               refit_bytes(block, cols, groups) + SOLVER_ARRAYS // 2 * block * cols * 4 + weight)
 
 
 def stage_entries(stages, shapes: dict[str, tuple[int, int]], row_block: int
@@ -325,30 +351,3 @@ def _host_available() -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def llama_block(hidden: int, intermediate: int, heads: int, kv_heads: int,
-                head_dim: int | None = None) -> list[list[tuple[str, int, int]]]:
-    """A Llama-style decoder block's stages as :func:`plan_block` takes them (with each
-    Hessian's row-block units at 512 rows)."""
-    head_dim = head_dim or hidden // heads
-    qkv = (heads + 2 * kv_heads) * head_dim
-
-    def units(*rows: int) -> int:
-        return sum(math.ceil(r / 512) for r in rows)
-
-    return [[("self_attn.q_proj", qkv, hidden,
-              units(heads * head_dim, kv_heads * head_dim, kv_heads * head_dim))],
-            [("self_attn.o_proj", hidden, heads * head_dim, units(hidden))],
-            [("mlp.gate_proj", 2 * intermediate, hidden, units(intermediate, intermediate))],
-            [("mlp.down_proj", hidden, intermediate, units(hidden))]]
-
-
-def tokens_per_worker(samples: int, seq_len: int, batch_size: int,
-                      workers: int) -> tuple[int, tuple[int, int]]:
-    """The largest shard's tokens and its batch range, as :func:`plan.shard_batches` cuts."""
-    batches = math.ceil(samples / batch_size)
-    bounds = [batches * k // workers for k in range(workers + 1)]
-    k = max(range(workers), key=lambda w: bounds[w + 1] - bounds[w])
-    count = bounds[k + 1] - bounds[k]
-    return count * batch_size * seq_len, (bounds[k], bounds[k + 1])

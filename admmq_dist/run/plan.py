@@ -1,8 +1,11 @@
 """Who does what, decided so that nothing depends on the number of workers: calibration batches
 cut into contiguous shards by global index, and each stage's layers cut into canonical row blocks
-(:func:`admmq_dist.quant.solvers.rows.row_blocks`) spread over workers by cost."""
+(:func:`admmq_dist.quant.solvers.rows.row_blocks`) spread over workers by cost; and the shapes
+the memory plan takes for a Llama block and a worker's shard."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -46,3 +49,30 @@ def assign(units: list[Unit], num_workers: int) -> dict[int, list[Unit]]:
         load[w] += unit[2]
         out[w].append(unit)
     return out
+
+
+def llama_block(hidden: int, intermediate: int, heads: int, kv_heads: int,
+                head_dim: int | None = None) -> list[list[tuple[str, int, int]]]:
+    """A Llama-style decoder block's stages as :func:`.memory.plan_block` takes them (with each
+    Hessian's row-block units at 512 rows)."""
+    head_dim = head_dim or hidden // heads
+    qkv = (heads + 2 * kv_heads) * head_dim
+
+    def units(*rows: int) -> int:
+        return sum(math.ceil(r / 512) for r in rows)
+
+    return [[("self_attn.q_proj", qkv, hidden,
+              units(heads * head_dim, kv_heads * head_dim, kv_heads * head_dim))],
+            [("self_attn.o_proj", hidden, heads * head_dim, units(hidden))],
+            [("mlp.gate_proj", 2 * intermediate, hidden, units(intermediate, intermediate))],
+            [("mlp.down_proj", hidden, intermediate, units(hidden))]]
+
+
+def tokens_per_worker(samples: int, seq_len: int, batch_size: int,
+                      workers: int) -> tuple[int, tuple[int, int]]:
+    """The largest shard's tokens and its batch range, as :func:`shard_batches` cuts."""
+    batches = math.ceil(samples / batch_size)
+    bounds = [batches * k // workers for k in range(workers + 1)]
+    k = max(range(workers), key=lambda w: bounds[w + 1] - bounds[w])
+    count = bounds[k + 1] - bounds[k]
+    return count * batch_size * seq_len, (bounds[k], bounds[k + 1])

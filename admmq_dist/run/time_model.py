@@ -50,8 +50,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .memory import tokens_per_worker
-from .plan import assign
+from .plan import assign, tokens_per_worker
 # The rates (measured and fitted) live in .rates; re-exported for the benchmarks and tests.
 from .rates import (DEFAULT_RATES, PIECES, FittedRates, Linear, MeasuredRates, Stages,
                     describe_rates, fit, flops_per_token, load_rates, measured_points,

@@ -20,9 +20,7 @@ from ..model.arch import target_linears
 from ..model.capture import Stage, calibration_stages, capture_hessians, record_inputs
 from ..model.loading import load_block, release
 from ..model.moe import ExpertList, expert_lists
-from ..quant.factors import HessianFactors
 from ..quant.hessian import HessianAccumulator
-from ..quant.hessian import asymmetric_target
 from ..quant.solvers.rows import RowBlockResult
 from ..recipe import Recipe
 from . import memory
@@ -31,6 +29,7 @@ from .experts import ALL_TOKENS
 from .faults import PositionError
 from .layer import (dequantized, grid_source, nbytes, portable, served_grid, served_scale_dtype,
                     solve_rows)
+from .merged import MergedHessian
 
 
 class Worker(DeviceModel):
@@ -53,8 +52,9 @@ class Worker(DeviceModel):
         self.at_block = 0
         self.linears: dict[str, torch.nn.Linear] = {}
         self._parts: dict = {}
-        # key -> (hessian, tokens, (cross term, deviation) or None, factors)
-        self._hessians: dict[str, tuple] = {}
+        self._hessians: dict[str, MergedHessian] = {}
+        # key -> the stage's linears reading that input
+        self._groups: dict[str, list[str]] = {}
 
     # ------------------------------------------------------------------------- decoder blocks
 
@@ -96,9 +96,10 @@ class Worker(DeviceModel):
         self._float = None
 
     def _drop_hessians(self) -> None:
-        """Forget the merged Hessians, counting the factorizations they needed."""
-        for *_, factors in self._hessians.values():
-            self.count_factorizations(factors)
+        """Forget the merged Hessians (and their targets), counting the factorizations they
+        needed."""
+        for merged in self._hessians.values():
+            self.count_factorizations(merged.factors)
         self._hessians = {}
 
     def _float_pass(self) -> None:
@@ -146,7 +147,7 @@ class Worker(DeviceModel):
                                  group_size=self.recipe.grid.group_size,
                                  batch_tokens=max(int(h.shape[0]) * int(h.shape[1])
                                                   for h in self.hidden),
-                                 embeddings=outside)
+                                 embeddings=outside, host=self.device.type != "cpu")
         return {"block": b, **plan.on(self.device)}
 
     # -------------------------------------------------------------------------------- capture
@@ -155,6 +156,11 @@ class Worker(DeviceModel):
         """Accumulate the stage's Hessians over this worker's batches (kept here until fetched
         with :meth:`hessian_part`); returns the tokens routed to each expert, if any."""
         self._block(b)
+        # The previous stage's Hessians, factors, targets and handed partial sums are done with
+        # (its layers are set): not held beside this capture.
+        self._drop_hessians()
+        self._parts = {}
+        self._groups = {group[0]: list(group) for group in stage.groups}
         block = self.blocks[b]
         inputs_of = {}
         for group in stage.groups:
@@ -179,42 +185,62 @@ class Worker(DeviceModel):
         finally:
             if experts is not None:
                 experts.calibrate_all = frozenset()
-        self._drop_hessians()
         self.busy["forward"] += time.perf_counter() - t
         return {"routed": list(experts.routed_tokens) if experts is not None else None,
-                "part_bytes": {key: nbytes(acc.state()) for key, acc in self._parts.items()}}
+                "part_bytes": {key: acc.nbytes for key, acc in self._parts.items()}}
 
     def hessian_part(self, b: int, key: str) -> dict:
         """This worker's partial sums for one group (``key``: its first linear, or
-        ``ALL_TOKENS + experts path``), to be merged on the group's owner."""
+        ``ALL_TOKENS + experts path``), to be merged on the group's owner. Off a CPU, what stays
+        here for a retry is the host copy handed over: the device's is freed."""
         self._block(b)
-        return self._parts[key].state()
+        state = self._parts[key].state()
+        if self.device.type != "cpu":
+            self._parts[key] = HessianAccumulator.from_state(state, "cpu")
+        return state
+
+    def _own_part(self, key: str) -> HessianAccumulator:
+        """This worker's partial sums for ``key`` on its device (back from the host if they
+        were handed over before this worker came to merge them)."""
+        acc = self._parts[key]
+        if acc.device != self.device:
+            acc = self._parts[key] = HessianAccumulator.from_state(acc.state(), self.device)
+        return acc
 
     def merge_hessian_part(self, b: int, key: str, part: dict) -> None:
-        """As the owner of ``key``: fold one other worker's partial sums into its own. One part
-        per call, so that beside the accumulator only one part is held at a time (the merge is
-        exact in any order)."""
+        """As the owner of ``key``: fold one other worker's partial sums into its own, node by
+        node and in place (:meth:`HessianAccumulator.merge_state`): beside the accumulator at
+        most two ``[n, n]`` matrices are on the device, the node arriving and a sibling back
+        from the host (the merge is exact in any order)."""
         self._block(b)
         t = time.perf_counter()
-        self._parts[key].merge(HessianAccumulator.from_state(part, self.device))
+        acc = self._own_part(key)
+        # Off a CPU the nodes waiting for a sibling wait on the host (HessianAccumulator.stash).
+        acc.stash = torch.device("cpu") if self.device.type != "cpu" else None
+        acc.merge_state(part)
         self.busy["merge"] += time.perf_counter() - t
 
     def finish_hessian(self, b: int, key: str) -> int:
-        """As the owner of ``key``: the merged Hessian, kept for solving; returns the bytes it
-        (and its cross term) takes to hand over to the other solvers."""
+        """As the owner of ``key``: the merged Hessian, kept for solving (:meth:`MergedHessian.
+        finish`: the deviation becomes its share of every row block's true loss at once);
+        returns the bytes handed to the other solvers."""
         self._block(b)
-        acc = self._parts.pop(key)
-        merged = (acc.hessian(), acc.num_rows,
-                  (acc.cross(), acc.deviation()) if acc.has_cross else None)
-        self._hessians[key] = (*merged, HessianFactors(merged[0], self.device))
-        return nbytes([merged[0], merged[2]])
+        acc = self._own_part(key)
+        del self._parts[key]
+        merged = self._hessians[key] = MergedHessian.finish(
+            acc, self._group_weights(key), self.recipe.solver.row_block, self.device)
+        return nbytes([merged.hessian, merged.asym])
+
+    def _group_weights(self, key: str) -> dict[str, torch.Tensor]:
+        """The weights of the linears reading ``key``'s input (the stage's group), as loaded."""
+        return {n: self.linears[n].weight.detach() for n in self._groups.get(key, [key])
+                if n in self.linears}
 
     def merged_hessian(self, b: int, key: str) -> tuple:
-        """The owner's merged ``(hessian, tokens, (cross term, deviation) or None)``, for the
-        other solvers of ``key``."""
+        """The owner's merged ``(hessian, tokens, (cross term, deviation terms) or None)``, for
+        the other solvers of ``key``."""
         self._block(b)
-        hessian, tokens, asym, _ = self._hessians[key]
-        return hessian.cpu(), tokens, None if asym is None else tuple(t.cpu() for t in asym)
+        return self._hessians[key].handed()
 
     # ---------------------------------------------------------------------------------- solve
 
@@ -229,25 +255,23 @@ class Worker(DeviceModel):
         the grid comes with the block that starts at row 0.
         """
         self._block(b)
-        hessian, tokens, asym, factors = None, None, None, None
+        t = time.perf_counter()
+        hessian, tokens, asym, factors, target = None, None, None, None, None
         if key is not None:
             if key not in self._hessians:
                 if merged is None:
                     raise RuntimeError(f"no merged Hessian for {key!r} on this worker")
-                hessian, tokens, asym = merged
-                hessian = hessian.to(self.device)
-                asym = None if asym is None else tuple(t.to(self.device) for t in asym)
-                self._hessians[key] = (hessian, tokens, asym,
-                                       HessianFactors(hessian, self.device))
-            hessian, tokens, asym, factors = self._hessians[key]
-        t = time.perf_counter()
+                self._hessians[key] = MergedHessian.received(merged, self.device)
+            m = self._hessians[key]
+            if m.asym is not None:
+                # The asymmetric objective is the ordinary one with a moved target.
+                target = m.target(name, self._group_weights(key) | {
+                    name: self.linears[name].weight.detach()}, self.asymmetric,
+                    self.recipe.solver.gptq.damp)
+                asym = (m.asym[0], m.asym[1][name])
+            hessian, tokens, factors = m.hessian, m.tokens, m.factors
         weight = self.linears[name].weight.detach().float()
-        target = weight
-        if key is not None and asym is not None:
-            # The asymmetric objective is the ordinary one with a moved target (see the function).
-            damping = self.recipe.solver.gptq.damp
-            target = asymmetric_target(weight, hessian, asym[0], self.asymmetric, damping,
-                                       factors.asymmetric(damping))
+        target = weight if target is None else target
         grid = served_grid(grid_source(self.recipe, target, weight), self.recipe,
                            self.scale_dtype, name)
         blocks: list[RowBlockResult] = solve_rows(

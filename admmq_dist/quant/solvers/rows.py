@@ -77,8 +77,10 @@ def solve_row_block(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Gr
     ``warm`` (``{"codes", "dual"}`` of these rows) warm-starts ADMM-Q. ``compare`` also solves the
     rows with GPTQ and round-to-nearest (their losses only; the codes are ``settings.method``'s).
     ``true_objective`` (asymmetric calibration: ``(float weight [out, in] of the whole layer,
-    cross term, deviation)``, ``weight`` being the moved target) adds each row block's share of
-    the true objective, and makes the baselines' losses the true objective's too.
+    cross term, deviation)``, ``weight`` being the moved target; the deviation ``[in, in]``, or
+    ``{(start, stop): its deviation_term}`` per canonical row block, taken when the Hessian was
+    merged) adds each row block's share of the true objective, and makes the baselines' losses
+    the true objective's too.
     """
     t = time.perf_counter()
     w = weight[start:stop]
@@ -95,6 +97,11 @@ def solve_row_block(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Gr
 
     def true_loss(quantized: torch.Tensor) -> tuple[float, float]:
         float_weight, cross, deviation = true_objective
+        if isinstance(deviation, dict):
+            if (start, stop) not in deviation:
+                raise ValueError(f"rows {start}:{stop} are not a canonical row block: the "
+                                 f"deviation terms were taken for {sorted(deviation)}")
+            deviation = deviation[(start, stop)]
         return asymmetric_loss_terms(quantized, float_weight[start:stop], hessian, cross,
                                      deviation)
 
