@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from admmq_dist.model.loading import located
 from admmq_dist.run.backends import LocalBackend, worker_class
 from admmq_dist.run.faults import WorkerLost
 
@@ -50,7 +51,8 @@ class FaultyBackend(LocalBackend):
         self.rebuilt: list[int] = []
 
     def start(self, model_dir, recipe, shards, device) -> None:
-        self._args = (model_dir, recipe, shards, device)
+        # A rebuilt worker gets the folder its first build found (the job hands a ModelSource).
+        self._args = (located(model_dir), recipe, shards, device)
         super().start(model_dir, recipe, shards, device)
 
     def _rebuild(self, w: int) -> None:
