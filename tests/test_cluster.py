@@ -150,6 +150,34 @@ def test_two_nodes_write_the_in_process_bytes_and_survive_a_lost_node(cluster, m
     c.wait_for_nodes()
 
 
+def test_a_task_whose_input_was_lost_with_a_node_is_a_lost_worker(monkeypatch):
+    """What a node removed during block 1's solve gave (the redone block's load_block on worker
+    0 failed: its argument, computed on worker 1, was lost with worker 1's node — Ray's
+    RayTaskError(ActorUnavailableError)): a lost worker, recovered like one, not the worker's
+    own error stopping the run with Ray's traceback."""
+    import ray
+    from ray.exceptions import ActorUnavailableError, ObjectLostError, RayTaskError
+
+    from admmq_dist.run.faults import WorkerLost
+    from admmq_dist.run.ray_backend import RayBackend
+
+    backend = object.__new__(RayBackend)  # get() alone: no cluster needed
+    backend.step_timeout, backend._owner = None, {}
+
+    def fail_with(cause):
+        error = RayTaskError("Worker.load_block", "Traceback", cause).as_instanceof_cause()
+        monkeypatch.setattr(ray, "get", lambda refs: (_ for _ in ()).throw(error))
+
+    for cause in (ActorUnavailableError("The actor is temporarily unavailable", None),
+                  ObjectLostError("ab" * 14, None, "")):
+        fail_with(cause)
+        with pytest.raises(WorkerLost, match=type(cause).__name__):
+            backend.get([])
+    fail_with(ValueError("bad input"))  # the worker's own error stays itself
+    with pytest.raises(ValueError):
+        backend.get([])
+
+
 def _inject(monkeypatch, method, action):
     """Worker 1's first call of ``method`` runs ``action`` in the worker instead."""
     from admmq_dist.run.ray_backend import RayBackend
