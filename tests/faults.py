@@ -10,6 +10,13 @@ worker); its ``kind`` is what happens:
   :class:`WorkerLost`;
 - ``"kill-between"``: the call runs and returns, then the worker dies and is rebuilt silently —
   nothing fails until the schedule next talks to it;
+- ``"kill-after"``: the call runs to completion — its effects happen: files it writes (a round's
+  commit, a block of the sequential start), state it changes on the worker, a partial sum folded
+  in — then the worker dies before its answer reaches the schedule: it is rebuilt and the call
+  raises :class:`WorkerLost` (the effects are there, their acknowledgement is lost);
+- ``"lost-reply"``: as ``"kill-after"``, but the worker lives on, holding what the call did
+  (Ray's ``ActorUnavailableError``: the actor was unreachable for a while, the call may have
+  run): nothing is rebuilt, so a redone step meets the first attempt's effects;
 - ``"raise"``: the method raises (a bug, or bad input): not a lost worker, not to be retried.
 """
 
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from admmq_dist.model.loading import located
 from admmq_dist.run.backends import LocalBackend, worker_class
 from admmq_dist.run.faults import WorkerLost
 
@@ -50,7 +58,8 @@ class FaultyBackend(LocalBackend):
         self.rebuilt: list[int] = []
 
     def start(self, model_dir, recipe, shards, device) -> None:
-        self._args = (model_dir, recipe, shards, device)
+        # A rebuilt worker gets the folder its first build found (the job hands a ModelSource).
+        self._args = (located(model_dir), recipe, shards, device)
         super().start(model_dir, recipe, shards, device)
 
     def _rebuild(self, w: int) -> None:
@@ -72,7 +81,11 @@ class FaultyBackend(LocalBackend):
             self._rebuild(w)
             raise WorkerLost(f"worker {w} died in {method}")
         result = super().call(w, method, *args)
+        if fault.kind == "lost-reply":
+            raise WorkerLost(f"worker {w} ran {method} but its answer was lost")
         self._rebuild(w)
+        if fault.kind == "kill-after":
+            raise WorkerLost(f"worker {w} died after {method} ran, before it answered")
         return result
 
     def restarted(self) -> list[int]:

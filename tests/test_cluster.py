@@ -2,9 +2,9 @@
 own raylet, object store and resources), as a user's cluster is: a GPU-less head with GPU nodes
 gets one worker per GPU (the GPUs are declared resources here: placement and the device each
 worker is told are checked, CUDA itself is not needed); a job started where a cluster runs joins
-it; workers spread over nodes write the in-process bytes; a node lost between steps, a worker
-that hangs, and a node out of host memory each end in the uninterrupted bytes or one clear
-error."""
+it; workers spread over nodes write the in-process bytes; a node lost between steps or during
+one (a block's capture, solve or propagation; a round of each round schedule), a worker that
+hangs, and a node out of host memory each end in the uninterrupted bytes or one clear error."""
 
 import os
 import re
@@ -148,6 +148,93 @@ def test_two_nodes_write_the_in_process_bytes_and_survive_a_lost_node(cluster, m
     nodes[:] = [n for n in nodes if n.node_id not in removed] + [
         c.add_node(num_cpus=1, num_gpus=1)]
     c.wait_for_nodes()
+
+
+def _recipe(schedule):
+    from admmq_dist.recipe import Recipe, override
+
+    from runs import SETTINGS
+
+    return override(Recipe(), {**SETTINGS, "solver": {
+        **SETTINGS["solver"], "admm": {"iterations": 10}, "schedule": schedule, "segments": 3,
+        "rounds": 2, "coordinated_rounds": 3}})
+
+
+def _remove_during(monkeypatch, cluster, method, block):
+    """Worker 1's first call of ``method`` (on ``block``, when given) is issued, then its whole
+    node is removed while the call is in flight; returns the removed nodes' ids."""
+    from admmq_dist.run.ray_backend import RayBackend
+
+    c, nodes = cluster
+    original, removed = RayBackend.call, []
+
+    def call(self, w, name, *args):
+        ref = original(self, w, name, *args)
+        if w == 1 and name == method and not removed and block in (None, args[0]):
+            node = next(n for n in nodes if n.node_id == self.placement[1]["node"])
+            c.remove_node(node, allow_graceful=False)
+            removed.append(node.node_id)
+        return ref
+
+    monkeypatch.setattr(RayBackend, "call", call)
+    return removed
+
+
+@pytest.mark.parametrize("schedule,method,block", [
+    ("sequential", "capture", 1), ("sequential", "solve", 1), ("sequential", "propagate", 1),
+    ("depth-parallel", "run_round", None), ("coordinated", "iterate", None)])
+def test_a_node_removed_during_a_step_costs_time_not_bytes(cluster, model_dir, tmp_path,
+                                                          monkeypatch, schedule, method, block):
+    """Worker 1's node dies while its call runs (block 1's capture, solve or propagation; the
+    first round of a round schedule): the worker is rebuilt on the spare node and the run ends
+    in the in-process bytes. A replacement node is added afterwards, for the next cells."""
+    from admmq_dist.run.job import quantize_model
+
+    def run(out, **kw):
+        return quantize_model(str(model_dir), out, _recipe(schedule), device=torch.device("cpu"),
+                              progress=False, threads=1, **kw)
+
+    run(tmp_path / "local")
+    c, nodes = cluster
+    removed = _remove_during(monkeypatch, cluster, method, block)
+    try:
+        summary = run(tmp_path / "ray", workers=2, worker_device="cpu")
+    finally:
+        monkeypatch.undo()
+        nodes[:] = [n for n in nodes if n.node_id not in removed] + [
+            c.add_node(num_cpus=1, num_gpus=1) for _ in removed]
+        c.wait_for_nodes()
+    assert removed, f"worker 1 was never asked for {method}"
+    assert digest(tmp_path / "ray") == digest(tmp_path / "local")
+    assert [f["restarted_workers"] for f in summary["faults"]] == [[1]]
+
+
+def test_a_task_whose_input_was_lost_with_a_node_is_a_lost_worker(monkeypatch):
+    """What a node removed during block 1's solve gave (the redone block's load_block on worker
+    0 failed: its argument, computed on worker 1, was lost with worker 1's node — Ray's
+    RayTaskError(ActorUnavailableError)): a lost worker, recovered like one, not the worker's
+    own error stopping the run with Ray's traceback."""
+    import ray
+    from ray.exceptions import ActorUnavailableError, ObjectLostError, RayTaskError
+
+    from admmq_dist.run.faults import WorkerLost
+    from admmq_dist.run.ray_backend import RayBackend
+
+    backend = object.__new__(RayBackend)  # get() alone: no cluster needed
+    backend.step_timeout, backend._owner = None, {}
+
+    def fail_with(cause):
+        error = RayTaskError("Worker.load_block", "Traceback", cause).as_instanceof_cause()
+        monkeypatch.setattr(ray, "get", lambda refs: (_ for _ in ()).throw(error))
+
+    for cause in (ActorUnavailableError("The actor is temporarily unavailable", None),
+                  ObjectLostError("ab" * 14, None, "")):
+        fail_with(cause)
+        with pytest.raises(WorkerLost, match=type(cause).__name__):
+            backend.get([])
+    fail_with(ValueError("bad input"))  # the worker's own error stays itself
+    with pytest.raises(ValueError):
+        backend.get([])
 
 
 def _inject(monkeypatch, method, action):

@@ -93,6 +93,14 @@ def _out_of_memory(exc: BaseException) -> bool:
         or "OutOfMemoryError" in str(exc)
 
 
+def _lost_cause(exc: BaseException) -> bool:
+    """A task failed because a worker or node it depended on was lost (e.g. an argument computed
+    by an actor on a node that died), not because of an error of its own."""
+    while isinstance(exc, RayTaskError) and exc.cause is not exc:
+        exc = exc.cause
+    return isinstance(exc, LOST)
+
+
 class RayBackend:
     """``workers`` actors on the Ray cluster at ``address`` (``auto``, ``ray://host:port``), the
     one already running here, or a private local instance (``address`` None with no cluster
@@ -239,6 +247,9 @@ class RayBackend:
         except RayTaskError as exc:
             if _out_of_memory(exc):
                 raise self._host_oom(exc) from None
+            if _lost_cause(exc):  # a task's argument was lost with its worker or node
+                raise WorkerLost(f"{type(exc.cause).__name__}: "
+                                 f"{str(exc.cause).splitlines()[0]}") from exc
             # An exception inside a worker: re-raise it as itself, with the worker's traceback.
             raise exc.as_instanceof_cause() from None
         except LOST as exc:
