@@ -46,7 +46,8 @@ def test_row_blocks_solved_apart_cross_processes_lean_and_report_in_one_schema()
     assert any(b.state for b in blocks)  # ADMM-Q's duals: warm-start state, not for the wire
     light = portable(blocks)
     assert all(b.state == {} and b.codes.device.type == "cpu" for b in light)
-    assert all(set(b.history) <= {"residual", "rho", "weight_norm"} for b in light)
+    assert all(set(b.history) <= {"residual", "dual_residual", "rho", "weight_norm"}
+               for b in light)
     assert all(torch.equal(a.codes, b.codes) for a, b in zip(blocks, light))
     result = combine(light, grid)
     row = report_row("model.layers.0.mlp.up_proj", 0, result, light, solved=True,
@@ -55,7 +56,7 @@ def test_row_blocks_solved_apart_cross_processes_lean_and_report_in_one_schema()
                               "iterations", "seconds", "calibration", "tokens", "group"]
     assert row["shape"] == [40, 64] and 0 < row["loss"] < 0.2 and row["changed"] == 0.5
     assert row["target_loss"] is None  # no asymmetric calibration: one objective
-    assert len(row["residual"]) == row["iterations"] and row["rho"]
+    assert len(row["residual"]) == len(row["dual_residual"]) == row["iterations"] and row["rho"]
     assert report_row("x", 0, result, light, solved=False, calibration="rtn", tokens=0,
                       group=["x"])["loss"] is None
 
