@@ -27,10 +27,12 @@ CONFIGS = {"default": DEFAULT, "plain": FAST}
 # Every kind under the default configuration. The plain objective's recovery differs only in
 # the asymmetric float stream (none to rebuild), so it takes one kind, the one that leaves the
 # most behind: a call's files and state there with its answer lost. 147 cells (was 68): the
-# file takes about 2.4 times as long (measured side by side on a loaded machine: 556 s -> 1353 s;
-# about 3.5 -> 8.5 minutes on an idle one).
+# file took about 2.4 times as long (measured side by side on a loaded machine: 556 s -> 1353 s),
+# so the plain cells (33) run in the matrix only (below).
+# The plain objective's cells are the matrix's alone (benchmarks/fault_matrix.py runs them; the
+# README's test command leaves them out, marker "matrix"), to keep CI within its time.
 CELLS = [("default", kind) for kind in ("kill", "kill-between", "kill-after")] + [
-    ("plain", "kill-after")]
+    pytest.param("plain", "kill-after", marks=pytest.mark.matrix)]
 
 
 @pytest.fixture(scope="module")
