@@ -21,7 +21,10 @@ README = ROOT / "README.md"
 
 
 def python_blocks() -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```", README.read_text(), flags=re.S | re.M)
+    """The Python blocks of the README and of docs/ (the guide holds the solver's)."""
+    texts = [README.read_text(), *(p.read_text() for p in sorted((ROOT / "docs").glob("*.md")))]
+    return [b for text in texts for b in re.findall(r"^```python\n(.*?)^```", text,
+                                                      flags=re.S | re.M)]
 
 
 def run_block(code: str, cwd: Path) -> subprocess.CompletedProcess:
