@@ -4,6 +4,9 @@ a run wrote."""
 
 import hashlib
 import json
+import os
+import socket
+from pathlib import Path
 
 import torch
 
@@ -34,3 +37,25 @@ def quantize(model_dir, out, asymmetric=0.0, **kw):
                                                              "asymmetric": asymmetric}})
     return quantize_model(str(model_dir), out, recipe, device=torch.device("cpu"),
                           progress=False, threads=1, **kw)
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` ports free on this machine now (for a private Ray head, its dashboard, ...)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def private_ray_env(**extra: str) -> dict:
+    """The environment of a subprocess that runs its own private Ray cluster: offline, no token
+    authentication (a token in ~/.ray would turn it on for the dashboard but not for the
+    client), no RAY_ADDRESS to attach elsewhere, and the tests' helpers importable."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", **extra,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                       os.environ.get("PYTHONPATH")]))}
+    env.pop("RAY_ADDRESS", None)
+    return env

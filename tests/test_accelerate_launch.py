@@ -8,13 +8,10 @@ rank, whatever the device; ``--cpu`` would start a single process) and CUDA hidd
 offers one CPU. Each process's node is private (its own temp folder and ports) and stopped by it."""
 
 import json
-import os
 import re
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
@@ -22,28 +19,8 @@ import yaml
 from admmq_dist.cli import main
 from admmq_dist.run import launched
 
-from runs import SETTINGS, digest, quantize
+from runs import SETTINGS, digest, free_ports, private_ray_env, quantize
 from tiny import tiny_model_dir
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _env() -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
-           # A private cluster: no token authentication (a token in ~/.ray would turn it on).
-           "RAY_AUTH_MODE": "disabled",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent),
-                                                       os.environ.get("PYTHONPATH")]))}
-    env.pop("RAY_ADDRESS", None)
-    return env
 
 
 @pytest.mark.ray
@@ -53,14 +30,15 @@ def test_two_launched_processes_write_the_in_process_bytes(tmp_path):
     quantize(model, tmp_path / "ref")
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(SETTINGS))
-    master, ray_port = _free_ports(2)
+    master, ray_port = free_ports(2)
+    env = private_ray_env(CUDA_VISIBLE_DEVICES="")  # CPU processes: --multi_gpu on no GPU
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
                "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                "--dynamo_backend", "no", "--main_process_port", str(master),
                "-m", "admmq_dist.cli", "quantize", str(model), "-o", str(tmp_path / "out"),
                "--recipe", str(recipe), "--threads", "1", "--ray-port", str(ray_port), "--json"]
     started = time.monotonic()
-    run = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=480)
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=480)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     summaries = [json.loads(x) for x in run.stdout.splitlines() if x.startswith("{")]
     assert len(summaries) == 1  # rank 0 reports; the other rank only lends its node
@@ -71,7 +49,7 @@ def test_two_launched_processes_write_the_in_process_bytes(tmp_path):
     _no_head_left(ray_port)
 
     # Rank 0 refuses (the output exists): one line, and both ranks exit with its status.
-    again = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=300)
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 1
     errors = [x for x in again.stderr.splitlines() if x.startswith("admmq: error:")]
     assert len(errors) == 1 and "--overwrite" in errors[0], again.stderr[-3000:]
@@ -94,7 +72,7 @@ def _launched(monkeypatch, rank: int, port: int, world: int = 2) -> None:
 
 def test_a_launched_job_refuses_what_it_cannot_mean_before_starting_anything(monkeypatch, capsys,
                                                                              tmp_path):
-    _launched(monkeypatch, rank=0, port=_free_ports(1)[0])
+    _launched(monkeypatch, rank=0, port=free_ports(1)[0])
     base = ["quantize", str(tmp_path / "m"), "-o", str(tmp_path / "out")]
     assert main([*base, "--address", "auto"]) == 1
     assert "form their own Ray cluster" in capsys.readouterr().err
@@ -122,7 +100,7 @@ def test_one_process_is_a_plain_run():
 
 
 def test_a_rank_that_cannot_reach_the_head_fails_with_one_line(monkeypatch, capsys):
-    port = _free_ports(1)[0]
+    port = free_ports(1)[0]
     _launched(monkeypatch, rank=1, port=port - 1)
     monkeypatch.setattr(launched, "JOIN_SECONDS", 2.0)
     monkeypatch.setattr(launched, "exit_on_sigterm", lambda: None)  # pytest's handler stays

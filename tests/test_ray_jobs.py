@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runs import SETTINGS, digest, quantize
+from runs import SETTINGS, digest, free_ports, private_ray_env, quantize
 from tiny import tiny_model_dir
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -29,38 +28,19 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 BIN = Path(sys.executable).parent
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _env() -> dict:
-    # A private test cluster: no token authentication (a token in ~/.ray would otherwise turn
-    # it on for the dashboard but not for this client).
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent),
-                                                       os.environ.get("PYTHONPATH")]))}
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
 def _ray(*args, check=True, timeout=120):
-    return subprocess.run([str(BIN / "ray"), *args], capture_output=True, text=True, env=_env(),
-                          check=check, timeout=timeout)
+    return subprocess.run([str(BIN / "ray"), *args], capture_output=True, text=True,
+                          env=private_ray_env(), check=check, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def job_cluster():
     probe = subprocess.run([sys.executable, "-c", "import aiohttp, aiohttp_cors, grpc, opencensus,"
-                            " prometheus_client, colorful"], env=_env(), capture_output=True)
+                            " prometheus_client, colorful"], env=private_ray_env(),
+                           capture_output=True)
     if probe.returncode:
         pytest.skip('the Ray Job API needs the dashboard: pip install "ray[default]"')
-    gcs, dashboard, client, agent, metrics = _free_ports(5)
+    gcs, dashboard, client, agent, metrics = free_ports(5)
     temp = tempfile.mkdtemp(prefix="rq", dir="/tmp")  # short: Unix socket paths are limited
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--num-gpus", "0",
@@ -68,8 +48,8 @@ def job_cluster():
          "--dashboard-host", "127.0.0.1", "--ray-client-server-port", str(client),
          "--dashboard-agent-listen-port", str(agent), "--metrics-export-port", str(metrics),
          "--temp-dir", temp, "--disable-usage-stats"],
-        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        cwd=temp)  # the workers import the installed package, not whatever is in this folder
+        env=private_ray_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True, cwd=temp)  # the workers import the installed package, not whatever is in this folder
     address = f"http://127.0.0.1:{dashboard}"
     try:
         deadline = time.monotonic() + 90

@@ -20,7 +20,7 @@ from ..recipe import Recipe
 from . import memory
 from .job_plan import JobPlan, plan_job, smallest_fitting
 from .model_shape import block_stages, config_folder, meta_skeleton
-from .time_model import load_rates
+from .rates import load_rates
 
 
 def settle_recipe(recipe: Recipe, experts: bool) -> tuple[Recipe, list[str]]:
@@ -78,10 +78,10 @@ def preflight(model: str, out_dir: Path, recipe: Recipe, *, device: torch.device
             f"{usable / 2**30:.1f} GiB usable on this {device.type} device; "
             "use more workers (each holds fewer calibration tokens), fewer --num-samples or a "
             "shorter --seq-len, or a device with more memory")
-    places = [(out_dir.resolve().parent, plan.output_bytes, "the output")]
-    places.append((Path(work_dir).resolve(), plan.work_bytes, "its work folder")
-                  if work_dir is not None else (places[0][0], plan.work_bytes, "its work folder"))
-    _check_free_disk(places)
+    output = out_dir.resolve().parent
+    work = Path(work_dir).resolve() if work_dir is not None else output
+    _check_free_disk([(output, plan.output_bytes, "the output"),
+                      (work, plan.work_bytes, "its work folder")])
     return plan
 
 
