@@ -46,9 +46,9 @@ def main() -> None:
     lines = ["# `admmq plan` for public model configs", "",
              f"`python benchmarks/plan_table.py` at commit {commit}: defaults (4-bit, group 128, "
              "asymmetric grid and calibration 0.25, one scale refit), 128 × 2048 calibration "
-             "tokens. A plan is a model, not a measurement: the sequential schedule's model is "
-             "held within [1, 1.3] of measured peaks (memory_model.md); the depth-parallel and "
-             "coordinated ones are not yet measured.", "",
+             "tokens. A plan is a model, not a measurement: every schedule's model is held "
+             "within [1, 1.3] of measured peaks on CPU at small shapes (memory_model.md); no GPU "
+             "run has checked it yet.", "",
              "<!-- plan-table -->",
              "| model | schedule | workers × device | per-worker device peak | fits | "
              "fewest workers | worst stage |", "|---|---|---|---|---|---|---|",

@@ -1,6 +1,7 @@
-"""The memory model's measured cells: the whole sequential pipeline on real (tiny) Llama blocks,
-its peak of live tensor bytes (tests/alloc.py) against the plan for the same run. Shared by
-tests/test_memory.py and benchmarks/memory_model.py."""
+"""The memory model's measured cells: the whole pipeline of each schedule on real (tiny) Llama
+blocks, its peak of live tensor bytes (tests/alloc.py) against the plan for the same run (every
+in-process worker and the driver added up). Shared by tests/test_memory.py and
+benchmarks/memory_model.py."""
 
 from __future__ import annotations
 
@@ -15,24 +16,36 @@ from admmq_dist.recipe import Recipe, override
 from admmq_dist.run.backends import LocalBackend
 from admmq_dist.run.job import quantize_model
 
-CELLS = [(hidden, asymmetric, workers, "exact") for hidden in (128, 256)
+# (hidden, asymmetric, workers, W-update, schedule)
+CELLS = [(hidden, asymmetric, workers, "exact", "sequential") for hidden in (128, 256)
          for asymmetric in (0.0, 0.25) for workers in (1, 2)] + [
-    (512, 0.0, 1, "exact"), (512, 0.25, 2, "exact"), (512, 0.25, 1, "cg"), (256, 0.0, 2, "cg")]
+    (512, 0.0, 1, "exact", "sequential"), (512, 0.25, 2, "exact", "sequential"),
+    (512, 0.25, 1, "cg", "sequential"), (256, 0.0, 2, "cg", "sequential")] + [
+    (128, 0.0, 1, "exact", schedule) for schedule in ("depth-parallel", "coordinated")] + [
+    (128, 0.25, 2, "exact", schedule) for schedule in ("depth-parallel", "coordinated")] + [
+    (256, 0.0, 2, "exact", schedule) for schedule in ("depth-parallel", "coordinated")] + [
+    (256, 0.25, 1, "cg", schedule) for schedule in ("depth-parallel", "coordinated")] + [
+    (512, 0.25, 2, "exact", schedule) for schedule in ("depth-parallel", "coordinated")]
+# Rounds of the round schedules: round 0 (cold) and a warm round, enough to reach every phase.
+ROUNDS = 2
 
 
-def measure_cell(root: Path, hidden: int, asymmetric: float, workers: int, w_update: str
-                 ) -> tuple[int, int]:
+def measure_cell(root: Path, hidden: int, asymmetric: float, workers: int, w_update: str,
+                 schedule: str = "sequential") -> tuple[int, int]:
     """``(measured peak, planned peak)`` of one cell. The source is bfloat16 so that the float32
     weights a CPU worker computes with are allocations the tracker sees (float32 weights would
     stay mapped from the file)."""
     src = tiny_model_dir(root / "src", "llama", dtype=torch.bfloat16, hidden_size=hidden,
                          intermediate_size=int(2.75 * hidden), num_attention_heads=4,
                          num_key_value_heads=2)
+    solver = {"admm": {"iterations": 10, "w_update": w_update}, "schedule": schedule}
+    solver.update({"depth-parallel": {"rounds": ROUNDS},
+                   "coordinated": {"coordinated_rounds": ROUNDS}}.get(schedule, {}))
     recipe = override(Recipe(), {
         "grid": {"group_size": 32}, "report": {"html": False},
         "calibration": {"dataset": None, "num_samples": 16, "seq_len": 64, "batch_size": 2,
                         "asymmetric": asymmetric},
-        "solver": {"admm": {"iterations": 10, "w_update": w_update}}})
+        "solver": solver})
     summary, measured = peak_allocated(lambda: quantize_model(
         str(src), root / "out", recipe, device=torch.device("cpu"), progress=False,
         backend=LocalBackend(workers)))

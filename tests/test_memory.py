@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from admmq_dist.recipe import Recipe, override
-from admmq_dist.run import memory
+from admmq_dist.run import memory, round_memory
 from admmq_dist.run.job import quantize_model
 from admmq_dist.run.memory import dyadic_pieces, plan_block
 from admmq_dist.run.plan import llama_block, tokens_per_worker
@@ -147,9 +147,9 @@ def test_a_70b_depth_parallel_segment_holds_its_blocks_for_the_whole_run():
     weights = sum(rows * cols for stage in block for _, rows, cols, *_ in stage)
 
     def plan(blocks):
-        return memory.plan_segments([block] * blocks, hidden=8192, tokens=128 * 2048,
-                                    num_batches=64, act_bytes=2, row_block=512, segments=1,
-                                    eigh_for=SolverSettings().uses_eigh)
+        return round_memory.plan_segments([block] * blocks, hidden=8192, tokens=128 * 2048,
+                                          num_batches=64, act_bytes=2, row_block=512,
+                                          segments=1, eigh_for=SolverSettings().uses_eigh)
 
     one, ten = plan(1), plan(10)
     assert ten.items["segment weights, codes and duals"] == 10 * 14 * weights
@@ -196,9 +196,11 @@ def test_a_70b_coordinated_worker_holds_every_owned_hessian_while_capturing():
     hessians = (3 * 8192 ** 2 + 28672 ** 2) * 4
 
     def plan(blocks, asymmetric=False):
-        return memory.plan_coordinated([block] * blocks, hidden=8192, batch_tokens=8 * 2048,
-                                       act_bytes=2, row_block=512, asymmetric=asymmetric,
-                                       eigh_for=SolverSettings().uses_eigh)
+        return round_memory.plan_coordinated([block] * blocks, hidden=8192,
+                                             tokens=128 * 2048, num_batches=16,
+                                             batch_tokens=8 * 2048, act_bytes=2, row_block=512,
+                                             asymmetric=asymmetric,
+                                             eigh_for=SolverSettings().uses_eigh)
 
     one, three, four = plan(1), plan(3), plan(4)
     assert one.items["blocks' weights, codes and duals"] == 18 * weights
@@ -259,14 +261,14 @@ def test_the_refit_holds_what_the_plan_says_and_no_rows_by_groups_by_cols_array(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("hidden,asymmetric,workers,w_update", CELLS)
+@pytest.mark.parametrize("hidden,asymmetric,workers,w_update,schedule", CELLS)
 def test_the_plan_holds_the_measured_peak_of_real_blocks(tmp_path, hidden, asymmetric, workers,
-                                                         w_update):
-    """The whole sequential run — loading, float pass, captures, merges, factorizations, solves,
-    refits, propagation, the driver's results and the writer — on real (tiny) Llama blocks at
-    three widths, 1 and 2 in-process workers, plain and asymmetric calibration, exact and CG
-    W-updates: the peak of live tensor bytes torch's allocator counts (tests/alloc.py) lies
-    within [1/1.3, 1] of the plan (every worker's phases added up as they share the process,
-    plus the driver's results)."""
-    measured, planned = measure_cell(tmp_path, hidden, asymmetric, workers, w_update)
+                                                         w_update, schedule):
+    """The whole run of each schedule — loading, float pass, captures, merges, factorizations,
+    solves, refits, propagation or rounds (the coordinated sequential start included), the
+    driver's hand-offs and results and the writer — on real (tiny) Llama blocks at three widths,
+    1 and 2 in-process workers, plain and asymmetric calibration, exact and CG W-updates: the peak
+    of live tensor bytes torch's allocator counts (tests/alloc.py) lies within [1/1.3, 1] of the
+    plan (every worker's phases added up as they share the process, plus the driver's)."""
+    measured, planned = measure_cell(tmp_path, hidden, asymmetric, workers, w_update, schedule)
     assert measured <= planned <= 1.3 * measured, (measured, planned, planned / measured)

@@ -19,16 +19,15 @@ import torch
 
 from ..model.capture import block_output
 from ..quant.factors import HessianFactors
-from ..quant.hessian import (HessianAccumulator, asymmetric_loss_terms, asymmetric_target,
-                             loss_terms)
+from ..quant.hessian import HessianAccumulator, asymmetric_loss_terms, loss_terms
 from ..quant.grid import Grid
 from ..quant.solvers.local_search import local_search
 from ..quant.solvers.rows import row_blocks
 from ..quant.solvers.scales import refit_scales
 from ..quant.solvers.solve import SolverSettings
-from . import memory
+from . import round_memory
 from .layer import served_grid, served_scale_dtype, solve_rows
-from .segment_worker import SegmentWorker
+from .segment_worker import SegmentWorker, totals
 from .workdir import load_start_hidden, save_segment_round, save_start_hidden
 
 
@@ -65,17 +64,13 @@ def better_rows(block, codes: torch.Tensor, weight: torch.Tensor, hessian: torch
 
 class CoordinatedWorker(SegmentWorker):
     def memory_plan(self) -> dict:
-        """This worker's planned peak memory (:func:`.memory.plan_coordinated`) and what its
-        device can hold."""
+        """This worker's planned peak memory (:func:`.round_memory.plan_coordinated`) and what
+        its device can hold."""
         self._owned()
-        first = self.first_hidden[0]
-        plan = memory.plan_coordinated(
-            self._block_shapes(), hidden=int(first.shape[-1]),
-            batch_tokens=int(first.shape[0]) * int(first.shape[1]),
-            act_bytes=self.dtype.itemsize, row_block=self.recipe.solver.row_block,
-            asymmetric=bool(self.asymmetric),
-            eigh_for=self.recipe.solver.uses_eigh)
-        return plan.on(self.device)
+        plan = round_memory.plan_coordinated(
+            self._block_shapes(), **self._plan_shape(), eigh_for=self.recipe.solver.uses_eigh,
+            start=self.recipe.solver.coordinated_start == "sequential")
+        return {**plan.on(self.device), "driver": self._driver_bytes()}
 
     @torch.no_grad()
     def sequential_start(self, s: int, hidden: tuple | str | None, settings: SolverSettings,
@@ -191,16 +186,11 @@ class CoordinatedWorker(SegmentWorker):
                     acc = self.accumulators.pop((b, group[0]), None)
                     if acc is None:  # every layer of the group is frozen
                         continue
-                    hessian = acc.hessian()
+                    hessian, tokens, asym = totals(acc)
+                    del acc  # its running sums: not held through the solves
                     factors = HessianFactors(hessian, self.device)
-                    targets = {name: self.float_weights[(b, name)] for name in group}
-                    asym = (acc.cross(), acc.deviation()) if acc.has_cross else None
-                    if asym is not None:
-                        damping = self.recipe.solver.gptq.damp
-                        targets = {name: asymmetric_target(w, hessian, asym[0], self.asymmetric,
-                                                           damping, factors.asymmetric(damping))
-                                   for name, w in targets.items()}
-                    yield b, group, hessian, acc.num_rows, factors, targets, asym
+                    targets = self._targets(b, group, hessian, factors, asym)
+                    yield b, group, hessian, tokens, factors, targets, asym
                     self.count_factorizations(factors)
 
     @torch.no_grad()

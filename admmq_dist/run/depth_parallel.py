@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..model.loading import TensorIndex
 from ..recipe import Recipe
-from . import memory
+from . import memory, round_memory
 from .faults import RECOVERABLE, FaultLog
 from .workdir import (DecoderBlockOutput, last_round_marker, mark_round, prune_rounds,
                       round_files)
@@ -127,7 +127,10 @@ class DepthParallelSchedule:
             plans, lambda w, p: f"the {self.owns} of worker {w} need about {p['describe']}",
             self.memory_advice)
         return {"peak_bytes": plans[k]["peak"], "worker": k, "worst": plans[k]["worst"],
-                "items": plans[k]["items"]}
+                "items": plans[k]["items"],
+                "driver_bytes": max(max(p["driver"].values()) for p in plans),
+                # Every worker and the driver in one process (the in-process backend).
+                "in_process_peak_bytes": round_memory.in_process_peak(plans)}
 
     def _resume_or_forward(self) -> int:
         """The first round to run: after the last committed one, or 0 after round 0's

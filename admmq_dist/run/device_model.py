@@ -114,6 +114,24 @@ class DeviceModel:
         self.busy["forward"] += time.perf_counter() - t
         return out
 
+    def resident_bytes(self) -> int:
+        """What this worker holds whatever it works on: the weights outside the decoder blocks
+        (embeddings, final norm, ``lm_head``), the first block's inputs and the tensors every
+        block is called with per batch (position embeddings, masks; shared between blocks,
+        counted once)."""
+        blocks = {id(t) for block in self.blocks for t in block.parameters()}
+        outside = sum(t.numel() * t.element_size() for t in self.model.parameters()
+                      if t.device.type != "meta" and id(t) not in blocks)
+        seen = {id(h): h.numel() * h.element_size() for h in self.first_hidden}
+        for per_block in (self.args, self.kwargs):
+            for calls in per_block:
+                for call in calls:
+                    for value in (call.values() if isinstance(call, dict) else call):
+                        for t in (value if isinstance(value, (tuple, list)) else (value,)):
+                            if isinstance(t, torch.Tensor):
+                                seen[id(t)] = t.numel() * t.element_size()
+        return outside + sum(seen.values())
+
     def num_blocks(self) -> int:
         return self.layout.num_blocks
 

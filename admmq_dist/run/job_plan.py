@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from ..model.arch import find_blocks
 from ..recipe import Recipe
-from . import memory, time_model
+from . import memory, round_memory, time_model
 from .memory import usable
 from .model_shape import block_stages, config_folder, meta_skeleton, source_bytes
 from .plan import tokens_per_worker
@@ -168,19 +168,19 @@ def _device_plan(shape: _Model, recipe: Recipe, workers: int, act: int
         return max(plans, key=lambda pb: pb[0].peak)
     stages, b, _, _ = max(shape.blocks, key=lambda entry: entry[3])
     per_worker = math.ceil(sum(count for _, _, count, _ in shape.blocks) / workers)
+    common = {"hidden": shape.hidden, "tokens": calib.num_samples * calib.seq_len,
+              "num_batches": math.ceil(calib.num_samples / calib.batch_size),
+              "batch_tokens": calib.batch_size * calib.seq_len, "act_bytes": act,
+              "row_block": solver.row_block, "asymmetric": asymmetric,
+              "eigh_for": solver.uses_eigh, "group_size": recipe.grid.group_size,
+              "embeddings": embeddings}
     if solver.schedule == "depth-parallel":
-        plan = memory.plan_segments(
-            [stages] * per_worker, hidden=shape.hidden, tokens=calib.num_samples * calib.seq_len,
-            num_batches=math.ceil(calib.num_samples / calib.batch_size), act_bytes=act,
-            row_block=solver.row_block, segments=solver.segments or 1, asymmetric=asymmetric,
-            eigh_for=solver.uses_eigh)
+        # A worker's segments: the recipe's count (default one per worker) shared out.
+        segments = math.ceil((solver.segments or workers) / workers)
+        plan = round_memory.plan_segments([stages] * per_worker, segments=segments, **common)
     else:
-        plan = memory.plan_coordinated(
-            [stages] * per_worker, hidden=shape.hidden,
-            batch_tokens=calib.batch_size * calib.seq_len, act_bytes=act,
-            row_block=solver.row_block, asymmetric=asymmetric, eigh_for=solver.uses_eigh)
-    plan.items["embeddings and lm_head"] = embeddings
-    plan.peak += embeddings
+        plan = round_memory.plan_coordinated([stages] * per_worker, **common,
+                                             start=solver.coordinated_start == "sequential")
     return plan, b
 
 
@@ -238,7 +238,7 @@ def plan_job(model: str, recipe: Recipe, *, workers: int, device_bytes: int,
     """Plan quantizing ``model`` (folder or hub id; only its config is read) with the settled
     ``recipe`` on ``workers`` workers with ``device_bytes`` each (``host_bytes`` of host memory
     on the driver's machine, when given). The sequential schedule's model is measured; the round
-    schedules are planned with :func:`.memory.plan_segments` / :func:`.memory.plan_coordinated`.
+    schedules are planned with :func:`.round_memory.plan_segments` / :func:`.round_memory.plan_coordinated`.
     With ``rates`` (:func:`.time_model.load_rates`) the job's time is modelled too."""
     if workers < 1:
         raise ValueError(f"--workers {workers} must be at least 1")

@@ -243,70 +243,12 @@ def in_process_peak(phases: list[dict[str, tuple]], driver: int = 0) -> int:
     worker's held bytes, the factorizations of as many workers as the stage has row-block units
     (only a worker that solves rows of a Hessian factorizes it), and the largest working set."""
     def peak(phase: str) -> int:
-        rows = [p[phase] for p in phases]
+        # A worker without this phase (round workers own different blocks) holds what it holds.
+        rows = [p.get(phase) or (max(held for held, *_ in p.values()), 0, 0, 0) for p in phases]
         solvers = min(len(rows), max(r[3] for r in rows))
         return (sum(r[0] for r in rows) + solvers * max(r[1] for r in rows)
                 + max(r[2] for r in rows))
-    return driver + max(peak(phase) for phase in phases[0])
-
-
-def plan_segments(blocks: list[list[list[tuple[str, int, int]]]], *, hidden: int, tokens: int,
-                  num_batches: int, act_bytes: int, row_block: int, segments: int,
-                  asymmetric: bool = False,
-                  eigh_for: Callable[[int], bool] = lambda cols: True) -> MemoryPlan:
-    """Plan a depth-parallel worker: it holds its ``blocks`` (each as :func:`plan_block` takes
-    it) for the whole run with every layer's float copy, codes and duals, and each of its
-    ``segments``' input and output over all ``tokens`` (and under asymmetric calibration the float
-    model's input); then one block's work at a time."""
-    plan = MemoryPlan()
-    weights = sum(rows * cols for block in blocks for stage in block for _, rows, cols, *_ in stage)
-    # The weights, their float32 copies, int32 codes and float32 duals (4 + 4 + 4).
-    plan.items["segment weights, codes and duals"] = weights * (act_bytes + 12)
-    plan.items["segment inputs and outputs"] = (2 + asymmetric) * segments * tokens * hidden \
-        * act_bytes
-    held = sum(plan.items.values())
-    worst = None
-    for block in blocks:
-        p = plan_block(block, hidden=hidden, tokens=tokens, batch_range=(0, num_batches),
-                       act_bytes=act_bytes, row_block=row_block, asymmetric=asymmetric,
-                       eigh_for=eigh_for)
-        if worst is None or p.peak - p.items["block weights"] > worst.peak - \
-                worst.items["block weights"]:
-            worst = p
-    if worst is not None:
-        plan.items.update({k: v for k, v in worst.items.items() if k != "block weights"})
-        plan.worst_stage = worst.worst_stage
-        held += worst.peak - worst.items["block weights"]
-    plan.peak = held
-    return plan
-
-
-def plan_coordinated(blocks: list[list[list[tuple[str, int, int]]]], *, hidden: int,
-                     batch_tokens: int, act_bytes: int, row_block: int,
-                     asymmetric: bool,
-                     eigh_for: Callable[[int], bool] = lambda cols: True) -> MemoryPlan:
-    """Plan a coordinated-schedule worker: it holds its ``blocks`` for the whole run with every
-    layer's float copy, best codes, last iterate and duals; while a round captures, every owned
-    Hessian's partial sums at once (and cross terms under asymmetric calibration) and one batch's
-    hidden states per stream; then one Hessian's factorizations and one row block's solve."""
-    plan = MemoryPlan()
-    streams = 2 if asymmetric else 1
-    shapes = [(rows, cols) for block in blocks for stage in block for _, rows, cols, *_ in stage]
-    # Weights, float32 copies, int32 best codes and last iterate, float32 duals (4 * 4).
-    plan.items["blocks' weights, codes and duals"] = sum(r * c for r, c in shapes) * (
-        act_bytes + 16)
-    # Every batch arrives, in order: one running sum per Hessian (and cross term and deviation),
-    # no tree.
-    stats = 3 if asymmetric else 1
-    plan.items["every owned Hessian while capturing"] = sum(stats * c * c * 4 for _, c in shapes)
-    plan.items["a batch in flight"] = (streams + 1) * batch_tokens * hidden * act_bytes
-    plan.items["factorization and row-block solve"] = max(
-        ((EIGH_TRANSIENT + EIGH_KEPT if eigh_for(c) else CHOLESKY_TRANSIENT) * c * c
-         + (SOLVER_ARRAYS + CG_ARRAYS * (not eigh_for(c))) * min(r, row_block) * c * 4)
-        for r, c in shapes)
-    plan.peak = sum(plan.items.values())
-    plan.worst_stage = "capture and iterate"
-    return plan
+    return driver + max(peak(phase) for phase in {name for p in phases for name in p})
 
 
 def largest_fitting(plans: list[dict], needs: Callable[[int, dict], str], advice: str) -> int:

@@ -24,7 +24,7 @@ from ..quant.grid import Grid
 from ..quant.hessian import asymmetric_target
 from ..quant.solvers.rows import combine, row_blocks
 from ..quant.solvers.solve import SolverSettings
-from . import memory
+from . import round_memory
 from .device_model import DeviceModel, block_linears
 from .faults import PositionError
 from .layer import grid_source, report_row, served_grid, served_scale_dtype, solve_rows
@@ -38,6 +38,11 @@ def moved_codes(previous: dict, result) -> float:
     before = result.grid.codes(previous["grid"].dequantize(previous["codes"]).to(
         result.grid.scale.device))
     return float((result.codes != before).float().mean())
+
+
+def totals(acc) -> tuple[torch.Tensor, int, tuple | None]:
+    """``(Hessian, tokens, (cross term, deviation) or None)`` of a finished accumulator."""
+    return acc.hessian(), acc.num_rows, (acc.cross(), acc.deviation()) if acc.has_cross else None
 
 
 class SegmentWorker(DeviceModel):
@@ -101,17 +106,29 @@ class SegmentWorker(DeviceModel):
         return self.stages[b]
 
     def memory_plan(self) -> dict:
-        """This worker's planned peak memory for its segments (:func:`.memory.plan_segments`)
-        and what its device can hold."""
+        """This worker's planned peak memory for its segments
+        (:func:`.round_memory.plan_segments`) and what its device can hold."""
         self._owned()
-        blocks = self._block_shapes()
-        tokens = sum(int(h.shape[0]) * int(h.shape[1]) for h in self.first_hidden)
-        plan = memory.plan_segments(
-            blocks, hidden=int(self.first_hidden[0].shape[-1]), tokens=tokens,
-            num_batches=len(self.batch_ids), act_bytes=self.dtype.itemsize,
-            row_block=self.recipe.solver.row_block, segments=len(self.segments),
-            asymmetric=bool(self.asymmetric), eigh_for=self.recipe.solver.uses_eigh)
-        return plan.on(self.device)
+        plan = round_memory.plan_segments(
+            self._block_shapes(), **self._plan_shape(), segments=len(self.segments),
+            eigh_for=self.recipe.solver.uses_eigh)
+        return {**plan.on(self.device), "driver": self._driver_bytes()}
+
+    def _driver_bytes(self) -> dict[str, int]:
+        shape = self._plan_shape()
+        return round_memory.driver_bytes(self._block_shapes(), tokens=shape["tokens"],
+                                         hidden=shape["hidden"], asymmetric=shape["asymmetric"])
+
+    def _plan_shape(self) -> dict:
+        """What the memory plans take of this worker's calibration shard and model."""
+        first = self.first_hidden[0]
+        return {"hidden": int(first.shape[-1]), "act_bytes": self.dtype.itemsize,
+                "tokens": sum(int(h.shape[0]) * int(h.shape[1]) for h in self.first_hidden),
+                "num_batches": len(self.batch_ids),
+                "batch_tokens": max(int(h.shape[0]) * int(h.shape[1]) for h in self.first_hidden),
+                "row_block": self.recipe.solver.row_block,
+                "asymmetric": bool(self.asymmetric), "group_size": self.recipe.grid.group_size,
+                "embeddings": self.resident_bytes(), "host": self.device.type != "cpu"}
 
     def _block_shapes(self) -> list[list[list[tuple[str, int, int]]]]:
         """Per owned block, per stage, ``(first linear, rows of the group, cols)`` per group."""
@@ -192,6 +209,21 @@ class SegmentWorker(DeviceModel):
             for key, weight in quantized.items():
                 self.layers[key].weight.copy_(weight)
 
+    def _targets(self, b: int, group: list[str], hessian: torch.Tensor,
+                 factors: HessianFactors, asym: tuple | None) -> dict[str, torch.Tensor]:
+        """Each linear's weight to aim at: its float weight, or under asymmetric calibration the
+        moved target (the asymmetric objective is the ordinary one with a moved target) — all
+        of the group's at once, so the float64 factor they share is gone before any solve."""
+        weights = {name: self.float_weights[(b, name)] for name in group}
+        if asym is None:
+            return weights
+        damping = self.recipe.solver.gptq.damp
+        targets = {name: asymmetric_target(w, hessian, asym[0], self.asymmetric, damping,
+                                           factors.asymmetric(damping))
+                   for name, w in weights.items()}
+        factors.drop_asymmetric()
+        return targets
+
     def _solve_stage(self, b: int, groups: list[list[str]], hidden: list[torch.Tensor],
                      warm_settings: SolverSettings, cold: SolverSettings | None,
                      references: dict[str, list] | None = None) -> list[dict]:
@@ -205,20 +237,14 @@ class SegmentWorker(DeviceModel):
         t = time.perf_counter()
         out = []
         for group in groups:
-            acc = hessians[group[0]]
-            hessian = acc.hessian()
+            # The running sums go as soon as their totals exist: not held through the solves.
+            hessian, tokens, asym = totals(hessians.pop(group[0]))
             factors = HessianFactors(hessian, self.device)
-            asym = (acc.cross(), acc.deviation()) if acc.has_cross else None
+            targets = self._targets(b, group, hessian, factors, asym)
             for name in group:
                 weight = self.float_weights[(b, name)]
-                target = weight
-                if asym is not None:
-                    # The asymmetric objective is the ordinary one with a moved target.
-                    target = asymmetric_target(
-                        weight, hessian, asym[0], self.asymmetric, self.recipe.solver.gptq.damp,
-                        factors.asymmetric(self.recipe.solver.gptq.damp))
-                out.append(self._solve_layer(b, name, group, hessian, factors, acc.num_rows,
-                                             warm_settings, cold, target,
+                out.append(self._solve_layer(b, name, group, hessian, factors, tokens,
+                                             warm_settings, cold, targets[name],
                                              None if asym is None else (weight, *asym)))
             self.count_factorizations(factors)
         self.busy["solve"] += time.perf_counter() - t
