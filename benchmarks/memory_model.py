@@ -18,7 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from memory_cells import CELLS, measure_cell  # noqa: E402
+from memory_cells import BENCHMARK_CELLS, measure_cell  # noqa: E402
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
              "| plan / measured |",
              "|---|---|---|---|---|---|---|---|"]
     ratios = []
-    for cell in CELLS:
+    for cell in BENCHMARK_CELLS:
         with tempfile.TemporaryDirectory() as root:
             measured, planned = measure_cell(Path(root), *cell)
         ratios.append(planned / measured)

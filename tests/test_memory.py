@@ -10,7 +10,7 @@ from admmq_dist.run.job import quantize_model
 from admmq_dist.run.memory import dyadic_pieces, plan_block
 from admmq_dist.run.plan import llama_block, tokens_per_worker
 
-from memory_cells import CELLS, measure_cell
+from memory_cells import TEST_CELLS, measure_cell
 from tiny import tiny_model_dir
 
 
@@ -261,7 +261,7 @@ def test_the_refit_holds_what_the_plan_says_and_no_rows_by_groups_by_cols_array(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("hidden,asymmetric,workers,w_update,schedule", CELLS)
+@pytest.mark.parametrize("hidden,asymmetric,workers,w_update,schedule", TEST_CELLS)
 def test_the_plan_holds_the_measured_peak_of_real_blocks(tmp_path, hidden, asymmetric, workers,
                                                          w_update, schedule):
     """The whole run of each schedule — loading, float pass, captures, merges, factorizations,
