@@ -155,12 +155,16 @@ def _add_eval(sub) -> None:
     e.add_argument("model", nargs="?", default=None,
                    help=f"hub id or local folder (default: the {EMBEDDED})")
     e.add_argument("--dataset", help="text to evaluate on (default: the first half of the "
-                   "WikiText-2 test file beside the checkout, if present)")
+                   "WikiText-2 test file, shipped in the package)")
     e.add_argument("--split", default="test")
     e.add_argument("--text-field", default="text")
     e.add_argument("--seq-len", type=int, default=512)
     e.add_argument("--max-windows", type=int, default=None)
     e.add_argument("--device", default=None)
+    e.add_argument("--reference", nargs="?", const="", default=None, metavar="MODEL",
+                   help="the float model (hub id or folder; alone: the embedded model): also "
+                   "report the mean token KL divergence KL(P_reference || P_model) and the "
+                   "reference's perplexity on the same windows (both models are loaded)")
     e.add_argument("--json", action="store_true", help='print {"ppl": ...} as the last line')
 
 
@@ -261,11 +265,16 @@ def cmd_plan(args) -> int:
 def cmd_eval(args) -> int:
     result = perplexity(_model_or_embedded(args.model), dataset=args.dataset, split=args.split,
                         text_field=args.text_field, seq_len=args.seq_len,
-                        max_windows=args.max_windows, device=_device(args.device))
+                        max_windows=args.max_windows, device=_device(args.device),
+                        reference=None if args.reference is None
+                        else _model_or_embedded(args.reference or None))
     if not PartialState().is_main_process:  # under accelerate launch: one report
         return 0
     print(f"perplexity {result['ppl']:.4f} over {result['windows']} windows of "
           f"{result['seq_len']} tokens", file=sys.stderr)
+    if "kl" in result:
+        print(f"KL divergence from {result['reference']}: {result['kl']:.6f} nats per token "
+              f"(its perplexity {result['reference_ppl']:.4f})", file=sys.stderr)
     if args.json:
         print(json.dumps(result))
     return 0

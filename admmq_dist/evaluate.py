@@ -1,4 +1,5 @@
-"""Token perplexity of a model or a written checkpoint on WikiText-2-style text."""
+"""Token perplexity of a model or a written checkpoint on WikiText-2-style text, and its KL
+divergence from a reference (float) model."""
 
 from __future__ import annotations
 
@@ -8,38 +9,73 @@ from pathlib import Path
 import torch
 
 from .checkpoint.compat import fix_asymmetric_loading
-from .model.calibration import read_text, split_text
+from .model.calibration import read_text
 from .model.loading import resolve_model_dir
 
-# Tests and benchmarks evaluate on the first half of this file (the second half calibrates).
-WIKITEXT_TEST = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / \
-    "wikitext-2-raw" / "wiki.test.raw"
+# The default evaluation text: the first half of the WikiText-2 test file (the second half is
+# the default calibration text, data/calibration.txt), shipped in the package (data/README.md).
+EVALUATION_TEXT = Path(__file__).resolve().parent / "data" / "evaluation.txt"
 
 
 def evaluation_text(dataset: str | None, split: str, text_field: str) -> str:
     if dataset is not None:
         return read_text(dataset, split=split, text_field=text_field)
-    if not WIKITEXT_TEST.is_file():
-        raise FileNotFoundError(
-            "no evaluation text given and the WikiText-2 test file is not beside the checkout; "
-            "pass --dataset FILE_OR_HUB_ID")
-    return split_text(read_text(str(WIKITEXT_TEST)), 0.5)[0]
+    return read_text(str(EVALUATION_TEXT))
+
+
+def _load(model_dir: Path, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if device.type == "cpu" else None
+    fix_asymmetric_loading()  # transformers >= 5.23 (see the function)
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or "auto").to(device).eval()
+
+
+def _check_reference(model_dir: Path, reference_dir: Path) -> None:
+    """Refuse, before any weight is read, a reference whose vocabulary is not the model's."""
+    from transformers import AutoConfig
+
+    sizes = [getattr(AutoConfig.from_pretrained(d).get_text_config(), "vocab_size", None)
+             for d in (model_dir, reference_dir)]
+    if sizes[0] != sizes[1]:
+        raise ValueError(f"the reference has a vocabulary of {sizes[1]} tokens, the model "
+                         f"{sizes[0]}: the KL divergence compares next-token distributions over "
+                         "one vocabulary; give the float model this one was quantized from")
+
+
+def _window_sums(lm, ref, chunk: torch.Tensor) -> torch.Tensor:
+    """``[NLL, KL(reference ‖ model), reference NLL]`` summed over one window's predicted tokens
+    (zeros for the reference's without one)."""
+    logp = torch.log_softmax(lm(chunk, use_cache=False).logits.float()[0, :-1], dim=-1)
+    target = chunk[0, 1:]
+    nll = -logp.gather(1, target[:, None]).sum()
+    if ref is None:
+        return torch.stack([nll, nll.new_zeros(()), nll.new_zeros(())])
+    ref_logp = torch.log_softmax(ref(chunk, use_cache=False).logits.float()[0, :-1], dim=-1)
+    kl = torch.nn.functional.kl_div(logp, ref_logp, log_target=True, reduction="sum")
+    return torch.stack([nll, kl, -ref_logp.gather(1, target[:, None]).sum()])
 
 
 @torch.no_grad()
 def perplexity(model: str, *, dataset: str | None = None, split: str = "test",
                text_field: str = "text", seq_len: int = 512, max_windows: int | None = None,
-               device: torch.device = torch.device("cpu")) -> dict:
-    """exp(mean token NLL) over consecutive non-overlapping windows of ``seq_len`` tokens.
+               device: torch.device = torch.device("cpu"), reference: str | None = None) -> dict:
+    """exp(mean token NLL) over consecutive non-overlapping windows of ``seq_len`` tokens; with a
+    ``reference`` model (the float one), also the mean token KL divergence of this model's
+    next-token distribution from the reference's, KL(P_ref ‖ P_model) in nats, and the
+    reference's perplexity on the same windows.
 
     Under ``accelerate launch`` (``launch/accelerate.yaml``) every process takes every n-th
-    window on its own GPU and the sums are reduced, so the figure is the single-process one.
+    window on its own GPU and the sums are reduced, so the figures are the single-process ones.
     """
     from accelerate import PartialState
     from accelerate.utils import reduce
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     model_dir = resolve_model_dir(model)
+    reference_dir = None if reference is None else resolve_model_dir(reference)
+    if reference_dir is not None:
+        _check_reference(model_dir, reference_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     text = evaluation_text(dataset, split, text_field)
     ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
@@ -52,18 +88,18 @@ def perplexity(model: str, *, dataset: str | None = None, split: str = "test",
     state = PartialState()
     if state.num_processes > 1:
         device = state.device
-    dtype = torch.float32 if device.type == "cpu" else None
-    fix_asymmetric_loading()  # transformers >= 5.23 (see the function)
-    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or "auto").to(device).eval()
-    total, count = 0.0, 0
+    lm = _load(model_dir, device)
+    ref = None if reference_dir is None else _load(reference_dir, device)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
     for w in range(state.process_index, windows, state.num_processes):
         chunk = ids[w * seq_len:(w + 1) * seq_len].unsqueeze(0).to(device)
-        logits = lm(chunk, use_cache=False).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits[0, :-1], chunk[0, 1:], reduction="sum")
-        total += float(nll)
-        count += seq_len - 1
+        sums += _window_sums(lm, ref, chunk).double()
     if state.num_processes > 1:
-        sums = reduce(torch.tensor([total, count], dtype=torch.float64, device=device), "sum")
-        total, count = float(sums[0]), int(sums[1])
-    return {"ppl": math.exp(total / count), "windows": windows, "seq_len": seq_len,
-            "tokens": count, "model": model}
+        sums = reduce(sums, "sum")
+    count = windows * (seq_len - 1)
+    out = {"ppl": math.exp(float(sums[0]) / count), "windows": windows, "seq_len": seq_len,
+           "tokens": count, "model": model}
+    if ref is not None:
+        out.update({"kl": float(sums[1]) / count,
+                    "reference_ppl": math.exp(float(sums[2]) / count), "reference": reference})
+    return out
