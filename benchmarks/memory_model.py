@@ -18,7 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from memory_cells import BENCHMARK_CELLS, measure_cell  # noqa: E402
+from memory_cells import BENCHMARK_CELLS, measure_cell_apart  # noqa: E402
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
     ratios = []
     for cell in BENCHMARK_CELLS:
         with tempfile.TemporaryDirectory() as root:
-            measured, planned = measure_cell(Path(root), *cell)
+            measured, planned = measure_cell_apart(Path(root), *cell)
         ratios.append(planned / measured)
         hidden, asymmetric, workers, w_update, schedule = cell
         lines.append(f"| {schedule} | {hidden} | {asymmetric} | {workers} | {w_update} | "

@@ -5,6 +5,10 @@ benchmarks/memory_model.py."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -55,3 +59,20 @@ def measure_cell(root: Path, hidden: int, asymmetric: float, workers: int, w_upd
         str(src), root / "out", recipe, device=torch.device("cpu"), progress=False,
         backend=LocalBackend(workers)))
     return measured, summary["memory_plan"]["in_process_peak_bytes"]
+
+
+def measure_cell_apart(root: Path, *cell) -> tuple[int, int]:
+    """:func:`measure_cell` in a process of its own: the profiler's record of a whole run takes
+    gigabytes that the allocator does not hand back, and the runs after it (whose memory plans
+    check the host's available memory) must not pay for it."""
+    here = Path(__file__).resolve().parent
+    code = ("import json, sys; from pathlib import Path; from memory_cells import measure_cell; "
+            "print(json.dumps(measure_cell(Path(sys.argv[1]), *json.loads(sys.argv[2]))))")
+    proc = subprocess.run([sys.executable, "-c", code, str(root), json.dumps(cell)], cwd=here,
+                          capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                              p for p in (str(here), os.environ.get("PYTHONPATH")) if p)})
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory cell {cell} failed:\n{proc.stderr[-3000:]}")
+    measured, planned = json.loads(proc.stdout.strip().splitlines()[-1])
+    return measured, planned
