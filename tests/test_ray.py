@@ -113,3 +113,44 @@ def test_a_ray_worker_killed_mid_run_costs_time_not_bytes(model_dir, tmp_path, m
     assert len(calls) >= nth
     assert [f["restarted_workers"] for f in summary["faults"]] == [[1]]
     assert digest(tmp_path / "ray") == digest(tmp_path / "local")
+
+
+@pytest.mark.ray
+def test_a_killed_worker_whose_shard_lives_in_the_object_store_is_restarted(model_dir, tmp_path):
+    """A real calibration shard is past Ray's 100 KiB inline limit, so it reaches the actor's
+    constructor through the object store; a restart reads it again from there, which works only
+    while the driver still holds it (Ray's reference counting frees it otherwise, and the
+    rebuilt worker fails with ReferenceCountingAssertionError)."""
+    import ray
+    import torch
+
+    from admmq_dist.recipe import Recipe, override
+    from admmq_dist.run.job import quantize_model
+    from admmq_dist.run.ray_backend import RayBackend
+
+    from runs import SETTINGS
+
+    # 256 windows of 128 tokens as int64: 128 KiB per worker of two.
+    recipe = override(Recipe(), {**SETTINGS, "calibration": {
+        **SETTINGS["calibration"], "num_samples": 256, "seq_len": 128, "batch_size": 32}})
+    backends, killed = [], []
+    original_start = RayBackend.start
+
+    def start(self, *args):
+        original_start(self, *args)
+        backends.append(self)
+
+    def kill_after(b):
+        if b == 0 and not killed:
+            ray.kill(backends[0].actors[1], no_restart=False)
+            killed.append(b)
+
+    RayBackend.start = start
+    try:
+        summary = quantize_model(str(model_dir), tmp_path / "out", recipe,
+                                 device=torch.device("cpu"), progress=False, threads=1,
+                                 workers=2, on_block=kill_after)
+    finally:
+        RayBackend.start = original_start
+    assert killed == [0]
+    assert [f["restarted_workers"] for f in summary["faults"]] == [[1]]

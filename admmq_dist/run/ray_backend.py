@@ -151,6 +151,7 @@ class RayBackend:
             ray.remote(_probe).options(**self._in_slot(i)).remote(self.device)
             for i in range(workers)])
         self.actors: list = []
+        self._constructed_with: list = []  # the actors' constructor arguments, held for restarts
         self._tokens: list[str] = []
         self._owner: dict = {}  # object ref -> the worker computing it (for the deadline)
 
@@ -212,13 +213,17 @@ class RayBackend:
         paths = self._locate(model_dir, len(shards))
         actor_cls = ray.remote(worker_class(recipe))
         env = {"env_vars": {"ADMMQ_LOG_LEVEL": self.log_level}}
+        # A restarted actor reads its constructor's arguments again from the object store (a
+        # real calibration shard is past Ray's inline limit): the driver holds them for the
+        # run, or reference counting frees them and every restart fails.
+        self._constructed_with = [ray.put(recipe)] + [ray.put(shard) for shard in shards]
         self.actors = [
             actor_cls.options(
                 max_restarts=self.max_restarts, max_task_retries=0, runtime_env=env,
                 num_cpus=self._bundle["CPU"], num_gpus=self._bundle.get("GPU", 0),
                 scheduling_strategy=self._slot(i),
-            ).remote(paths[i], recipe, shard, self.device, self.threads)
-            for i, shard in enumerate(shards)]
+            ).remote(paths[i], self._constructed_with[0], shard, self.device, self.threads)
+            for i, shard in enumerate(self._constructed_with[1:])]
         self._tokens = self.get([a.ping.remote() for a in self.actors])
 
     def _locate(self, model: str | ModelSource, workers: int) -> list[str]:
@@ -305,7 +310,7 @@ class RayBackend:
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
-        self.actors = []
+        self.actors, self._constructed_with = [], []
         remove_placement_group(self._pg)
         if self._owns_ray:
             ray.shutdown()
