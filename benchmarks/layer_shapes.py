@@ -42,7 +42,8 @@ from environment import describe  # noqa: E402
 
 # hidden, intermediate, heads, kv heads, head dim, decoder blocks (Llama-3 family).
 # Rounds the coordinated schedule is costed at: as many as it ran on SmolLM2 before its stop
-# rule ended it (benchmarks/results/depth_parallel_coordinated_quick.md), not its budget.
+# rule ended it (benchmarks/results/schedules_slice.md: 7 rounds on the 8-block slice), not its
+# budget.
 COORDINATED_ROUNDS = 7
 
 SHAPES = {

@@ -67,7 +67,7 @@ class SolverSettings:
     # What a layer's dual does when its Hessian is refreshed: "keep" the unscaled dual Y = ρU
     # (continuous in ρ, so a change of ρ rescales U consistently by itself) or "zero" it. (A
     # third rule, reset to the new Hessian's stationary dual, diverged — perplexity 2.6e14 by
-    # round 5, benchmarks/results/coordinated_start_quick.md — and was removed.)
+    # round 5, coordinated_start_quick.md at commit 4a28e2d — and was removed.)
     refresh_dual: Literal["keep", "zero"] = "keep"
     # coordinated: how the coordinator sets each round's ρ: "continuation" — the admm schedule
     # carried across rounds; "balance" — that, and ×2 / ÷2 when the whole model's primal residual
@@ -78,8 +78,9 @@ class SolverSettings:
     # block on the quantized model's inputs, one worker busy at a time: GPTQ's time), so that
     # round 0's Hessians are already near the final model's; "float" — GPTQ on the float
     # model's Hessians, every layer at once. Measured on SmolLM2 3-bit (one run,
-    # benchmarks/results/coordinated_start_quick.md): the sequential start ends at the
-    # sequential schedule's perplexity, the float start 7.9% above it.
+    # coordinated_start_quick.md at commit 4a28e2d, before today's defaults): the sequential
+    # start ended at the sequential schedule's perplexity, the float start 7.9% above it; with
+    # today's defaults: benchmarks/results/schedules_slice.md.
     coordinated_start: Literal["float", "sequential"] = "sequential"
     # coordinated: a layer whose iterate moved less than this fraction in a round past
     # admm.stop_min_rho is frozen — no longer iterated nor its Hessian captured (its codes stay
