@@ -14,6 +14,29 @@ def model_dir(tmp_path_factory):
     return tiny_model_dir(tmp_path_factory.mktemp("src"), "llama", num_hidden_layers=3)
 
 
+def _kill_worker_1_after_block_0(monkeypatch):
+    """Patch RayBackend.start to remember the backend; returns ``(on_block, killed)``: the hook
+    that kills worker 1's actor after block 0 (not a polite shutdown: the actor's process dies,
+    as on a lost node), and the blocks after which it did."""
+    import ray
+
+    from admmq_dist.run.ray_backend import RayBackend
+
+    backends, killed = [], []
+    original_start = RayBackend.start
+
+    def start(self, *args):
+        original_start(self, *args)
+        backends.append(self)
+
+    def kill_after(b):
+        if b == 0 and not killed:
+            ray.kill(backends[0].actors[1], no_restart=False)
+            killed.append(b)
+
+    monkeypatch.setattr(RayBackend, "start", start)
+    return kill_after, killed
+
 
 @pytest.mark.ray
 def test_one_and_two_ray_workers_write_the_in_process_bytes(model_dir, tmp_path):
@@ -40,32 +63,10 @@ def test_asymmetric_calibration_writes_the_same_bytes_on_two_ray_workers(model_d
 
 
 @pytest.mark.ray
-def test_a_killed_worker_is_restarted_and_its_block_redone(model_dir, tmp_path):
-    import ray
-
-    from admmq_dist.run.ray_backend import RayBackend
-
+def test_a_killed_worker_is_restarted_and_its_block_redone(model_dir, tmp_path, monkeypatch):
     reference = quantize(model_dir, tmp_path / "ref")
-    killed = []
-    original_start = RayBackend.start
-
-    def start(self, *args):
-        original_start(self, *args)
-        backends.append(self)
-
-    backends = []
-
-    def kill_after(b):
-        if b == 0 and not killed:
-            # Not a polite shutdown: the actor's process dies, as on a lost node.
-            ray.kill(backends[0].actors[1], no_restart=False)
-            killed.append(b)
-
-    RayBackend.start = start
-    try:
-        summary = quantize(model_dir, tmp_path / "out", workers=2, on_block=kill_after)
-    finally:
-        RayBackend.start = original_start
+    kill_after, killed = _kill_worker_1_after_block_0(monkeypatch)
+    summary = quantize(model_dir, tmp_path / "out", workers=2, on_block=kill_after)
     assert killed == [0]
     assert [f["restarted_workers"] for f in summary["faults"]] == [[1]]
     assert summary["layers"] == reference["layers"] == 21
@@ -116,41 +117,24 @@ def test_a_ray_worker_killed_mid_run_costs_time_not_bytes(model_dir, tmp_path, m
 
 
 @pytest.mark.ray
-def test_a_killed_worker_whose_shard_lives_in_the_object_store_is_restarted(model_dir, tmp_path):
+def test_a_killed_worker_whose_shard_lives_in_the_object_store_is_restarted(model_dir, tmp_path,
+                                                                            monkeypatch):
     """A real calibration shard is past Ray's 100 KiB inline limit, so it reaches the actor's
     constructor through the object store; a restart reads it again from there, which works only
     while the driver still holds it (Ray's reference counting frees it otherwise, and the
     rebuilt worker fails with ReferenceCountingAssertionError)."""
-    import ray
     import torch
 
     from admmq_dist.recipe import Recipe, override
     from admmq_dist.run.job import quantize_model
-    from admmq_dist.run.ray_backend import RayBackend
 
     from runs import SETTINGS
 
     # 256 windows of 128 tokens as int64: 128 KiB per worker of two.
     recipe = override(Recipe(), {**SETTINGS, "calibration": {
         **SETTINGS["calibration"], "num_samples": 256, "seq_len": 128, "batch_size": 32}})
-    backends, killed = [], []
-    original_start = RayBackend.start
-
-    def start(self, *args):
-        original_start(self, *args)
-        backends.append(self)
-
-    def kill_after(b):
-        if b == 0 and not killed:
-            ray.kill(backends[0].actors[1], no_restart=False)
-            killed.append(b)
-
-    RayBackend.start = start
-    try:
-        summary = quantize_model(str(model_dir), tmp_path / "out", recipe,
-                                 device=torch.device("cpu"), progress=False, threads=1,
-                                 workers=2, on_block=kill_after)
-    finally:
-        RayBackend.start = original_start
+    kill_after, killed = _kill_worker_1_after_block_0(monkeypatch)
+    summary = quantize_model(str(model_dir), tmp_path / "out", recipe, device=torch.device("cpu"),
+                             progress=False, threads=1, workers=2, on_block=kill_after)
     assert killed == [0]
     assert [f["restarted_workers"] for f in summary["faults"]] == [[1]]

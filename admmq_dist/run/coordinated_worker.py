@@ -67,10 +67,11 @@ class CoordinatedWorker(SegmentWorker):
         """This worker's planned peak memory (:func:`.round_memory.plan_coordinated`) and what
         its device can hold."""
         self._owned()
+        shape = self._plan_shape()
         plan = round_memory.plan_coordinated(
-            self._block_shapes(), **self._plan_shape(), eigh_for=self.recipe.solver.uses_eigh,
+            self._block_shapes(), **shape, eigh_for=self.recipe.solver.uses_eigh,
             start=self.recipe.solver.coordinated_start == "sequential")
-        return {**plan.on(self.device), "driver": self._driver_bytes()}
+        return {**plan.on(self.device), "driver": self._driver_bytes(shape)}
 
     @torch.no_grad()
     def sequential_start(self, s: int, hidden: tuple | str | None, settings: SolverSettings,

@@ -119,9 +119,6 @@ class DeviceModel:
         (embeddings, final norm, ``lm_head``), the first block's inputs and the tensors every
         block is called with per batch (position embeddings, masks; shared between blocks,
         counted once)."""
-        blocks = {id(t) for block in self.blocks for t in block.parameters()}
-        outside = sum(t.numel() * t.element_size() for t in self.model.parameters()
-                      if t.device.type != "meta" and id(t) not in blocks)
         seen = {id(h): h.numel() * h.element_size() for h in self.first_hidden}
         for per_block in (self.args, self.kwargs):
             for calls in per_block:
@@ -130,7 +127,15 @@ class DeviceModel:
                         for t in (value if isinstance(value, (tuple, list)) else (value,)):
                             if isinstance(t, torch.Tensor):
                                 seen[id(t)] = t.numel() * t.element_size()
-        return outside + sum(seen.values())
+        return self.outside_bytes() + sum(seen.values())
+
+    def outside_bytes(self, block: int | None = None) -> int:
+        """Bytes of the weights in place outside the decoder blocks (or outside block ``block``
+        only)."""
+        inside = {id(t) for b, blk in enumerate(self.blocks) if block in (None, b)
+                  for t in blk.parameters()}
+        return sum(t.numel() * t.element_size() for t in self.model.parameters()
+                   if t.device.type != "meta" and id(t) not in inside)
 
     def num_blocks(self) -> int:
         return self.layout.num_blocks

@@ -109,13 +109,13 @@ class SegmentWorker(DeviceModel):
         """This worker's planned peak memory for its segments
         (:func:`.round_memory.plan_segments`) and what its device can hold."""
         self._owned()
-        plan = round_memory.plan_segments(
-            self._block_shapes(), **self._plan_shape(), segments=len(self.segments),
-            eigh_for=self.recipe.solver.uses_eigh)
-        return {**plan.on(self.device), "driver": self._driver_bytes()}
-
-    def _driver_bytes(self) -> dict[str, int]:
         shape = self._plan_shape()
+        plan = round_memory.plan_segments(
+            self._block_shapes(), **shape, segments=len(self.segments),
+            eigh_for=self.recipe.solver.uses_eigh)
+        return {**plan.on(self.device), "driver": self._driver_bytes(shape)}
+
+    def _driver_bytes(self, shape: dict) -> dict[str, int]:
         return round_memory.driver_bytes(self._block_shapes(), tokens=shape["tokens"],
                                          hidden=shape["hidden"], asymmetric=shape["asymmetric"])
 

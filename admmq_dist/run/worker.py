@@ -135,9 +135,6 @@ class Worker(DeviceModel):
         shapes = {n: tuple(m.weight.shape) for n, m in self.linears.items()}
         groups = memory.stage_entries(stages, shapes, self.recipe.solver.row_block)
         tokens = sum(int(h.shape[0]) * int(h.shape[1]) for h in self.hidden)
-        block = {id(t) for t in self.blocks[b].parameters()}
-        outside = sum(t.numel() * t.element_size() for t in self.model.parameters()
-                      if t.device.type != "meta" and id(t) not in block)
         plan = memory.plan_block(groups, hidden=int(self.hidden[0].shape[-1]), tokens=tokens,
                                  batch_range=(self.batch_ids[0], self.batch_ids[-1] + 1),
                                  act_bytes=self.dtype.itemsize,
@@ -147,7 +144,7 @@ class Worker(DeviceModel):
                                  group_size=self.recipe.grid.group_size,
                                  batch_tokens=max(int(h.shape[0]) * int(h.shape[1])
                                                   for h in self.hidden),
-                                 embeddings=outside, host=self.device.type != "cpu")
+                                 embeddings=self.outside_bytes(b), host=self.device.type != "cpu")
         return {"block": b, **plan.on(self.device)}
 
     # -------------------------------------------------------------------------------- capture
