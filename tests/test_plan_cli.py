@@ -93,6 +93,24 @@ def test_more_workers_shrink_the_hidden_states_not_the_hessians(capsys):
         one["items"]["Hessians and factorizations"]
 
 
+def test_a_round_schedule_moves_hand_offs_not_hessians(capsys):
+    """Round schedules keep every Hessian with its block's owner: per block and round at most
+    one hand-off of 128 x 2048 hidden states on both streams (bf16) and the block's uint8
+    codes, whatever the worker count (the sequential figure, partial Hessians to owners, grows
+    with it)."""
+    llama70 = str(CONFIGS / "Llama-3.1-70B")
+    hand_off = 2 * 128 * 2048 * 8192 * 2
+    # q, k and v (8 of 64 heads), o, the MLP and the two norms: one byte a parameter
+    codes = 8192 * (8192 + 2 * 1024 + 8192) + 3 * 8192 * 28672 + 2 * 8192
+    for schedule in ("coordinated", "depth-parallel"):
+        moved = [plan(capsys, llama70, "--schedule", schedule, "--workers", w,
+                      "--device-memory", "141GB", *JOB)[1]["bytes_moved_per_block"]
+                 for w in ("8", "80")]
+        assert moved[0] == moved[1] == hand_off + codes, schedule
+    _, eight = plan(capsys, llama70, "--workers", "8", "--device-memory", "141GB", *JOB)
+    assert eight["bytes_moved_per_block"] > 14 * 3 * 4 * 28672**2
+
+
 def test_mistakes_cost_a_line(capsys, tmp_path):
     assert main(["plan", str(tmp_path), "--device-memory", "80GiB"]) == 1
     assert "config.json" in capsys.readouterr().err

@@ -87,7 +87,7 @@ class JobPlan:
             f"  disk: {self.output_bytes / gib:.1f} GiB output + {self.work_bytes / gib:.1f} GiB "
             "work folder (removed at the end)",
             f"  moved between workers per block: at most {self.bytes_moved_per_block / gib:.2f} "
-            "GiB",
+            "GiB" + ("" if self.schedule == "sequential" else " per round"),
             *([] if self.smallest_workers == -1 else [
                 "  no number of workers of this device size fits it"
                 if self.smallest_workers is None else
@@ -190,9 +190,10 @@ def _disk_and_transfers(shape: _Model, recipe: Recipe, workers: int, act: int
     stored dtype (and packed zero points when asymmetric), everything else dense; the work
     folder: every committed block's uint8 codes and float32 scales and zero points (sequential),
     or the last two rounds' commits (:func:`_round_commits`); between workers per block, at
-    most: every other worker's partial Hessians to their owner and the merged ones back to the
-    other solvers, the block's tensors shared by the worker that read them, and the uint8 codes
-    every worker puts in place."""
+    most: sequential, every other worker's partial Hessians to their owner and the merged ones
+    back to the other solvers, the block's tensors shared by the worker that read them, and the
+    uint8 codes every worker puts in place; a round schedule, per round, one hand-off of the
+    block's outputs on every stream and its uint8 codes."""
     grid = recipe.grid
     quantized = shape.total(lambda rows, cols: rows * cols)
     scales = shape.total(lambda rows, cols: rows * grid.num_groups(cols))
@@ -202,12 +203,21 @@ def _disk_and_transfers(shape: _Model, recipe: Recipe, workers: int, act: int
                  + (0 if grid.symmetric else scales * grid.bits / 8) + dense * shape.stored)
     work = (int(quantized + scales * 8) if recipe.solver.schedule == "sequential"
             else _round_commits(shape, recipe, workers, act, quantized, scales))
-    stats = 3 if recipe.calibration.asymmetric_strength(recipe.solver.method) > 0 else 1
+    asymmetric = recipe.calibration.asymmetric_strength(recipe.solver.method) > 0
+    if workers == 1:
+        return output, work, 0
+    if recipe.solver.schedule != "sequential":
+        # A round schedule keeps every Hessian with its block's owner: per round, a block
+        # at the end of a worker's run hands its outputs (and the float stream's) on, and
+        # its uint8 codes go to the commit.
+        calib = recipe.calibration
+        hand_off = (1 + asymmetric) * calib.num_samples * calib.seq_len * shape.hidden * act
+        return output, work, hand_off + shape.largest_block
+    stats = 3 if asymmetric else 1
     hessians = max(sum(stats * 4 * cols * cols for stage in stages for _, _, cols, *_ in stage)
                    for stages, *_ in shape.blocks)
-    moved = 0 if workers == 1 else (2 * (workers - 1) * hessians
-                                    + (workers - 1) * shape.largest_block * shape.stored
-                                    + workers * shape.largest_block)
+    moved = (2 * (workers - 1) * hessians + (workers - 1) * shape.largest_block * shape.stored
+             + workers * shape.largest_block)
     return output, work, moved
 
 
