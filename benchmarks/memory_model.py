@@ -27,19 +27,20 @@ def main() -> None:
     lines = ["# Memory model: plan against the measured peak (every schedule)", "",
              f"`python benchmarks/memory_model.py` at commit {commit}, torch {torch.__version__}, "
              f"{platform.machine()}; one run per cell (allocator counts are deterministic). "
-             "Tiny Llama, 2 blocks, intermediate 2.75 x hidden, 16 x 64 calibration tokens, "
+             "Tiny Llama (and Qwen3-MoE: 8 experts, top 2, expert width = hidden), 2 blocks, "
+             "intermediate 2.75 x hidden, 16 x 64 calibration tokens, "
              "batch 2, group 32, in-process workers (the plan: every worker and the driver "
              "added up); round schedules run 2 rounds.", "",
-             "| schedule | hidden | asymmetric | workers | W-update | measured peak | plan "
-             "| plan / measured |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | schedule | hidden | asymmetric | workers | W-update | measured peak "
+             "| plan | plan / measured |",
+             "|---|---|---|---|---|---|---|---|---|"]
     ratios = []
     for cell in BENCHMARK_CELLS:
         with tempfile.TemporaryDirectory() as root:
             measured, planned = measure_cell_apart(Path(root), *cell)
         ratios.append(planned / measured)
-        hidden, asymmetric, workers, w_update, schedule = cell
-        lines.append(f"| {schedule} | {hidden} | {asymmetric} | {workers} | {w_update} | "
+        hidden, asymmetric, workers, w_update, schedule, model = (*cell, "llama")[:6]
+        lines.append(f"| {model} | {schedule} | {hidden} | {asymmetric} | {workers} | {w_update} | "
                      f"{measured / 2**20:.1f} MiB | {planned / 2**20:.1f} MiB | "
                      f"{planned / measured:.3f} |")
         print(lines[-1], flush=True)

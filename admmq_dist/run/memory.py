@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -128,9 +129,6 @@ def plan_block(groups: list[list[tuple[str, int, int]]], *, hidden: int, tokens:
     host = act_bytes < 4 if host is None else host
     plan = MemoryPlan(items=_held_through_block(groups, hidden, tokens, act_bytes, asymmetric,
                                                 embeddings))
-    # [cols, cols] statistics per Hessian captured: the Hessian and, asymmetric, the cross term
-    # and the deviation (the true loss's; consumed into row blocks' loss terms when merged).
-    stats, kept_stats = (3, 2) if asymmetric else (1, 1)
     held = sum(plan.items.values())
     pieces, (start, stop) = dyadic_pieces(*batch_range), batch_range
     # Partial sums per statistic while the batches are added (in place): the pieces so far.
@@ -140,10 +138,12 @@ def plan_block(groups: list[list[tuple[str, int, int]]], *, hidden: int, tokens:
     worst = 0
     for stage in groups:
         name = stage[0][0]
+        # [cols, cols] statistics per Hessian: H and, asymmetric, the cross term and the
+        # deviation (kept as row blocks' loss terms); routed experts: H alone, no moved targets.
+        asym = asymmetric and not any(routed_expert(n) for n, *_ in stage)
+        stats, kept_stats = (3, 2) if asym else (1, 1)
         # Row-block units of the stage: at most this many workers solve (and factorize) it.
-        units = sum(entry[3] if len(entry) > 3 else math.ceil(entry[1] / row_block)
-                    for entry in stage)
-        stage = [entry[:3] for entry in stage]
+        units, stage = _units(stage, row_block), [entry[:3] for entry in stage]
         squares = [4 * cols * cols for _, _, cols in stage]  # one float32 [cols, cols] each
         # Capturing: every Hessian's tree and one new product, beside the forward pass.
         trees = stats * growing * sum(squares) + max(squares)
@@ -151,8 +151,8 @@ def plan_block(groups: list[list[tuple[str, int, int]]], *, hidden: int, tokens:
         # a waiting sibling back from the host); finishing needs no more.
         merge = stats * pieces * sum(squares) + 2 * max(squares) if workers > 1 else 0
         kept = sum((kept_stats * 4 + CHOLESKY_KEPT + EIGH_KEPT * eigh_for(c)) * c * c
-                   + ASYMMETRIC_KEPT_ARRAYS * r * c * 4 * asymmetric for _, r, c in stage)
-        transient = max(_solve_transient(r, c, row_block, group_size, asymmetric, eigh_for(c),
+                   + ASYMMETRIC_KEPT_ARRAYS * r * c * 4 * asym for _, r, c in stage)
+        transient = max(_solve_transient(r, c, row_block, group_size, asym, eigh_for(c),
                                          host, act_bytes) for _, r, c in stage)
         plan.phases[f"capture {name}"] = (held, 0, max(trees + forward, merge), 1)
         # Partial sums handed to an owner stay until the next capture (a retried merge asks
@@ -161,13 +161,17 @@ def plan_block(groups: list[list[tuple[str, int, int]]], *, hidden: int, tokens:
         plan.phases[f"solve {name}"] = (held + handed, kept, transient, units)
         need = max(trees + forward, merge, handed + kept + transient)
         plan.host = max(plan.host, host * _host_bytes(
-            squares, stats, kept_stats, pieces, asymmetric, workers * (stop - start), workers))
+            squares, stats, kept_stats, pieces, asym, workers * (stop - start), workers))
         if need > worst:
             worst, plan.worst_stage = need, name
             plan.items.update({"Hessians and factorizations": kept, "row-block solve": transient,
                                "partial sums": max(trees, merge, handed), "forward pass": forward})
     plan.peak = held + worst
     return plan
+
+
+def _units(stage: list[tuple], row_block: int) -> int:
+    return sum(entry[3] if len(entry) > 3 else math.ceil(entry[1] / row_block) for entry in stage)
 
 
 def _host_bytes(squares: list[int], stats: int, kept_stats: int, pieces: int,
@@ -186,6 +190,12 @@ def _host_bytes(squares: list[int], stats: int, kept_stats: int, pieces: int,
             + max(stats * levels * big, moving))
 
 
+def routed_expert(name: str) -> bool:
+    """Whether a Hessian entry is a routed expert's (``experts.3.gate_proj`` as the run names
+    it, or a fused ``experts.gate_up_proj[3]`` as :func:`.model_shape.block_stages` does)."""
+    return bool(re.search(r"experts\.\d+\.", name)) or name.endswith("]")
+
+
 def _held_through_block(groups: list, hidden: int, tokens: int, act_bytes: int,
                         asymmetric: bool, embeddings: int) -> dict[str, int]:
     """Each stream's hidden states and the block's outputs for it, the block's weights, under
@@ -194,9 +204,10 @@ def _held_through_block(groups: list, hidden: int, tokens: int, act_bytes: int,
     items = {"hidden states": 2 * streams * tokens * hidden * act_bytes,
              "block weights": sum(rows * cols for stage in groups
                                   for _, rows, cols, *_ in stage) * act_bytes}
-    if asymmetric:
+    if asymmetric:  # the float pass records dense linears' inputs only
         items["float inputs"] = sum(tokens * cols for stage in groups
-                                    for _, _, cols, *_ in stage) * act_bytes
+                                    for name, _, cols, *_ in stage
+                                    if not routed_expert(name)) * act_bytes
     if embeddings:
         items["embeddings and lm_head"] = embeddings
     return items

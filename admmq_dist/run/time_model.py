@@ -46,10 +46,10 @@ The schedules, as ``benchmarks/cost_model.py`` always modelled them:
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .memory import routed_expert
 from .plan import assign, tokens_per_worker
 # The rates (measured and fitted) live in .rates; re-exported for the benchmarks and tests.
 from .rates import (DEFAULT_RATES, PIECES, FittedRates, Linear, MeasuredRates, Stages,
@@ -278,21 +278,16 @@ def coordinated(blocks: list[tuple[Stages, int]], hidden: int, rates, solve: Sol
 # ------------------------------------------------------------------------------------ the plan
 
 
-def _routed(name: str) -> bool:
-    """A routed expert's Hessian entry (``experts.3.gate_proj`` or a fused ``...[3]``)."""
-    return bool(re.search(r"experts\.\d+\.", name)) or name.endswith("]")
-
-
 def plan_stages(stages: list[list[tuple]], experts_per_token: int | None) -> Stages:
     """:func:`.model_shape.block_stages`'s stages (per Hessian ``(name, rows, cols, units)``) as
     the model costs them; an expert's Hessian sees ``experts_per_token`` of the stage's experts'
     share of the tokens."""
     out = []
     for stage in stages:
-        experts = sum(_routed(name) for name, *_ in stage)
+        experts = sum(routed_expert(name) for name, *_ in stage)
         out.append([Linear(name, rows, cols, name, units,
                            min(1.0, experts_per_token / experts)
-                           if experts and experts_per_token and _routed(name) else 1.0)
+                           if experts and experts_per_token and routed_expert(name) else 1.0)
                     for name, rows, cols, units in stage])
     return out
 
