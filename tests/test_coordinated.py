@@ -118,15 +118,29 @@ def test_the_dual_rule_and_the_polish_change_the_result(model_dir, reference, tm
 
 
 def test_the_sequential_start_is_a_real_option_and_the_diverging_dual_rule_is_gone(
-        model_dir, reference, tmp_path):
+        model_dir, reference, tmp_path, monkeypatch):
     """The sequential start hands round 0 the codes of a sequential GPTQ pass, so round 0 moves
     only part of them (from a float start, every code is new) — for any worker count, with
-    asymmetric calibration's float stream carried through the pass too. The stationary dual
-    rule, which diverged, is gone."""
+    asymmetric calibration's float stream carried through the pass too; its captures keep one
+    running sum per statistic (its worker adds every batch in order; the canonical tree held up
+    to four partial sums at 16 batches, the plan counts one). The stationary dual rule, which
+    diverged, is gone."""
+    from admmq_dist.model import capture
+
     out, one = reference
     with pytest.raises(ValueError, match=r"'stationary' is not one of \('keep', 'zero'\)"):
         override(Recipe(), {"solver": {"refresh_dual": "stationary"}})
+    made = []
+
+    class Recorded(capture.HessianAccumulator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self.in_order)
+
+    monkeypatch.setattr(capture, "HessianAccumulator", Recorded)
     start = coordinated(model_dir, tmp_path / "start", coordinated_start="sequential")
+    monkeypatch.undo()
+    assert len(made) == 3 * 4 and all(made)  # three blocks of four Hessians, all in order
     assert one["rounds"][0]["changed"] == 1.0 and 0 < start["rounds"][0]["changed"] < 0.5
     assert tensors(tmp_path / "start") != tensors(out)
     recipe = override(Recipe(), {**SETTINGS, "solver": {

@@ -193,11 +193,14 @@ def _first_sample(kwargs: dict) -> dict:
 def capture_hessians(block: nn.Module,
                      inputs_of: dict[str, tuple[nn.Module, int, list | None]],
                      hidden: list[torch.Tensor], args: list[tuple], kwargs: list[dict],
-                     batch_ids: list[int], device: torch.device) -> dict[str, HessianAccumulator]:
+                     batch_ids: list[int], device: torch.device, in_order: bool = False
+                     ) -> dict[str, HessianAccumulator]:
     """Run ``block`` on every local batch (``hidden[i]`` with ``args[i]``/``kwargs[i]``; its global
     index ``batch_ids[i]`` orders the sums canonically) and accumulate, per key of ``inputs_of``
     (``(module, input width, per-batch reference inputs or None)``), the module's input into a
-    Hessian — with GPTAQ's cross term against the references when the entry carries them."""
+    Hessian — with GPTAQ's cross term against the references when the entry carries them.
+    ``in_order``: the batches are every batch, in order, and each statistic keeps one running sum
+    (:class:`HessianAccumulator`'s ``in_order``) instead of the canonical tree."""
     accumulators, handles = {}, []
     batch = {"index": 0, "local": 0}
 
@@ -208,7 +211,8 @@ def capture_hessians(block: nn.Module,
                                               references[batch["local"]])
 
     for key, (module, width, references) in inputs_of.items():
-        accumulators[key] = HessianAccumulator(width, device, cross=references is not None)
+        accumulators[key] = HessianAccumulator(width, device, cross=references is not None,
+                                               in_order=in_order)
         handles.append(module.register_forward_pre_hook(hook(accumulators[key], references)))
     try:
         for i, h in enumerate(hidden):

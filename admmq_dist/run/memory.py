@@ -114,7 +114,8 @@ def plan_block(groups: list[list[tuple[str, int, int]]], *, hidden: int, tokens:
                asymmetric: bool, workers: int = 1,
                eigh_for: Callable[[int], bool] = lambda cols: True,
                group_size: int | None = 128, batch_tokens: int = 0,
-               embeddings: int = 0, host: bool | None = None) -> MemoryPlan:
+               embeddings: int = 0, host: bool | None = None, in_order: bool = False
+               ) -> MemoryPlan:
     """Plan one decoder block on one worker of the sequential schedule. ``groups``: per
     true-sequential stage, ``(linear, rows, cols)`` of every linear whose Hessian is its own
     group's (one entry per Hessian: q/k/v count once, with the rows of all three); ``tokens``:
@@ -125,14 +126,14 @@ def plan_block(groups: list[list[tuple[str, int, int]]], *, hidden: int, tokens:
     per channel), for the scale refit; ``batch_tokens``: tokens per calibration batch (the
     forward pass's); ``embeddings``: bytes of the embeddings, final norm and ``lm_head`` every
     worker holds; ``host``: whether what waits on the host (:func:`_host_bytes`) is off the
-    device (None: ``act_bytes < 4``: only CPU workers use float32)."""
+    device (None: ``act_bytes < 4``: CPU workers use float32); ``in_order``: one running sum."""
     host = act_bytes < 4 if host is None else host
     plan = MemoryPlan(items=_held_through_block(groups, hidden, tokens, act_bytes, asymmetric,
                                                 embeddings))
     held = sum(plan.items.values())
     pieces, (start, stop) = dyadic_pieces(*batch_range), batch_range
     # Partial sums per statistic while the batches are added (in place): the pieces so far.
-    growing = max(dyadic_pieces(start, i) for i in range(start + 1, stop + 1))
+    growing = 1 if in_order else max(dyadic_pieces(start, i) for i in range(start + 1, stop + 1))
     widest = max(cols for stage in groups for _, _, cols, *_ in stage)
     forward = FORWARD_ARRAYS * batch_tokens * max(widest, hidden) * act_bytes
     worst = 0

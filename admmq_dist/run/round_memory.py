@@ -136,7 +136,7 @@ def plan_coordinated(blocks: Shapes, *, hidden: int, tokens: int, num_batches: i
             blocks, hidden=hidden, tokens=tokens, batch_range=(0, num_batches),
             act_bytes=act_bytes, row_block=row_block, asymmetric=asymmetric,
             eigh_for=lambda cols: False, group_size=group_size, batch_tokens=batch_tokens,
-            host=host)
+            host=host, in_order=True)
         # No layer has duals or a last iterate of its own yet (GPTQ's codes are both).
         plan.phases.update(_rebased(worst, held - 8 * _weights(blocks), block_weights, "start ",
                                     deviation=_widest_square(blocks) * asymmetric))

@@ -166,11 +166,12 @@ class SegmentWorker(DeviceModel):
 
     @torch.no_grad()
     def run_round(self, warm_settings: SolverSettings, segments: list[int],
-                  cold: list[int] = (), cold_settings: SolverSettings | None = None
-                  ) -> list[dict]:
+                  cold: list[int] = (), cold_settings: SolverSettings | None = None,
+                  in_order: bool = False) -> list[dict]:
         """Quantize the owned ``segments`` sequentially from their inputs: the ``cold`` ones (and
         every layer without a state yet) with the full schedule (``cold_settings``, default the
-        recipe's), the others warm-started with ``warm_settings``. Returns each layer's report
+        recipe's), the others warm-started with ``warm_settings``; ``in_order``: capture with one
+        running sum per statistic (:func:`.capture.capture_hessians`). Returns each layer's report
         row, with the fraction of its codes that changed (``changed``) and its size."""
         self._owned()
         out = []
@@ -186,7 +187,7 @@ class SegmentWorker(DeviceModel):
                 for groups in self._stages(b):
                     out += self._solve_stage(b, groups, h, warm_settings,
                                              (cold_settings or self.recipe.solver)
-                                             if s in cold else None, references)
+                                             if s in cold else None, references, in_order)
                 h = self.forward(b, h)
             self.outputs[s] = h
             if ref is not None:
@@ -226,13 +227,14 @@ class SegmentWorker(DeviceModel):
 
     def _solve_stage(self, b: int, groups: list[list[str]], hidden: list[torch.Tensor],
                      warm_settings: SolverSettings, cold: SolverSettings | None,
-                     references: dict[str, list] | None = None) -> list[dict]:
+                     references: dict[str, list] | None = None, in_order: bool = False
+                     ) -> list[dict]:
         """Solve one stage's groups on ``hidden``: cold with the ``cold`` settings, else warm."""
         t = time.perf_counter()
         inputs_of = {g[0]: (self.layers[(b, g[0])], self.layers[(b, g[0])].in_features,
                             None if references is None else references[g[0]]) for g in groups}
         hessians = capture_hessians(self.blocks[b], inputs_of, hidden, self.args[b],
-                                    self.kwargs[b], self.batch_ids, self.device)
+                                    self.kwargs[b], self.batch_ids, self.device, in_order)
         self.busy["forward"] += time.perf_counter() - t
         t = time.perf_counter()
         out = []
