@@ -16,6 +16,7 @@ from admmq_dist.run.job import quantize_model
 from admmq_dist.quant.packing import unpack_compressed_tensors_weight
 from admmq_dist.recipe import Recipe, override
 
+from runs import digest
 from tiny import tiny_model_dir
 
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
@@ -277,3 +278,44 @@ def test_cli_flags_reach_the_expert_calibration(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no engine serves 8-bit asymmetric" in err and err.rstrip().endswith("use --sym")
     assert not (tmp_path / "asym").exists()
+
+
+def test_an_expert_stage_is_solved_expert_by_expert_in_the_bytes_of_any_worker_count(
+        tmp_path, monkeypatch):
+    """With at least as many experts as workers, each expert's Hessian is solved whole on its
+    owner (no merged Hessian handed to another worker) and dropped after its last row block, so
+    a worker never holds more than one expert's factors; the bytes are those of one worker."""
+    from admmq_dist.run.backends import LocalBackend
+    from admmq_dist.run.worker import Worker
+
+    src = tiny_model_dir(tmp_path / "src", "qwen3_moe", num_experts=8)
+    events = []
+    original = {name: getattr(Worker, name) for name in ("solve", "release_hessian",
+                                                          "merged_hessian")}
+
+    def spy(name):
+        def method(self, b, *args):
+            events.append((name, id(self), (b, args[0] if name != "solve" else args[1])))
+            return original[name](self, b, *args)
+        return method
+
+    recipe = override(Recipe(), {**FAST, "output": {"dtype": "float32"}, "grid": {"group_size": 32},
+                                 "calibration": {**FAST["calibration"], "min_expert_tokens": 1}})
+    quantize_model(str(src), tmp_path / "one", recipe, device=torch.device("cpu"),
+                   progress=False)
+    for name in original:
+        monkeypatch.setattr(Worker, name, spy(name))
+    quantize_model(str(src), tmp_path / "two", recipe, device=torch.device("cpu"),
+                   progress=False, backend=LocalBackend(2))
+    monkeypatch.undo()
+    experts = {key for kind, _, key in events if kind == "solve" and "experts." in str(key[1])}
+    assert len(experts) == 2 * 8 * 2  # two blocks, eight experts, two stages (gate/up, down)
+    for key in experts:
+        solvers = {w for kind, w, k in events if kind == "solve" and k == key}
+        released = [i for i, (kind, _, k) in enumerate(events)
+                    if kind == "release_hessian" and k == key]
+        last_solve = max(i for i, (kind, _, k) in enumerate(events)
+                         if kind == "solve" and k == key)
+        assert len(solvers) == 1 and len(released) == 1 and released[0] > last_solve, key
+    assert not [k for kind, _, k in events if kind == "merged_hessian" and "experts." in k[1]]
+    assert digest(tmp_path / "one") == digest(tmp_path / "two")

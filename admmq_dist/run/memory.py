@@ -141,7 +141,8 @@ def plan_block(groups: list[list[tuple[str, int, int]]], *, hidden: int, tokens:
         name = stage[0][0]
         # [cols, cols] statistics per Hessian: H and, asymmetric, the cross term and the
         # deviation (kept as row blocks' loss terms); routed experts: H alone, no moved targets.
-        asym = asymmetric and not any(routed_expert(n) for n, *_ in stage)
+        routed = any(routed_expert(n) for n, *_ in stage)
+        asym = asymmetric and not routed
         stats, kept_stats = (3, 2) if asym else (1, 1)
         # Row-block units of the stage: at most this many workers solve (and factorize) it.
         units, stage = _units(stage, row_block), [entry[:3] for entry in stage]
@@ -151,8 +152,7 @@ def plan_block(groups: list[list[tuple[str, int, int]]], *, hidden: int, tokens:
         # An owner folds the others' partial sums in node by node (its trees, the node arriving,
         # a waiting sibling back from the host); finishing needs no more.
         merge = stats * pieces * sum(squares) + 2 * max(squares) if workers > 1 else 0
-        kept = sum((kept_stats * 4 + CHOLESKY_KEPT + EIGH_KEPT * eigh_for(c)) * c * c
-                   + ASYMMETRIC_KEPT_ARRAYS * r * c * 4 * asym for _, r, c in stage)
+        kept = _kept(stage, kept_stats, asym, eigh_for, workers if routed else 0)
         transient = max(_solve_transient(r, c, row_block, group_size, asym, eigh_for(c),
                                          host, act_bytes) for _, r, c in stage)
         plan.phases[f"capture {name}"] = (held, 0, max(trees + forward, merge), 1)
@@ -169,6 +169,20 @@ def plan_block(groups: list[list[tuple[str, int, int]]], *, hidden: int, tokens:
                                "partial sums": max(trees, merge, handed), "forward pass": forward})
     plan.peak = held + worst
     return plan
+
+
+def _kept(stage: list[tuple], kept_stats: int, asym: bool, eigh_for: Callable[[int], bool],
+          expert_workers: int) -> int:
+    """What a stage keeps while it is solved: every Hessian with its factors (and, asymmetric,
+    its targets and loss terms) — or, for an expert stage with at least ``expert_workers``
+    Hessians (solved expert by expert: :func:`.plan.assign_whole`), the merged Hessians of a
+    worker's share of the experts and one expert's factors at a time."""
+    if expert_workers and len(stage) >= expert_workers:
+        share = math.ceil(len(stage) / expert_workers)
+        return (share * max(kept_stats * 4 * c * c for _, _, c in stage)
+                + max((CHOLESKY_KEPT + EIGH_KEPT * eigh_for(c)) * c * c for _, _, c in stage))
+    return sum((kept_stats * 4 + CHOLESKY_KEPT + EIGH_KEPT * eigh_for(c)) * c * c
+               + ASYMMETRIC_KEPT_ARRAYS * r * c * 4 * asym for _, r, c in stage)
 
 
 def _units(stage: list[tuple], row_block: int) -> int:

@@ -51,6 +51,24 @@ def assign(units: list[Unit], num_workers: int) -> dict[int, list[Unit]]:
     return out
 
 
+def assign_whole(units: list[Unit], key_of: dict[str, object], num_workers: int
+                 ) -> dict[int, list[Unit]]:
+    """Longest-processing-time assignment of whole Hessians: every unit of one key (``key_of``:
+    linear -> the Hessian it is solved against) to one worker, the keys' units contiguous on it.
+    For stages with at least as many Hessians as workers (a mixture-of-experts stage): no
+    merged Hessian is handed around, and a worker holds only its own experts' factors."""
+    by_key: dict[object, list[Unit]] = {}
+    for unit in units:
+        by_key.setdefault(key_of[unit[0]], []).append(unit)
+    load = [0] * num_workers
+    out: dict[int, list] = {w: [] for w in range(num_workers)}
+    for group in sorted(by_key.values(), key=lambda us: -sum(u[2] for u in us)):
+        w = min(range(num_workers), key=lambda k: (load[k], k))
+        load[w] += sum(u[2] for u in group)
+        out[w] += group
+    return out
+
+
 def llama_block(hidden: int, intermediate: int, heads: int, kv_heads: int,
                 head_dim: int | None = None) -> list[list[tuple[str, int, int]]]:
     """A Llama-style decoder block's stages as :func:`.memory.plan_block` takes them (with each

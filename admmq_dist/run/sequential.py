@@ -35,7 +35,7 @@ from . import memory
 from .faults import RECOVERABLE, FaultLog, PositionError
 from .experts import ExpertPolicy
 from .layer import nbytes, report_row
-from .plan import assign, stage_units
+from .plan import assign, assign_whole, stage_units
 from .workdir import DecoderBlockOutput, commit_block, read_commit
 
 # What crosses between processes per decoder block (counted as in a Ray run with as many
@@ -247,7 +247,13 @@ class SequentialSchedule:
         partial sums move there once), and the owner hands the merged Hessian to the other
         solvers of it — not every partial sum to every solver."""
         n = self.backend.size
-        assignment = assign(stage_units(stage, plan["shapes"], self.recipe.solver.row_block), n)
+        units = stage_units(stage, plan["shapes"], self.recipe.solver.row_block)
+        # An expert stage with a Hessian per worker or more is solved expert by expert (its
+        # owner alone solves it, then drops it): a 256-expert stage would otherwise keep every
+        # expert's Hessian and factors on every worker that solves a row of it.
+        whole = stage.experts is not None and len(stage.groups) >= n
+        assignment = (assign_whole(units, {name: i for i, g in enumerate(stage.groups)
+                                           for name in g}, n) if whole else assign(units, n))
         by_worker: list[dict[str, list]] = [{} for _ in range(n)]
         for w in range(n):
             for name, rows, _ in assignment[w]:
@@ -256,11 +262,14 @@ class SequentialSchedule:
         merged, sizes = self._reduce(b, how, by_worker, part_bytes, moved)
         calls = {}
         for w in range(n):
+            last = {how[name]["key"]: name for name in by_worker[w]}  # each key's last solve
             for name, rows in by_worker[w].items():
                 key = how[name]["key"]
                 owner_or_ref = merged.get(key)
                 handed = None if owner_or_ref is None or owner_or_ref[0] == w else owner_or_ref[1]
                 calls[(w, name)] = self.backend.call(w, "solve", b, name, key, rows, handed)
+                if whole and key is not None and last[key] == name:
+                    self.backend.call(w, "release_hessian", b, key)
         results = dict(zip(calls, self.backend.get(list(calls.values()))))
         merged_bytes = self.backend.get([future for _, future in sizes])
         moved["merged_hessians"] += sum(solvers * size

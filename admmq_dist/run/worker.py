@@ -239,6 +239,14 @@ class Worker(DeviceModel):
         self._block(b)
         return self._hessians[key].handed()
 
+    def release_hessian(self, b: int, key: str) -> None:
+        """Drop ``key``'s merged Hessian, factors and targets: this worker has solved every
+        row it was given of it (an expert stage solved expert by expert)."""
+        self._block(b)
+        merged = self._hessians.pop(key, None)
+        if merged is not None:
+            self.count_factorizations(merged.factors)
+
     # ---------------------------------------------------------------------------------- solve
 
     @torch.no_grad()
