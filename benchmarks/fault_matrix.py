@@ -64,7 +64,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-ray", action="store_true")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
-    tests = ["tests/test_faults.py"]
+    tests = ["tests/test_faults.py",
+             "tests/test_workdir.py::test_kill_9_at_any_phase_then_resume_from_the_command_line"]
     if not args.no_ray:
         tests += ["tests/test_ray.py::test_a_ray_worker_killed_mid_run_costs_time_not_bytes",
                   "tests/test_ray.py::test_a_killed_worker_is_restarted_and_its_block_redone",
