@@ -1,0 +1,188 @@
+"""Issue 27 item 3: llm-compressor's GPTQ beside `admmq quantize`, same model, grid and calibration
+windows, in the same run: the wall time from process start to a written checkpoint, and the
+quality of what each wrote.
+
+Methods (each a fresh process, one after another):
+
+* ``llmc-gptq``: llm-compressor's ``oneshot`` with a ``GPTQModifier`` (its defaults: act-order
+  "static", dampening 0.01), run by the Python of a venv of its own (``--llmc-python``; it pins
+  its own transformers), on the very token windows `admmq` calibrates with, saved compressed;
+* ``admmq``: `admmq quantize` with its defaults (ADMM-Q, asymmetric calibration 0.25, local
+  search, one scale refit);
+* ``gptq``, ``gptaq``: `admmq quantize --method gptq` with asymmetric calibration off / at its
+  default (GPTAQ); ``rtn``: `--method rtn`.
+
+Every checkpoint is scored by the same code: perplexity on held-out windows of the evaluation
+text, and (the slice) the last block's output error against the float model
+(``benchmarks/schedules.py``'s). Ratios are to llm-compressor's in the same run; the gap is
+``ppl / float ppl − 1``.
+
+    python -m venv /work/venvs/llmc && /work/venvs/llmc/bin/pip install torch==2.13.0 llmcompressor
+    python benchmarks/peer_gptq.py --llmc-python /work/venvs/llmc/bin/python --target slice
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from schedules import cli, forward, held_out, output_error, slice_model  # noqa: E402
+
+from admmq_dist.model.calibration import calibration_batches  # noqa: E402
+from admmq_dist.model.embedded import embedded_model_folder  # noqa: E402
+from admmq_dist.recipe import Recipe, override  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNNER = '''
+import sys, time, torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import GPTQModifier
+from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+model_dir, windows_file, out, bits, group, symmetric = sys.argv[1:7]
+windows = torch.load(windows_file)
+ds = Dataset.from_dict({"input_ids": windows.tolist(),
+                        "attention_mask": torch.ones_like(windows).tolist()})
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+    num_bits=int(bits), type="int", symmetric=symmetric == "1", strategy="group",
+    group_size=int(group)))
+recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
+oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=windows.shape[1],
+        num_calibration_samples=windows.shape[0])
+model.save_pretrained(out, save_compressed=True)
+AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+'''
+METHODS = ("llmc-gptq", "admmq", "gptaq", "gptq", "rtn")
+
+
+def parse(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--llmc-python", required=True, help="a Python with llmcompressor installed")
+    p.add_argument("--target", choices=("slice", "whole"), default="slice")
+    p.add_argument("--slice-blocks", type=int, default=8)
+    p.add_argument("--bits", type=int, default=3)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--num-samples", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-windows", type=int, default=40)
+    p.add_argument("--eval-seq-len", type=int, default=512)
+    p.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "peer_gptq")
+    p.add_argument("--output", default=None, help="results name (default peer_gptq_TARGET)")
+    return p.parse_args(argv)
+
+
+def run_llmc(args, model: Path, out: Path, log: Path) -> float:
+    """llm-compressor on admmq's own calibration windows; the process's wall time."""
+    recipe = override(Recipe(), {"calibration": {
+        "num_samples": args.num_samples, "seq_len": args.seq_len, "seed": args.seed}})
+    windows = torch.cat(calibration_batches(model, recipe))
+    args.scratch.mkdir(parents=True, exist_ok=True)
+    torch.save(windows, args.scratch / "windows.pt")
+    (args.scratch / "llmc_runner.py").write_text(RUNNER)
+    started = time.perf_counter()
+    with open(log, "w") as err:
+        proc = subprocess.run([args.llmc_python, str(args.scratch / "llmc_runner.py"),
+                               str(model), str(args.scratch / "windows.pt"), str(out),
+                               str(args.bits), str(args.group_size), "0"],
+                              stdout=err, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise RuntimeError("llm-compressor failed:\n" + log.read_text()[-4000:])
+    return time.perf_counter() - started
+
+
+def run_admmq(args, method: str, model: Path, out: Path, log: Path) -> float:
+    flags = {"admmq": [], "gptaq": ["--method", "gptq"],
+             "gptq": ["--method", "gptq", "--asymmetric", "0"], "rtn": ["--method", "rtn"]}
+    summary = cli("quantize", str(model), "-o", str(out), "--bits", str(args.bits),
+                  "--group-size", str(args.group_size), "--asym", "--num-samples",
+                  str(args.num_samples), "--seq-len", str(args.seq_len), "--seed",
+                  str(args.seed), *flags[method], log=log)
+    return summary["wall_seconds"]
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    model = (slice_model(args.scratch, args.slice_blocks) if args.target == "slice"
+             else embedded_model_folder())
+    ids = held_out(model, args.eval_windows, args.eval_seq_len)
+    # A slice's logits mean nothing (its last block is not the model's): output error only.
+    ppl = args.target == "whole"
+    reference = forward(model, ids, ppl)
+    rows = []
+    for method in METHODS:
+        out = args.scratch / f"out-{method}"
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+        log = args.scratch / f"{method}.log"
+        seconds = (run_llmc(args, model, out, log) if method == "llmc-gptq"
+                   else run_admmq(args, method, model, out, log))
+        got = forward(out, ids, ppl)
+        rows.append({"method": method, "wall_seconds": seconds, "ppl": got["ppl"],
+                     "output_error": output_error(got["hidden"], reference["hidden"])})
+        print(json.dumps(rows[-1]), flush=True)
+    write(args, reference["ppl"], rows)
+    return 0
+
+
+def write(args, float_ppl: float, rows: list[dict]) -> None:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=ROOT).stdout.strip()
+    # llmcompressor logs to stdout on import: the versions are the last line.
+    llmc_version = subprocess.run(
+        [args.llmc_python, "-c", "import llmcompressor, transformers, compressed_tensors as c; "
+         "print(llmcompressor.__version__, transformers.__version__, c.__version__)"],
+        capture_output=True, text=True).stdout.strip().splitlines()[-1].split()
+    peer = rows[0]
+    def gap(row: dict) -> float | None:
+        return None if float_ppl is None else row["ppl"] / float_ppl - 1
+
+    def cell(value, fmt: str) -> str:
+        return "" if value is None else format(value, fmt)
+
+    name = args.output or f"peer_gptq_{args.target}"
+    lines = [
+        "# llm-compressor's GPTQ beside `admmq quantize` (issue 27, item 3)", "",
+        f"`python benchmarks/peer_gptq.py --target {args.target}` at commit {commit}; "
+        f"llm-compressor {llmc_version[0]} (its own venv: transformers {llmc_version[1]}, "
+        f"compressed-tensors {llmc_version[2]}), "
+        f"torch {torch.__version__}, {platform.machine()}, "
+        f"{torch.get_num_threads()} threads. One run (seed {args.seed}); wall times are "
+        "each process from start to a written checkpoint on a shared 2-core machine (noisy).",
+        f"Model: {'the first %d blocks of ' % args.slice_blocks if args.target == 'slice' else ''}"
+        f"SmolLM2-135M; {args.bits}-bit g{args.group_size} asymmetric grid for every method; "
+        f"calibration: the same {args.num_samples} x {args.seq_len} windows of the shipped text "
+        f"(seed {args.seed}); evaluation: {args.eval_windows} held-out windows of "
+        f"{args.eval_seq_len} tokens"
+        + ("" if float_ppl is None else f"; float perplexity {float_ppl:.3f}") + ". Output "
+        "error: ||Y_q - Y_f||² / ||Y_f||² of the last block's output over the windows"
+        + (" (a slice's logits mean nothing: no perplexity)." if float_ppl is None else "."),
+        "",
+        "| method | wall s | / llm-compressor | perplexity | gap | gap / llm-compressor's "
+        "| output error | / llm-compressor |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['wall_seconds']:.1f} | "
+            f"{r['wall_seconds'] / peer['wall_seconds']:.2f} | {cell(r['ppl'], '.3f')} | "
+            f"{cell(gap(r), '.4f')} | "
+            f"{cell(None if gap(r) is None else gap(r) / gap(peer), '.3f')} | "
+            f"{r['output_error']:.4f} | "
+            f"{r['output_error'] / peer['output_error']:.3f} |")
+    out = ROOT / "benchmarks" / "results" / f"{name}.md"
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
