@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,9 +28,9 @@ from admmq_dist.quant.solvers.solve import solve
 from admmq_dist.recipe import Recipe, override
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import environment  # noqa: E402
 from real_layers import load_real_layers  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def eigen_in(dtype: torch.dtype):
@@ -89,8 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         hessian = synthetic_hessian(n)
         times.append((n, timed(hessian, torch.float64), timed(hessian, torch.float32)))
         print(*times[-1], flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=ROOT).stdout.strip()
+    commit = environment.commit()
     ratios = [r for *_, r in rows]
     lines = [
         "# ADMM-Q's eigendecomposition in float32 (issue 27)", "",
@@ -108,9 +106,7 @@ def main(argv: list[str] | None = None) -> None:
               "shared, so these are noisy):", "", "| n | float64 s | float32 s | ratio |",
               "|---|---|---|---|"]
     lines += [f"| {n} | {a:.2f} | {b:.2f} | {b / a:.2f} |" for n, a, b in times]
-    out = ROOT / "benchmarks/results/eigh_precision.md"
-    out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}")
+    environment.write_results("eigh_precision", lines)
 
 
 if __name__ == "__main__":

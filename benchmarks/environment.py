@@ -8,8 +8,11 @@ evaluation tokens, so a rerun can only be compared with a result that names the 
 from __future__ import annotations
 
 import platform
+import subprocess
 from importlib import metadata
+from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("torch", "transformers", "tokenizers", "gguf", "compressed-tensors", "ray")
 
 
@@ -22,3 +25,17 @@ def describe() -> str:
         except metadata.PackageNotFoundError:
             pass
     return ", ".join(parts)
+
+
+def commit() -> str:
+    """The checkout's short commit, for a results file's header."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, cwd=ROOT).stdout.strip()
+
+
+def write_results(name: str, lines: list[str]) -> Path:
+    """``benchmarks/results/NAME.md`` from ``lines``; says where it went."""
+    out = ROOT / "benchmarks" / "results" / f"{name}.md"
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+    return out

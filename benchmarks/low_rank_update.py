@@ -23,7 +23,6 @@ import argparse
 import importlib
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,9 +36,9 @@ from admmq_dist.quant.solvers.solve import solve
 from admmq_dist.recipe import Recipe, override
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_layers import load_real_layers  # noqa: E402
+import environment  # noqa: E402
+from real_layers import load_real_layers, one_per_hessian  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 # The module, not the function the package re-exports under the same name.
 ADMMQ = importlib.import_module("admmq_dist.quant.solvers.admmq")
 
@@ -106,9 +105,7 @@ def measure(blocks: list[int], bits: int, group: int) -> list[dict]:
                                           "symmetric": False}})
     exact_update, rows = ADMMQ._w_update, []
     try:
-        for layer in layers:
-            if layer["kind"] in ("k_proj", "v_proj", "up_proj"):
-                continue  # the Hessian of q_proj / gate_proj
+        for layer in one_per_hessian(layers):
             weight, hessian = layer["weight"], layer["hessian"]
             grid, factors = fit_grid(weight, recipe.grid), HessianFactors(layer["hessian"])
             factors.eigen()
@@ -140,8 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     rows = measure([int(b) for b in args.blocks.split(",")], args.bits, args.group_size)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=ROOT).stdout.strip()
+    commit = environment.commit()
     head = " | ".join(f"{kind} {frac:g}n" for kind, frac in VARIANTS)
     lines = [
         "# Low-rank-plus-constant W-update against the exact one (issue 27)", "",
@@ -165,9 +161,7 @@ def main(argv: list[str] | None = None) -> None:
               "directions (small ℓ) and keeps W near W0 along the steep ones, so both ends "
               "matter, and even half the spectrum kept exactly costs loss. The idea is not "
               "shipped."]
-    out = ROOT / "benchmarks/results/low_rank_update.md"
-    out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}")
+    environment.write_results("low_rank_update", lines)
 
 
 if __name__ == "__main__":

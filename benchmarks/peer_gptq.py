@@ -35,13 +35,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import environment  # noqa: E402
 from schedules import cli, forward, held_out, output_error, slice_model  # noqa: E402
 
 from admmq_dist.model.calibration import calibration_batches  # noqa: E402
 from admmq_dist.model.embedded import embedded_model_folder  # noqa: E402
 from admmq_dist.recipe import Recipe, override  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 RUNNER = '''
 import sys, time, torch
 from datasets import Dataset
@@ -137,8 +137,7 @@ def main(argv=None) -> int:
 
 
 def write(args, float_ppl: float, rows: list[dict]) -> None:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=ROOT).stdout.strip()
+    commit = environment.commit()
     # llmcompressor logs to stdout on import: the versions are the last line.
     llmc_version = subprocess.run(
         [args.llmc_python, "-c", "import llmcompressor, transformers, compressed_tensors as c; "
@@ -179,9 +178,7 @@ def write(args, float_ppl: float, rows: list[dict]) -> None:
             f"{cell(None if gap(r) is None else gap(r) / gap(peer), '.3f')} | "
             f"{r['output_error']:.4f} | "
             f"{r['output_error'] / peer['output_error']:.3f} |")
-    out = ROOT / "benchmarks" / "results" / f"{name}.md"
-    out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}")
+    environment.write_results(name, lines)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,11 @@ def load_real_layers(bits_independent: bool = True, blocks: list[int] | None = N
     return layers
 
 
+def one_per_hessian(layers: list[dict]) -> list[dict]:
+    """The layers with a Hessian of their own: k/v share q's, up shares gate's."""
+    return [layer for layer in layers if layer["kind"] not in ("k_proj", "v_proj", "up_proj")]
+
+
 def _cache_name(blocks: list[int], num_samples: int, seq_len: int, seed: int) -> str:
     block_key = "-".join(map(str, blocks))
     return f"smollm2-135m_v{CACHE_VERSION}_b{block_key}_n{num_samples}_s{seq_len}_seed{seed}.pt"

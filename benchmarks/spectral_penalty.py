@@ -37,7 +37,6 @@ import importlib
 import math
 import platform
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -50,9 +49,9 @@ from admmq_dist.recipe import Recipe, override
 from admmq_dist.run.coordinated import BALANCE_RATIO, BALANCE_STEP, advance
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_layers import load_real_layers  # noqa: E402
+import environment  # noqa: E402
+from real_layers import load_real_layers, one_per_hessian  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 ADMMQ = importlib.import_module("admmq_dist.quant.solvers.admmq")
 RULES = ("fixed", "balance", "spectral", "spectral-floor")
 CORRELATION = 0.2  # AADMM's ε_cor
@@ -172,9 +171,7 @@ def run_rule(problems: list[dict], recipe: Recipe, rule: str, rounds: int,
 
 def problems_of(blocks: list[int], recipe: Recipe) -> list[dict]:
     out = []
-    for layer in load_real_layers(blocks=blocks, num_samples=64):
-        if layer["kind"] in ("k_proj", "v_proj", "up_proj"):
-            continue
+    for layer in one_per_hessian(load_real_layers(blocks=blocks, num_samples=64)):
         factors = HessianFactors(layer["hessian"])
         factors.eigen()
         out.append({"name": layer["name"], "weight": layer["weight"],
@@ -204,8 +201,7 @@ def main(argv: list[str] | None = None) -> None:
                                             factors=p["factors"]).weight,
                                 p["weight"], p["hessian"]) for p in problems]
     base = results["fixed"][0]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=ROOT).stdout.strip()
+    commit = environment.commit()
     lines = [
         "# The spectral penalty rule against the fixed continuation (issue 34, item 3)", "",
         f"`python benchmarks/spectral_penalty.py` at commit {commit}, torch {torch.__version__}, "
@@ -228,10 +224,8 @@ def main(argv: list[str] | None = None) -> None:
         + f" | **{statistics.median(s / b for s, b in zip(sequential, base)):.4f}** |")
     lines += ["", "ρ per round:", ""] + [
         f"- {rule}: " + ", ".join(f"{r:.3g}" for r in results[rule][1]) for rule in RULES]
-    out = ROOT / "benchmarks/results/spectral_penalty.md"
-    out.write_text("\n".join(lines) + "\n")
+    environment.write_results("spectral_penalty", lines)
     print("\n".join(lines))
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
