@@ -42,13 +42,7 @@ def stage_units(stage: Stage, shapes: dict[str, tuple[int, int]], row_block: int
 def assign(units: list[Unit], num_workers: int) -> dict[int, list[Unit]]:
     """Longest-processing-time assignment of units: deterministic (ties go to the lowest
     worker, equal costs keep plan order)."""
-    load = [0] * num_workers
-    out: dict[int, list] = {w: [] for w in range(num_workers)}
-    for unit in sorted(units, key=lambda u: -u[2]):
-        w = min(range(num_workers), key=lambda k: (load[k], k))
-        load[w] += unit[2]
-        out[w].append(unit)
-    return out
+    return _longest_first([[unit] for unit in units], num_workers)
 
 
 def assign_whole(units: list[Unit], key_of: dict[str, object], num_workers: int
@@ -60,9 +54,15 @@ def assign_whole(units: list[Unit], key_of: dict[str, object], num_workers: int
     by_key: dict[object, list[Unit]] = {}
     for unit in units:
         by_key.setdefault(key_of[unit[0]], []).append(unit)
+    return _longest_first(list(by_key.values()), num_workers)
+
+
+def _longest_first(groups: list[list[Unit]], num_workers: int) -> dict[int, list[Unit]]:
+    """Each group, costliest first (equal costs in their order), to the least loaded worker
+    (ties to the lowest)."""
     load = [0] * num_workers
     out: dict[int, list] = {w: [] for w in range(num_workers)}
-    for group in sorted(by_key.values(), key=lambda us: -sum(u[2] for u in us)):
+    for group in sorted(groups, key=lambda us: -sum(u[2] for u in us)):
         w = min(range(num_workers), key=lambda k: (load[k], k))
         load[w] += sum(u[2] for u in group)
         out[w] += group
