@@ -28,9 +28,13 @@ def describe() -> str:
 
 
 def commit() -> str:
-    """The checkout's short commit, for a results file's header."""
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+    """The checkout's short commit, for a results file's header, with ``+dirty`` when the
+    package has uncommitted changes (the figures are then of no commit)."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True, cwd=ROOT).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "admmq_dist"],
+                           capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    return head + ("+dirty" if dirty else "")
 
 
 def write_results(name: str, lines: list[str]) -> Path:

@@ -8,7 +8,6 @@ benchmarks/results/memory_model.md. The allocator's count is deterministic: one 
 from __future__ import annotations
 
 import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -18,12 +17,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+import environment  # noqa: E402
 from memory_cells import BENCHMARK_CELLS, measure_cell_apart  # noqa: E402
 
 
 def main() -> None:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=ROOT).stdout.strip()
+    commit = environment.commit()
     lines = ["# Memory model: plan against the measured peak (every schedule)", "",
              f"`python benchmarks/memory_model.py` at commit {commit}, torch {torch.__version__}, "
              f"{platform.machine()}; one run per cell (allocator counts are deterministic). "
@@ -39,7 +38,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as root:
             measured, planned = measure_cell_apart(Path(root), *cell)
         ratios.append(planned / measured)
-        hidden, asymmetric, workers, w_update, schedule, model = (*cell, "llama")[:6]
+        hidden, asymmetric, workers, w_update, schedule, model, waves = (
+            *cell, *("llama", 1)[len(cell) - 5:])
+        model += f" ({waves} expert waves)" if waves > 1 else ""
         lines.append(f"| {model} | {schedule} | {hidden} | {asymmetric} | {workers} | {w_update} | "
                      f"{measured / 2**20:.1f} MiB | {planned / 2**20:.1f} MiB | "
                      f"{planned / measured:.3f} |")

@@ -280,15 +280,30 @@ def test_cli_flags_reach_the_expert_calibration(tmp_path, capsys):
     assert not (tmp_path / "asym").exists()
 
 
+EIGHT_EXPERTS = override(Recipe(), {
+    **FAST, "output": {"dtype": "float32"}, "grid": {"group_size": 32},
+    "calibration": {**FAST["calibration"], "min_expert_tokens": 1}})
+
+
+@pytest.fixture(scope="module")
+def eight_experts(tmp_path_factory):
+    """A two-block Qwen3-MoE of eight experts, and its checkpoint quantized on one worker."""
+    root = tmp_path_factory.mktemp("eight-experts")
+    src = tiny_model_dir(root / "src", "qwen3_moe", num_experts=8)
+    quantize_model(str(src), root / "one", EIGHT_EXPERTS, device=torch.device("cpu"),
+                   progress=False)
+    return src, digest(root / "one")
+
+
 def test_an_expert_stage_is_solved_expert_by_expert_in_the_bytes_of_any_worker_count(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, eight_experts):
     """With at least as many experts as workers, each expert's Hessian is solved whole on its
     owner (no merged Hessian handed to another worker) and dropped after its last row block, so
     a worker never holds more than one expert's factors; the bytes are those of one worker."""
     from admmq_dist.run.backends import LocalBackend
     from admmq_dist.run.worker import Worker
 
-    src = tiny_model_dir(tmp_path / "src", "qwen3_moe", num_experts=8)
+    src, one = eight_experts
     events = []
     original = {name: getattr(Worker, name) for name in ("solve", "release_hessian",
                                                           "merged_hessian")}
@@ -299,13 +314,9 @@ def test_an_expert_stage_is_solved_expert_by_expert_in_the_bytes_of_any_worker_c
             return original[name](self, b, *args)
         return method
 
-    recipe = override(Recipe(), {**FAST, "output": {"dtype": "float32"}, "grid": {"group_size": 32},
-                                 "calibration": {**FAST["calibration"], "min_expert_tokens": 1}})
-    quantize_model(str(src), tmp_path / "one", recipe, device=torch.device("cpu"),
-                   progress=False)
     for name in original:
         monkeypatch.setattr(Worker, name, spy(name))
-    quantize_model(str(src), tmp_path / "two", recipe, device=torch.device("cpu"),
+    quantize_model(str(src), tmp_path / "two", EIGHT_EXPERTS, device=torch.device("cpu"),
                    progress=False, backend=LocalBackend(2))
     monkeypatch.undo()
     experts = {key for kind, _, key in events if kind == "solve" and "experts." in str(key[1])}
@@ -318,4 +329,41 @@ def test_an_expert_stage_is_solved_expert_by_expert_in_the_bytes_of_any_worker_c
                          if kind == "solve" and k == key)
         assert len(solvers) == 1 and len(released) == 1 and released[0] > last_solve, key
     assert not [k for kind, _, k in events if kind == "merged_hessian" and "experts." in k[1]]
-    assert digest(tmp_path / "one") == digest(tmp_path / "two")
+    assert digest(tmp_path / "two") == one
+
+
+def test_expert_stages_the_device_cannot_capture_at_once_are_captured_in_waves(
+        tmp_path, monkeypatch, eight_experts):
+    """On devices that hold the block only with two experts' partial sums at a time, each
+    expert stage is captured and solved in waves of two experts (one forward pass each, the
+    plan counting only the wave's statistics): four captures per expert stage instead of one,
+    a smaller planned peak, the bytes of one capture."""
+    from admmq_dist.run.backends import LocalBackend
+    from admmq_dist.run.worker import Worker
+
+    src, one = eight_experts
+    plan, capture = Worker.memory_plan, Worker.capture
+    peaks, captured = {}, []
+
+    def small_device(self, b, stages, workers):
+        out = plan(self, b, stages, workers)
+        wave = max(len(st.groups) for st in stages if st.experts is not None)
+        peaks.setdefault(wave, out["peak"])
+        out["capacity"] = out["peak"] - (wave > 2)  # only waves of two experts fit
+        return out
+
+    def count(self, b, stage, *args):
+        captured.append((id(self), b, stage.experts, stage.role, len(stage.groups)))
+        return capture(self, b, stage, *args)
+
+    monkeypatch.setattr(Worker, "memory_plan", small_device)
+    monkeypatch.setattr(Worker, "capture", count)
+    summary = quantize_model(str(src), tmp_path / "waves", EIGHT_EXPERTS,
+                             device=torch.device("cpu"), progress=False, backend=LocalBackend(2))
+    monkeypatch.undo()
+    waves = [c for c in captured if c[2] is not None]
+    assert len(waves) == 2 * 2 * 2 * 4  # workers, blocks, expert stages, waves
+    assert {c[4] for c in waves} == {2}
+    assert summary["memory_plan"]["expert_waves"] == 4
+    assert peaks[2] < peaks[8], peaks
+    assert digest(tmp_path / "waves") == one

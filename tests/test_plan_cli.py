@@ -111,6 +111,22 @@ def test_a_round_schedule_moves_hand_offs_not_hessians(capsys):
     assert eight["bytes_moved_per_block"] > 14 * 3 * 4 * 28672**2
 
 
+def test_deepseek_v3_fits_80_gib_gpus_by_capturing_its_experts_in_waves(capsys):
+    """256 experts' partial sums on every worker (49.4 GiB) do not fit an 80 GB GPU beside the
+    rest: the plan captures the expert stages in the fewest waves that fit (two), counts their
+    forward passes, and needs none on 141 GB."""
+    config = str(CONFIGS / "DeepSeek-V3")
+    _, small = plan(capsys, config, "--workers", "16", "--device-memory", "80GiB", *JOB)
+    _, large = plan(capsys, config, "--workers", "16", "--device-memory", "141GB", *JOB)
+    assert small["fits"] and small["expert_waves"] == 2
+    assert large["fits"] and large["expert_waves"] == 1
+    assert large["worker_device_peak_bytes"] > 70 * 2**30 > small["worker_device_peak_bytes"]
+    # Two more forward passes (one per expert stage) in each of the 58 MoE blocks.
+    extra = small["modelled_seconds_by_phase"]["forward"] - large["modelled_seconds_by_phase"][
+        "forward"]
+    assert 0 < extra < 0.2 * large["modelled_seconds_by_phase"]["forward"]
+
+
 def test_mistakes_cost_a_line(capsys, tmp_path):
     assert main(["plan", str(tmp_path), "--device-memory", "80GiB"]) == 1
     assert "config.json" in capsys.readouterr().err

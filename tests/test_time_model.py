@@ -20,7 +20,7 @@ from admmq_dist.cli import main
 from admmq_dist.quant.solvers.solve import SolverSettings
 from admmq_dist.recipe import Recipe
 from admmq_dist.run import time_model as tm
-from admmq_dist.run.job_plan import _model
+from admmq_dist.run.model_shape import model_shape
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -182,7 +182,7 @@ def test_more_workers_never_model_a_longer_sequential_solve(name):
     recipe = Recipe()  # batches of one sample: up to 128 workers
     recipe = dataclasses.replace(recipe, calibration=dataclasses.replace(recipe.calibration,
                                                                          batch_size=1))
-    shape = _model(str(CONFIGS / name), recipe, None)
+    shape = model_shape(str(CONFIGS / name), recipe, None)
     blocks = [(stages, count) for stages, _, count, _ in shape.blocks]
     rates = tm.load_rates()
     previous = math.inf
@@ -198,7 +198,7 @@ def test_more_workers_never_model_a_longer_sequential_solve(name):
 def test_an_expert_sees_its_share_of_the_tokens():
     """Mixtral routes 2 of 8 experts per token: its experts' captures and forward count a quarter
     of the tokens each."""
-    shape = _model(str(CONFIGS / "Mixtral-8x22B-v0.1"), Recipe(), None)
+    shape = model_shape(str(CONFIGS / "Mixtral-8x22B-v0.1"), Recipe(), None)
     assert shape.experts_per_token == 2
     stages = tm.plan_stages(shape.blocks[0][0], shape.experts_per_token)
     routed = {lin.routed for stage in stages for lin in stage}

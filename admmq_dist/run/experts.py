@@ -28,12 +28,14 @@ class ExpertPolicy:
         self.tokens: dict[str, list[int]] = {}
 
     def calibrate_all(self, stage: Stage) -> list[int]:
-        """Experts that run on every token during this stage's capture (the down stage of
-        experts decided ``all-tokens``: their down projection needs those inputs)."""
+        """Experts of the stage (or of its wave) that run on every token during its capture (the
+        down stage of experts decided ``all-tokens``: their down projection needs those
+        inputs)."""
         if stage.experts is None or stage.role != 1:
             return []
-        return sorted(e for e, how in self.how.get(stage.experts, {}).items()
-                      if how == "all-tokens")
+        how = self.how.get(stage.experts, {})
+        return sorted(e for e in map(_expert_of(stage), stage.groups)
+                      if how.get(e) == "all-tokens")
 
     def decide(self, stage: Stage, routed: list[int], hidden_size: int) -> None:
         """At the gate/up stage: each expert's calibration from the tokens routed to it."""
@@ -50,7 +52,7 @@ class ExpertPolicy:
         how_by_expert = self.how[stage.experts]
         out = {}
         for group in stage.groups:
-            e = int(group[0][len(stage.experts) + 1:].split(".")[0])
+            e = _expert_of(stage)(group)
             how = how_by_expert[e]
             key = group[0]
             if how == "rtn":
@@ -61,3 +63,8 @@ class ExpertPolicy:
                 out[name] = {"key": key, "calibration": how,
                              "tokens": self.tokens[stage.experts][e]}
         return out
+
+
+def _expert_of(stage: Stage):
+    """A group of an expert stage -> its expert's index (``experts.3.gate_proj`` -> 3)."""
+    return lambda group: int(group[0][len(stage.experts) + 1:].split(".")[0])

@@ -337,8 +337,8 @@ class Job:
                 worst = max(self.memory, key=lambda row: row["peak_bytes"])
                 summary["memory_plan"] = {
                     **{k: worst[k] for k in ("peak_bytes", "worst", "items")},
-                    "in_process_peak_bytes": max(r.get("in_process_peak_bytes", 0)
-                                                 for r in self.memory),
+                    **{k: max(r.get(k, 1) for r in self.memory)
+                       for k in ("in_process_peak_bytes", "expert_waves")},
                     "per_block": [{k: r[k] for k in ("block", "peak_bytes")} for r in self.memory]}
         return summary
 

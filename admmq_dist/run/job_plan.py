@@ -11,12 +11,11 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from ..model.arch import find_blocks
 from ..recipe import Recipe
 from . import memory, round_memory, time_model
 from .memory import usable
-from .model_shape import block_stages, config_folder, meta_skeleton, source_bytes
-from .plan import tokens_per_worker
+from .model_shape import ModelShape, model_shape, routed_stage, stages_in_waves
+from .plan import most_waves, tokens_per_worker
 
 
 @dataclass
@@ -40,6 +39,8 @@ class JobPlan:
     # The fewest workers of this device size whose device peak fits (None: none do; unset: not
     # searched).
     smallest_workers: int | None = -1
+    # How many waves the worst block's expert stages are captured in (a forward pass each).
+    expert_waves: int = 1
     # The modelled time (:mod:`.time_model`; None: not modelled), by phase, and the rates'
     # provenance in words.
     modelled_seconds: float | None = None
@@ -66,6 +67,7 @@ class JobPlan:
                 "device_capacity_bytes": self.device_capacity_bytes,
                 "usable_device_bytes": usable(self.device_capacity_bytes),
                 "worst": self.worst, "items": self.items, "problems": self.problems,
+                "expert_waves": self.expert_waves,
                 **({} if self.smallest_workers == -1
                    else {"smallest_workers": self.smallest_workers}),
                 **({} if self.modelled_seconds is None
@@ -82,6 +84,9 @@ class JobPlan:
             f"{usable(self.device_capacity_bytes) / gib:.1f} GiB usable "
             f"({self.device_capacity_bytes / gib:.0f} GiB less the reserve); worst: {self.worst}",
             "  largest items: " + ", ".join(f"{k} {v / gib:.1f} GiB" for k, v in top),
+            *([] if self.expert_waves == 1 else [
+                f"  expert stages captured in {self.expert_waves} waves (a forward pass each) "
+                "so that their partial sums fit"]),
             f"  per worker, host: {self.worker_host_peak_bytes / gib:.1f} GiB; driver host: "
             f"{self.driver_host_peak_bytes / gib:.1f} GiB",
             f"  disk: {self.output_bytes / gib:.1f} GiB output + {self.work_bytes / gib:.1f} GiB "
@@ -107,51 +112,10 @@ class JobPlan:
                 f"{time_model.LINK_BYTES_PER_S / 1e9:.0f} GB/s) {self.modelled_rates}")
 
 
-@dataclass(frozen=True)
-class _Model:
-    """What the plan needs of a model: its distinct blocks (stages, first index, how many), the
-    parameters outside the blocks, and its dimensions."""
-
-    name: str
-    prefix: str
-    hidden: int
-    blocks: list[tuple[list, int, int, int]]  # (stages, first block, count, parameters)
-    outside: int
-    stored: int
-    experts_per_token: int | None = None  # routed experts per token (MoE), for the time model
-
-    def total(self, per_entry) -> int:
-        return sum(count * sum(per_entry(rows, cols) for stage in stages
-                               for _, rows, cols, *_ in stage)
-                   for stages, _, count, _ in self.blocks)
-
-    @property
-    def largest_block(self) -> int:
-        return max(params for *_, params in self.blocks)
-
-
-def _model(model: str, recipe: Recipe, skeleton) -> _Model:
-    config_dir = config_folder(model)
-    config, module = skeleton or meta_skeleton(config_dir)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layout, blocks = find_blocks(module)
-    distinct: dict[tuple, list] = {}
-    for b, block in enumerate(blocks):
-        stages = block_stages(block, tuple(recipe.output.skip), recipe.solver.row_block)
-        key = tuple(map(tuple, stages))
-        if key not in distinct:
-            distinct[key] = [stages, b, 0, sum(p.numel() for p in block.parameters())]
-        distinct[key][2] += 1
-    in_blocks = sum(count * params for _, _, count, params in distinct.values())
-    return _Model(model, layout.prefix, int(text.hidden_size),
-                  [tuple(v) for v in distinct.values()],
-                  sum(p.numel() for p in module.parameters()) - in_blocks,
-                  source_bytes(config_dir), getattr(text, "num_experts_per_tok", None))
-
-
-def _device_plan(shape: _Model, recipe: Recipe, workers: int, act: int
-                 ) -> tuple[memory.MemoryPlan, int]:
-    """The worst block's plan on one worker, and that block's index."""
+def _device_plan(shape: ModelShape, recipe: Recipe, workers: int, act: int, capacity: int
+                 ) -> tuple[memory.MemoryPlan, int, int]:
+    """The worst block's plan on one worker, that block's index and the waves its expert stages
+    are captured in (the fewest that fit ``capacity`` usable bytes, as the run chooses)."""
     calib, solver = recipe.calibration, recipe.solver
     asymmetric = calib.asymmetric_strength(solver.method) > 0
     embeddings = shape.outside * act
@@ -159,13 +123,22 @@ def _device_plan(shape: _Model, recipe: Recipe, workers: int, act: int
         batches = math.ceil(calib.num_samples / calib.batch_size)
         tokens, batch_range = tokens_per_worker(
             calib.num_samples, calib.seq_len, calib.batch_size, min(workers, batches))
-        plans = [(memory.plan_block(
-            stages, hidden=shape.hidden, tokens=tokens, batch_range=batch_range, act_bytes=act,
-            row_block=solver.row_block, asymmetric=asymmetric, workers=workers,
-            eigh_for=solver.uses_eigh, group_size=recipe.grid.group_size,
-            batch_tokens=calib.batch_size * calib.seq_len, embeddings=embeddings), b)
-            for stages, b, _, _ in shape.blocks]
-        return max(plans, key=lambda pb: pb[0].peak)
+
+        def block_plan(stages: list, waves: int) -> memory.MemoryPlan:
+            return memory.plan_block(
+                stages_in_waves(stages, waves, workers), hidden=shape.hidden, tokens=tokens,
+                batch_range=batch_range, act_bytes=act, row_block=solver.row_block,
+                asymmetric=asymmetric, workers=workers, eigh_for=solver.uses_eigh,
+                group_size=recipe.grid.group_size,
+                batch_tokens=calib.batch_size * calib.seq_len, embeddings=embeddings)
+
+        plans = []
+        for stages, b, _, _ in shape.blocks:
+            waves = memory.fewest_waves(
+                lambda w: block_plan(stages, w).peak <= capacity,
+                most_waves([len(st) for st in stages if routed_stage(st)], workers))
+            plans.append((block_plan(stages, waves), b, waves))
+        return max(plans, key=lambda pbw: pbw[0].peak)
     stages, b, _, _ = max(shape.blocks, key=lambda entry: entry[3])
     per_worker = math.ceil(sum(count for _, _, count, _ in shape.blocks) / workers)
     common = {"hidden": shape.hidden, "tokens": calib.num_samples * calib.seq_len,
@@ -181,17 +154,17 @@ def _device_plan(shape: _Model, recipe: Recipe, workers: int, act: int
     else:
         plan = round_memory.plan_coordinated([stages] * per_worker, **common,
                                              start=solver.coordinated_start == "sequential")
-    return plan, b
+    return plan, b, 1
 
 
-def _disk_and_transfers(shape: _Model, recipe: Recipe, workers: int, act: int
+def _disk_and_transfers(shape: ModelShape, recipe: Recipe, workers: int, act: int
                         ) -> tuple[int, int, int]:
     """``(output, work folder, bytes moved per block)``. The output: packed codes, scales in the
     stored dtype (and packed zero points when asymmetric), everything else dense; the work
     folder: every committed block's uint8 codes and float32 scales and zero points (sequential),
     or the last two rounds' commits (:func:`_round_commits`); between workers per block, at
     most: sequential, every other worker's partial Hessians to their owner and the merged ones
-    back to the other solvers, the block's tensors shared by the worker that read them, and the
+    back to the other solvers (none for an expert solved whole on its owner), the block's tensors shared by the worker that read them, and the
     uint8 codes every worker puts in place; a round schedule, per round, one hand-off of the
     block's outputs on every stream and its uint8 codes."""
     grid = recipe.grid
@@ -213,15 +186,23 @@ def _disk_and_transfers(shape: _Model, recipe: Recipe, workers: int, act: int
         calib = recipe.calibration
         hand_off = (1 + asymmetric) * calib.num_samples * calib.seq_len * shape.hidden * act
         return output, work, hand_off + shape.largest_block
-    stats = 3 if asymmetric else 1
-    hessians = max(sum(stats * 4 * cols * cols for stage in stages for _, _, cols, *_ in stage)
-                   for stages, *_ in shape.blocks)
-    moved = (2 * (workers - 1) * hessians + (workers - 1) * shape.largest_block * shape.stored
+
+    def hessians(stage: list[tuple]) -> int:
+        # Routed experts: H alone, and solved whole on its owner when there are at least as
+        # many experts as workers (nothing handed back); the others: every statistic, merged
+        # ones handed back to at most every other worker.
+        routed = routed_stage(stage)
+        stats = 3 if asymmetric and not routed else 1
+        trips = 1 if routed and len(stage) >= workers else 2
+        return trips * sum(stats * 4 * cols * cols for _, _, cols, *_ in stage)
+
+    moved = ((workers - 1) * max(sum(map(hessians, stages)) for stages, *_ in shape.blocks)
+             + (workers - 1) * shape.largest_block * shape.stored
              + workers * shape.largest_block)
     return output, work, moved
 
 
-def _round_commits(shape: _Model, recipe: Recipe, workers: int, act: int, quantized: int,
+def _round_commits(shape: ModelShape, recipe: Recipe, workers: int, act: int, quantized: int,
                    scales: int) -> int:
     """The work folder of a round schedule at its fullest: the last two rounds' commits (per
     weight its uint8 codes, the coordinated schedule's uint8 last iterate and ADMM-Q's float32
@@ -252,28 +233,30 @@ def plan_job(model: str, recipe: Recipe, *, workers: int, device_bytes: int,
     With ``rates`` (:func:`.time_model.load_rates`) the job's time is modelled too."""
     if workers < 1:
         raise ValueError(f"--workers {workers} must be at least 1")
-    return _plan(_model(model, recipe, skeleton), recipe, workers, device_bytes, host_bytes,
+    return _plan(model_shape(model, recipe, skeleton), recipe, workers, device_bytes, host_bytes,
                  device_type, rates)
 
 
-def _modelled(shape: _Model, recipe: Recipe, workers: int, rates, act: int) -> dict:
+def _modelled(shape: ModelShape, recipe: Recipe, workers: int, rates, act: int,
+              waves: int = 1) -> dict:
     """JobPlan's modelled-time fields (none without rates)."""
     if rates is None:
         return {}
     costs = time_model.job_seconds(
         [(stages, count) for stages, _, count, _ in shape.blocks], hidden=shape.hidden,
         recipe=recipe, workers=workers, rates=rates, experts_per_token=shape.experts_per_token,
-        act_bytes=act)
+        act_bytes=act, expert_waves=waves)
     return {"modelled_seconds": costs["total"],
             "modelled_seconds_by_phase": {p: costs[p] for p in time_model.PHASES},
             "modelled_rates": time_model.describe_rates(rates)}
 
 
-def _plan(shape: _Model, recipe: Recipe, workers: int, device_bytes: int,
+def _plan(shape: ModelShape, recipe: Recipe, workers: int, device_bytes: int,
           host_bytes: int | None, device_type: str, rates=None) -> JobPlan:
     calib, sequential = recipe.calibration, recipe.solver.schedule == "sequential"
     act = 4 if device_type == "cpu" else 2
-    device_plan, worst_block = _device_plan(shape, recipe, workers, act)
+    device_plan, worst_block, waves = _device_plan(shape, recipe, workers, act,
+                                                   usable(device_bytes))
     output, work, moved = _disk_and_transfers(shape, recipe, workers, act)
     # Host: a worker reads its block (mapped pages), gets the results back as uint8 codes and,
     # off a CPU, parks partial sums and statistics there (MemoryPlan.host);
@@ -306,7 +289,7 @@ def _plan(shape: _Model, recipe: Recipe, workers: int, device_bytes: int,
         host_capacity_bytes=host_bytes,
         worst=f"{shape.prefix}.{worst_block}.{device_plan.worst_stage}",
         items=dict(device_plan.items), problems=problems,
-        **_modelled(shape, recipe, workers, rates, act))
+        expert_waves=waves, **_modelled(shape, recipe, workers, rates, act, waves))
 
 
 def smallest_fitting(model: str, recipe: Recipe, *, device_bytes: int,
@@ -314,7 +297,7 @@ def smallest_fitting(model: str, recipe: Recipe, *, device_bytes: int,
     """The fewest workers with ``device_bytes`` each on which the job's device peak fits (the
     peak falls as workers are added: fewer calibration tokens, or fewer blocks, each), or None
     when even the most the job can use do not suffice."""
-    shape = _model(model, recipe, skeleton)
+    shape = model_shape(model, recipe, skeleton)
     calib = recipe.calibration
     most = (math.ceil(calib.num_samples / calib.batch_size)
             if recipe.solver.schedule == "sequential"

@@ -288,6 +288,16 @@ def largest_fitting(plans: list[dict], needs: Callable[[int, dict], str], advice
     return max(range(len(plans)), key=lambda w: plans[w]["peak"])
 
 
+def fewest_waves(fits: Callable[[int], bool], most: int) -> int:
+    """The fewest waves (1, 2, 4, ... up to ``most``) an expert stage is captured in for which
+    ``fits(waves)`` (:func:`.plan.expert_waves`); ``most`` when none fits. Each wave costs one
+    forward pass of the block, so the fewest that fit are taken."""
+    waves = 1
+    while waves < most and not fits(waves):
+        waves = min(2 * waves, most)
+    return waves
+
+
 # What a device keeps for itself beyond the plan's tensors: the CUDA context, the allocator's
 # fragmentation and cached blocks, kernels' workspaces (on a CPU: the interpreter and libraries).
 RESERVE_FRACTION, RESERVE_MIN = 0.05, 2 * 2**30

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..model.arch import find_blocks
 from ..model.loading import ModelLoadError, resolve_model_dir, source_dtype
 from ..model.moe import is_router
+from ..recipe import Recipe
+from .memory import routed_expert
+from .plan import wave_bounds
 
 # Leaf names of the linears that read the attention's input, and the MLP's.
 ATTENTION_INPUT = {"q_proj", "k_proj", "v_proj", "qkv_proj", "q_a_proj", "kv_a_proj_with_mqa",
@@ -132,3 +137,58 @@ def source_bytes(config_dir: Path) -> int:
         return source_dtype(config_dir).itemsize
     except Exception:
         return 2
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the plan needs of a model: its distinct blocks (stages, first index, how many), the
+    parameters outside the blocks, and its dimensions."""
+
+    name: str
+    prefix: str
+    hidden: int
+    blocks: list[tuple[list, int, int, int]]  # (stages, first block, count, parameters)
+    outside: int
+    stored: int
+    experts_per_token: int | None = None  # routed experts per token (MoE), for the time model
+
+    def total(self, per_entry) -> int:
+        return sum(count * sum(per_entry(rows, cols) for stage in stages
+                               for _, rows, cols, *_ in stage)
+                   for stages, _, count, _ in self.blocks)
+
+    @property
+    def largest_block(self) -> int:
+        return max(params for *_, params in self.blocks)
+
+
+def model_shape(model: str, recipe: Recipe, skeleton=None) -> ModelShape:
+    """``model``'s shape (folder or hub id; only its config is read), its stages as ``recipe``
+    skips and cuts them; ``skeleton``: an already built ``(config, meta model)``."""
+    config_dir = config_folder(model)
+    config, module = skeleton or meta_skeleton(config_dir)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layout, blocks = find_blocks(module)
+    distinct: dict[tuple, list] = {}
+    for b, block in enumerate(blocks):
+        stages = block_stages(block, tuple(recipe.output.skip), recipe.solver.row_block)
+        key = tuple(map(tuple, stages))
+        if key not in distinct:
+            distinct[key] = [stages, b, 0, sum(p.numel() for p in block.parameters())]
+        distinct[key][2] += 1
+    in_blocks = sum(count * params for _, _, count, params in distinct.values())
+    return ModelShape(model, layout.prefix, int(text.hidden_size),
+                  [tuple(v) for v in distinct.values()],
+                  sum(p.numel() for p in module.parameters()) - in_blocks,
+                  source_bytes(config_dir), getattr(text, "num_experts_per_tok", None))
+
+
+def routed_stage(stage: list[tuple]) -> bool:
+    return any(routed_expert(name) for name, *_ in stage)
+
+
+def stages_in_waves(stages: list[list[tuple]], waves: int, workers: int) -> list[list[tuple]]:
+    """:func:`.plan.expert_waves` on :func:`.model_shape.block_stages`'s stages."""
+    return [part for stage in stages for part in (
+        [stage[start:stop] for start, stop in wave_bounds(len(stage), waves, workers)]
+        if routed_stage(stage) else [stage])]

@@ -57,6 +57,36 @@ def assign_whole(units: list[Unit], key_of: dict[str, object], num_workers: int
     return _longest_first(list(by_key.values()), num_workers)
 
 
+def wave_bounds(experts: int, waves: int, workers: int) -> list[tuple[int, int]]:
+    """An expert stage of ``experts`` Hessians cut into at most ``waves`` contiguous waves of
+    nearly equal size, each of at least one expert per worker (so every wave is solved expert
+    by expert, :func:`assign_whole`, and keeps every worker busy)."""
+    waves = max(1, min(waves, experts // max(workers, 1)))
+    return [(experts * k // waves, experts * (k + 1) // waves) for k in range(waves)]
+
+
+def most_waves(experts: list[int], workers: int) -> int:
+    """The most waves any of a block's expert stages (``experts``: their Hessian counts) can be
+    captured in."""
+    return max([1] + [n // max(workers, 1) for n in experts])
+
+
+def expert_waves(stages: list[Stage], waves: int, workers: int) -> list[Stage]:
+    """The block's stages with each expert stage captured and solved in ``waves`` waves: one
+    forward pass per wave, holding only the wave's experts' partial sums and Hessians. The
+    experts of a stage are independent of one another (an expert's input is the block's MLP
+    input, or its own gate/up's output), so waves change no byte, only how many forward passes
+    the stage takes."""
+    out = []
+    for stage in stages:
+        if stage.experts is None:
+            out.append(stage)
+            continue
+        out += [Stage(stage.groups[start:stop], stage.experts, stage.role)
+                for start, stop in wave_bounds(len(stage.groups), waves, workers)]
+    return out
+
+
 def _longest_first(groups: list[list[Unit]], num_workers: int) -> dict[int, list[Unit]]:
     """Each group, costliest first (equal costs in their order), to the least loaded worker
     (ties to the lowest)."""

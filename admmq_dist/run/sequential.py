@@ -35,7 +35,7 @@ from . import memory
 from .faults import RECOVERABLE, FaultLog, PositionError
 from .experts import ExpertPolicy
 from .layer import nbytes, report_row
-from .plan import assign, assign_whole, stage_units
+from .plan import assign, assign_whole, expert_waves, most_waves, stage_units
 from .workdir import DecoderBlockOutput, commit_block, read_commit
 
 # What crosses between processes per decoder block (counted as in a Ray run with as many
@@ -188,8 +188,8 @@ class SequentialSchedule:
         prefix = f"{self.layout_prefix}.{b}"
         for name, (_, cols) in plan["shapes"].items():
             self.check_width(f"{prefix}.{name}", cols)
-        out.memory = self._check_memory(b, prefix, plan)
-        for stage in plan["stages"]:
+        out.memory, stages = self._check_memory(b, prefix, plan)
+        for stage in stages:
             how, part_bytes = self._capture(b, stage, plan)
             results = self._solve(b, stage, plan, how, part_bytes, moved)
             layers = self._collect(b, stage, how, results, out)
@@ -200,22 +200,34 @@ class SequentialSchedule:
                 self.layer_bar.update(len(layers))
         return out
 
-    def _check_memory(self, b: int, prefix: str, plan: dict) -> dict:
+    def _check_memory(self, b: int, prefix: str, plan: dict) -> tuple[dict, list[Stage]]:
         """Every worker's planned peak for the block against its device, before the block's
-        work; returns the largest plan."""
-        plans = self._all("memory_plan", b, plan["stages"], self.backend.size)
+        work, with its expert stages in the fewest waves that fit (:func:`.plan.expert_waves`);
+        returns the largest plan and the stages as they will be captured."""
+        n, tried = self.backend.size, {}
+
+        def fits(waves: int) -> bool:
+            stages = expert_waves(plan["stages"], waves, n)
+            tried[waves] = stages, self._all("memory_plan", b, stages, n)
+            return all(p["peak"] <= p["capacity"] for p in tried[waves][1])
+
+        waves = memory.fewest_waves(fits, most_waves(
+            [len(st.groups) for st in plan["stages"] if st.experts is not None], n))
+        if waves not in tried:
+            fits(waves)
+        stages, plans = tried[waves]
         worst = memory.largest_fitting(
             plans, lambda w, p: f"{prefix} needs about {p['describe']} on worker {w}",
             "use more workers (each holds fewer calibration tokens), fewer --num-samples or a "
             "shorter --seq-len, or devices with more memory")
         driver = memory.results_bytes(memory.stage_entries(plan["stages"], plan["shapes"],
                                                            self.recipe.solver.row_block))
-        return {"peak_bytes": plans[worst]["peak"], "worker": worst,
+        return {"peak_bytes": plans[worst]["peak"], "worker": worst, "expert_waves": waves,
                 "worst": f"{prefix}.{plans[worst]['worst']}", "items": plans[worst]["items"],
                 "driver_bytes": driver,
                 # Every worker and the driver in one process (the in-process backend).
                 "in_process_peak_bytes": memory.in_process_peak([p["phases"] for p in plans],
-                                                                driver)}
+                                                                driver)}, stages
 
     def _start_layer_bar(self, b: int, plan: dict) -> None:
         if self.layer_bar is not None and not self.layer_bar.total:

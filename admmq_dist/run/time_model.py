@@ -50,7 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .memory import routed_expert
-from .plan import assign, tokens_per_worker
+from .plan import assign, assign_whole, tokens_per_worker, wave_bounds
 # The rates (measured and fitted) live in .rates; re-exported for the benchmarks and tests.
 from .rates import (DEFAULT_RATES, PIECES, FittedRates, Linear, MeasuredRates, Stages,
                     describe_rates, fit, flops_per_token, load_rates, measured_points,
@@ -131,8 +131,14 @@ def stage_seconds(stage: list[Linear], rates, solve: Solve, workers: int
     by_name = {lin.name: lin for lin in stage}
     units = [(lin.name, blk, (blk[1] - blk[0]) * lin.cols)
              for lin in stage for blk in lin.row_blocks(solve.row_block)]
+    hessians = _hessians(stage)
+    # An expert stage with a Hessian per worker or more is solved expert by expert, as the
+    # schedule does (.plan.assign_whole): each expert factorized once, on its owner.
+    whole = len(hessians) >= workers and any(routed_expert(lin.name) for lin in stage)
+    assignment = (assign_whole(units, {lin.name: lin.hessian for lin in stage}, workers)
+                  if whole else assign(units, workers))
     busiest, solvers = (0.0, 0.0), {}
-    for mine in assign(units, workers).values():
+    for mine in assignment.values():
         if not mine:
             continue
         mine_lins = [by_name[name] for name, _, _ in mine]
@@ -147,15 +153,18 @@ def stage_seconds(stage: list[Linear], rates, solve: Solve, workers: int
     # Every other worker's partial Hessian to its owner, the merged one to its other solvers,
     # the codes to the schedule and to every worker.
     moved = sum((workers - 1 + solvers.get(key, 1) - 1) * lins[0].cols ** 2 * 4
-                for key, lins in _hessians(stage).items())
+                for key, lins in hessians.items())
     moved += sum(_codes_bytes(lin, solve) for lin in stage) * (1 + workers)
     return busiest[0], busiest[1], int(moved)
 
 
 def block_seconds(stages: Stages, hidden: int, rates, solve: Solve, workers: int,
-                  tokens: float, seq_len: int) -> dict:
-    """One decoder block of the sequential schedule; ``tokens``: the busiest worker's share."""
-    passes = len(stages) + 1 + (1 if solve.asymmetric else 0)
+                  tokens: float, seq_len: int, waves: int = 1) -> dict:
+    """One decoder block of the sequential schedule; ``tokens``: the busiest worker's share;
+    ``waves``: an expert stage's capture is that many forward passes (:func:`.plan.expert_waves`)."""
+    passes = len(stages) + 1 + (1 if solve.asymmetric else 0) + sum(
+        len(wave_bounds(len(stage), waves, workers)) - 1 for stage in stages
+        if any(routed_expert(lin.name) for lin in stage))
     forward = passes * rates.forward(stages, hidden, tokens, seq_len)
     capture = factor = rows = 0.0
     moved = (workers - 1) * sum(lin.rows * lin.cols for stage in stages for lin in stage) * 2
@@ -179,12 +188,12 @@ def _added(a: dict, b: dict) -> dict:
 
 
 def sequential(blocks: list[tuple[Stages, int]], hidden: int, rates, solve: Solve,
-               workers: int, tokens_per_worker: float, seq_len: int) -> dict:
+               workers: int, tokens_per_worker: float, seq_len: int, waves: int = 1) -> dict:
     """``blocks``: each distinct block's stages and how many blocks are like it."""
     out = _costs()
     for stages, count in blocks:
         out = _added(out, _scaled(block_seconds(stages, hidden, rates, solve, workers,
-                                                tokens_per_worker, seq_len), count))
+                                                tokens_per_worker, seq_len, waves), count))
     return out
 
 
@@ -293,7 +302,8 @@ def plan_stages(stages: list[list[tuple]], experts_per_token: int | None) -> Sta
 
 
 def job_seconds(blocks: list[tuple[list, int]], *, hidden: int, recipe, workers: int, rates,
-                experts_per_token: int | None = None, act_bytes: int = 2) -> dict:
+                experts_per_token: int | None = None, act_bytes: int = 2,
+                expert_waves: int = 1) -> dict:
     """The recipe's job on ``workers`` workers: ``{phase: seconds}`` (:data:`PHASES`), ``total``
     and ``bytes``. ``blocks``: each distinct block's stages (as :func:`.model_shape.block_stages`
     gives them) and how many blocks are like it."""
@@ -314,7 +324,8 @@ def job_seconds(blocks: list[tuple[list, int]], *, hidden: int, recipe, workers:
         batches = math.ceil(calib.num_samples / calib.batch_size)
         share, _ = tokens_per_worker(calib.num_samples, calib.seq_len, calib.batch_size,
                                      min(workers, batches))
-        return sequential(costed, hidden, rates, solve, workers, share, calib.seq_len)
+        return sequential(costed, hidden, rates, solve, workers, share, calib.seq_len,
+                          expert_waves)
     if solver.schedule == "depth-parallel":
         return depth_parallel(costed, hidden, rates, solve, workers, tokens, calib.seq_len,
                               solver.rounds, solver.segments)
