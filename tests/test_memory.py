@@ -22,7 +22,7 @@ def test_partial_sums_follow_the_canonical_tree():
 def test_llama_70b_block_with_the_exact_update_everywhere():
     """Llama-3-70B, 128 x 2048 calibration tokens, bfloat16, plain objective, the exact W-update
     at every width: down_proj's 28672-wide Hessian with GPTQ's and the eigendecomposition's kept
-    factors (16 B per entry) and the eigh's 24 B transient dominate; 1 and 8 workers both fit an
+    factors (16 B per entry) and the eigh's 8 B transient dominate; 1 and 8 workers both fit an
     80 GB H100's usable memory; the hidden states shrink with the workers, the factors do not."""
     block = llama_block(8192, 28672, heads=64, kv_heads=8)
     n2 = 28672**2
@@ -41,8 +41,8 @@ def test_llama_70b_block_with_the_exact_update_everywhere():
 
 
 def test_the_default_cg_update_at_70b_widths_plans_no_eigendecomposition():
-    """The default ``w_update="auto"`` solves down_proj (28672 wide) with CG: no float64 eigh
-    (24 B transient + 8 B kept per entry) in the plan; GPTQ's start factor remains. An exact
+    """The default ``w_update="auto"`` solves down_proj (28672 wide) with CG: no eigh
+    (8 B transient + 8 B kept per entry) in the plan; GPTQ's start factor remains. An exact
     update everywhere plans it."""
     from admmq_dist.quant.solvers.solve import SolverSettings
 

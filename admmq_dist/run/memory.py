@@ -30,9 +30,11 @@ SOLVER_ARRAYS = 20
 # The CG W-update's own: W0 H, W H, the residual, the preconditioned residual, the direction, its
 # product with H and the preconditioner (7).
 CG_ARRAYS = 7
-# An eigendecomposition holds the scaled Hessian and its eigenvectors in float64 plus LAPACK's
-# workspace (3 x 8 bytes per entry) while it runs, and keeps two float32 rotations (8).
-EIGH_TRANSIENT, EIGH_KEPT = 24, 8
+# An eigendecomposition (float32, quant/factors.py) holds the scaled Hessian and its eigenvectors
+# while it runs, then the eigenvectors and an unordered rotation while the two float32 rotations it
+# keeps are made (8 beyond the 8 kept: measured by torch's allocator at n = 1024). Its float64
+# retry, should LAPACK not converge in float32 (24 + 8), is not planned.
+EIGH_TRANSIENT, EIGH_KEPT = 8, 8
 # Moving the asymmetric targets of every linear reading an input (hessian.asymmetric_targets):
 # the float64 factor and cholesky_solve's copy of it, or the float64 cross term (16 per entry);
 # per weight, float64 corrections and a solve's output less the targets made (3 float32 arrays);

@@ -47,8 +47,9 @@ class ADMMSettings:
     rho_growth_slow: float = 1.03
     init: Literal["gptq", "rtn"] = "gptq"
     # "auto": the exact update below cg_from_width inputs, CG at and above it. The exact update
-    # needs one float64 eigh per Hessian and worker (n³, 24 bytes per entry while it runs: 18 GiB
-    # at Llama-3-70B's down_proj, 28672 wide); CG needs none, for three times the iteration time
+    # needs one eigh per Hessian and worker (n³ in float32, 8 bytes per entry while it runs: 6 GiB
+    # at Llama-3-70B's down_proj, 28672 wide; it was float64 and 24 when this threshold was
+    # measured, benchmarks/results/layer_shapes_1b_cpu.md); CG needs none, for three times the iteration time
     # (six GEMMs for two) and ~0.5% more layer loss. Measured at Llama-3.2-1B shapes
     # (benchmarks/results/layer_shapes_1b_cpu.md) the eigh costs as much as the CG's extra time on
     # 0.04-0.065·n rows, so CG is the faster on a worker that solves fewer rows of a Hessian than
