@@ -211,7 +211,9 @@ def test_keeping_the_better_codes_per_row_stops_the_first_rounds_from_overshooti
         model_dir, reference, tmp_path):
     """With coordinated_keep_best a round puts in place, row by row, the better of its best
     iterate and the codes already in place (on the refreshed Hessian): round 1 no longer ends
-    above round 0, and the run ends lower than without."""
+    above round 0, and every round ends lower than without. The polish evens the two out (on this
+    model 0.1% above without it with float32 eigh, 0.7% below with float64), so the final loss is
+    only held to within 1%."""
     _, plain = reference
     best = coordinated(model_dir, tmp_path / "best", coordinated_keep_best=True)
     assert tensors(tmp_path / "best") != tensors(reference[0])
@@ -219,7 +221,8 @@ def test_keeping_the_better_codes_per_row_stops_the_first_rounds_from_overshooti
     kept = [h for h in best["rounds"] if h["round"] != "polish"]
     assert rounds[1]["mean_loss"] > rounds[0]["mean_loss"]  # the overshoot it removes
     assert kept[1]["mean_loss"] < kept[0]["mean_loss"]
-    assert best["mean_loss"] < plain["mean_loss"]
+    assert all(k["mean_loss"] < r["mean_loss"] for k, r in zip(kept[1:], rounds[1:]))
+    assert best["mean_loss"] < 1.01 * plain["mean_loss"]
 
 
 def test_frozen_layers_stop_costing_iterations_and_barely_change_the_result(model_dir,
