@@ -7,6 +7,7 @@ evaluation tokens, so a rerun can only be compared with a result that names the 
 
 from __future__ import annotations
 
+import json
 import platform
 import subprocess
 from importlib import metadata
@@ -43,3 +44,18 @@ def write_results(name: str, lines: list[str]) -> Path:
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
     return out
+
+
+def settings_record(overrides: dict | None = None,
+                    sections: tuple[str, ...] = ("grid", "solver", "calibration", "output")) -> str:
+    """The resolved recipe a benchmark's figures ran with, for its results file: today's defaults
+    with ``overrides`` (what the benchmark sets on purpose), in the recipe ``sections`` its
+    figures depend on, as one HTML comment line that tests/test_quoted_figures.py compares with
+    the defaults of the day the docs are read on."""
+    from admmq_dist.recipe import Recipe, override, to_mapping
+
+    overrides = overrides or {}
+    resolved = to_mapping(override(Recipe(), overrides))
+    record = {"commit": commit(), "overrides": overrides,
+              "recipe": {name: resolved[name] for name in sections}}
+    return "<!-- settings: " + json.dumps(record, sort_keys=True) + " -->"

@@ -38,7 +38,7 @@ from admmq_dist.quant.hessian import HessianAccumulator  # noqa: E402
 from admmq_dist.quant.solvers import admmq, gptq, local_search  # noqa: E402
 from admmq_dist.quant.solvers.solve import SolverSettings  # noqa: E402
 import cost_model  # noqa: E402
-from environment import describe  # noqa: E402
+from environment import describe, settings_record  # noqa: E402
 
 # hidden, intermediate, heads, kv heads, head dim, decoder blocks (Llama-3 family).
 # Rounds the coordinated schedule is costed at: as many as it ran on SmolLM2 before its stop
@@ -259,6 +259,9 @@ def report(args, shapes, hessians, rows, forward_per_1k, predicted, device) -> N
              "every linear solved (a canonical row block); whole-layer figures multiply by the "
              "row blocks. Synthetic activations (low-rank + log-normal channels + outliers). "
              f"Block forward: {forward_per_1k:.3f} s per 1,024 tokens.", "",
+             settings_record({"grid": {"bits": args.bits, "group_size": args.group_size,
+                                       "symmetric": GridSpec().symmetric}},
+                             sections=("grid", "solver")), "",
              "| Hessian | width | eigh s | Cholesky s | capture s / 1k tokens |",
              "|---|---|---|---|---|"]
     lines += [f"| {k} | {h['hessian'].shape[0]} | {h['eigh']:.2f} | {h['cholesky']:.2f} | "
