@@ -205,8 +205,20 @@ def override(instance: Any, updates: dict | None, where: str = "") -> Any:
 
 
 def to_mapping(instance: Any) -> dict:
-    """The fully resolved settings as plain data (for YAML or JSON)."""
+    """The settings as plain data (for YAML or JSON), "auto" and unset keys as they are."""
     return dataclasses.asdict(instance)
+
+
+def effective_mapping(recipe: Recipe) -> dict:
+    """:func:`to_mapping` with the keys whose default the code decides (the scale refits, the
+    local-search sweeps, the asymmetric strength) as the run takes them: a record of what ran, so
+    that a changed default shows."""
+    mapping = to_mapping(recipe)
+    method = recipe.solver.method
+    mapping["solver"].update(scale_refits=recipe.solver.refits,
+                             local_search_sweeps=recipe.solver.sweeps)
+    mapping["calibration"]["asymmetric"] = recipe.calibration.asymmetric_strength(method)
+    return mapping
 
 
 def load_recipe(path: str | Path, base: Recipe | None = None) -> Recipe:

@@ -119,7 +119,8 @@ def main() -> int:
              f"{layer_shapes.SHAPES[args.shapes][5]} blocks, {args.tokens} calibration tokens; "
              f"coordinated at {layer_shapes.COORDINATED_ROUNDS} rounds. Transfers at an assumed "
              f"{LINK_BYTES_PER_S / 1e9:.0f} GB/s. Only min(workers, blocks) workers are busy in "
-             "the depth-parallel and coordinated schedules.", ""]
+             "the depth-parallel and coordinated schedules.", "",
+             saved["settings"], ""]  # the recipe the rates were measured with
     lines += table(predicted)
     text = "\n".join(lines) + "\n"
     print(text)

@@ -52,10 +52,10 @@ def settings_record(overrides: dict | None = None,
     with ``overrides`` (what the benchmark sets on purpose), in the recipe ``sections`` its
     figures depend on, as one HTML comment line that tests/test_quoted_figures.py compares with
     the defaults of the day the docs are read on."""
-    from admmq_dist.recipe import Recipe, override, to_mapping
+    from admmq_dist.recipe import Recipe, effective_mapping, override
 
     overrides = overrides or {}
-    resolved = to_mapping(override(Recipe(), overrides))
+    resolved = effective_mapping(override(Recipe(), overrides))
     record = {"commit": commit(), "overrides": overrides,
               "recipe": {name: resolved[name] for name in sections}}
     return "<!-- settings: " + json.dumps(record, sort_keys=True) + " -->"

@@ -252,6 +252,9 @@ def report(args, shapes, hessians, rows, forward_per_1k, predicted, device) -> N
              "exact": one_block(rows, hessians, lambda r: "exact"),
              "cg": one_block(rows, hessians, lambda r: "cg"),
              "GPTQ": one_block(rows, hessians, lambda r: "gptq")}
+    record = settings_record({"grid": {"bits": args.bits, "group_size": args.group_size,
+                                       "symmetric": GridSpec().symmetric}},
+                             sections=("grid", "solver"))
     lines = [f"# Llama-shaped decoder block ({shapes}), {args.bits}-bit group {args.group_size}, "
              f"on {device}", "",
              f"`benchmarks/layer_shapes.py --shapes {shapes} --device {device}"
@@ -259,9 +262,7 @@ def report(args, shapes, hessians, rows, forward_per_1k, predicted, device) -> N
              "every linear solved (a canonical row block); whole-layer figures multiply by the "
              "row blocks. Synthetic activations (low-rank + log-normal channels + outliers). "
              f"Block forward: {forward_per_1k:.3f} s per 1,024 tokens.", "",
-             settings_record({"grid": {"bits": args.bits, "group_size": args.group_size,
-                                       "symmetric": GridSpec().symmetric}},
-                             sections=("grid", "solver")), "",
+             record, "",
              "| Hessian | width | eigh s | Cholesky s | capture s / 1k tokens |",
              "|---|---|---|---|---|"]
     lines += [f"| {k} | {h['hessian'].shape[0]} | {h['eigh']:.2f} | {h['cholesky']:.2f} | "
@@ -302,7 +303,8 @@ def report(args, shapes, hessians, rows, forward_per_1k, predicted, device) -> N
     out = args.output or ROOT / "benchmarks" / "results" / f"layer_shapes_{shapes}_{device.type}.md"
     out.write_text(text)
     (out.with_suffix(".json")).write_text(json.dumps(
-        {"rows": rows, "forward_per_1k_tokens": forward_per_1k, "solve_per_block": solve,
+        {"settings": record, "rows": rows, "forward_per_1k_tokens": forward_per_1k,
+         "solve_per_block": solve,
          "mean_loss_ratio": mean,
          "model_hours": {" / ".join(map(str, k)): v["total"] / 3600 for k, v in predicted.items()},
          "hessians": {k: {kk: v for kk, v in h.items() if kk not in ("hessian", "factors")}

@@ -10,10 +10,13 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import subprocess
+import sys
 from pathlib import Path
 
 from admmq_dist.cli import main as admmq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import environment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = [("Llama-3.1-8B", "sequential", 1, "80GiB"), ("Llama-3.1-70B", "sequential", 1, "80GiB"),
@@ -41,14 +44,15 @@ def row(model: str, schedule: str, workers: int, device: str) -> str:
 
 
 def main() -> None:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=ROOT).stdout.strip()
+    commit = environment.commit()
     lines = ["# `admmq plan` for public model configs", "",
              f"`python benchmarks/plan_table.py` at commit {commit}: defaults (4-bit, group 128, "
              "asymmetric grid and calibration 0.25, one scale refit), 128 × 2048 calibration "
              "tokens. A plan is a model, not a measurement: every schedule's model is held "
              "within [1, 1.3] of measured peaks on CPU at small shapes (memory_model.md); no GPU "
              "run has checked it yet.", "",
+             environment.settings_record({"calibration": {"num_samples": 128,
+                                                          "seq_len": 2048}}), "",
              "<!-- plan-table -->",
              "| model | schedule | workers × device | per-worker device peak | fits | "
              "fewest workers | worst stage |", "|---|---|---|---|---|---|---|",
