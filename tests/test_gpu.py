@@ -27,6 +27,20 @@ def test_solvers_on_cuda_match_cpu_quality():
     assert polished.loss <= a.loss + 1e-9
 
 
+def test_tf32_products_change_the_run_and_keep_its_loss():
+    """products="tf32" runs the iterations on the tensor cores: other bytes (not a no-op), the
+    loss within 0.5% of float32's (the bound benchmarks/gemm_precision.py decided it by)."""
+    from admmq_dist.quant.solvers import ADMMSettings
+
+    w, h, _ = synthetic_layer(256, 384, 8192, seed=3, outliers=8)
+    dev = torch.device("cuda")
+    grid = fit_grid(w.to(dev), GridSpec(bits=3, group_size=64))
+    full = admmq(w.to(dev), h.to(dev), grid, ADMMSettings(products="float32"))
+    tf32 = admmq(w.to(dev), h.to(dev), grid, ADMMSettings(products="tf32"))
+    assert not torch.equal(full.codes, tf32.codes)
+    assert tf32.loss <= 1.005 * full.loss
+
+
 def test_cuda_run_is_deterministic():
     w, h, _ = synthetic_layer(128, 256, 4096, seed=4)
     dev = torch.device("cuda")

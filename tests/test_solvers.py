@@ -164,6 +164,28 @@ def test_bad_settings_are_refused():
         ADMMSettings(projection="fuzzy")
     with pytest.raises(ValueError, match="block_size"):
         GPTQSettings(block_size=0)
+    with pytest.raises(ValueError, match="products"):
+        ADMMSettings(products="fp16")
+
+
+def test_tf32_products_reach_cublas_inside_the_iterations_only(layer, monkeypatch):
+    """products="tf32" sets cuBLAS's float32 precision to TF32 while ADMM-Q iterates on a CUDA
+    device and restores it after; on a CPU it changes nothing (the same codes)."""
+    from admmq_dist.quant.solvers.admmq import products_in
+
+    w, h, _ = layer
+    grid = fit_grid(w, GridSpec(bits=3, group_size=32))
+    plain = admmq(w, h, grid, ADMMSettings(iterations=20))
+    assert torch.equal(admmq(w, h, grid, ADMMSettings(iterations=20, products="tf32")).codes,
+                       plain.codes)
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    seen = []
+    with products_in("tf32", torch.device("cuda")):
+        seen.append(matmul.fp32_precision)
+    with products_in("float32", torch.device("cuda")):
+        seen.append(matmul.fp32_precision)
+    assert seen == ["tf32", before] and matmul.fp32_precision == before
 
 
 def test_a_warm_start_corrects_codes_for_a_changed_hessian():

@@ -15,6 +15,7 @@ the new ``Z``) while the true objective of every iterate comes free.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -48,13 +49,14 @@ class ADMMSettings:
     init: Literal["gptq", "rtn"] = "gptq"
     # "auto": the exact update below cg_from_width inputs, CG at and above it. The exact update
     # needs one eigh per Hessian and worker (n³ in float32, 8 bytes per entry while it runs: 6 GiB
-    # at Llama-3-70B's down_proj, 28672 wide; it was float64 and 24 when this threshold was
-    # measured, benchmarks/results/layer_shapes_1b_cpu.md); CG needs none, for three times the iteration time
+    # at Llama-3-70B's down_proj, 28672 wide); CG needs none, for three times the iteration time
     # (six GEMMs for two) and ~0.5% more layer loss. Measured at Llama-3.2-1B shapes
-    # (benchmarks/results/layer_shapes_1b_cpu.md) the eigh costs as much as the CG's extra time on
-    # 0.04-0.065·n rows, so CG is the faster on a worker that solves fewer rows of a Hessian than
-    # that: 70B's down_proj from 8 workers on (1,024 rows each), 405B (16384+ wide) from ~32. The
-    # choice goes by width alone so that the result never depends on the number of workers.
+    # (benchmarks/results/layer_shapes_1b_cpu.md) the float32 eigh costs as much as the CG's extra
+    # time on 0.014-0.026·n rows (0.04-0.065·n when this threshold was set with a float64 eigh),
+    # so CG is the faster on a worker that solves fewer rows of a Hessian than that: 70B's
+    # down_proj from ~16 workers on (512 rows each), no longer from 8. The threshold stays (it
+    # also bounds the eigh's memory) until a GPU measures both. The choice goes by width alone so
+    # that the result never depends on the number of workers.
     w_update: Literal["auto", "exact", "cg", "gradient"] = "auto"
     cg_from_width: int = 16384
     projection: Literal["hard", "soft", "random"] = "hard"
@@ -80,6 +82,11 @@ class ADMMSettings:
     # Randomised projection: each coordinate is re-projected with this probability.
     random_probability: float = 0.5
     seed: int = 0
+    # The iterations' float32 matrix products on a CUDA device: "tf32" on the tensor cores (10
+    # mantissa bits in, float32 sums), "float32" in full. A CPU computes float32 either way.
+    # Decided on a CPU by rounding the operands as the hardware does
+    # (benchmarks/results/gemm_precision.md).
+    products: Literal["float32", "tf32"] = "float32"
 
     def __post_init__(self) -> None:
         if self.iterations < 0:
@@ -93,7 +100,8 @@ class ADMMSettings:
         if not self.rho_growth >= 1:
             raise ValueError(f"admm rho_growth={self.rho_growth} must be at least 1")
         for name, allowed in (("init", ("gptq", "rtn")), ("w_update", ("auto", "exact", "cg", "gradient")),
-                              ("projection", ("hard", "soft", "random"))):
+                              ("projection", ("hard", "soft", "random")),
+                              ("products", ("float32", "tf32"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"admm {name}={getattr(self, name)!r} must be one of {allowed}")
         if self.stop_patience < 1:
@@ -174,8 +182,9 @@ def admmq(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
     else:
         codes0 = grid.codes(loop.W0)  # dead input columns already zeroed
     dual0 = _start_dual(loop, init_dual, codes0, grid)
-    best_codes, best_loss, iterations, history, rho, last, dual = run_iterations(
-        loop, codes0, grid, settings, dual0)
+    with products_in(settings.products, device):
+        best_codes, best_loss, iterations, history, rho, last, dual = run_iterations(
+            loop, codes0, grid, settings, dual0)
     deq = grid.dequantize(best_codes)
     loss = relative_loss(deq, w0, h0) if h0 is not None else best_loss
     return SolverResult("admmq", best_codes, grid, deq, loss, iterations,
@@ -207,3 +216,20 @@ def _start_dual(loop, init_dual, codes0: torch.Tensor, grid: Grid) -> torch.Tens
         scale, zero = grid.expanded()
         return loop.stationary_dual(dequantize_codes(codes0, scale, zero))
     return init_dual.to(device=codes0.device, dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def products_in(products: str, device: torch.device):
+    """cuBLAS's float32 products in ``products`` ("tf32" or "float32") inside the block, on a
+    CUDA ``device``; anywhere else nothing changes. torch's newer per-backend setting, restored
+    on the way out."""
+    if products == "float32" or device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
