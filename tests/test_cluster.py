@@ -150,12 +150,16 @@ def test_two_nodes_write_the_in_process_bytes_and_survive_a_lost_node(cluster, m
     c.wait_for_nodes()
 
 
-def _recipe(schedule):
+def _recipe(schedule, config="plain"):
+    """The cells' recipe; ``config`` "default" keeps the recipe's default calibration
+    (asymmetric "auto": on) where "plain" pins the plain objective as the other run tests do."""
     from admmq_dist.recipe import Recipe, override
 
     from runs import SETTINGS
 
-    return override(Recipe(), {**SETTINGS, "solver": {
+    calibration = {**SETTINGS["calibration"], "asymmetric": "auto"} if config == "default" \
+        else SETTINGS["calibration"]
+    return override(Recipe(), {**SETTINGS, "calibration": calibration, "solver": {
         **SETTINGS["solver"], "admm": {"iterations": 10}, "schedule": schedule, "segments": 3,
         "rounds": 2, "coordinated_rounds": 3}})
 
@@ -184,23 +188,30 @@ def _remove_during(monkeypatch, cluster, method, block):
 # the suite keeps one sequential step, the solve, whose recovery found a bug, to stay in CI's time.
 # The round schedules' cells too (68 s; CI was at 35.9 min): a round schedule's rebuilt worker
 # is tested in the suite by test_ray's killed workers and test_faults' cells, the node's removal
-# here by the sequential cell.
-@pytest.mark.parametrize("schedule,method,block", [
-    pytest.param("sequential", "capture", 1, marks=pytest.mark.matrix),
-    ("sequential", "solve", 1),
-    pytest.param("sequential", "propagate", 1, marks=pytest.mark.matrix),
-    pytest.param("depth-parallel", "run_round", None, marks=pytest.mark.matrix),
-    pytest.param("coordinated", "iterate", None, marks=pytest.mark.matrix)])
+# here by the sequential cell. The default configuration's cells (asymmetric calibration, the
+# coordinated schedule's sequential start faulted too) are the matrix's.
+STEPS = [("sequential", "capture", 1), ("sequential", "solve", 1),
+         ("sequential", "propagate", 1), ("depth-parallel", "run_round", None),
+         ("coordinated", "iterate", None)]
+
+
+@pytest.mark.parametrize("config,schedule,method,block", [
+    pytest.param("plain", *step, marks=() if step[2] == "solve" else pytest.mark.matrix)
+    for step in STEPS] + [
+    pytest.param("default", *step, marks=pytest.mark.matrix)
+    for step in STEPS + [("coordinated", "sequential_start", 1)]])
 def test_a_node_removed_during_a_step_costs_time_not_bytes(cluster, model_dir, tmp_path,
-                                                          monkeypatch, schedule, method, block):
+                                                          monkeypatch, config, schedule, method,
+                                                          block):
     """Worker 1's node dies while its call runs (block 1's capture, solve or propagation; the
-    first round of a round schedule): the worker is rebuilt on the spare node and the run ends
-    in the in-process bytes. A replacement node is added afterwards, for the next cells."""
+    first round of a round schedule; block 1 of the coordinated schedule's sequential start): the
+    worker is rebuilt on the spare node and the run ends in the in-process bytes. A replacement
+    node is added afterwards, for the next cells."""
     from admmq_dist.run.job import quantize_model
 
     def run(out, **kw):
-        return quantize_model(str(model_dir), out, _recipe(schedule), device=torch.device("cpu"),
-                              progress=False, threads=1, **kw)
+        return quantize_model(str(model_dir), out, _recipe(schedule, config),
+                              device=torch.device("cpu"), progress=False, threads=1, **kw)
 
     run(tmp_path / "local")
     c, nodes = cluster
