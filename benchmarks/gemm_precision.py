@@ -73,10 +73,9 @@ class RoundedProducts(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def iterations_in(bits: int, mode: str):
-    """ADMM-Q's ``run_iterations`` with its products on rounded operands."""
-    original = admmq_module.run_iterations
-
+def iterations_in(original, bits: int, mode: str):
+    """``original`` (ADMM-Q's own ``run_iterations``, never a wrapped one: modes would nest)
+    with its products on rounded operands."""
     def run_iterations(*args, **kwargs):
         with RoundedProducts(bits, mode):
             return original(*args, **kwargs)
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
             base = solve(weight, hessian, grid, recipe.solver).loss
             ratios = {}
             for name, (bits, mode) in PRECISIONS.items():
-                admmq_module.run_iterations = iterations_in(bits, mode)
+                admmq_module.run_iterations = iterations_in(original, bits, mode)
                 ratios[name] = solve(weight, hessian, grid, recipe.solver).loss / base
             rows.append((layer["name"], weight.shape[1], ratios))
             print(layer["name"], ratios, flush=True)
