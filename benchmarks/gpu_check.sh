@@ -30,7 +30,7 @@ export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv 2>&1 | tee "$out/gpu_check.log"
 status=0
 if python3 -c "import pytest" 2>/dev/null; then
-  timeout 120 python3 -m pytest -q -m gpu tests/ 2>&1 | tee -a "$out/gpu_check.log" || status=1
+  timeout 120 python3 -m pytest -q -s -m gpu tests/ 2>&1 | tee -a "$out/gpu_check.log" || status=1
 else
   echo "pytest is missing: carry the wheels named at the top of this script" | tee -a "$out/gpu_check.log"
   status=1

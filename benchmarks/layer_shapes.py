@@ -165,10 +165,12 @@ def measure_linear(name: str, rows: int, cols: int, key: str, hess: dict, args,
         if w_update == "exact":
             out["local_search_s"] = t_ls
         if args.tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
+            # torch's newer per-backend setting, as solver.admm.products sets it (mixing it
+            # with the legacy allow_tf32 in one process is an error in torch).
+            torch.backends.cuda.matmul.fp32_precision = "tf32"
             fast, fast_s, fast_pol, _ = run_admmq(weight, H, grid, factors, start, w_update,
                                                    device)
-            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cuda.matmul.fp32_precision = "ieee"
             out |= {f"{w_update}_tf32_iterations_s": fast_s,
                     f"tf32_loss_change_{w_update}": fast_pol.loss / polished.loss - 1}
     default = out["default_w_update"]
@@ -220,7 +222,7 @@ def main() -> int:
     args = parser.parse_args()
     shapes = "quick" if args.quick else args.shapes
     device = torch.device(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
     torch.manual_seed(0)
     shape = SHAPES[shapes]
     linears = block_linears(shape)
