@@ -90,7 +90,8 @@ def main(argv=None) -> int:
 
     passed = sum(r[3] == "passed" for r in rows)
     lines = ["# Fault matrix", "",
-             f"- {passed} of {len(rows)} cells passed; environment: {environment.describe()}",
+             f"- {passed} of {len(rows)} cells passed at commit {environment.commit()}; "
+             f"environment: {environment.describe()}",
              "- `kill`: the worker's process dies during the call (rebuilt fresh, the call "
              "fails); `kill-between`: it dies after the call returned (nothing fails until it "
              "is asked again); `kill-after`: the call runs to completion (files written, state "
