@@ -85,7 +85,9 @@ def perplexity(model: str, *, dataset: str | None = None, split: str = "test",
     if windows < 1:
         raise ValueError(f"the evaluation text has {ids.numel()} tokens, fewer than one window "
                          f"of {seq_len}; give more text or a smaller --seq-len")
-    state = PartialState()
+    # Launched processes without CUDA form a gloo group only when told they are CPU processes:
+    # otherwise accelerate leaves each one alone and every process evaluates every window.
+    state = PartialState(cpu=not torch.cuda.is_available())
     if state.num_processes > 1:
         device = state.device
     lm = _load(model_dir, device)
@@ -98,7 +100,7 @@ def perplexity(model: str, *, dataset: str | None = None, split: str = "test",
         sums = reduce(sums, "sum")
     count = windows * (seq_len - 1)
     out = {"ppl": math.exp(float(sums[0]) / count), "windows": windows, "seq_len": seq_len,
-           "tokens": count, "model": model}
+           "tokens": count, "model": model, "processes": state.num_processes}
     if ref is not None:
         out.update({"kl": float(sums[1]) / count,
                     "reference_ppl": math.exp(float(sums[2]) / count), "reference": reference})

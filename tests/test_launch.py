@@ -63,7 +63,9 @@ def test_dockerfile_passes_hadolint():
 
 
 def test_accelerate_launched_evaluation_matches_one_process(tmp_path):
-    """Two CPU processes split the windows; the reduced perplexity is the one-process figure."""
+    """Two CPU processes split the windows; the reduced perplexity is the one-process figure.
+    (`--cpu` starts one process whatever --num_processes says; `--multi_gpu` with CUDA hidden
+    starts two, as tests/test_accelerate_launch.py does.)"""
     import json
     import os
     import sys
@@ -71,18 +73,22 @@ def test_accelerate_launched_evaluation_matches_one_process(tmp_path):
     from tiny import tiny_model_dir
 
     folder = tiny_model_dir(tmp_path, "llama")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    from runs import free_ports
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     args = ["-m", "admmq_dist.cli", "eval", str(folder), "--seq-len", "64", "--max-windows", "5",
             "--json"]
     one = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
                          check=True)
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu",
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
                           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                          "--dynamo_backend", "no", *args],
+                          "--dynamo_backend", "no", "--main_process_port", str(free_ports(1)[0]),
+                          *args],
                          capture_output=True, text=True, env=env, check=True)
     lines = [json.loads(x) for x in two.stdout.splitlines() if x.startswith("{")]
     assert len(lines) == 1  # only the main process reports
     expected = json.loads(one.stdout.strip().splitlines()[-1])
+    assert lines[0]["processes"] == 2 and expected["processes"] == 1
     assert lines[0]["tokens"] == expected["tokens"] == 5 * 63
     assert abs(lines[0]["ppl"] - expected["ppl"]) < 1e-9 * expected["ppl"]
 
