@@ -335,7 +335,10 @@ def header(state: dict) -> list[str]:
             "coordinated polish not counted); sequential has none",
             f"- commits: {', '.join(sorted({r['commit'] for r in rows}))}; environment: "
             f"{environment.describe()}; machine: {machine()}",
-            *(f"- {n}" for n in state["notes"]), ""]
+            *(f"- {n}" for n in state["notes"]), "",
+            # What every row shares (bits, seed and schedule are per row): the resolved recipe.
+            environment.settings_record({"grid": {"group_size": GROUP}, "calibration": {
+                "num_samples": s["num_samples"], "seq_len": s["seq_len"]}}), ""]
 
 
 def report(state: dict) -> str:
