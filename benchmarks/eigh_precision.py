@@ -19,17 +19,16 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 from admmq_dist.quant.factors import HessianFactors
-from admmq_dist.quant.grid import fit_grid
-from admmq_dist.quant.solvers.solve import solve
 from admmq_dist.recipe import Recipe, override
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import environment  # noqa: E402
-from real_layers import load_real_layers  # noqa: E402
+from real_layers import losses_under  # noqa: E402
 
 
 
@@ -68,21 +67,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--widths", default="2048,4096")
     args = parser.parse_args(argv)
     recipe = override(Recipe(), {"grid": {"bits": 3, "group_size": 64, "symmetric": False}})
-    original = HessianFactors.eigen
-    rows = []
-    try:
-        for layer in load_real_layers(blocks=[int(b) for b in args.blocks.split(",")],
-                                      num_samples=64):
-            weight, hessian = layer["weight"], layer["hessian"]
-            grid = fit_grid(weight, recipe.grid)
-            losses = {}
-            for name, dtype in (("float64", torch.float64), ("float32", torch.float32)):
-                HessianFactors.eigen = eigen_in(dtype)
-                losses[name] = solve(weight, hessian, grid, recipe.solver).loss
-            rows.append((layer["name"], weight.shape[1], losses["float32"] / losses["float64"]))
-            print(*rows[-1], flush=True)
-    finally:
-        HessianFactors.eigen = original
+    variants = {name: lambda dtype=dtype: mock.patch.object(HessianFactors, "eigen",
+                                                             eigen_in(dtype))
+                for name, dtype in (("float64", torch.float64), ("float32", torch.float32))}
+    rows = [(name, n, losses["float32"] / losses["float64"]) for name, n, losses in
+            losses_under(variants, args.blocks, recipe.grid, recipe.solver)]
     times = []
     for n in [576, 1536] + [int(w) for w in args.widths.split(",")]:
         hessian = synthetic_hessian(n)

@@ -3,8 +3,9 @@
 A GPU's tensor cores multiply float32 operands as TF32 (10 explicit mantissa bits) or bf16 (7)
 and accumulate in float32. Here every float32 matrix product inside ADMM-Q's iterations (the
 W-update's rotations, the projection's way back, the true objective of each iterate) has its
-operands rounded to those mantissas first — round to nearest even, as cuBLAS converts, and, as a
-bound, truncated — then multiplied in float32, which is what the hardware computes up to the
+operands rounded to those mantissas first — to nearest even (a conversion instruction's
+rounding) and truncated (what tensor cores do with raw float32 bits, per PyTorch's notes; which
+one cuBLAS does is not settled here) — then multiplied in float32, which is what the hardware computes up to the
 order of its sums. The GPTQ start, the local search and the refit stay float32 (the setting this
 decides is the iterations'). Every layer is solved by the shipped ``solve()`` in each precision
 and the final losses are compared with float32's.
@@ -15,24 +16,24 @@ and the final losses are compared with float32's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import platform
 import statistics
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-from admmq_dist.quant.grid import fit_grid
-from admmq_dist.quant.solvers.solve import solve
 from admmq_dist.recipe import Recipe, override
 
 # The module, not the function the package exports under the same name.
 admmq_module = importlib.import_module("admmq_dist.quant.solvers.admmq")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import environment  # noqa: E402
-from real_layers import load_real_layers  # noqa: E402
+from real_layers import losses_under  # noqa: E402
 
 # Explicit mantissa bits kept: float32 has 23.
 PRECISIONS = {"tf32": (10, "nearest"), "tf32-truncated": (10, "truncate"),
@@ -93,22 +94,12 @@ def main(argv: list[str] | None = None) -> None:
     probe = torch.randn(4096)
     assert torch.equal(round_mantissa(probe, 7, "nearest"), probe.bfloat16().float())
     original = admmq_module.run_iterations
-    rows = []
-    try:
-        for layer in load_real_layers(blocks=[int(b) for b in args.blocks.split(",")],
-                                      num_samples=64):
-            weight, hessian = layer["weight"], layer["hessian"]
-            grid = fit_grid(weight, recipe.grid)
-            admmq_module.run_iterations = original
-            base = solve(weight, hessian, grid, recipe.solver).loss
-            ratios = {}
-            for name, (bits, mode) in PRECISIONS.items():
-                admmq_module.run_iterations = iterations_in(original, bits, mode)
-                ratios[name] = solve(weight, hessian, grid, recipe.solver).loss / base
-            rows.append((layer["name"], weight.shape[1], ratios))
-            print(layer["name"], ratios, flush=True)
-    finally:
-        admmq_module.run_iterations = original
+    variants = {"float32": contextlib.nullcontext} | {
+        name: lambda bits=bits, mode=mode: mock.patch.object(
+            admmq_module, "run_iterations", iterations_in(original, bits, mode))
+        for name, (bits, mode) in PRECISIONS.items()}
+    rows = [(name, n, {p: losses[p] / losses["float32"] for p in PRECISIONS}) for name, n, losses
+            in losses_under(variants, args.blocks, recipe.grid, recipe.solver)]
     lines = [
         "# ADMM-Q's iterations with TF32 and bf16 GEMMs, emulated on a CPU (issue 27)", "",
         f"`python benchmarks/gemm_precision.py --bits {args.bits}` at commit "

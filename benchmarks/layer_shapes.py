@@ -36,6 +36,7 @@ from admmq_dist.quant.factors import HessianFactors  # noqa: E402
 from admmq_dist.quant.grid import GridSpec, fit_grid  # noqa: E402
 from admmq_dist.quant.hessian import HessianAccumulator  # noqa: E402
 from admmq_dist.quant.solvers import admmq, gptq, local_search  # noqa: E402
+from admmq_dist.quant.solvers.admmq import products_in  # noqa: E402
 from admmq_dist.quant.solvers.solve import SolverSettings  # noqa: E402
 import cost_model  # noqa: E402
 from environment import describe, settings_record  # noqa: E402
@@ -165,12 +166,9 @@ def measure_linear(name: str, rows: int, cols: int, key: str, hess: dict, args,
         if w_update == "exact":
             out["local_search_s"] = t_ls
         if args.tf32:
-            # torch's newer per-backend setting, as solver.admm.products sets it (mixing it
-            # with the legacy allow_tf32 in one process is an error in torch).
-            torch.backends.cuda.matmul.fp32_precision = "tf32"
-            fast, fast_s, fast_pol, _ = run_admmq(weight, H, grid, factors, start, w_update,
-                                                   device)
-            torch.backends.cuda.matmul.fp32_precision = "ieee"
+            with products_in("tf32", device):  # as solver.admm.products sets it
+                fast, fast_s, fast_pol, _ = run_admmq(weight, H, grid, factors, start,
+                                                       w_update, device)
             out |= {f"{w_update}_tf32_iterations_s": fast_s,
                     f"tf32_loss_change_{w_update}": fast_pol.loss / polished.loss - 1}
     default = out["default_w_update"]

@@ -93,6 +93,27 @@ def load_real_layers(bits_independent: bool = True, blocks: list[int] | None = N
     return layers
 
 
+def losses_under(variants: dict, blocks: str, grid_spec, solver) -> list[tuple[str, int, dict]]:
+    """Every linear of ``blocks`` ("0,12,29") solved by the shipped ``solve()`` once per variant
+    (name -> a callable returning the context the solve runs in, e.g. a ``mock.patch.object``
+    that swaps one piece), on the grid ``grid_spec`` fits to its weight: ``(name, width,
+    {variant: final loss})`` per linear, printed as they come."""
+    from admmq_dist.quant.grid import fit_grid
+    from admmq_dist.quant.solvers.solve import solve
+
+    rows = []
+    for layer in load_real_layers(blocks=[int(b) for b in blocks.split(",")], num_samples=64):
+        weight, hessian = layer["weight"], layer["hessian"]
+        grid = fit_grid(weight, grid_spec)
+        losses = {}
+        for name, context in variants.items():
+            with context():
+                losses[name] = solve(weight, hessian, grid, solver).loss
+        rows.append((layer["name"], weight.shape[1], losses))
+        print(*rows[-1], flush=True)
+    return rows
+
+
 def one_per_hessian(layers: list[dict]) -> list[dict]:
     """The layers with a Hessian of their own: k/v share q's, up shares gate's."""
     return [layer for layer in layers if layer["kind"] not in ("k_proj", "v_proj", "up_proj")]

@@ -73,6 +73,14 @@ def test_the_shipped_rates_are_the_fit_of_the_measured_file():
     assert shipped["iterations"] == refit["iterations"]
 
 
+def geometric_means(points: list[tuple[float, float]]) -> dict[float, float]:
+    """Each width's geometric mean of the seconds measured at it."""
+    logs: dict[float, list[float]] = {}
+    for size, seconds in points:
+        logs.setdefault(size, []).append(math.log(seconds))
+    return {size: math.exp(sum(v) / len(v)) for size, v in logs.items()}
+
+
 def test_the_fit_reproduces_every_rate_it_was_fitted_on():
     rates = tm.load_rates()
     points = tm.measured_points(measured(), hidden=HIDDEN_1B, seq_len=FORWARD_SEQ_LEN)
@@ -84,8 +92,7 @@ def test_the_fit_reproduces_every_rate_it_was_fitted_on():
     # One exponent and one coefficient through the widths' geometric means: the error at a point
     # is its distance from that mean, the spread of the timings at one width on a shared CPU
     # (o_proj's GPTQ took 3.4x q_proj's in one run here), not a property of the fit to bound.
-    spread = max(abs(math.exp(sum(math.log(u) for s, u in pts if s == size) /
-                              sum(1 for s, _ in pts if s == size)) / seconds - 1)
+    spread = max(abs(geometric_means(pts)[size] / seconds - 1)
                  for pts in points.values() for size, seconds in pts)
     assert worst == pytest.approx(spread, rel=1e-9)
     assert worst == pytest.approx(json.loads(tm.DEFAULT_RATES.read_text())["max_relative_error"])
@@ -96,9 +103,7 @@ def test_the_fit_is_exact_on_one_width_and_a_power_law_across_two():
     rates = tm.load_rates()
     points = tm.measured_points(measured(), hidden=HIDDEN_1B, seq_len=FORWARD_SEQ_LEN)
     for piece, pts in points.items():
-        for width in {s for s, _ in pts}:
-            at = [t for s, t in pts if s == width]
-            mean = math.exp(sum(map(math.log, at)) / len(at))
+        for width, mean in geometric_means(pts).items():
             assert rates.law(piece, width) == pytest.approx(mean, rel=1e-9), (piece, width)
 
 
