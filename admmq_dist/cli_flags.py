@@ -73,9 +73,6 @@ RECIPE_FLAGS: list[tuple[str, str, dict]] = [
         "type": int, "help": "coordinated: most rounds (8)"}),
     ("--coordinated-iterations", "solver.coordinated_iterations", {
         "type": int, "help": "coordinated: ADMM-Q iterations per layer per round (10)"}),
-    ("--polish-iterations", "solver.coordinated_polish_iterations", {
-        "type": int, "help": "coordinated: ADMM-Q iterations per layer in the polish, warm on the "
-                             "final Hessians, before its refit and sweep (0: none)"}),
     ("--refresh-dual", "solver.refresh_dual", {
         "choices": ("keep", "zero"),
         "help": "coordinated: what a layer's dual does when its Hessian is refreshed: keep it "

@@ -85,8 +85,6 @@ def parse(argv) -> argparse.Namespace:
                    "the recipe's; only for smoke tests)")
     p.add_argument("--coordinated-rounds", type=int, default=None,
                    help="coordinated rounds (default: the recipe's; only for smoke tests)")
-    p.add_argument("--polish-iterations", type=int, default=None,
-                   help="coordinated: ADMM-Q iterations in the polish (default: the recipe's)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per worker")
     p.add_argument("--note", action="append", default=[], help="a line for the header")
     p.add_argument("--scratch", type=Path, default=ROOT / ".scratch" / "schedules",
@@ -202,9 +200,7 @@ def run_one(job: tuple, model: Path, reference: dict, ids, args) -> dict:
     target, bits, seed, workers, schedule = job
     rounds = [*(["--rounds", str(args.rounds)] if args.rounds else []),
               *(["--coordinated-rounds", str(args.coordinated_rounds)]
-                if args.coordinated_rounds else []),
-              *(["--polish-iterations", str(args.polish_iterations)]
-                if args.polish_iterations is not None and schedule == "coordinated" else [])]
+                if args.coordinated_rounds else [])]
     with tempfile.TemporaryDirectory(prefix="run-", dir=args.scratch) as tmp:
         out = Path(tmp) / "ckpt"
         q = cli("quantize", str(model), "-o", str(out), "--bits", str(bits), "--group-size",
@@ -254,8 +250,7 @@ def key(row: dict) -> tuple:
 def settings_of(args) -> dict:
     return {k: getattr(args, k) for k in ("num_samples", "seq_len", "eval_windows",
                                           "eval_seq_len", "slice_blocks", "rounds",
-                                          "coordinated_rounds", "polish_iterations",
-                                          "threads")}
+                                          "coordinated_rounds", "threads")}
 
 
 def load_state(args) -> dict:
@@ -343,9 +338,7 @@ def header(state: dict) -> list[str]:
             *(f"- {n}" for n in state["notes"]), "",
             # What every row shares (bits, seed and schedule are per row): the resolved recipe.
             environment.settings_record({"grid": {"group_size": GROUP}, "calibration": {
-                "num_samples": s["num_samples"], "seq_len": s["seq_len"]},
-                **({} if s.get("polish_iterations") is None else {"solver": {
-                    "coordinated_polish_iterations": s["polish_iterations"]}})}), ""]
+                "num_samples": s["num_samples"], "seq_len": s["seq_len"]}}), ""]
 
 
 def report(state: dict) -> str:

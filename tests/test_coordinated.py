@@ -388,23 +388,3 @@ def test_the_polish_refits_the_scales_on_the_final_hessians(model_dir, reference
     assert one["rounds"][-1]["mean_loss"] < plain["rounds"][-1]["mean_loss"]
     # The polish is committed like a round: a resumed run would not refit twice.
     assert one["rounds"][-1]["round"] == "polish" and one["rounds"][-1]["work_bytes"] > 0
-
-
-def test_polish_iterations_run_admmq_on_the_final_hessians(model_dir, reference, tmp_path):
-    """``coordinated_polish_iterations``: the polish first runs that many warm ADMM-Q iterations
-    on every layer's final Hessian (the penalty restarted at round_rho_start), so it moves more
-    codes than the sweep alone, lands lower, and still writes the same bytes for any worker
-    count."""
-    out, one = reference
-    warm = coordinated(model_dir, tmp_path / "warm", coordinated_polish_iterations=30)
-    sweep, again = one["rounds"][-1], warm["rounds"][-1]
-    assert again["round"] == sweep["round"] == "polish"
-    # The rounds before it are the same run; only the polish differs.
-    assert [h["changed"] for h in warm["rounds"][:-1]] == [h["changed"]
-                                                          for h in one["rounds"][:-1]]
-    assert again["changed"] > sweep["changed"]
-    assert again["mean_loss"] < sweep["mean_loss"]
-    assert digest(tmp_path / "warm") != digest(out)
-    coordinated(model_dir, tmp_path / "w2", backend=LocalBackend(2),
-                coordinated_polish_iterations=30)
-    assert digest(tmp_path / "w2") == digest(tmp_path / "warm")

@@ -257,12 +257,8 @@ class CoordinatedWorker(SegmentWorker):
         solver = self.recipe.solver
         sweeps = solver.sweeps or 1
         out = []
-        for b, group, hessian, tokens, factors, targets, asym in self._hessians():
+        for b, group, hessian, tokens, _, targets, asym in self._hessians():
             for name in group:
-                if solver.coordinated_polish_iterations:
-                    out.append(self._warm_polish(b, name, group, hessian, factors, tokens,
-                                                 targets[name], asym))
-                    continue
                 state = self.layer_states[(b, name)]
                 before = state["codes"]
                 for _ in range(solver.refits):
@@ -281,22 +277,6 @@ class CoordinatedWorker(SegmentWorker):
                             "changed": float((state["codes"] != before).float().mean())})
         self.busy["solve"] += time.perf_counter() - t
         return out
-
-    def _warm_polish(self, b: int, name: str, group: list[str], hessian: torch.Tensor,
-                     factors: HessianFactors, tokens: int, target: torch.Tensor,
-                     asym: tuple | None) -> dict:
-        """``coordinated_polish_iterations`` ADMM-Q iterations on the final Hessian from the
-        layer's codes and dual, the penalty restarted at ``round_rho_start``, then the recipe's
-        sweep and scale refits: what a depth-parallel correction round does to a segment."""
-        solver = self.recipe.solver
-        settings = dataclasses.replace(solver, admm=dataclasses.replace(
-            solver.admm, rho_start=solver.round_rho_start,
-            iterations=solver.coordinated_polish_iterations))
-        before = self.layer_states[(b, name)]["codes"]
-        row = self._solve_layer(b, name, group, hessian, factors, tokens, settings, None, target,
-                                None if asym is None else (self.float_weights[(b, name)], *asym))
-        row["changed"] = float((self.layer_states[(b, name)]["codes"] != before).float().mean())
-        return row
 
     def _refit(self, target: torch.Tensor, hessian: torch.Tensor, grid, codes: torch.Tensor):
         """``grid`` with every row block's scales refitted to ``codes`` (as the sequential

@@ -232,10 +232,9 @@ def depth_parallel(blocks: list[tuple[Stages, int]], hidden: int, rates, solve: 
 def coordinated(blocks: list[tuple[Stages, int]], hidden: int, rates, solve: Solve,
                 workers: int, tokens: float, seq_len: int, rounds: int, iterations: int,
                 sequential_start: bool = False, polish: bool = True,
-                polish_sweeps: int = 1, polish_iterations: int = 0) -> dict:
+                polish_sweeps: int = 1) -> dict:
     """``rounds`` rounds of ``iterations`` ADMM-Q iterations of every layer at once;
-    ``sequential_start``: after one sequential GPTQ pass, block by block (one worker busy); the
-    polish: ``polish_iterations`` more (with their factorization) and the sweeps."""
+    ``sequential_start``: after one sequential GPTQ pass, block by block (one worker busy)."""
     count = sum(c for _, c in blocks)
     busy = min(workers, count)
     per_worker = math.ceil(count / busy)
@@ -264,8 +263,6 @@ def coordinated(blocks: list[tuple[Stages, int]], hidden: int, rates, solve: Sol
     _, b = _heaviest(blocks, per_block)
     every = [(per_block(st), c) for st, c in blocks]
     refreshes = rounds + (1 if polish else 0)
-    solves = rounds + (1 if polish and polish_iterations else 0)  # each with its eigh
-    iterated = rounds * iterations + (polish_iterations if polish else 0)
     fill = (busy - 1) * per_worker * (b["forward"] + b["capture"]) / MICRO_BATCHES
     share = b["forward"] + b["capture"]
     refresh = per_worker * share + fill  # one round's pipelined forward with the captures
@@ -279,10 +276,9 @@ def coordinated(blocks: list[tuple[Stages, int]], hidden: int, rates, solve: Sol
     out = _costs(
         forward=refreshes * refresh * b["forward"] / share + serial["forward"],
         capture=refreshes * refresh * b["capture"] / share + serial["capture"],
-        factorizations=per_worker * (solves * b["eigh"] + start["cholesky"])
+        factorizations=per_worker * (rounds * b["eigh"] + start["cholesky"])
         + serial["cholesky"],
-        solve=per_worker * (iterated * b["iterate"] / max(iterations, 1) + start["gptq"]
-                            + b["sweep"]) + serial["gptq"],
+        solve=per_worker * (rounds * b["iterate"] + start["gptq"] + b["sweep"]) + serial["gptq"],
         transfers=moved / LINK_BYTES_PER_S, bytes=moved)
     out["rounds"] = rounds
     return out
@@ -336,6 +332,5 @@ def job_seconds(blocks: list[tuple[list, int]], *, hidden: int, recipe, workers:
     return coordinated(costed, hidden, rates, solve, workers, tokens, calib.seq_len,
                        solver.coordinated_rounds, solver.coordinated_iterations,
                        sequential_start=solver.coordinated_start == "sequential",
-                       polish=solver.coordinated_polish, polish_sweeps=solver.sweeps or 1,
-                       polish_iterations=solver.coordinated_polish_iterations)
+                       polish=solver.coordinated_polish, polish_sweeps=solver.sweeps or 1)
 

@@ -93,11 +93,6 @@ class SolverSettings:
     # After the last round: one more refresh and a local-search sweep on every layer's final
     # Hessian (every layer at once, like a round).
     coordinated_polish: bool = True
-    # coordinated: 0 — the polish is the scale refit and the sweep; N > 0 — before them, every
-    # layer takes N more ADMM-Q iterations on its final Hessian, warm from its codes and dual
-    # with the penalty restarted at round_rho_start (a depth-parallel correction round's solve,
-    # every layer at once).
-    coordinated_polish_iterations: int = 0
 
     def __post_init__(self) -> None:
         if self.row_block < 1:
@@ -106,9 +101,6 @@ class SolverSettings:
             raise ValueError(f"schedule={self.schedule!r} must be one of {SCHEDULES}")
         if self.coordinated_rounds < 1 or self.coordinated_iterations < 1:
             raise ValueError("coordinated_rounds and coordinated_iterations must be at least 1")
-        if self.coordinated_polish_iterations < 0:
-            raise ValueError(f"coordinated_polish_iterations={self.coordinated_polish_iterations}"
-                             " must be non-negative")
         if self.freeze_changed is not None and not 0 <= self.freeze_changed < 1:
             raise ValueError(f"freeze_changed={self.freeze_changed} must lie in [0, 1) or be null")
         if self.admm.w_update == "gradient":
