@@ -3,7 +3,8 @@ in CI's ``.venv-vllm-cpu``: ``pytest -m vllm_engine tests/test_vllm_engine.py``)
 of the real SmolLM2-135M and computes the prompt log-probabilities of held-out text with its
 ``LLM`` engine and its own kernel (``CPUWNA16``); the perplexity must match transformers' and our
 own dequantized weights' within 0.5%, all three in bfloat16 (the CPU kernel has no float32 path).
-vLLM's OpenAI-compatible server answers the OpenAI client. Skipped where vLLM or its CPU engine is not installed.
+vLLM's OpenAI-compatible server answers the OpenAI client. Skipped where vLLM or its CPU engine
+is not installed.
 
 What the CPU build serves of our layouts (vllm-cpu 0.32.0): compressed-tensors 4-bit, group or
 channel, symmetric or asymmetric, and GPTQ 4-bit. Not served there (the engine does not start):
@@ -146,9 +147,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve(folder: Path, port: int, log) -> subprocess.Popen:
+    """vLLM's OpenAI-compatible server on ``folder``, in its own process group. It is what
+    `vllm serve` starts; that command itself fails in vllm-cpu 0.32 (it asks importlib for the
+    "vllm" distribution's version, and this one is named "vllm-cpu")."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
+         "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16", "--max-model-len",
+         "512", "--enforce-eager", "--gpu-memory-utilization", "0.1", "--served-model-name", "q"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def test_vllm_serve_answers_the_openai_client(smollm2, tmp_path):
-    """vLLM's OpenAI-compatible server on a local port: a completion with log-probs and a chat answer, then a clean
-    stop, every step bounded in time."""
+    """vLLM's OpenAI-compatible server on a local port: a completion with log-probs and a chat
+    answer, then a clean stop on SIGINT, every step bounded in time."""
     from openai import OpenAI
 
     folder, model, _ = smollm2
@@ -156,15 +168,8 @@ def test_vllm_serve_answers_the_openai_client(smollm2, tmp_path):
                    fmt="compressed-tensors", bits=4, group_size=32, symmetric=False,
                    dtype=torch.bfloat16, source=Path(folder))
     port = free_port()
-    log = open(tmp_path / "serve.log", "w")
-    # The server `vllm serve` starts; that command itself fails in vllm-cpu 0.32 (it asks
-    # importlib for the "vllm" distribution's version, and this one is named "vllm-cpu").
-    server = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(out),
-         "--host", "127.0.0.1",
-         "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "512",
-         "--enforce-eager", "--gpu-memory-utilization", "0.1", "--served-model-name", "q"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(tmp_path / "serve.log", "w") as log:
+        server = serve(out, port, log)
     try:
         deadline = time.monotonic() + 300
         while True:
@@ -187,8 +192,9 @@ def test_vllm_serve_answers_the_openai_client(smollm2, tmp_path):
         os.killpg(server.pid, signal.SIGINT)
         try:
             server.wait(60)
+            stopped = True
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
-        log.close()
-    assert server.returncode is not None
+            stopped = False
+    assert stopped, "the server did not stop within 60 s of SIGINT"
