@@ -5,7 +5,11 @@ a run wrote."""
 import hashlib
 import json
 import os
+import signal
 import socket
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -37,6 +41,33 @@ def quantize(model_dir, out, asymmetric=0.0, **kw):
                                                              "asymmetric": asymmetric}})
     return quantize_model(str(model_dir), out, recipe, device=torch.device("cpu"),
                           progress=False, threads=1, **kw)
+
+
+def wait_for_http(url: str, process: subprocess.Popen, seconds: float, poll: float = 1.0) -> bool:
+    """Poll ``url`` until it answers (True), or until ``process`` exits or ``seconds`` pass
+    (False): a server started in the background is up."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return True
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                return False
+            time.sleep(poll)
+
+
+def stop_group(process: subprocess.Popen, sig: int, seconds: float) -> bool:
+    """Send ``sig`` to ``process``'s process group (started with ``start_new_session``) and wait
+    ``seconds``; SIGKILL the group after that. True when it stopped without the SIGKILL."""
+    os.killpg(process.pid, sig)
+    try:
+        process.wait(seconds)
+        return True
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        return False
 
 
 def free_ports(n: int) -> list[int]:

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runs import SETTINGS, digest, free_ports, private_ray_env, quantize
+from runs import (SETTINGS, digest, free_ports, private_ray_env, quantize, stop_group,
+                  wait_for_http)
 from tiny import tiny_model_dir
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -52,23 +53,11 @@ def job_cluster():
         start_new_session=True, cwd=temp)  # the workers import the installed package, not whatever is in this folder
     address = f"http://127.0.0.1:{dashboard}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{address}/api/version", timeout=2):
-                    break
-            except OSError:
-                if head.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"the Ray head did not start its dashboard (rc {head.poll()})")
-                time.sleep(1)
+        if not wait_for_http(f"{address}/api/version", head, 90):
+            pytest.fail(f"the Ray head did not start its dashboard (rc {head.poll()})")
         yield address
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+        stop_group(head, signal.SIGTERM, 10)
         _kill_leftovers(temp)
         shutil.rmtree(temp, ignore_errors=True)
 

