@@ -65,8 +65,8 @@ def _add_quantize(sub) -> None:
                      "local Ray instance unless --address is given")
     run.add_argument("--address", default=None,
                      help="the Ray cluster to join: 'auto', ray://host:port, or 'local' for a "
-                     "private instance (default: the cluster running here, if any, else a "
-                     "private instance)")
+                     "private instance (default: RAY_ADDRESS or the cluster `ray start` began "
+                     "on this machine, if any, else a private instance)")
     run.add_argument("--ray-port", type=int, default=None, metavar="PORT",
                      help="under accelerate launch (or torchrun): the port of the Ray head that "
                      "rank 0 starts and the other ranks join (default: MASTER_PORT + 1)")

@@ -1,6 +1,8 @@
 """run/ray_backend.py: Ray actors write the in-process bytes; a killed actor is restarted and its
 block redone. (Worker-count independence itself is tested in-process: test_backends.py.)"""
 
+import os
+import signal
 
 import pytest
 
@@ -138,3 +140,42 @@ def test_a_killed_worker_whose_shard_lives_in_the_object_store_is_restarted(mode
                              progress=False, threads=1, workers=2, on_block=kill_after)
     assert killed == [0]
     assert [f["restarted_workers"] for f in summary["faults"]] == [[1]]
+
+
+@pytest.mark.ray
+def test_another_runs_private_ray_instance_is_not_joined(monkeypatch):
+    """A run with no --address on a machine where another run holds a private Ray instance starts
+    its own: joining the other one (Ray's "auto" finds it among the processes) would end this run
+    when that one finishes. A cluster named by RAY_ADDRESS (or `ray start`) is still joined."""
+    import subprocess
+    import sys
+
+    import ray
+
+    from admmq_dist.run.ray_backend import RayBackend
+
+    from runs import private_ray_env
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    other = subprocess.Popen(
+        [sys.executable, "-c", "import ray, sys, time; ray.init(address='local', num_cpus=1, "
+         "resources={'other_run': 1}, include_dashboard=False); print(ray.get_runtime_context()"
+         ".gcs_address, flush=True); time.sleep(600)"],
+        env=private_ray_env(), stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        other_address = other.stdout.readline().strip()
+        assert other_address, "the other run's Ray instance did not start"
+        backend = RayBackend(1)
+        try:
+            assert "other_run" not in ray.cluster_resources()
+        finally:
+            backend.shutdown()
+        monkeypatch.setenv("RAY_ADDRESS", other_address)
+        backend = RayBackend(1)
+        try:
+            assert ray.cluster_resources().get("other_run") == 1
+        finally:
+            backend.shutdown()
+    finally:
+        os.killpg(other.pid, signal.SIGKILL)
+        other.wait()

@@ -101,13 +101,26 @@ def _lost_cause(exc: BaseException) -> bool:
     return isinstance(exc, LOST)
 
 
+def _cluster_started_here() -> str | None:
+    """The cluster a bare ``ray.init()`` joins: ``RAY_ADDRESS``, else the one ``ray start`` began
+    on this machine, else None. Not ``address="auto"``: its fallback joins any Ray instance it
+    finds among this machine's processes - another run's private one, which ends with that run."""
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    try:  # how ray.init() itself finds the last `ray start` (its address file in Ray's temp dir)
+        from ray._private.services import canonicalize_bootstrap_address
+    except ImportError:  # a Ray that moved it: only RAY_ADDRESS or --address name a cluster
+        return None
+    return canonicalize_bootstrap_address(None)
+
+
 class RayBackend:
     """``workers`` actors on the Ray cluster at ``address`` (``auto``, ``ray://host:port``), the
-    one already running here, or a private local instance (``address`` None with no cluster
-    running, or ``"local"``). ``worker_device``: ``auto`` (one GPU per worker when the cluster has
-    GPUs, else CPU), ``cuda`` or ``cpu``. ``step_timeout``: seconds a worker call may take before
-    the worker is treated as lost (None: no deadline). ``log_level``: the workers' logging level
-    (their records reach the driver's terminal)."""
+    one ``ray start`` began here (or ``RAY_ADDRESS``), or a private local instance (``address``
+    None with no such cluster, or ``"local"``). ``worker_device``: ``auto`` (one GPU per worker
+    when the cluster has GPUs, else CPU), ``cuda`` or ``cpu``. ``step_timeout``: seconds a worker
+    call may take before the worker is treated as lost (None: no deadline). ``log_level``: the
+    workers' logging level (their records reach the driver's terminal)."""
 
     def __init__(self, workers: int, *, address: str | None = None, threads: int | None = None,
                  worker_device: str = "auto", max_restarts: int = 3,
@@ -160,16 +173,16 @@ class RayBackend:
             log.warning("using the Ray instance this process is already connected to")
             return
         if address is None:
-            try:  # a cluster already running here: join it, and say so
-                ray.init(address="auto", log_to_driver=True)
+            address = _cluster_started_here()
+            if address is not None:
+                ray.init(address=address, log_to_driver=True)
                 self._owns_ray = True
-                log.warning("joining the Ray cluster already running here (%s); pass --address "
+                log.warning("joining the Ray cluster started on this machine (%s); pass --address "
                             "local for a private Ray instance instead",
                             ", ".join(f"{v:g} {k}" for k, v in sorted(
                                 ray.cluster_resources().items()) if k in ("CPU", "GPU")))
                 return
-            except ConnectionError:
-                address = "local"
+            address = "local"
         if address == "local":
             # A private local instance: no dashboard; the workers see this package.
             ray.init(address="local", num_cpus=max(os.cpu_count() or 1, workers * self.threads),
