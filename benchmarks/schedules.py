@@ -45,6 +45,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -85,6 +86,9 @@ def parse(argv) -> argparse.Namespace:
                    "the recipe's; only for smoke tests)")
     p.add_argument("--coordinated-rounds", type=int, default=None,
                    help="coordinated rounds (default: the recipe's; only for smoke tests)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                   help="also run the coordinated schedule with these quantize flags, as "
+                   "schedule 'coordinated NAME' (e.g. keep-best=--keep-best); repeatable")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per worker")
     p.add_argument("--note", action="append", default=[], help="a line for the header")
     p.add_argument("--scratch", type=Path, default=ROOT / ".scratch" / "schedules",
@@ -93,6 +97,12 @@ def parse(argv) -> argparse.Namespace:
                    "under benchmarks/results/")
     args = p.parse_args(argv)
     args.output = Path(args.output).stem
+    args.variants = {}
+    for v in args.variant:
+        name, sep, flags = v.partition("=")
+        if not sep or not name or " " in name or not flags.strip():
+            p.error(f"--variant {v!r}: give NAME=FLAGS, e.g. keep-best=--keep-best")
+        args.variants[name] = shlex.split(flags)
     return args
 
 
@@ -190,9 +200,10 @@ def output_error(quantized: list[torch.Tensor], reference: list[torch.Tensor]) -
     return num / sum(float(f.pow(2).sum()) for f in reference)
 
 
-def schedule_flags(schedule: str, blocks: int) -> list[str]:
-    if schedule in ("sequential", "coordinated"):
-        return ["--schedule", schedule]
+def schedule_flags(schedule: str, blocks: int, variants: dict) -> list[str]:
+    base, _, variant = schedule.partition(" ")
+    if base in ("sequential", "coordinated"):
+        return ["--schedule", base, *variants.get(variant, [])]
     return ["--schedule", "depth-parallel", "--segments", str(2 if schedule == "dp-2" else blocks)]
 
 
@@ -207,12 +218,15 @@ def run_one(job: tuple, model: Path, reference: dict, ids, args) -> dict:
                 str(GROUP), "--num-samples", str(args.num_samples), "--seq-len",
                 str(args.seq_len), "--seed", str(seed), "--workers", str(workers), "--address",
                 "local", "--worker-device", "cpu", "--device", "cpu", "--threads",
-                str(args.threads), *schedule_flags(schedule, reference["blocks"]), *rounds,
+                str(args.threads), *schedule_flags(schedule, reference["blocks"], args.variants),
+                *rounds,
                 log=Path(tmp) / "quantize.log")
         got = forward(out, ids, ppl=target == "whole")
     history = q.get("rounds") or []
     row = {"target": target, "bits": bits, "seed": seed, "workers": workers,
-           "schedule": schedule, "error": output_error(got["hidden"], reference["hidden"]),
+           "schedule": schedule, "flags": schedule_flags(schedule, reference["blocks"],
+                                                         args.variants),
+           "error": output_error(got["hidden"], reference["hidden"]),
            "ppl": got["ppl"], "wall_seconds": q["wall_seconds"],
            "driver_seconds": q["seconds"]["total"], "seconds_split": q["seconds"],
            "symmetric": q["symmetric"],
@@ -240,6 +254,8 @@ def jobs(args) -> list[tuple]:
                     out.append((target, bits, seed, SEQUENTIAL_WORKERS, "sequential"))
                 out += [(target, bits, seed, w, s) for w in args.workers for s in args.schedules
                         if s != "sequential"]
+                out += [(target, bits, seed, w, f"coordinated {v}") for w in args.workers
+                        for v in args.variants]
     return out
 
 
@@ -341,6 +357,12 @@ def header(state: dict) -> list[str]:
                 "num_samples": s["num_samples"], "seq_len": s["seq_len"]}}), ""]
 
 
+def order(schedule: str) -> tuple:
+    """Where a schedule's rows go: the schedules in their order, each variant after its base."""
+    base, _, variant = schedule.partition(" ")
+    return list(SCHEDULES).index(base), variant
+
+
 def report(state: dict) -> str:
     rows = state["rows"]
     lines = header(state) + [
@@ -348,7 +370,7 @@ def report(state: dict) -> str:
         "| target | bits | workers | schedule | output error / seq | ppl / seq | wall / seq "
         "| rounds | output error |", "|---|---|---|---|---|---|---|---|---|"]
     groups = sorted({k[:2] + k[3:] for k in map(key, rows)},
-                    key=lambda g: (g[0], g[1], g[2], list(SCHEDULES).index(g[3])))
+                    key=lambda g: (g[0], g[1], g[2], order(g[3])))
     for target, bits, workers, schedule in groups:
         mine = [r for r in rows if (r["target"], r["bits"], r["workers"], r["schedule"])
                 == (target, bits, workers, schedule)]
@@ -362,7 +384,7 @@ def report(state: dict) -> str:
               "| / seq | ppl | / seq | wall s | / seq | rounds |", "|---|---|---|---|---|---|---|"
               "---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["target"], r["bits"], r["seed"], r["workers"],
-                                         list(SCHEDULES).index(r["schedule"]))):
+                                         order(r["schedule"]))):
         def f(v, fmt):
             return "" if v is None else format(v, fmt)
         lines.append(f"| {r['target']} | {r['bits']} | {r['seed']} | {r['workers']} "
@@ -394,6 +416,10 @@ def main(argv=None) -> int:
     print(f"admmq_dist for the runs: {check_package()}", file=sys.stderr, flush=True)
     state = load_state(args)
     done = {key(r) for r in state["rows"]}
+    for r in state["rows"]:  # a kept variant row must have run what its name now stands for
+        name = r["schedule"].partition(" ")[2]
+        if name in args.variants and r["flags"][2:] != args.variants[name]:
+            raise SystemExit(f"{r['schedule']} was measured with {r['flags']}; use another name")
     todo = [j for j in jobs(args) if j not in done]
     print(f"{len(todo)} runs to do ({len(done)} kept)", file=sys.stderr, flush=True)
     references: dict = {}
