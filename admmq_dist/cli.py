@@ -1,4 +1,4 @@
-"""The `admmq` command line: quantize a model, evaluate perplexity."""
+"""The `admmq` command line: quantize, plan, evaluate (`cli_eval.py`), inspect and verify."""
 
 from __future__ import annotations
 
@@ -10,12 +10,10 @@ import sys
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 
-from . import __version__
+from . import __version__, cli_eval
 from .checkpoint.inspect import format_inspection, inspect_checkpoint
 from .checkpoint.verify import verify_checkpoint
-from .evaluate import perplexity
 from .model.embedded import embedded_model_folder
 from .cli_flags import RECIPE_FLAGS, group_size
 from .recipe import Recipe, load_recipe, override
@@ -46,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantize(sub)
     _add_plan(sub)
     _add_inspect_and_verify(sub)
-    _add_eval(sub)
+    cli_eval.add_eval(sub, EMBEDDED)
     return parser
 
 
@@ -150,24 +148,6 @@ def _add_inspect_and_verify(sub) -> None:
                    help='print {"ok": ..., "problems": [...], "notes": [...]}')
 
 
-def _add_eval(sub) -> None:
-    e = sub.add_parser("eval", help="token perplexity of a model or written checkpoint")
-    e.add_argument("model", nargs="?", default=None,
-                   help=f"hub id or local folder (default: the {EMBEDDED})")
-    e.add_argument("--dataset", help="text to evaluate on (default: the first half of the "
-                   "WikiText-2 test file, shipped in the package)")
-    e.add_argument("--split", default="test")
-    e.add_argument("--text-field", default="text")
-    e.add_argument("--seq-len", type=int, default=512)
-    e.add_argument("--max-windows", type=int, default=None)
-    e.add_argument("--device", default=None)
-    e.add_argument("--reference", nargs="?", const="", default=None, metavar="MODEL",
-                   help="the float model (hub id or folder; alone: the embedded model): also "
-                   "report the mean token KL divergence KL(P_reference || P_model) and the "
-                   "reference's perplexity on the same windows (both models are loaded)")
-    e.add_argument("--json", action="store_true", help='print {"ppl": ...} as the last line')
-
-
 def _recipe_from_args(args) -> Recipe:
     """The recipe file (or the defaults) with every flag given on the command line applied."""
     recipe = load_recipe(args.recipe) if args.recipe else Recipe()
@@ -263,21 +243,9 @@ def cmd_plan(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    result = perplexity(_model_or_embedded(args.model), dataset=args.dataset, split=args.split,
-                        text_field=args.text_field, seq_len=args.seq_len,
-                        max_windows=args.max_windows, device=_device(args.device),
-                        reference=None if args.reference is None
-                        else _model_or_embedded(args.reference or None))
-    if not PartialState().is_main_process:  # under accelerate launch: one report
-        return 0
-    print(f"perplexity {result['ppl']:.4f} over {result['windows']} windows of "
-          f"{result['seq_len']} tokens", file=sys.stderr)
-    if "kl" in result:
-        print(f"KL divergence from {result['reference']}: {result['kl']:.6f} nats per token "
-              f"(its perplexity {result['reference_ppl']:.4f})", file=sys.stderr)
-    if args.json:
-        print(json.dumps(result))
-    return 0
+    return cli_eval.cmd_eval(args, _model_or_embedded(args.model),
+                             None if args.reference is None
+                             else _model_or_embedded(args.reference or None), _device(args.device))
 
 
 def cmd_inspect(args) -> int:

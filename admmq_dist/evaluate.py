@@ -23,12 +23,20 @@ def evaluation_text(dataset: str | None, split: str, text_field: str) -> str:
     return read_text(str(EVALUATION_TEXT))
 
 
-def _load(model_dir: Path, device: torch.device):
+def _load(model_dir: Path, device: torch.device, device_map=None, max_memory=None,
+          offload_folder: str | None = None):
+    """The model in evaluation mode: loaded straight onto ``device`` (no whole copy in host
+    memory first: under ``accelerate launch`` each process holds only its own device's), or
+    spread by ``device_map`` (what does not fit ``max_memory`` goes to ``offload_folder``)."""
     from transformers import AutoModelForCausalLM
 
     dtype = torch.float32 if device.type == "cpu" else None
     fix_asymmetric_loading()  # transformers >= 5.23 (see the function)
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or "auto").to(device).eval()
+    spread = {} if device_map is None else {"max_memory": max_memory,
+                                            "offload_folder": offload_folder}
+    return AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype or "auto", device_map=device_map or {"": str(device)},
+        **spread).eval()
 
 
 def _check_reference(model_dir: Path, reference_dir: Path) -> None:
@@ -56,10 +64,26 @@ def _window_sums(lm, ref, chunk: torch.Tensor) -> torch.Tensor:
     return torch.stack([nll, kl, -ref_logp.gather(1, target[:, None]).sum()])
 
 
+def _windows(model_dir: Path, text: str, seq_len: int, max_windows: int | None):
+    """The text's tokens and how many whole windows of ``seq_len`` are evaluated."""
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(model_dir)(text, return_tensors="pt",
+                                                   verbose=False).input_ids[0]
+    windows = ids.numel() // seq_len
+    if max_windows is not None:
+        windows = min(windows, max_windows)
+    if windows < 1:
+        raise ValueError(f"the evaluation text has {ids.numel()} tokens, fewer than one window "
+                         f"of {seq_len}; give more text or a smaller --seq-len")
+    return ids, windows
+
+
 @torch.no_grad()
 def perplexity(model: str, *, dataset: str | None = None, split: str = "test",
                text_field: str = "text", seq_len: int = 512, max_windows: int | None = None,
-               device: torch.device = torch.device("cpu"), reference: str | None = None) -> dict:
+               device: torch.device = torch.device("cpu"), reference: str | None = None,
+               device_map: str | None = None, max_memory: dict | None = None) -> dict:
     """exp(mean token NLL) over consecutive non-overlapping windows of ``seq_len`` tokens; with a
     ``reference`` model (the float one), also the mean token KL divergence of this model's
     next-token distribution from the reference's, KL(P_ref ‖ P_model) in nats, and the
@@ -67,40 +91,48 @@ def perplexity(model: str, *, dataset: str | None = None, split: str = "test",
 
     Under ``accelerate launch`` (``launch/accelerate.yaml``) every process takes every n-th
     window on its own GPU and the sums are reduced, so the figures are the single-process ones.
+    ``device_map`` (``auto``, ``balanced``, ...): the model spread over every device instead, for
+    one larger than a device; ``max_memory`` caps each (``{0: "70GiB", "cpu": "200GiB"}``), and
+    what does not fit is offloaded to a temporary folder on disk. The result names the devices
+    used (``devices``).
     """
+    import tempfile
+
     from accelerate import PartialState
     from accelerate.utils import reduce
-    from transformers import AutoTokenizer
 
     model_dir = resolve_model_dir(model)
     reference_dir = None if reference is None else resolve_model_dir(reference)
     if reference_dir is not None:
         _check_reference(model_dir, reference_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    text = evaluation_text(dataset, split, text_field)
-    ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
-    windows = ids.numel() // seq_len
-    if max_windows is not None:
-        windows = min(windows, max_windows)
-    if windows < 1:
-        raise ValueError(f"the evaluation text has {ids.numel()} tokens, fewer than one window "
-                         f"of {seq_len}; give more text or a smaller --seq-len")
+    ids, windows = _windows(model_dir, evaluation_text(dataset, split, text_field), seq_len,
+                            max_windows)
     # Launched processes without CUDA form a gloo group only when told they are CPU processes:
     # otherwise accelerate leaves each one alone and every process evaluates every window.
     state = PartialState(cpu=not torch.cuda.is_available())
     if state.num_processes > 1:
+        if device_map is not None:
+            raise ValueError("--device-map spreads one model over the devices; under accelerate "
+                             "launch each process evaluates its own copy: use one or the other")
         device = state.device
-    lm = _load(model_dir, device)
-    ref = None if reference_dir is None else _load(reference_dir, device)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    for w in range(state.process_index, windows, state.num_processes):
-        chunk = ids[w * seq_len:(w + 1) * seq_len].unsqueeze(0).to(device)
-        sums += _window_sums(lm, ref, chunk).double()
+    with tempfile.TemporaryDirectory(prefix="admmq-offload-") as offload:
+        lm = _load(model_dir, device, device_map, max_memory, offload)
+        ref = None if reference_dir is None else _load(reference_dir, device, device_map,
+                                                       max_memory, offload)
+        # A spread model takes its input where it is given and moves it to its first device.
+        inputs = device if device_map is None else torch.device("cpu")
+        sums = torch.zeros(3, dtype=torch.float64, device=inputs)
+        for w in range(state.process_index, windows, state.num_processes):
+            chunk = ids[w * seq_len:(w + 1) * seq_len].unsqueeze(0).to(inputs)
+            sums += _window_sums(lm, ref, chunk).double().to(inputs)
+        devices = sorted({str(d) for d in (getattr(lm, "hf_device_map", None) or {}).values()}
+                         or {str(device)})
     if state.num_processes > 1:
         sums = reduce(sums, "sum")
     count = windows * (seq_len - 1)
     out = {"ppl": math.exp(float(sums[0]) / count), "windows": windows, "seq_len": seq_len,
-           "tokens": count, "model": model, "processes": state.num_processes}
+           "tokens": count, "model": model, "processes": state.num_processes,
+           "devices": devices}
     if ref is not None:
         out.update({"kl": float(sums[1]) / count,
                     "reference_ppl": math.exp(float(sums[2]) / count), "reference": reference})

@@ -89,13 +89,82 @@ def test_the_command_reports_kl_with_a_reference(tmp_path, capsys):
 
 
 def test_a_bare_reference_is_the_embedded_float_model(monkeypatch, capsys):
-    from admmq_dist import cli
+    from admmq_dist import cli, cli_eval
 
     seen = {}
     monkeypatch.setattr(cli, "embedded_model_folder", lambda: Path("/embedded"))
-    monkeypatch.setattr(cli, "perplexity", lambda model, **kw: seen.update(kw, model=model) or {
+    monkeypatch.setattr(cli_eval, "perplexity", lambda model, **kw: seen.update(kw, model=model) or {
         "ppl": 2.0, "windows": 1, "seq_len": 8, "tokens": 7, "model": model, "kl": 0.1,
         "reference_ppl": 1.9, "reference": kw["reference"]})
     assert main(["eval", "out", "--reference"]) == 0
     assert seen["reference"] == "/embedded" and seen["model"] == "out"
     assert main(["eval", "out"]) == 0 and seen["reference"] is None
+
+
+def _own_accuracy(model_dir: Path, task_folder: Path) -> float:
+    """The local task's accuracy written out: each choice's summed log-likelihood after the
+    context (the harness's split of one encoding of context + " " + choice), the best one's
+    index against the label."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    right = rows = 0
+    for line in (task_folder / "local_cloze.jsonl").read_text().splitlines():
+        doc = json.loads(line)
+        context = tok(doc["context"]).input_ids
+        scores = []
+        for choice in doc["choices"]:
+            whole = tok(doc["context"] + " " + choice).input_ids
+            with torch.no_grad():
+                logp = torch.log_softmax(lm(torch.tensor([whole])).logits[0].double(), -1)
+            scores.append(sum(float(logp[i - 1, whole[i]]) for i in range(len(context),
+                                                                           len(whole))))
+        right += max(range(len(scores)), key=scores.__getitem__) == doc["label"]
+        rows += 1
+    return right / rows
+
+
+def test_harness_tasks_score_what_the_models_log_likelihoods_say(tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    from local_task import write_local_task
+
+    tasks = write_local_task(tmp_path / "tasks", docs=24)
+    accuracies = []
+    for seed in (0, 1):  # two random models: the figure follows the model, it is not a constant
+        model = tiny_model_dir(tmp_path / f"model{seed}", "llama", seed=seed)
+        assert main(["eval", str(model), "--tasks", "local_cloze", "--include-path", str(tasks),
+                     "--device", "cpu", "--json"]) == 0
+        got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        metrics = got["tasks"]["local_cloze"]
+        assert metrics["sample_len"] == 24 and got["backend"] == "hf"
+        assert metrics["acc"] == pytest.approx(_own_accuracy(model, tasks))
+        assert metrics["acc_stderr"] > 0
+        accuracies.append(metrics["acc"])
+    assert accuracies[0] != accuracies[1]
+
+
+def test_an_unknown_task_is_refused_before_any_weight_is_read(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("lm_eval")
+    import transformers
+
+    def no_loading(*a, **k):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
+    model = tiny_model_dir(tmp_path / "model", "llama")
+    assert main(["eval", str(model), "--tasks", "no_such_task_anywhere"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown task(s) no_such_task_anywhere" in err and "--include-path" in err
+
+
+def test_a_model_spread_over_devices_and_disk_scores_the_one_device_figures(tmp_path):
+    """--device-map with --max-memory: what does not fit the device is offloaded to disk (the
+    one way to spread a model on a machine without GPUs), and the figures do not change."""
+    model = tiny_model_dir(tmp_path / "model", "llama", num_hidden_layers=4)
+    plain = perplexity(str(model), seq_len=64, max_windows=3, reference=str(model))
+    spread = perplexity(str(model), seq_len=64, max_windows=3, reference=str(model),
+                        device_map="auto", max_memory={"cpu": "60KB"})
+    assert plain["devices"] == ["cpu"] and "disk" in spread["devices"]
+    assert spread["ppl"] == pytest.approx(plain["ppl"], rel=1e-5)
+    assert spread["kl"] == pytest.approx(0.0, abs=1e-6)

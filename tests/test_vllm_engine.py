@@ -175,3 +175,34 @@ def test_vllm_serve_answers_the_openai_client(smollm2, tmp_path):
     finally:
         stopped = stop_group(server, signal.SIGINT, 60)
     assert stopped, "the server did not stop within 60 s of SIGINT"
+
+
+def _eval_tasks(out: Path, tasks: Path, backend: str, model_args: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", "admmq_dist.cli", "eval", str(out), "--tasks", "local_cloze",
+         "--include-path", str(tasks), "--backend", backend, "--device", "cpu",
+         "--model-args", model_args, "--json"], capture_output=True, text=True, timeout=900)
+    found = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert found, proc.stderr[-3000:]  # not the exit status: see vllm_perplexity
+    return json.loads(found[-1])["tasks"]["local_cloze"]
+
+
+def test_harness_tasks_through_vllm_and_transformers_agree(smollm2, tmp_path):
+    """`admmq eval --tasks` on our 4-bit checkpoint through the harness's vLLM backend (vLLM's
+    engine and CPU kernel) and its transformers one: the same accuracy within the task's
+    standard error, both in bfloat16."""
+    pytest.importorskip("lm_eval")
+    from local_task import write_local_task
+
+    folder, model, _ = smollm2
+    out = ck.write(model, ck.quantize(model, 4, 32, False), tmp_path / "q",
+                   fmt="compressed-tensors", bits=4, group_size=32, symmetric=False,
+                   dtype=torch.bfloat16, source=Path(folder))
+    tasks = write_local_task(tmp_path / "tasks", docs=40)
+    hf = _eval_tasks(out, tasks, "hf", "dtype=bfloat16")
+    engine = _eval_tasks(out, tasks, "vllm", "dtype=bfloat16,max_model_len=512,"
+                         "enforce_eager=True,gpu_memory_utilization=0.1,seed=0")
+    assert hf["sample_len"] == engine["sample_len"] == 40
+    assert hf["acc"] > 0.4  # above chance (0.25): the model reads the text
+    assert abs(hf["acc"] - engine["acc"]) <= max(hf["acc_stderr"], engine["acc_stderr"]), (
+        hf, engine)
