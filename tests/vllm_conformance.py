@@ -9,9 +9,10 @@ through the model's ``load_weights`` and the parameters' weight loaders. Then ch
 * every tensor in the folder reached a weight loader, and every parameter vLLM created was
   loaded (the engine's own strict weight tracking);
 * what vLLM holds is what we wrote: every quantized layer vLLM built, decoded here from vLLM's
-  parameters with an unpacker written from vLLM's layout (a plain bit stream, as its kernels read
-  it), equals our own decoding of the module(s) that fed it, shard by shard, bit for bit; every
-  dense parameter equals its tensor in the folder;
+  parameters with vLLM's own unpacker for 2-, 4- and 8-bit codes (the one its CPU and Machete
+  kernels call) and, for 3-bit codes (read by vLLM only in Humming's CUDA kernel), a bit-stream
+  reader written from that layout, equals our own decoding of the module(s) that fed it, shard
+  by shard, bit for bit; every dense parameter equals its tensor in the folder;
 * a kernel exists for every quantized layer on the GPUs users run: vLLM's kernel choice
   (``choose_mp_linear_kernel``, the WNA16 MoE backend oracle, Marlin checks) runs for compute
   capability 9.0 (H100/H200) and 8.0 (A100) with the platform switched to CUDA for the call.
@@ -368,9 +369,20 @@ def _harmless_unused(name: str, tensors: dict, settings: dict) -> bool:
 
 
 def _bitstream(words: torch.Tensor, bits: int, count: int, dim: int) -> torch.Tensor:
-    """Unsigned ``bits``-bit values ``0..count-1`` along ``dim`` of int32 ``words``, read as one
-    little-endian bit stream per line (how vLLM sizes and its kernels read packed int weights:
-    ``ceil(count * bits / 32)`` words, 3-bit values straddling word boundaries)."""
+    """Unsigned ``bits``-bit values ``0..count-1`` along ``dim`` of int32 ``words``, as vLLM
+    reads them. 2-, 4- and 8-bit: vLLM's own unpacker (``unpack_quantized_values_into_int32``,
+    what its CPU and Machete kernels call on these parameters). 3-bit values straddle word
+    boundaries (``ceil(count * 3 / 32)`` words per line, one little-endian bit stream), and the
+    one reader vLLM has for them is Humming's CUDA unpack kernel, so here they are read by the
+    bit-stream reader below, written from that layout."""
+    if 32 % bits == 0:
+        from vllm.model_executor.layers.quantization.utils.quant_utils import (
+            unpack_quantized_values_into_int32)
+        from vllm.scalar_type import scalar_types
+
+        values = unpack_quantized_values_into_int32(words, getattr(scalar_types, f"uint{bits}"),
+                                                    packed_dim=dim % words.ndim)
+        return values.narrow(dim, 0, count)
     w = words.movedim(dim, -1).to(torch.int64) & 0xFFFFFFFF
     bit_index = torch.arange(count, dtype=torch.int64) * bits
     word, shift = bit_index // 32, bit_index % 32
