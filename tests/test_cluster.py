@@ -282,7 +282,9 @@ def test_a_hung_worker_passes_its_deadline_and_is_rebuilt(cluster, model_dir, re
                        step_timeout=20)
     assert fired and time.monotonic() - started < 600
     assert digest(tmp_path / "out") == reference
-    assert len(summary["faults"]) == 1 and "step deadline" in summary["faults"][0]["error"]
+    # The hung worker's deadline, and on a loaded machine perhaps a slow healthy step's too
+    # (CI runs other stages beside this suite): each is a rebuild, none changes a byte.
+    assert summary["faults"] and all("step deadline" in f["error"] for f in summary["faults"])
     assert summary["step_timeout_seconds"] == 20
 
 
