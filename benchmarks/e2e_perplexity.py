@@ -192,10 +192,10 @@ def run_one(model, tmp: Path, bits: int, seed: int, method: str, args, threads, 
     q = admmq("quantize", model, "-o", str(out), "--bits", str(bits), "--group-size", "64",
               "--asym", *METHODS[name], *extra, "--num-samples", str(args.num_samples),
               "--seq-len", str(args.seq_len), "--seed", str(seed), *threads)
-    e = admmq("eval", str(out), *evaluate)
+    e = admmq("eval", str(out), *evaluate, "--reference", model)  # and KL to the float model
     print(f"{bits}-bit {method} seed {seed}: ppl {e['ppl']:.4f} (float {base['ppl']:.4f}), "
           f"{q['wall_seconds']:.0f}s", file=sys.stderr, flush=True)
-    return {"bits": bits, "seed": seed, "method": method, "ppl": e["ppl"],
+    return {"bits": bits, "seed": seed, "method": method, "ppl": e["ppl"], "kl": e["kl"],
             "gap": e["ppl"] - base["ppl"], "seconds": q["seconds"],
             "wall_seconds": q["wall_seconds"], "peak_memory_gib": q["peak_memory_bytes"] / 2**30,
             "mean_layer_loss": q["mean_loss"]}
@@ -233,9 +233,12 @@ def tables(rows: list[dict], base: dict, args, started: float,
              f"- each run in-process, {args.threads or 'all'} threads; environment: "
              f"{environment.describe()}",
              *(f"- {note}" for note in getattr(args, "notes", [])), "",
-             "| bits | method | ppl | gap to float | gap / gptq gap | gap / gptaq gap "
+             "- KL: mean token KL(P_float ‖ P_quantized) in nats on the same windows "
+             "(`admmq eval --reference`), the measure quantization papers now prefer; rows "
+             "measured before it was recorded have none",
+             "| bits | method | ppl | gap to float | gap / gptq gap | gap / gptaq gap | KL "
              "| mean layer loss | time s | time / gptq |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     summary = {"float_ppl": base["ppl"]}
     for bits in sorted({r["bits"] for r in rows}):
         by = {}
@@ -250,11 +253,13 @@ def tables(rows: list[dict], base: dict, args, started: float,
             time_gptq = ratios("gptq", "wall_seconds")
             values = list(runs.values())
             losses = [r["mean_layer_loss"] for r in values if r.get("mean_layer_loss") is not None]
+            kls = [r["kl"] for r in values if r.get("kl") is not None]
             lines.append(
                 f"| {bits} | {method} | {spread([r['ppl'] for r in values])} "
                 f"| {spread([r['gap'] for r in values])} "
                 f"| {spread(gap_gptq, '.3f') if gap_gptq else ''} "
                 f"| {spread(gap_gptaq, '.3f') if gap_gptaq else ''} "
+                f"| {spread(kls, '.4f') + few(kls, values) if kls else ''} "
                 f"| {spread(losses, '.5f') if losses else ''}"
                 f"{few(losses, values)} "
                 f"| {spread([r['wall_seconds'] for r in values], '.0f')} "
