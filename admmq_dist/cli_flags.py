@@ -75,8 +75,8 @@ RECIPE_FLAGS: list[tuple[str, str, dict]] = [
         "type": int, "help": "coordinated: ADMM-Q iterations per layer per round (10)"}),
     ("--refresh-dual", "solver.refresh_dual", {
         "choices": ("keep", "zero"),
-        "help": "coordinated: what a layer's dual does when its Hessian is refreshed: keep it "
-                "(default) or zero it"}),
+        "help": "coordinated: what a layer's dual does when its Hessian is refreshed: zero it "
+                "(default) or keep it"}),
     ("--penalty", "solver.penalty", {
         "choices": ("continuation", "balance"),
         "help": "coordinated: each round's ρ from the admm schedule carried across rounds "

@@ -112,7 +112,7 @@ class CoordinatedSchedule(DepthParallelSchedule):
                 t = time.perf_counter()
                 on_round(r, self._each_block())
                 aside += time.perf_counter() - t
-        if solver.coordinated_polish and not self.polished:
+        if not self.polished:
             self._polish(progress)
         return self.history
 

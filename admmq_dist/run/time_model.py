@@ -332,5 +332,5 @@ def job_seconds(blocks: list[tuple[list, int]], *, hidden: int, recipe, workers:
     return coordinated(costed, hidden, rates, solve, workers, tokens, calib.seq_len,
                        solver.coordinated_rounds, solver.coordinated_iterations,
                        sequential_start=solver.coordinated_start == "sequential",
-                       polish=solver.coordinated_polish, polish_sweeps=solver.sweeps or 1)
+                       polish_sweeps=solver.sweeps or 1)
 

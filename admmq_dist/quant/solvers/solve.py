@@ -64,11 +64,15 @@ class SolverSettings:
     round_stop_changed: float = 1e-3
     coordinated_rounds: int = 8
     coordinated_iterations: int = 10
-    # What a layer's dual does when its Hessian is refreshed: "keep" the unscaled dual Y = ρU
-    # (continuous in ρ, so a change of ρ rescales U consistently by itself) or "zero" it. (A
-    # third rule, reset to the new Hessian's stationary dual, diverged — perplexity 2.6e14 by
-    # round 5, coordinated_start_quick.md at commit 4a28e2d — and was removed.)
-    refresh_dual: Literal["keep", "zero"] = "keep"
+    # What a layer's dual does when its Hessian is refreshed: "zero" it (the default) or "keep"
+    # the unscaled dual Y = ρU (continuous in ρ, so a change of ρ rescales U consistently by
+    # itself). Measured on the first 8 SmolLM2 blocks (3-bit g64, three seeds,
+    # benchmarks/results/schedules_slice_options.md): output error 1.0140x sequential's with
+    # zero, 1.0291x with keep, lower on every seed — a dual built on the previous round's
+    # Hessian pulls toward that round's inputs. (A third rule, reset to the new Hessian's
+    # stationary dual, diverged — perplexity 2.6e14 by round 5, coordinated_start_quick.md at
+    # commit 4a28e2d — and was removed.)
+    refresh_dual: Literal["keep", "zero"] = "zero"
     # coordinated: how the coordinator sets each round's ρ: "continuation" — the admm schedule
     # carried across rounds; "balance" — that, and ×2 / ÷2 when the whole model's primal residual
     # is more than 10× its dual one / the other way round (residual balancing, Boyd et al. 2011
@@ -90,10 +94,6 @@ class SolverSettings:
     # iterate and the codes the previous round left in place — so a round whose iterates are
     # still at small ρ cannot put worse codes in the model the next round calibrates on.
     coordinated_keep_best: bool = False
-    # After the last round: one more refresh and a local-search sweep on every layer's final
-    # Hessian (every layer at once, like a round).
-    coordinated_polish: bool = True
-
     def __post_init__(self) -> None:
         if self.row_block < 1:
             raise ValueError(f"row_block={self.row_block} must be at least 1")
