@@ -18,9 +18,12 @@ BACKENDS = ("hf", "vllm")
 def parse_model_args(text: str | None) -> dict:
     """``"k=v,k=v"`` (the harness's ``--model_args`` form) as a dict; numbers and booleans
     typed as the harness types them."""
+    if not text:
+        return {}
+    _harness()  # one line naming the install when the harness is missing
     from lm_eval.utils import simple_parse_args_string
 
-    return simple_parse_args_string(text) if text else {}
+    return simple_parse_args_string(text)
 
 
 def _harness():

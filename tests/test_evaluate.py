@@ -168,3 +168,13 @@ def test_a_model_spread_over_devices_and_disk_scores_the_one_device_figures(tmp_
     assert plain["devices"] == ["cpu"] and "disk" in spread["devices"]
     assert spread["ppl"] == pytest.approx(plain["ppl"], rel=1e-5)
     assert spread["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_tasks_without_the_harness_installed_say_what_to_install(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # an import of it now fails
+    model = tiny_model_dir(tmp_path / "model", "llama")
+    for extra in ([], ["--model-args", "dtype=float32"]):
+        assert main(["eval", str(model), "--tasks", "arc_easy", *extra]) == 1
+        assert "pip install 'admmq-dist[eval]'" in capsys.readouterr().err
