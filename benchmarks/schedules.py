@@ -212,20 +212,19 @@ def run_one(job: tuple, model: Path, reference: dict, ids, args) -> dict:
     rounds = [*(["--rounds", str(args.rounds)] if args.rounds else []),
               *(["--coordinated-rounds", str(args.coordinated_rounds)]
                 if args.coordinated_rounds else [])]
+    flags = schedule_flags(schedule, reference["blocks"], args.variants)
     with tempfile.TemporaryDirectory(prefix="run-", dir=args.scratch) as tmp:
         out = Path(tmp) / "ckpt"
         q = cli("quantize", str(model), "-o", str(out), "--bits", str(bits), "--group-size",
                 str(GROUP), "--num-samples", str(args.num_samples), "--seq-len",
                 str(args.seq_len), "--seed", str(seed), "--workers", str(workers), "--address",
                 "local", "--worker-device", "cpu", "--device", "cpu", "--threads",
-                str(args.threads), *schedule_flags(schedule, reference["blocks"], args.variants),
-                *rounds,
+                str(args.threads), *flags, *rounds,
                 log=Path(tmp) / "quantize.log")
         got = forward(out, ids, ppl=target == "whole")
     history = q.get("rounds") or []
     row = {"target": target, "bits": bits, "seed": seed, "workers": workers,
-           "schedule": schedule, "flags": schedule_flags(schedule, reference["blocks"],
-                                                         args.variants),
+           "schedule": schedule, "flags": flags,
            "error": output_error(got["hidden"], reference["hidden"]),
            "ppl": got["ppl"], "wall_seconds": q["wall_seconds"],
            "driver_seconds": q["seconds"]["total"], "seconds_split": q["seconds"],

@@ -119,7 +119,8 @@ def stale_keys(record: dict) -> list[str]:
             del then[key]
     if then.get("solver.schedule") != "coordinated":
         for key in COORDINATED_ONLY:
-            then.pop(key, None), now.pop(key, None)
+            then.pop(key, None)
+            now.pop(key, None)
     then = {**{k: v for k, v in ADDED_AS_BEFORE.items() if k.split(".")[0] in record["recipe"]},
             **then}
     return sorted(f"{k}: {then.get(k)!r} then, {now.get(k)!r} now"

@@ -105,7 +105,7 @@ def _cluster_started_here() -> str | None:
     """The cluster a bare ``ray.init()`` joins: ``RAY_ADDRESS``, else the one ``ray start`` began
     on this machine, else None. Not ``address="auto"``: its fallback joins any Ray instance it
     finds among this machine's processes - another run's private one, which ends with that run."""
-    if os.environ.get("RAY_ADDRESS"):
+    if os.environ.get("RAY_ADDRESS"):  # as given: a ray:// client address is no bootstrap one
         return os.environ["RAY_ADDRESS"]
     try:  # how ray.init() itself finds the last `ray start` (its address file in Ray's temp dir)
         from ray._private.services import canonicalize_bootstrap_address
