@@ -20,28 +20,31 @@ from ..hessian import condition, relative_loss
 from .result import SolverResult
 
 
-def _sweep(Qt: torch.Tensor, W0t: torch.Tensor, H: torch.Tensor, scale_t: torch.Tensor,
-           low_t: torch.Tensor, high_t: torch.Tensor, order: torch.Tensor, block_size: int) -> None:
-    """One pass over the columns in ``order``; updates ``Qt`` (``[n, m]``) in place."""
-    Gt = H @ (Qt - W0t)  # G transposed; H is symmetric
+def _sweep(Qt: torch.Tensor, Gt: torch.Tensor, H: torch.Tensor, scale_t: torch.Tensor,
+           low_t: torch.Tensor, high_t: torch.Tensor, inv_diag: list[float],
+           block_size: int) -> None:
+    """One pass over the columns in their stored order; updates ``Qt`` (``[n, m]``) and the
+    gradient ``Gt`` (``H (Q - W0)ᵀ``, ``[n, m]``) in place.
+
+    Every operand is already in visiting order, so a block and the columns after it are
+    contiguous slices: the lazy update is one GEMM on views, with no gathered copy of ``H``.
+    """
     inv_scale_t = 1.0 / scale_t
-    inv_diag = (1.0 / torch.diagonal(H)).tolist()
     n = Qt.shape[0]
     for b1 in range(0, n, block_size):
-        idx = order[b1:b1 + block_size]
-        Hb = H[idx][:, idx]
-        Gb = Gt[idx]
-        before = Qt[idx]
-        for k, j in enumerate(idx.tolist()):
+        b2 = min(b1 + block_size, n)
+        Hb = H[b1:b2, b1:b2]
+        Gb = Gt[b1:b2]
+        before = Qt[b1:b2].clone()
+        for j in range(b1, b2):
             # The nearest grid point to Q[:, j] - G[:, j] / H_jj, computed in place.
-            t = torch.sub(Qt[j], Gb[k], alpha=inv_diag[j])
+            t = torch.sub(Qt[j], Gt[j], alpha=inv_diag[j])
             q = t.mul_(inv_scale_t[j]).round_().clamp_(low_t[j], high_t[j]).mul_(scale_t[j])
             delta = q - Qt[j]
             Qt[j] = q
-            Gb.addr_(Hb[:, k], delta)
-        rest = order[b1 + block_size:]
-        if rest.numel():
-            Gt[rest] += H[rest][:, idx] @ (Qt[idx] - before)
+            Gb.addr_(Hb[:, j - b1], delta)
+        if b2 < n:
+            Gt[b2:].addmm_(H[b2:, b1:b2], Qt[b1:b2] - before)
 
 
 def local_search(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, codes: torch.Tensor,
@@ -64,24 +67,33 @@ def local_search(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, codes:
     # clamp(round(v / s) + z, 0, maxq) - z == clamp(round(v / s), -z, maxq - z): z is an integer.
     low_t = (-zero).T.contiguous()
     high_t = (grid.maxq - zero).T.contiguous()
+    # Work in visiting order (decreasing H_jj): one permuted copy of H per call, not a gathered
+    # copy of its remaining rows per block (n / block_size copies of up to n² entries a sweep).
     order = torch.argsort(torch.diagonal(H), descending=True)
+    Hp = H[order][:, order]
+    inverse = torch.argsort(order)
+    Qp = Qt[order]
+    scale_p, low_p, high_p = scale_t[order], low_t[order], high_t[order]
+    inv_diag = (1.0 / torch.diagonal(Hp)).tolist()
     history = {"loss": [relative_loss(Qt.T, w0, h0)], "changed": []}
     done = 0
     for _ in range(sweeps):
-        before = Qt.clone()
-        _sweep(Qt, W0t, H, scale_t, low_t, high_t, order, block_size)
+        before = Qp.clone()
+        # G in the original column order, then permuted, so its sums run as they always did.
+        Gp = (H @ (Qp[inverse] - W0t))[order]
+        _sweep(Qp, Gp, Hp, scale_p, low_p, high_p, inv_diag, block_size)
         done += 1
-        loss = relative_loss(Qt.T, w0, h0)
+        loss = relative_loss(Qp[inverse].T, w0, h0)
         if loss > history["loss"][-1]:
             # Only float round-off can do this; keep the better codes so the step stays monotone.
-            Qt = before
+            Qp = before
             break
-        changed = int(torch.count_nonzero(Qt != before))
+        changed = int(torch.count_nonzero(Qp != before))
         history["loss"].append(loss)
-        history["changed"].append(changed / Qt.numel())
+        history["changed"].append(changed / Qp.numel())
         if changed == 0:
             break
-    Q = Qt.T.contiguous()
+    Q = Qp[inverse].T.contiguous()
     final = grid.codes(Q)
     return SolverResult(method, final, grid, grid.dequantize(final), history["loss"][-1], done,
                         time.perf_counter() - start, history)
