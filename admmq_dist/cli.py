@@ -98,7 +98,7 @@ def _add_recipe_flags(q) -> None:
     groups = {}
     symmetry = None
     for flag, path, kwargs in RECIPE_FLAGS:
-        section = path.split(".")[0]
+        section = "solver" if path == "effort" else path.split(".")[0]
         if section not in groups:
             groups[section] = q.add_argument_group(section)
         kwargs = {**kwargs, "dest": _dest(path)}
@@ -150,9 +150,14 @@ def _add_inspect_and_verify(sub) -> None:
 
 def _recipe_from_args(args) -> Recipe:
     """The recipe file (or the defaults) with every flag given on the command line applied."""
-    recipe = load_recipe(args.recipe) if args.recipe else Recipe()
+    effort = getattr(args, "effort", None)
+    # The effort's settings go under the file's keys and the flags (load_recipe, override).
+    recipe = (load_recipe(args.recipe, effort=effort) if args.recipe
+              else override(Recipe(), {"effort": effort} if effort else {}))
     updates: dict = {}
     for _, path, _ in RECIPE_FLAGS:
+        if path == "effort":
+            continue
         dest = _dest(path)
         if not hasattr(args, dest):  # a flag whose absence is SUPPRESS (--group-size)
             continue

@@ -122,8 +122,24 @@ class ReportSettings:
     html: bool = True
 
 
+# What each `effort` sets before the recipe's own keys (which win over it). Measured on real
+# SmolLM2 layers (3-bit g64, layer loss and solve time against act-order GPTQ's) and end to end
+# in benchmarks/results/effort.md:
+# "fast": ADMM-Q from ρ = 0.3 at one rate ×1.15 (14 iterations where the default takes 57);
+# "best": the slow phase at ×1.02 (76), two local-search sweeps and two scale refits.
+EFFORTS: dict[str, dict] = {
+    "fast": {"solver": {"admm": {"rho_start": 0.3, "rho_growth": 1.15, "rho_slow_from": None}}},
+    "default": {},
+    "best": {"solver": {"admm": {"rho_growth_slow": 1.02}, "local_search_sweeps": 2,
+                        "scale_refits": 2}},
+}
+
+
 @dataclass(frozen=True)
 class Recipe:
+    # How much work a layer's solve gets (EFFORTS): its settings are applied first, so a key the
+    # recipe or a flag sets stands over it.
+    effort: Literal["fast", "default", "best"] = "default"
     # symmetric=None: chosen per model and format by the pipeline (symmetric for GPTQ and
     # mixture-of-experts models, where engines read no zero points; asymmetric otherwise).
     grid: GridSpec = field(default_factory=lambda: GridSpec(symmetric=None))
@@ -188,6 +204,9 @@ def override(instance: Any, updates: dict | None, where: str = "") -> Any:
         raise RecipeError(f"{where or 'recipe'}: expected a mapping, got {updates!r}")
     hints = typing.get_type_hints(type(instance))
     names = {f.name for f in dataclasses.fields(instance)}
+    if isinstance(instance, Recipe) and "effort" in updates:
+        effort = _coerce(updates["effort"], hints["effort"], "effort")
+        instance = override(instance, EFFORTS[effort])  # then the keys given beside it
     changes = {}
     for key, value in updates.items():
         path = f"{where}.{key}" if where else str(key)
@@ -221,7 +240,10 @@ def effective_mapping(recipe: Recipe) -> dict:
     return mapping
 
 
-def load_recipe(path: str | Path, base: Recipe | None = None) -> Recipe:
+def load_recipe(path: str | Path, base: Recipe | None = None,
+                effort: str | None = None) -> Recipe:
+    """The recipe file applied over ``base`` (the defaults); ``effort`` (the command line's)
+    replaces the file's, its settings still under every other key of the file."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file {str(path)!r} does not exist")
@@ -229,4 +251,7 @@ def load_recipe(path: str | Path, base: Recipe | None = None) -> Recipe:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise RecipeError(f"recipe file {str(path)!r} is not valid YAML: {exc}") from None
-    return override(base or Recipe(), data or {})
+    data = data or {}
+    if effort is not None and isinstance(data, dict):
+        data = {**data, "effort": effort}
+    return override(base or Recipe(), data)

@@ -9,6 +9,7 @@ Methods (each a fresh process, one after another):
   its own transformers), on the very token windows `admmq` calibrates with, saved compressed;
 * ``admmq``: `admmq quantize` with its defaults (ADMM-Q, asymmetric calibration 0.25, local
   search, one scale refit);
+* ``admmq-fast``, ``admmq-best``: the same with ``--effort fast`` / ``--effort best``;
 * ``gptq``, ``gptaq``: `admmq quantize --method gptq` with asymmetric calibration off / at its
   default (GPTAQ); ``rtn``: `--method rtn`.
 
@@ -64,7 +65,7 @@ oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=windows.shape[1],
 model.save_pretrained(out, save_compressed=True)
 AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
 '''
-METHODS = ("llmc-gptq", "admmq", "gptaq", "gptq", "rtn")
+METHODS = ("llmc-gptq", "admmq", "admmq-fast", "admmq-best", "gptaq", "gptq", "rtn")
 
 
 def parse(argv) -> argparse.Namespace:
@@ -81,6 +82,8 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "peer_gptq")
     p.add_argument("--output", default=None, help="results name (default peer_gptq_TARGET)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                   help="llmc-gptq first: the ratios are to it")
     return p.parse_args(argv)
 
 
@@ -104,7 +107,8 @@ def run_llmc(args, model: Path, out: Path, log: Path) -> float:
 
 
 def run_admmq(args, method: str, model: Path, out: Path, log: Path) -> float:
-    flags = {"admmq": [], "gptaq": ["--method", "gptq"],
+    flags = {"admmq": [], "admmq-fast": ["--effort", "fast"], "admmq-best": ["--effort", "best"],
+             "gptaq": ["--method", "gptq"],
              "gptq": ["--method", "gptq", "--asymmetric", "0"], "rtn": ["--method", "rtn"]}
     summary = cli("quantize", str(model), "-o", str(out), "--bits", str(args.bits),
                   "--group-size", str(args.group_size), "--asym", "--num-samples",
@@ -122,7 +126,9 @@ def main(argv=None) -> int:
     ppl = args.target == "whole"
     reference = forward(model, ids, ppl)
     rows = []
-    for method in METHODS:
+    if args.methods[0] != "llmc-gptq":
+        raise SystemExit("--methods: llmc-gptq must come first (every ratio is to it)")
+    for method in args.methods:
         out = args.scratch / f"out-{method}"
         subprocess.run(["rm", "-rf", str(out)], check=True)
         log = args.scratch / f"{method}.log"
@@ -167,7 +173,13 @@ def write(args, float_ppl: float, rows: list[dict]) -> None:
         + ("" if float_ppl is None else f"; float perplexity {float_ppl:.3f}") + ". Output "
         "error: ||Y_q - Y_f||² / ||Y_f||² of the last block's output over the windows"
         + (" (a slice's logits mean nothing: no perplexity)." if float_ppl is None else "."),
-        "",
+        "Each `admmq` row is `admmq quantize` with the recipe below and its row's flags "
+        "(`admmq-fast`: `--effort fast`, `admmq-best`: `--effort best`, `gptaq`: `--method gptq`, "
+        "`gptq`: `--method gptq --asymmetric 0`, `rtn`: `--method rtn`).", "",
+        environment.settings_record({
+            "grid": {"bits": args.bits, "group_size": args.group_size, "symmetric": False},
+            "calibration": {"num_samples": args.num_samples, "seq_len": args.seq_len,
+                            "seed": args.seed}}), "",
         "| method | wall s | / llm-compressor | perplexity | gap | gap / llm-compressor's "
         "| output error | / llm-compressor |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:

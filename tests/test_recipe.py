@@ -38,6 +38,7 @@ def test_nested_overrides_apply_and_keep_the_rest(tmp_path):
     ("calibration: {asymmetric: 1.5}", "calibration: asymmetric=1.5 must lie in"),
     ("calibration: {asymmetric: always}", "calibration.asymmetric: expected a number"),
     ("calibration: {asymmetric_grid: float}", "calibration.asymmetric_grid: 'float' is not one of"),
+    ("effort: turbo", "effort: 'turbo' is not one of"),
 ])
 def test_bad_recipes_name_the_key(tmp_path, text, message):
     path = tmp_path / "r.yaml"
@@ -213,3 +214,51 @@ def test_rho_flags_do_what_they_say():
                  ).history["rho"]
     assert len(rhos) == 30
     assert rhos[-1] == pytest.approx(0.5 * 1.05 ** 29)
+
+
+def test_an_effort_sets_its_settings_under_every_key_given_beside_it(tmp_path):
+    """--effort / `effort:` applies its settings first: a recipe key or flag given with it wins,
+    also a recipe file's key over the effort given as a flag."""
+    from admmq_dist.cli import _recipe_from_args, build_parser
+
+    assert override(Recipe(), {"effort": "default"}) == Recipe()
+    fast = override(Recipe(), {"effort": "fast"})
+    assert (fast.solver.admm.rho_start, fast.solver.admm.rho_growth,
+            fast.solver.admm.rho_slow_from) == (0.3, 1.15, None)
+    best = override(Recipe(), {"effort": "best"})
+    assert (best.solver.sweeps, best.solver.refits, best.solver.admm.rho_growth_slow) == (2, 2, 1.02)
+    assert override(Recipe(), {"effort": "fast", "solver": {"admm": {"rho_start": 0.2}}}
+                    ).solver.admm.rho_start == 0.2
+
+    def parsed(*argv):
+        return _recipe_from_args(build_parser().parse_args(["quantize", "-o", "out", *argv]))
+
+    assert parsed("--effort", "fast") == fast
+    assert parsed("--effort", "fast", "--rho-start", "0.2").solver.admm.rho_start == 0.2
+    path = tmp_path / "r.yaml"
+    path.write_text("effort: fast\nsolver: {admm: {rho_growth: 1.2}}\n")
+    from_file = parsed("--recipe", str(path))
+    assert from_file.effort == "fast" and from_file.solver.admm.rho_growth == 1.2
+    assert from_file.solver.admm.rho_start == 0.3
+    path.write_text("solver: {local_search_sweeps: 3}\n")
+    flagged = parsed("--recipe", str(path), "--effort", "best")
+    assert flagged.effort == "best" and flagged.solver.sweeps == 3 and flagged.solver.refits == 2
+
+
+def test_each_effort_changes_the_work_and_the_loss_the_way_it_says():
+    """On one layer: fast runs fewer ADMM-Q iterations than the default for a higher loss, best
+    more for a lower one (each a no-op would tie with the default)."""
+    import torch
+
+    from admmq_dist.quant.grid import GridSpec, fit_grid
+    from admmq_dist.quant.solvers.solve import solve
+
+    gen = torch.Generator().manual_seed(0)
+    inputs = torch.randn(2048, 96, generator=gen) @ torch.randn(96, 96, generator=gen)
+    hessian = inputs.T @ inputs / inputs.shape[0]
+    weight = torch.randn(64, 96, generator=gen)
+    grid = fit_grid(weight, GridSpec(bits=3, group_size=32, symmetric=False))
+    runs = {effort: solve(weight, hessian, grid, override(Recipe(), {"effort": effort}).solver)
+            for effort in ("fast", "default", "best")}
+    assert runs["fast"].iterations < runs["default"].iterations < runs["best"].iterations
+    assert runs["best"].loss < runs["default"].loss < runs["fast"].loss
