@@ -134,6 +134,19 @@ def test_local_search_is_monotone_after_every_solver(layer):
     assert from_rtn.loss < 0.7 * rtn(w, h, grid).loss
 
 
+def test_a_solvers_loss_is_the_sweeps_own_starting_loss_bit_for_bit(layer):
+    """solve() hands GPTQ's and ADMM-Q's loss to the sweep instead of evaluating it again: it
+    must be the very number the sweep computes, and the denominator taken once the same."""
+    from admmq_dist.quant.hessian import reference_term
+
+    w, h, _ = layer
+    grid = fit_grid(w, GridSpec(bits=3, group_size=32))
+    for start in (gptq(w, h, grid), admmq(w, h, grid, ADMMSettings(iterations=20))):
+        assert local_search(w, h, grid, start.codes, 0).loss == start.loss
+        assert relative_loss(start.weight, w, h, reference_term(w, h)) == start.loss
+    assert torch.isnan(torch.tensor(gptq(w, h, grid, with_loss=False).loss))
+
+
 def test_dead_inputs_are_handled():
     w, h, x = synthetic_layer(64, 96, 2048, seed=4, dead=5)
     dead = torch.diagonal(h) == 0

@@ -93,10 +93,24 @@ def loss_terms(weight: torch.Tensor, reference: torch.Tensor,
     return num, den
 
 
-def relative_loss(weight: torch.Tensor, reference: torch.Tensor, hessian: torch.Tensor) -> float:
-    """``tr(Δ H Δᵀ) / tr(W0 H W0ᵀ)`` with ``Δ = weight - reference``, in float64."""
-    num, den = loss_terms(weight, reference, hessian)
+def relative_loss(weight: torch.Tensor, reference: torch.Tensor, hessian: torch.Tensor,
+                  reference_term: float | None = None) -> float:
+    """``tr(Δ H Δᵀ) / tr(W0 H W0ᵀ)`` with ``Δ = weight - reference``, in float64.
+    ``reference_term``: the denominator when already taken (:func:`reference_term`: the same
+    number), so that repeated losses of one layer cost one float64 GEMM each, not two."""
+    if reference_term is None:
+        num, den = loss_terms(weight, reference, hessian)
+    else:
+        delta = (weight - reference).double()
+        (num,), den = bilinear_sums([(delta, delta)], hessian), reference_term
     return num / den if den > 0 else num
+
+
+def reference_term(reference: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``tr(W0 H W0ᵀ)``, the denominator of :func:`relative_loss`, bit for bit."""
+    w0 = reference.double()
+    (den,) = bilinear_sums([(w0, w0)], hessian)
+    return den
 
 
 def deviation_term(weight: torch.Tensor, deviation: torch.Tensor) -> float:

@@ -178,7 +178,7 @@ def admmq(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid,
     if init_codes is not None:
         codes0 = init_codes.to(device=device, dtype=torch.int32)
     elif settings.init == "gptq" and h0 is not None:
-        codes0 = gptq(w0, h0, grid, gptq_settings, factors).codes
+        codes0 = gptq(w0, h0, grid, gptq_settings, factors, with_loss=False).codes
     else:
         codes0 = grid.codes(loop.W0)  # dead input columns already zeroed
     dual0 = _start_dual(loop, init_dual, codes0, grid)

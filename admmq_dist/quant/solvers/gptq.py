@@ -40,11 +40,13 @@ class GPTQSettings:
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid,
          settings: GPTQSettings = GPTQSettings(),
-         factors: HessianFactors | None = None) -> SolverResult:
+         factors: HessianFactors | None = None, with_loss: bool = True) -> SolverResult:
     """Quantize ``weight`` (``[out, in]``) on ``grid`` against ``hessian`` (``[in, in]``, undamped).
 
     Runs on the device of ``weight``; returns codes in the original column order. ``factors``
     (of ``hessian``) shares the Cholesky factor with every other solve on the same Hessian.
+    ``with_loss=False`` leaves the loss NaN (two float64 GEMMs saved: ADMM-Q's start takes the
+    codes only).
     """
     start = time.perf_counter()
     w0 = weight.float()
@@ -84,6 +86,6 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid,
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     deq = grid.dequantize(codes)
-    loss = relative_loss(deq, w0, h0)
+    loss = relative_loss(deq, w0, h0) if with_loss else float("nan")
     name = "gptq-act" if settings.act_order else "gptq"
     return SolverResult(name, codes, grid, deq, loss, 0, time.perf_counter() - start)

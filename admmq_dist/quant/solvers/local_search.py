@@ -16,7 +16,7 @@ import time
 import torch
 
 from ..grid import Grid
-from ..hessian import condition, relative_loss
+from ..hessian import condition, reference_term, relative_loss
 from .result import SolverResult
 
 
@@ -48,11 +48,13 @@ def _sweep(Qt: torch.Tensor, Gt: torch.Tensor, H: torch.Tensor, scale_t: torch.T
 
 
 def local_search(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, codes: torch.Tensor,
-                 sweeps: int = 1, block_size: int = 128, method: str = "local-search") -> SolverResult:
+                 sweeps: int = 1, block_size: int = 128, method: str = "local-search",
+                 loss: float | None = None) -> SolverResult:
     """Polish ``codes`` (int ``[out, in]``) by up to ``sweeps`` coordinate-descent sweeps.
 
     Columns are visited in decreasing ``H_jj`` (the most sensitive inputs first). Stops early when
-    a sweep changes nothing.
+    a sweep changes nothing. ``loss``: the relative loss of ``codes`` on ``grid`` when the caller
+    has it (a solver's result: the same number, computed the same way), saving its evaluation.
     """
     if sweeps < 0:
         raise ValueError(f"local search sweeps={sweeps} must be non-negative")
@@ -75,7 +77,11 @@ def local_search(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, codes:
     Qp = Qt[order]
     scale_p, low_p, high_p = scale_t[order], low_t[order], high_t[order]
     inv_diag = (1.0 / torch.diagonal(Hp)).tolist()
-    history = {"loss": [relative_loss(Qt.T, w0, h0)], "changed": []}
+    # Losses on [out, in] arrays laid out as the solvers' own, so a solver's loss is this one.
+    den = reference_term(w0, h0)
+    if loss is None:
+        loss = relative_loss(Qt.T.contiguous(), w0, h0, den)
+    history = {"loss": [loss], "changed": []}
     done = 0
     for _ in range(sweeps):
         before = Qp.clone()
@@ -83,7 +89,7 @@ def local_search(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, codes:
         Gp = (H @ (Qp[inverse] - W0t))[order]
         _sweep(Qp, Gp, Hp, scale_p, low_p, high_p, inv_diag, block_size)
         done += 1
-        loss = relative_loss(Qp[inverse].T, w0, h0)
+        loss = relative_loss(Qp[inverse].T.contiguous(), w0, h0, den)
         if loss > history["loss"][-1]:
             # Only float round-off can do this; keep the better codes so the step stays monotone.
             Qp = before

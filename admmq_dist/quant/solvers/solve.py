@@ -194,8 +194,11 @@ def solve(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid,
                        init_codes=None if warm is None else warm["codes"],
                        init_dual=None if warm is None else warm.get("dual"), factors=factors)
     if settings.sweeps:
+        # GPTQ's and ADMM-Q's losses are the sweep's starting loss, bit for bit (RTN's takes
+        # the Hessian in its own dtype).
         polished = local_search(weight, hessian, grid, result.codes, settings.sweeps,
-                                method=result.method)
+                                method=result.method,
+                                loss=None if settings.method == "rtn" else result.loss)
         result = _polished(result, polished, start, local_search_loss=polished.history["loss"])
     for _ in range(settings.refits):
         grid = refit_scales(weight, hessian, grid, result.codes, scale_dtype)
