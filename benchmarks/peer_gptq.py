@@ -130,7 +130,9 @@ def main(argv=None) -> int:
         raise SystemExit("--methods: llmc-gptq must come first (every ratio is to it)")
     for method in args.methods:
         out = args.scratch / f"out-{method}"
-        subprocess.run(["rm", "-rf", str(out)], check=True)
+        # The output and the resume folder a cut-short run of an earlier invocation left.
+        subprocess.run(["rm", "-rf", str(out), str(out.parent / f".{out.name}.admmq-work")],
+                       check=True)
         log = args.scratch / f"{method}.log"
         seconds = (run_llmc(args, model, out, log) if method == "llmc-gptq"
                    else run_admmq(args, method, model, out, log))
