@@ -66,7 +66,6 @@ UNRECORDED = {
     "e2e_asymmetric_quick": "historical single runs without the scale refit, quoted as such",
     "layer_quality": "settings in its header (ADMM-Q's, sweeps, refits), before records",
     "rotation_ideas": "an experiment with its settings in its header, before records",
-    "peer_gptq_slice": "settings in its header (commit f9fdb26), before records: to re-measure",
     "scaling": "2026-11-28, before asymmetric calibration and the refit: to re-measure",
 }
 
