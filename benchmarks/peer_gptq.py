@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -117,6 +118,17 @@ def run_admmq(args, method: str, model: Path, out: Path, log: Path) -> float:
     return summary["wall_seconds"]
 
 
+def solver_share(out: Path) -> dict:
+    """From an admmq run's report: the seconds its layers' solves took (the rest of its wall
+    time is start-up, calibration, forward passes and writing) and their median iterations."""
+    report = out / "report.jsonl"
+    if not report.exists():  # llm-compressor's
+        return {"solver_seconds": None, "median_iterations": None}
+    layers = [json.loads(line) for line in report.read_text().splitlines() if line.strip()]
+    return {"solver_seconds": sum(layer["seconds"] for layer in layers),
+            "median_iterations": statistics.median(layer["iterations"] for layer in layers)}
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     model = (slice_model(args.scratch, args.slice_blocks) if args.target == "slice"
@@ -138,7 +150,8 @@ def main(argv=None) -> int:
                    else run_admmq(args, method, model, out, log))
         got = forward(out, ids, ppl)
         rows.append({"method": method, "wall_seconds": seconds, "ppl": got["ppl"],
-                     "output_error": output_error(got["hidden"], reference["hidden"])})
+                     "output_error": output_error(got["hidden"], reference["hidden"]),
+                     **solver_share(out)})
         print(json.dumps(rows[-1]), flush=True)
     write(args, reference["ppl"], rows)
     return 0
@@ -182,12 +195,15 @@ def write(args, float_ppl: float, rows: list[dict]) -> None:
             "grid": {"bits": args.bits, "group_size": args.group_size, "symmetric": False},
             "calibration": {"num_samples": args.num_samples, "seq_len": args.seq_len,
                             "seed": args.seed}}), "",
-        "| method | wall s | / llm-compressor | perplexity | gap | gap / llm-compressor's "
-        "| output error | / llm-compressor |", "|---|---|---|---|---|---|---|---|"]
+        "| method | wall s | / llm-compressor | solver s | ADMM-Q iterations (median) | "
+        "perplexity | gap | gap / llm-compressor's | output error | / llm-compressor |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['wall_seconds']:.1f} | "
-            f"{r['wall_seconds'] / peer['wall_seconds']:.2f} | {cell(r['ppl'], '.3f')} | "
+            f"{r['wall_seconds'] / peer['wall_seconds']:.2f} | "
+            f"{cell(r.get('solver_seconds'), '.1f')} | {cell(r.get('median_iterations'), 'g')} | "
+            f"{cell(r['ppl'], '.3f')} | "
             f"{cell(gap(r), '.4f')} | "
             f"{cell(None if gap(r) is None else gap(r) / gap(peer), '.3f')} | "
             f"{r['output_error']:.4f} | "
