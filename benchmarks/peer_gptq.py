@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -85,7 +86,17 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--output", default=None, help="results name (default peer_gptq_TARGET)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
                    help="llmc-gptq first: the ratios are to it")
-    return p.parse_args(argv)
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                   help="also run `admmq quantize` with these flags as method NAME (e.g. "
+                        "fast-norefit='--effort fast --scale-refits 0'); repeatable")
+    args = p.parse_args(argv)
+    args.variants = {}
+    for v in args.variant:
+        name, sep, flags = v.partition("=")
+        if not sep or not name or name in METHODS:
+            p.error(f"--variant {v!r}: give NAME=FLAGS with a NAME of its own")
+        args.variants[name] = shlex.split(flags)
+    return args
 
 
 def run_llmc(args, model: Path, out: Path, log: Path) -> float:
@@ -108,7 +119,8 @@ def run_llmc(args, model: Path, out: Path, log: Path) -> float:
 
 
 def run_admmq(args, method: str, model: Path, out: Path, log: Path) -> float:
-    flags = {"admmq": [], "admmq-fast": ["--effort", "fast"], "admmq-best": ["--effort", "best"],
+    flags = {**args.variants,
+             "admmq": [], "admmq-fast": ["--effort", "fast"], "admmq-best": ["--effort", "best"],
              "gptaq": ["--method", "gptq"],
              "gptq": ["--method", "gptq", "--asymmetric", "0"], "rtn": ["--method", "rtn"]}
     summary = cli("quantize", str(model), "-o", str(out), "--bits", str(args.bits),
@@ -140,7 +152,7 @@ def main(argv=None) -> int:
     rows = []
     if args.methods[0] != "llmc-gptq":
         raise SystemExit("--methods: llmc-gptq must come first (every ratio is to it)")
-    for method in args.methods:
+    for method in [*args.methods, *args.variants]:
         out = args.scratch / f"out-{method}"
         # The output and the resume folder a cut-short run of an earlier invocation left.
         subprocess.run(["rm", "-rf", str(out), str(out.parent / f".{out.name}.admmq-work")],
@@ -190,7 +202,8 @@ def write(args, float_ppl: float, rows: list[dict]) -> None:
         + (" (a slice's logits mean nothing: no perplexity)." if float_ppl is None else "."),
         "Each `admmq` row is `admmq quantize` with the recipe below and its row's flags "
         "(`admmq-fast`: `--effort fast`, `admmq-best`: `--effort best`, `gptaq`: `--method gptq`, "
-        "`gptq`: `--method gptq --asymmetric 0`, `rtn`: `--method rtn`).", "",
+        "`gptq`: `--method gptq --asymmetric 0`, `rtn`: `--method rtn`"
+        + "".join(f", `{k}`: `{' '.join(v)}`" for k, v in args.variants.items()) + ").", "",
         environment.settings_record({
             "grid": {"bits": args.bits, "group_size": args.group_size, "symmetric": False},
             "calibration": {"num_samples": args.num_samples, "seq_len": args.seq_len,
