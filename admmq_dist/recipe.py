@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
+from .quant.fp4 import GROUP_SIZES as FP4_GROUP_SIZES
 from .quant.grid import GridSpec
 from .quant.solvers.solve import SolverSettings
 
@@ -148,6 +149,17 @@ class Recipe:
     output: OutputSettings = field(default_factory=OutputSettings)
     report: ReportSettings = field(default_factory=ReportSettings)
 
+    def __post_init__(self) -> None:
+        kind = self.grid.kind
+        if kind != "int" and self.output.format != "compressed-tensors":
+            raise ValueError(f"{kind} checkpoints are compressed-tensors only; drop --format "
+                             f"{self.output.format} or use --grid int")
+        if kind != "int" and self.solver.schedule != "sequential":
+            # The round schedules rebuild grids from stored scales between rounds and would
+            # refit NVFP4 scales without the global scale their fused linears share.
+            raise ValueError(f"{kind} grids run on the sequential schedule only (not yet "
+                             f"{self.solver.schedule}); drop --schedule or use --grid int")
+
 
 class RecipeError(ValueError):
     """A recipe that cannot be applied; the message names the offending key."""
@@ -207,6 +219,10 @@ def override(instance: Any, updates: dict | None, where: str = "") -> Any:
     if isinstance(instance, Recipe) and "effort" in updates:
         effort = _coerce(updates["effort"], hints["effort"], "effort")
         instance = override(instance, EFFORTS[effort])  # then the keys given beside it
+    if isinstance(instance, GridSpec) and updates.get("kind") in FP4_GROUP_SIZES:
+        # An FP4 format fixes bits and group size: they follow it unless given (and refused
+        # by GridSpec when given otherwise).
+        updates = {"bits": 4, "group_size": FP4_GROUP_SIZES[updates["kind"]], **updates}
     changes = {}
     for key, value in updates.items():
         path = f"{where}.{key}" if where else str(key)

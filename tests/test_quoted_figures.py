@@ -98,7 +98,8 @@ COORDINATED_ONLY = {"solver.refresh_dual"}
 
 # Settings added after a record was written, with the default that does what the code did before
 # them: a record without the key ran that way.
-ADDED_AS_BEFORE = {"solver.admm.products": "float32"}  # a CPU computes float32 either way
+ADDED_AS_BEFORE = {"solver.admm.products": "float32",  # a CPU computes float32 either way
+                   "grid.kind": "int"}  # integer grids were the only ones
 
 
 def stale_keys(record: dict) -> list[str]:

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from admmq_dist import __version__
+from admmq_dist.checkpoint import fp4_layout
 from admmq_dist.quant.packing import (
     dense_words,
     gptq_words,
@@ -66,7 +67,7 @@ COMPRESSED_TENSORS_LAYOUT_VERSION = "0.20.0"
 # and the one that marks a module as quantized.
 SUFFIXES = {
     "compressed-tensors": ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point",
-                           "weight_g_idx"),
+                           "weight_g_idx", "weight_global_scale"),
     "gptq": ("qweight", "qzeros", "scales", "g_idx"),
 }
 MARKER = {"compressed-tensors": "weight_packed", "gptq": "qweight"}
@@ -175,8 +176,9 @@ def pack_zeros(fmt: str, zero: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def quantization_config(fmt: str, bits: int, group_size: int | None, symmetric: bool,
-                        ignore: list[str]) -> dict[str, Any]:
-    """The ``quantization_config`` of ``config.json`` (GPTQ: also ``quantize_config.json``)."""
+                        ignore: list[str], kind: str = "int") -> dict[str, Any]:
+    """The ``quantization_config`` of ``config.json`` (GPTQ: also ``quantize_config.json``);
+    ``kind``: the grid's (FP4 grids: compressed-tensors' FP4 layouts, :mod:`.fp4_layout`)."""
     if fmt == "gptq":
         return {
             "quant_method": "gptq",
@@ -199,6 +201,8 @@ def quantization_config(fmt: str, bits: int, group_size: int | None, symmetric: 
     weights = {"num_bits": bits, "type": "int", "symmetric": symmetric,
                "group_size": group_size,
                "strategy": "channel" if group_size is None else "group", "dynamic": False}
+    if kind != "int":
+        weights = fp4_layout.weights_config(kind)
     return {
         "version": COMPRESSED_TENSORS_LAYOUT_VERSION,
         "quant_method": "compressed-tensors",
@@ -207,7 +211,7 @@ def quantization_config(fmt: str, bits: int, group_size: int | None, symmetric: 
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
                                       "input_activations": None, "output_activations": None}},
         "kv_cache_scheme": None,
-        "format": "pack-quantized",
+        "format": fp4_layout.FORMATS.get(kind, "pack-quantized"),
         "quantization_status": "compressed",
         "global_compression_ratio": None,
         "ignore": ignore,
@@ -246,13 +250,14 @@ def read_settings(folder: Path, config: dict) -> dict:
         if weights.get("strategy") == "channel" or group_size in (None, -1, 0):
             group_size = None
         return {"format": "compressed-tensors", "checkpoint_format": qc.get("format"),
+                "kind": fp4_layout.KIND_OF_FORMAT.get(qc.get("format"), "int"),
                 "bits": weights.get("num_bits"), "group_size": group_size,
                 "symmetric": bool(weights.get("symmetric", True)), "dtype": dtype,
                 "ignore": list(qc.get("ignore") or []), "gptq_v2": False}
     if method == "gptq":
         group_size = qc.get("group_size")
         fmt = qc.get("checkpoint_format") or "gptq"
-        return {"format": "gptq", "checkpoint_format": fmt, "bits": qc.get("bits"),
+        return {"format": "gptq", "checkpoint_format": fmt, "kind": "int", "bits": qc.get("bits"),
                 "group_size": None if group_size in (None, -1, 0) else group_size,
                 "symmetric": bool(qc.get("sym", True)), "dtype": dtype,
                 "ignore": list(qc.get("ignore") or qc.get("modules_to_not_convert") or []),

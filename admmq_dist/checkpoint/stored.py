@@ -6,14 +6,23 @@ from __future__ import annotations
 
 import torch
 
-from admmq_dist.checkpoint.formats import FORMATS, matches_ignore
-from admmq_dist.quant.grid import SUPPORTED_BITS, Grid
+from admmq_dist.checkpoint import fp4_layout
+from admmq_dist.checkpoint.formats import FORMATS, layer_tensors, matches_ignore
+from admmq_dist.quant.grid import GRID_KINDS, SUPPORTED_BITS, Grid, GridSpec
 
 MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def check_settings(format, bits, group_size, symmetric, dtype, max_shard_bytes) -> None:
+def check_settings(format, bits, group_size, symmetric, dtype, max_shard_bytes,
+                   kind="int") -> None:
     """Refuse writer settings no layout can hold."""
+    if kind not in GRID_KINDS:
+        raise ValueError(f"grid kind={kind!r} is not supported; choose one of {GRID_KINDS}")
+    if kind != "int":
+        if format != "compressed-tensors":
+            raise ValueError(f"{kind} checkpoints are compressed-tensors only; use --format "
+                             "compressed-tensors")
+        GridSpec(bits=bits, group_size=group_size, symmetric=symmetric, kind=kind)
     if format not in FORMATS:
         raise ValueError(f"format={format!r} is not supported; choose one of {FORMATS}")
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
@@ -47,11 +56,14 @@ def check_width(fmt: str, group_size: int | None, module: str, in_features: int)
             f"quantization, or add {module!r} to the ignore list")
 
 
-def check_grid(fmt: str, bits: int, group_size: int | None, module: str, grid: Grid) -> None:
-    """``grid`` has the writer's bits and group size, whole groups, and matching shapes."""
+def check_grid(fmt: str, bits: int, group_size: int | None, module: str, grid: Grid,
+               kind: str = "int") -> None:
+    """``grid`` has the writer's kind, bits and group size, whole groups, and matching shapes."""
     if not isinstance(grid, Grid):
         raise TypeError(
             f"{module}: grid must be an admmq_dist.quant.grid.Grid, got {type(grid).__name__}")
+    if grid.kind != kind:
+        raise ValueError(f"{module}: grid is {grid.kind} but the writer writes {kind}")
     if grid.bits != bits:
         raise ValueError(f"{module}: grid has {grid.bits} bits but the writer writes {bits}-bit")
     rows, cols = grid.rows, grid.cols
@@ -66,6 +78,20 @@ def check_grid(fmt: str, bits: int, group_size: int | None, module: str, grid: G
         raise ValueError(
             f"{module}: grid scale/zero have shapes {tuple(grid.scale.shape)}/"
             f"{tuple(grid.zero.shape)}, expected ({rows}, {groups})")
+
+
+def quantized_tensors(fmt: str, kind: str, bits: int, group_size: int | None, symmetric: bool,
+                      dtype: torch.dtype, module: str, codes: torch.Tensor, grid: Grid
+                      ) -> dict[str, torch.Tensor]:
+    """What the layout stores for ``module`` (``codes`` ``[out, in]`` on ``grid``), every check
+    made first."""
+    check_grid(fmt, bits, group_size, module, grid, kind)
+    check_codes(bits, module, codes, grid.rows, grid.cols)
+    if kind != "int":
+        return fp4_layout.layer_tensors(kind, module, codes, grid.scale, grid.global_scale)
+    scale = stored_scale(fmt, dtype, module, grid)
+    zero = stored_zero(bits, symmetric, module, grid)
+    return layer_tensors(fmt, module, codes, scale, zero, bits, symmetric, grid.group_size)
 
 
 def check_codes(bits: int, module: str, codes: torch.Tensor, rows: int, cols: int) -> None:

@@ -26,7 +26,6 @@ from admmq_dist.checkpoint.formats import (
     FORMATS,
     GPTQ_CONFIG_NAME,
     INDEX_NAME,
-    layer_tensors,
     quantization_config,
 )
 from admmq_dist.checkpoint.manifest import MANIFEST_NAME, Digests, write_manifest
@@ -38,14 +37,11 @@ from admmq_dist.checkpoint.publish import (
     write_extra_files,
 )
 from admmq_dist.checkpoint.stored import (
-    check_codes,
-    check_grid,
     check_ignore,
     check_ignore_entries,
     check_settings,
     check_width,
-    stored_scale,
-    stored_zero,
+    quantized_tensors,
 )
 from admmq_dist.files import fsync
 from admmq_dist.quant.grid import Grid
@@ -98,8 +94,10 @@ class CheckpointWriter:
         dtype: torch.dtype = torch.float16,
         max_shard_bytes: int = 2 * 1024**3,
         overwrite: bool = False,
+        grid_kind: str = "int",
     ) -> None:
-        check_settings(format, bits, group_size, symmetric, dtype, max_shard_bytes)
+        check_settings(format, bits, group_size, symmetric, dtype, max_shard_bytes, grid_kind)
+        self.grid_kind = grid_kind
         self.out_dir = Path(out_dir).absolute()
         self.format = format
         self.bits = bits
@@ -176,14 +174,9 @@ class CheckpointWriter:
                 f"{module_name}: its dense weight was already added with add_tensor; "
                 "skip the weights of quantized modules"
             )
-        check_grid(self.format, self.bits, self.group_size, module_name, grid)
         rows = grid.rows
-        check_codes(self.bits, module_name, codes, rows, grid.cols)
-        scale = stored_scale(self.format, self.dtype, module_name, grid)
-        zero = stored_zero(self.bits, self.symmetric, module_name, grid)
-
-        tensors = layer_tensors(self.format, module_name, codes, scale, zero, self.bits,
-                                self.symmetric, grid.group_size)
+        tensors = quantized_tensors(self.format, self.grid_kind, self.bits, self.group_size,
+                                    self.symmetric, self.dtype, module_name, codes, grid)
 
         if bias is not None:
             if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (rows,):
@@ -336,7 +329,7 @@ class CheckpointWriter:
         if "torch_dtype" in config_out:  # transformers 4.x spelling, still read by older engines
             config_out["torch_dtype"] = dtype_name
         config_out["quantization_config"] = quantization_config(
-            self.format, self.bits, self.group_size, self.symmetric, ignore)
+            self.format, self.bits, self.group_size, self.symmetric, ignore, self.grid_kind)
         if self.format == "gptq":
             self._write_text(GPTQ_CONFIG_NAME, _dump_json(config_out["quantization_config"]))
             written.add(GPTQ_CONFIG_NAME)

@@ -1,8 +1,12 @@
-"""Uniform per-row, per-group quantization grids.
+"""Per-row, per-group quantization grids: uniform integer grids and the FP4 grids of :mod:`.fp4`.
 
 A grid assigns every weight ``W[i, j]`` of a ``[rows, cols]`` matrix (``[out, in]``) a scale and an
-integer zero point, shared by the ``group_size`` consecutive input columns of its group. Codes are
-unsigned integers in ``[0, 2**bits - 1]`` and dequantise as ``scale * (code - zero)``.
+integer zero point, shared by the ``group_size`` consecutive input columns of its group. Integer
+codes are unsigned integers in ``[0, 2**bits - 1]`` and dequantise as ``scale * (code - zero)``;
+FP4 codes (``kind`` ``nvfp4`` or ``mxfp4``) are E2M1 encodings and dequantise as
+``scale * e2m1(code)`` (their zero points are all 0). Solvers reach the grid's values only through
+its methods (``codes``, ``dequantize``, ``project``, ``round_normalized_``, ``normalized``), so
+every solver runs on every kind.
 
 The grid is fitted before any solver runs and solvers choose codes on it; only the scale refit
 (``solvers/scales.py``), after the codes are chosen, moves its scales.
@@ -14,9 +18,14 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import dataclasses
+
 import torch
 
+from . import fp4
+
 SUPPORTED_BITS = (2, 3, 4, 8)
+GRID_KINDS = fp4.KINDS
 
 
 @dataclass(frozen=True)
@@ -27,7 +36,8 @@ class GridSpec:
     the input width leaves a ragged last group; checkpoint writers that cannot hold that refuse it.
     ``symmetric=None`` is "not chosen yet" (a recipe's default): whoever knows the model and the
     checkpoint format settles it (the pipeline: symmetric where engines read no zero points)
-    before a grid is fitted.
+    before a grid is fitted. ``kind``: ``int``, or an FP4 format (``nvfp4``, ``mxfp4``: 4 bits,
+    the format's own group size, no zero points).
     """
 
     bits: int = 4
@@ -39,8 +49,13 @@ class GridSpec:
     mse_norm: float = 2.4
     mse_steps: int = 100
     mse_max_shrink: float = 0.8
+    kind: Literal["int", "nvfp4", "mxfp4"] = "int"
 
     def __post_init__(self) -> None:
+        if self.kind not in GRID_KINDS:
+            raise ValueError(f"grid kind={self.kind!r} is not supported; choose one of {GRID_KINDS}")
+        if self.kind != "int":
+            self._check_fp4()
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits={self.bits} is not supported; choose one of {SUPPORTED_BITS}")
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
@@ -57,6 +72,18 @@ class GridSpec:
             raise ValueError(f"mse_steps={self.mse_steps} must be at least 1")
         if not 0.0 <= self.mse_max_shrink < 1.0:
             raise ValueError(f"mse_max_shrink={self.mse_max_shrink} must lie in [0, 1)")
+
+    def _check_fp4(self) -> None:
+        size = fp4.GROUP_SIZES[self.kind]
+        if self.bits != 4:
+            raise ValueError(f"{self.kind} is a 4-bit format; bits={self.bits} cannot be stored "
+                             f"in it (drop --bits or use --grid int)")
+        if self.group_size != size:
+            raise ValueError(f"{self.kind} has groups of {size}; group_size={self.group_size} "
+                             f"cannot be stored in it (drop --group-size or use --grid int)")
+        if self.symmetric is False:
+            raise ValueError(f"{self.kind} grids have no zero points; they cannot be asymmetric "
+                             "(drop --asym or use --grid int)")
 
     @property
     def maxq(self) -> int:
@@ -83,6 +110,10 @@ class Grid:
     symmetric: bool
     scale: torch.Tensor
     zero: torch.Tensor
+    kind: str = "int"
+    # NVFP4's per-tensor power of two (fp4.nvfp4_global_scale), kept by row slices so that
+    # every row block snaps refitted scales under the one the whole layer is stored with.
+    global_scale: float | None = None
 
     @property
     def maxq(self) -> int:
@@ -115,30 +146,69 @@ class Grid:
                    zero: torch.Tensor) -> "Grid":
         """The grid of a ``[rows, cols]`` layer from its stored ``scale`` and ``zero`` (as a
         commit, a worker or a resumed run hands them over) and the spec they were fitted with."""
-        return cls(spec.bits, spec.effective_group_size(cols), cols, spec.symmetric, scale, zero)
+        # A whole layer's NVFP4 scales give back its global scale (or a larger power of two,
+        # under which they are still representable: see fp4's docstring).
+        global_scale = fp4.nvfp4_global_scale(scale) if spec.kind == "nvfp4" else None
+        return cls(spec.bits, spec.effective_group_size(cols), cols, spec.symmetric, scale, zero,
+                   spec.kind, global_scale)
 
     def row_slice(self, start: int, stop: int) -> "Grid":
         """The grid of rows ``start:stop`` (grids are fitted row by row, so this is exact)."""
-        return Grid(self.bits, self.group_size, self.cols, self.symmetric,
-                    self.scale[start:stop], self.zero[start:stop])
+        return dataclasses.replace(self, scale=self.scale[start:stop], zero=self.zero[start:stop])
 
     def to(self, device: torch.device | str) -> "Grid":
-        return Grid(self.bits, self.group_size, self.cols, self.symmetric,
-                    self.scale.to(device), self.zero.to(device))
+        return dataclasses.replace(self, scale=self.scale.to(device), zero=self.zero.to(device))
 
     def codes(self, weight: torch.Tensor) -> torch.Tensor:
         """Nearest codes of ``weight`` (``[rows, cols]``), int32 in ``[0, maxq]``."""
         scale, zero = self.expanded()
+        if self.kind != "int":
+            return fp4.encode(fp4.round_e2m1_(weight / scale))
         return codes_of(weight, scale, zero, self.maxq)
 
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
         scale, zero = self.expanded()
+        if self.kind != "int":
+            return scale * fp4.decode(codes)
         return dequantize_codes(codes, scale, zero)
 
     def project(self, weight: torch.Tensor) -> torch.Tensor:
         """Euclidean projection of ``weight`` onto the grid (round to nearest)."""
         scale, zero = self.expanded()
+        if self.kind != "int":
+            return fp4.round_e2m1_(weight / scale).mul_(scale)
         return project(weight, scale, zero, self.maxq)
+
+    def quantize_values(self, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(codes, values)`` of ``weight`` on this grid's ``scale`` and ``zero`` for the same
+        elements (e.g. one column's), broadcasting."""
+        if self.kind != "int":
+            normalized = fp4.round_e2m1_(weight / scale)
+            return fp4.encode(normalized), normalized * scale
+        codes = codes_of(weight, scale, zero, self.maxq)
+        return codes, dequantize_codes(codes, scale, zero)
+
+    def round_normalized_(self, t: torch.Tensor, low: torch.Tensor, high: torch.Tensor
+                          ) -> torch.Tensor:
+        """Round ``t`` (weights divided by their scales) in place to the nearest grid value,
+        ``code - zero`` for integer grids (``low = -zero``, ``high = maxq - zero``)."""
+        if self.kind != "int":
+            return fp4.round_e2m1_(t)
+        return t.round_().clamp_(low, high)
+
+    def normalized(self, codes: torch.Tensor) -> torch.Tensor:
+        """float32 ``code - zero`` (FP4: the E2M1 value): what a scale multiplies."""
+        if self.kind != "int":
+            return fp4.decode(codes)
+        return codes.float() - self.expanded()[1]
+
+    def snap_scales(self, scale: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+        """``scale`` as the checkpoint can store it: rounded to ``dtype`` (integer grids) or to
+        the FP4 format's scale numbers."""
+        if self.kind != "int":
+            return fp4.snap(self.kind, scale, self.global_scale).to(scale.dtype)
+        return scale if dtype is None else scale.to(dtype).to(scale.dtype)
 
 
 def codes_of(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
@@ -175,13 +245,14 @@ def _params_from_range(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmet
     return scale, zero
 
 
-def fit_grid(weight: torch.Tensor, spec: GridSpec) -> Grid:
-    """Fit a grid to ``weight`` (``[rows, cols]``) by min-max or GPTQ's MSE range search."""
+def fit_grid(weight: torch.Tensor, spec: GridSpec, global_scale: float | None = None) -> Grid:
+    """Fit a grid to ``weight`` (``[rows, cols]``) by min-max or GPTQ's MSE range search
+    (``global_scale``: NVFP4's, shared by the linears engines fuse; default from ``weight``)."""
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight [out, in], got shape {tuple(weight.shape)}")
     if not torch.isfinite(weight).all():
         raise ValueError("the weight holds NaN or Inf values; cannot fit a quantization grid")
-    if spec.symmetric is None:
+    if spec.symmetric is None and spec.kind == "int":
         raise ValueError("the grid's symmetric setting is not chosen (None); pass "
                          "symmetric=True or False")
     rows, cols = weight.shape
@@ -196,6 +267,12 @@ def fit_grid(weight: torch.Tensor, spec: GridSpec) -> Grid:
     if pad:
         valid[cols:] = False
     valid = valid.reshape(1, ngroups, gs)
+    if spec.kind != "int":
+        scale, global_scale = fp4.fit_scales(wg, valid, spec.kind, spec.range_search,
+                                             spec.mse_norm, spec.mse_steps, spec.mse_max_shrink,
+                                             global_scale)
+        return Grid(spec.bits, gs, cols, True, scale, torch.zeros_like(scale), spec.kind,
+                    global_scale)
     xmin = torch.clamp(wg.amin(dim=2), max=0.0)
     xmax = torch.clamp(wg.amax(dim=2), min=0.0)
     scale, zero = _params_from_range(xmin, xmax, spec.bits, spec.symmetric)

@@ -22,7 +22,7 @@ from typing import Literal
 
 import torch
 
-from ..grid import Grid, dequantize_codes
+from ..grid import Grid
 from ..factors import HessianFactors
 from ..hessian import relative_loss
 from .gptq import GPTQSettings, gptq
@@ -213,8 +213,7 @@ def _start_dual(loop, init_dual, codes0: torch.Tensor, grid: Grid) -> torch.Tens
     if isinstance(init_dual, str):
         if init_dual != "stationary":
             raise ValueError(f"init_dual={init_dual!r}: a tensor, 'stationary' or None")
-        scale, zero = grid.expanded()
-        return loop.stationary_dual(dequantize_codes(codes0, scale, zero))
+        return loop.stationary_dual(grid.dequantize(codes0))
     return init_dual.to(device=codes0.device, dtype=torch.float32)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..grid import Grid, dequantize_codes
+from ..grid import Grid
 from .active_rows import COMPACT_SHARE, ActiveRows
 
 
@@ -46,7 +46,7 @@ class _Run:
     def __init__(self, loop, codes0: torch.Tensor, grid: Grid, settings, dual0):
         self.loop, self.grid, self.settings = loop, grid, settings
         scale, zero = grid.expanded()
-        Z = dequantize_codes(codes0, scale, zero)
+        Z = grid.dequantize(codes0)
         # The objective is a sum over rows that do not interact, so the best iterate is kept row
         # by row: a row that oscillates is taken at its own best moment, not at the matrix's.
         best_rows = loop.start(Z, dual0)
@@ -82,7 +82,8 @@ class _Run:
         s, st, loop, rho = self.settings, self.state, self.loop, self.rho
         W = loop.w_step(rho)
         V = torch.add(W, loop.Y, alpha=1.0 / rho)  # W + U
-        P = (V * st["inv_scale"]).round_().clamp_(st["low"], st["high"]).mul_(st["scale"])
+        P = self.grid.round_normalized_(V * st["inv_scale"], st["low"], st["high"])
+        P.mul_(st["scale"])
         Znew, Zhard, new_hard = _project(s, V, P, st["Z"], self.gen, st["row_scale_norm"])
         high = rho > s.stop_min_rho
         rows_high = self.active is not None and rho > s.row_min_rho_for()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..grid import Grid, codes_of, dequantize_codes
+from ..grid import Grid
 from ..factors import HessianFactors
 from ..hessian import relative_loss, zero_columns
 from .result import SolverResult
@@ -58,7 +58,6 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid,
     W = zero_columns(w0, factors.dead)
     rows, cols = W.shape
     scale, zero = grid.expanded()
-    maxq = grid.maxq
     perm, Hinv = factors.gptq(settings.act_order, settings.damp, settings.damp_retry_factor,
                               settings.damp_retries)
     if perm is not None:
@@ -76,8 +75,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid,
             w = W1[:, i]
             d = Hinv1[i, i]
             s, z = scale[:, i1 + i], zero[:, i1 + i]
-            c = codes_of(w, s, z, maxq)
-            q = dequantize_codes(c, s, z)
+            c, q = grid.quantize_values(w, s, z)
             codes[:, i1 + i] = c
             err = (w - q) / d
             W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)

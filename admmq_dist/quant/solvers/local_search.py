@@ -22,7 +22,7 @@ from .result import SolverResult
 
 def _sweep(Qt: torch.Tensor, Gt: torch.Tensor, H: torch.Tensor, scale_t: torch.Tensor,
            low_t: torch.Tensor, high_t: torch.Tensor, inv_diag: list[float],
-           block_size: int) -> None:
+           block_size: int, grid: Grid) -> None:
     """One pass over the columns in their stored order; updates ``Qt`` (``[n, m]``) and the
     gradient ``Gt`` (``H (Q - W0)ᵀ``, ``[n, m]``) in place.
 
@@ -39,7 +39,8 @@ def _sweep(Qt: torch.Tensor, Gt: torch.Tensor, H: torch.Tensor, scale_t: torch.T
         for j in range(b1, b2):
             # The nearest grid point to Q[:, j] - G[:, j] / H_jj, computed in place.
             t = torch.sub(Qt[j], Gt[j], alpha=inv_diag[j])
-            q = t.mul_(inv_scale_t[j]).round_().clamp_(low_t[j], high_t[j]).mul_(scale_t[j])
+            q = grid.round_normalized_(t.mul_(inv_scale_t[j]), low_t[j], high_t[j])
+            q.mul_(scale_t[j])
             delta = q - Qt[j]
             Qt[j] = q
             Gb.addr_(Hb[:, j - b1], delta)
@@ -87,7 +88,7 @@ def local_search(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, codes:
         before = Qp.clone()
         # G in the original column order, then permuted, so its sums run as they always did.
         Gp = (H @ (Qp[inverse] - W0t))[order]
-        _sweep(Qp, Gp, Hp, scale_p, low_p, high_p, inv_diag, block_size)
+        _sweep(Qp, Gp, Hp, scale_p, low_p, high_p, inv_diag, block_size, grid)
         done += 1
         loss = relative_loss(Qp[inverse].T.contiguous(), w0, h0, den)
         if loss > history["loss"][-1]:

@@ -61,7 +61,8 @@ def refit_scales(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, codes:
                  chunk: int = COLUMN_CHUNK) -> Grid:
     """The grid with each row's group scales refitted to ``codes`` (int ``[out, in]``), zero
     points kept. A row keeps its old scales unless the new ones are all positive and lower its
-    loss (measured after rounding them to ``scale_dtype``, the dtype the checkpoint stores).
+    loss (measured after rounding them to ``scale_dtype``, the dtype the checkpoint stores, or
+    for FP4 grids to the format's scale numbers).
 
     Shapes: weight ``[out, in]``, hessian ``[in, in]`` (any float dtype; never copied whole);
     cost ``out · in²``; memory beyond the inputs a few ``[out, in]`` float64 arrays, one
@@ -76,8 +77,7 @@ def refit_scales(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, codes:
     W = zero_columns(weight.float(), dead).double()
     rows, cols = W.shape
     G, gs = grid.num_groups, grid.group_size
-    _, zero = grid.expanded()
-    d = codes.double() - zero.double()  # [rows, cols]: V's entries, group by group
+    d = grid.normalized(codes).double()  # [rows, cols]: V's entries, group by group
     a = torch.zeros(rows, G, G, dtype=torch.float64, device=W.device)
     b = torch.zeros(rows, G, dtype=torch.float64, device=W.device)
     loss_before = torch.zeros(rows, dtype=torch.float64, device=W.device)
@@ -106,8 +106,7 @@ def refit_scales(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, codes:
     del a, diagonal
     new = torch.cholesky_solve(b.unsqueeze(-1), factor).squeeze(-1)
     del factor
-    if scale_dtype is not None:
-        new = new.to(scale_dtype).double()
+    new = grid.snap_scales(new, scale_dtype)
     ok = (info == 0) & torch.isfinite(new).all(dim=1) & (new > 0).all(dim=1)
     new = torch.where(ok.unsqueeze(1), new, old)
     candidate = dataclasses.replace(grid, scale=new.float())
