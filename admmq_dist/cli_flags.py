@@ -44,6 +44,11 @@ RECIPE_FLAGS: list[tuple[str, str, dict]] = [
     ("--bits", "grid.bits", {"type": int, "choices": (2, 3, 4, 8)}),
     ("--group-size", "grid.group_size", {"type": None, "metavar": "N|channel"}),
     ("--range-search", "grid.range_search", {"choices": ("minmax", "mse")}),
+    ("--grid", "grid.kind", {
+        "choices": ("int", "nvfp4", "mxfp4"),
+        "help": "the number format: int (integer codes, any --bits and --group-size), nvfp4 "
+                "(E2M1 codes, FP8 scales per 16 under a global scale) or mxfp4 (E2M1, "
+                "power-of-two scales per 32); FP4 sets 4 bits and its group size (int)"}),
     ("--method", "solver.method", {"choices": ("admmq", "gptq", "rtn")}),
     ("--iterations", "solver.admm.iterations", {"type": int, "help": "ADMM-Q iteration budget"}),
     ("--rho-start", "solver.admm.rho_start", {

@@ -124,6 +124,51 @@ def test_every_moe_bit_width_the_cli_accepts_loads_into_vllm(models, tmp_path, a
     assert result.refused == {}
 
 
+@pytest.mark.parametrize("kind", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe", "mixtral"])
+def test_fp4_checkpoints_load_into_vllm_exactly(models, tmp_path, arch, kind):
+    """NVFP4 and MXFP4 (issue 28), dense and mixture-of-experts: vLLM's FP4 schemes load every
+    tensor and hold exactly our weights (NVFP4: one global scale per fused linear)."""
+    out = tmp_path / "q"
+    summary = quantize(models(arch), out, grid={"kind": kind})
+    assert [n for n in summary["notes"] if n.startswith("vLLM")] == []
+    result = check_with_vllm(out)
+    assert result.compared_layers == summary["layers"]
+    assert result.refused == {}
+
+
+def test_the_check_fails_on_nvfp4_fused_linears_with_different_global_scales(tmp_path,
+                                                                            monkeypatch):
+    """vLLM serves q/k/v with one global scale: with k_proj's weights 16x louder than q's and
+    each linear written under its own, the check refuses the checkpoint."""
+    from admmq_dist.checkpoint import fp4_layout
+    from admmq_dist.quant import fp4
+    from admmq_dist.run import layer, worker
+
+    src = tiny_model_dir(tmp_path / "src", "llama", dtype=torch.bfloat16, **SHAPE)
+    from safetensors.torch import load_file, save_file
+
+    weights = src / "model.safetensors"
+    tensors = load_file(weights)
+    for name in tensors:
+        if name.endswith("k_proj.weight"):
+            tensors[name] = tensors[name] * 16
+    save_file(tensors, weights, metadata={"format": "pt"})
+    quantize(src, tmp_path / "shared", grid={"kind": "nvfp4"})
+    check_with_vllm(tmp_path / "shared")
+    # Each linear fitted and written under its own global scale, as a writer unaware of vLLM's
+    # fusing would.
+    monkeypatch.setattr(layer, "fused_global_scales",
+                        lambda scales: {n: fp4.nvfp4_global_scale(s) for n, s in scales.items()})
+    monkeypatch.setattr(worker, "served_grid",
+                        lambda weight, recipe, dtype, name, fused=(): layer.served_grid(
+                            weight, recipe, dtype, name))
+    quantize(src, tmp_path / "own", grid={"kind": "nvfp4"})
+    with pytest.raises(ConformanceError, match="different NVFP4 global scales"):
+        check_with_vllm(tmp_path / "own")
+    assert fp4_layout.FORMATS["nvfp4"] in (tmp_path / "own" / "config.json").read_text()
+
+
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
 def test_asymmetric_experts_load_their_zero_points_into_vllm(models, tmp_path, arch):
     out = tmp_path / "q"

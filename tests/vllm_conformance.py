@@ -36,7 +36,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
+from admmq_dist.checkpoint import fp4_layout  # noqa: E402
+from admmq_dist.checkpoint.fp4_layout import KIND_OF_FORMAT  # noqa: E402
 from admmq_dist.checkpoint.serving import SM80, SM90  # noqa: E402
+from admmq_dist.quant import fp4  # noqa: E402
 from admmq_dist.quant.packing import (  # noqa: E402
     unpack_compressed_tensors_weight,
     unpack_compressed_tensors_zero_point,
@@ -118,6 +121,13 @@ class _KernelChoices:
             if kind == "linear":
                 self._record(kind, answer.__name__)
                 return _accepting(answer)
+            if kind == "fp4-linear":  # an instance, made as on the GPU
+                self._record(kind, type(answer).__name__)
+                return answer
+            if kind == "fp4-moe":
+                self._record(kind, "/".join(getattr(a, "value", getattr(a, "__name__", str(a)))
+                                            for a in answer))
+                return answer
             self._record(kind, f"{answer[0].value}/{answer[1].__name__}")
             return answer
         return choose
@@ -142,7 +152,16 @@ class _KernelChoices:
         import vllm.model_executor.layers.quantization.compressed_tensors.schemes.compressed_tensors_wNa16 as ct_linear  # noqa: E501
         import vllm.model_executor.layers.quantization.moe_wna16 as moe_wna16
 
-        targets = [(ct_linear, "choose_mp_linear_kernel", "linear"),
+        import vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe.compressed_tensors_moe_w4a4_mxfp4 as ct_moe_mxfp4  # noqa: E501
+        import vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe.compressed_tensors_moe_w4a4_nvfp4 as ct_moe_nvfp4  # noqa: E501
+        import vllm.model_executor.layers.quantization.compressed_tensors.schemes.compressed_tensors_w4a4_mxfp4 as ct_mxfp4  # noqa: E501
+        import vllm.model_executor.layers.quantization.compressed_tensors.schemes.compressed_tensors_w4a4_nvfp4 as ct_nvfp4  # noqa: E501
+
+        targets = [(ct_nvfp4, "init_nvfp4_linear_kernel", "fp4-linear"),
+                   (ct_mxfp4, "init_mxfp4_linear_kernel", "fp4-linear"),
+                   (ct_moe_nvfp4, "select_nvfp4_moe_backend", "fp4-moe"),
+                   (ct_moe_mxfp4, "select_mxfp4_moe_backend", "fp4-moe"),
+                   (ct_linear, "choose_mp_linear_kernel", "linear"),
                    (gptq, "choose_mp_linear_kernel", "linear"),
                    (ct_moe, "select_wna16_moe_backend", "moe"),
                    (gptq, "select_wna16_moe_backend", "moe"),
@@ -342,16 +361,22 @@ def _settings(qc: dict) -> dict:
                 "group_size": None if qc["group_size"] == -1 else qc["group_size"]}
     weights = qc["config_groups"]["group_0"]["weights"]
     return {"format": "compressed-tensors", "bits": weights["num_bits"],
-            "symmetric": weights["symmetric"], "group_size": weights["group_size"]}
+            "symmetric": weights["symmetric"], "group_size": weights["group_size"],
+            "kind": KIND_OF_FORMAT.get(qc.get("format"), "int")}
 
 
 def _defaulted(name: str, param) -> bool:
     """Parameters vLLM builds whatever the checkpoint and fills itself when it has none: the
-    attention's KV-cache quantization scales, and the zero expert biases some MoE back-ends add
-    for models without biases."""
+    attention's KV-cache quantization scales, the zero expert biases some MoE back-ends add
+    for models without biases, and NVFP4 experts' activation scales (unused weight-only)."""
     leaf = name.rsplit(".", 1)[-1]
     if ".attn." in name and leaf in ("k_scale", "v_scale", "q_scale", "prob_scale",
                                       "k_zero_point", "v_zero_point", "q_zero_point"):
+        return True
+    if leaf in ("w13_input_global_scale", "w2_input_global_scale"):
+        # NVFP4's MoE method registers activation scales for weight-only (W4A16) checkpoints
+        # too; with no activation quantization its kernels take ones instead
+        # (fused_moe/oracle/nvfp4.py, convert_to_nvfp4_moe_kernel_format).
         return True
     return leaf in ("w13_bias", "w2_bias") and not bool(param.data.any())
 
@@ -402,9 +427,38 @@ def _dequantize(codes, zero, scale, group_size) -> torch.Tensor:
     return (codes.to(torch.float32) - zero) * scale
 
 
+def _fp4_values(packed: torch.Tensor) -> torch.Tensor:
+    """E2M1 values of uint8 ``packed`` (``[..., in / 2]``) by compressed-tensors' own unpacker
+    (the release vLLM pins), not ours."""
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+
+    flat = packed.reshape(-1, packed.shape[-1])
+    values = unpack_fp4_from_uint8(flat, flat.shape[0], flat.shape[1] * 2, dtype=torch.float32)
+    return values.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def _fp4_scales(kind: str, scale: torch.Tensor, global_scale) -> torch.Tensor:
+    """What an E2M1 value is multiplied by: NVFP4's E4M3 scale over its global scale (broadcast
+    from ``global_scale``, one per row), MXFP4's E8M0 exponent as a power of two."""
+    if kind == "nvfp4":
+        return scale.to(torch.float32) / global_scale
+    return torch.exp2(scale.to(torch.float32) - 127)
+
+
+def _fp4_dequantize(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    group = values.shape[-1] // scale.shape[-1]
+    return values * scale.repeat_interleave(group, dim=-1)
+
+
 def _ours(module: str, tensors: dict, settings: dict) -> torch.Tensor:
     """Our decoding of the folder's quantized module (the writer's own layout code)."""
     bits, gs = settings["bits"], settings["group_size"]
+    if settings["kind"] != "int":
+        kind = settings["kind"]
+        codes = fp4_layout.unpack(tensors[f"{module}.weight_packed"])
+        scale = fp4_layout.effective_scales(kind, tensors[f"{module}.weight_scale"],
+                                            tensors.get(f"{module}.weight_global_scale"))
+        return _fp4_dequantize(fp4.decode(codes), scale)
     if settings["format"] == "gptq":
         scales = tensors[f"{module}.scales"].T
         cols = tensors[f"{module}.g_idx"].numel()
@@ -433,6 +487,17 @@ def _vllm_linear(layer, settings: dict) -> torch.Tensor:
         zero = torch.full(scales.T.shape, 2 ** (bits - 1))
         return _dequantize(codes, zero, scales.T, gs)
     packed, scale = layer.weight_packed.data, layer.weight_scale.data
+    if settings["kind"] != "int":
+        global_scale = None
+        if settings["kind"] == "nvfp4":  # one per logical shard (q, k, v; gate, up)
+            if torch.unique(layer.weight_global_scale.data).numel() != 1:
+                # vLLM then warns and serves every shard with the largest (process_weights_...)
+                raise ConformanceError("a fused linear's shards have different NVFP4 global "
+                                       f"scales: {layer.weight_global_scale.data.tolist()}")
+            sizes = torch.tensor(layer.output_partition_sizes)
+            global_scale = layer.weight_global_scale.data.float().repeat_interleave(sizes)[:, None]
+        return _fp4_dequantize(_fp4_values(packed),
+                               _fp4_scales(settings["kind"], scale, global_scale))
     cols = layer.input_size_per_partition
     codes = _bitstream(packed, bits, cols, dim=1)
     if hasattr(layer, "weight_zero_point"):
@@ -452,6 +517,18 @@ def _vllm_experts(layer, which: str, settings: dict) -> torch.Tensor:
         return _dequantize(codes, torch.full(scales.shape, 2 ** (bits - 1)), scales, gs)
     packed = getattr(layer, f"{which}_weight_packed").data
     scale = getattr(layer, f"{which}_weight_scale").data
+    if settings["kind"] != "int":
+        global_scale = None
+        if settings["kind"] == "nvfp4":  # [experts, 2] (w1, w3) for w13, [experts] for w2
+            per = getattr(layer, f"{which}_weight_global_scale").data.float()
+            per = per.reshape(per.shape[0], -1)
+            if not torch.equal(per[:, :1].expand_as(per), per):
+                # vLLM's NVFP4 MoE method refuses w1 and w3 global scales that differ.
+                raise ConformanceError(f"{which}: an expert's w1 and w3 NVFP4 global scales "
+                                       f"differ: {per.tolist()}")
+            global_scale = per.repeat_interleave(packed.shape[1] // per.shape[1], dim=1)[..., None]
+        return _fp4_dequantize(_fp4_values(packed),
+                               _fp4_scales(settings["kind"], scale, global_scale))
     cols = packed.shape[-1] * 32 // bits
     codes = _bitstream(packed, bits, cols, dim=2)
     zp = getattr(layer, f"{which}_weight_zero_point", None)

@@ -109,7 +109,8 @@ def _served_by(settings: dict, quantized: list[str]) -> dict[str, str] | None:
         return None
     return served_by(Layout(settings["format"], settings["bits"], settings["symmetric"],
                             settings["group_size"],
-                            experts=any(".experts." in m for m in quantized)))
+                            experts=any(".experts." in m for m in quantized),
+                            kind=settings.get("kind", "int")))
 
 
 def _dense_shape(module: str, fmt: str, bits, meta, files) -> tuple[int, int]:

@@ -28,10 +28,13 @@ class Layout:
     symmetric: bool
     group_size: int | None  # None: one scale per output channel
     experts: bool  # the model has mixture-of-experts layers (quantized experts)
+    kind: str = "int"  # the grid: "int", or an FP4 format ("nvfp4", "mxfp4")
 
     def describe(self) -> str:
-        grid = f"group {self.group_size}" if self.group_size else "per-channel"
         kind = "mixture-of-experts " if self.experts else ""
+        if self.kind != "int":
+            return f"{self.kind} {kind}{self.format}"
+        grid = f"group {self.group_size}" if self.group_size else "per-channel"
         sym = "symmetric" if self.symmetric else "asymmetric"
         return f"{self.bits}-bit {sym} {grid} {kind}{self.format}"
 
@@ -39,6 +42,10 @@ class Layout:
 def vllm_gaps(layout: Layout) -> dict[str, str]:
     """GPUs vLLM cannot serve ``layout`` on (``SM90``/``SM80`` -> why); empty when it serves it."""
     everywhere = (SM90, SM80)
+    if layout.kind != "int":
+        # CompressedTensorsW4A4Fp4(use_a16) and CompressedTensorsW4A4Mxfp4 (weight-only through
+        # Marlin below sm100) and their MoE methods: capability 75 and up.
+        return {}
     if layout.format == "gptq":
         if layout.bits not in (4, 8):
             return dict.fromkeys(everywhere, f"its GPTQ path takes 4 and 8 bits, not "
@@ -60,6 +67,9 @@ def vllm_gaps(layout: Layout) -> dict[str, str]:
 
 def transformers_gap(layout: Layout) -> str | None:
     """Why transformers cannot load ``layout`` correctly, or None when it can."""
+    if layout.kind == "nvfp4" and layout.experts:
+        return ("transformers' expert loader ignores NVFP4's weight_global_scale (experts load "
+                "multiplied by it; tests/test_fp4_checkpoint.py); vLLM serves it")
     if layout.format == "compressed-tensors" and layout.experts and not layout.symmetric:
         return ("transformers reads no zero points of mixture-of-experts experts (its expert "
                 "loader unpacks weights and scales only; open upstream: transformers PR #47430)")

@@ -30,8 +30,10 @@ from admmq_dist.checkpoint.formats import (
     unpack_codes,
     unpack_zeros,
 )
+from admmq_dist.checkpoint.fp4_layout import KIND_OF_FORMAT
 from admmq_dist.checkpoint.manifest import check_manifest
 from admmq_dist.checkpoint.shards import Enough, Problems, ShardFiles, check_shards
+from admmq_dist.checkpoint.verify_fp4 import check_fp4_module
 from admmq_dist.quant.grid import SUPPORTED_BITS
 
 __all__ = ["verify_checkpoint"]
@@ -98,9 +100,10 @@ def _check_ignore_covers_dense(settings: dict, files: ShardFiles, problems: Prob
 def _settings_problem(settings: dict) -> str | None:
     """Why the quantization settings themselves cannot be checked against, if they cannot."""
     fmt, bits, group = settings["format"], settings["bits"], settings["group_size"]
-    if fmt == "compressed-tensors" and settings["checkpoint_format"] not in (None, "pack-quantized"):
+    if fmt == "compressed-tensors" and settings["checkpoint_format"] not in (
+            None, "pack-quantized", *KIND_OF_FORMAT):
         return (f"{CONFIG_NAME}: compressed-tensors format {settings['checkpoint_format']!r} "
-                "is not checked (only pack-quantized)")
+                "is not checked (only pack-quantized, nvfp4- and mxfp4-pack-quantized)")
     if bits not in SUPPORTED_BITS:
         return f"{CONFIG_NAME}: quantization bits={bits!r} is not one of {SUPPORTED_BITS}"
     if group is not None and (not isinstance(group, int) or group < 1):
@@ -203,6 +206,9 @@ def _check_module(module: str, shape, settings: dict, dtype: str | None, files: 
     """Every tensor the layout (:func:`.formats.stored_tensors`) says ``module`` stores: shape,
     dtype, and that the packed words survive unpacking and repacking."""
     fmt, bits, group = settings["format"], settings["bits"], settings["group_size"]
+    if settings["kind"] != "int":
+        check_fp4_module(module, shape, settings["kind"], files, problems, _expect)
+        return
     shape = (_ct_shape(module, shape, files, problems) if fmt == "compressed-tensors"
              else shape or _gptq_shape(module, files, problems))
     if shape is None:

@@ -23,7 +23,6 @@ from ..checkpoint.writer import CheckpointWriter
 from ..model.calibration import calibration_batches
 from ..model.loading import ModelSource, TensorIndex, build_skeleton, resolve_model_dir
 from ..model.moe import has_fused_experts
-from ..quant.grid import Grid
 from ..recipe import Recipe, to_mapping
 from ..report import render_html
 from .backends import LocalBackend
@@ -36,6 +35,7 @@ from .preflight import preflight, settle_recipe
 from .ray_backend import RayBackend
 from .sequential import SequentialSchedule
 from .fingerprint import fingerprints, run_environment
+from .layer import stored_grids
 from .workdir import (DecoderBlockOutput, check_work_folder_shared, committed_anything,
                       prepare_work_dir)
 
@@ -171,7 +171,7 @@ class Job:
         writer = CheckpointWriter(target, format=output.format, bits=grid.bits,
                                   group_size=grid.group_size, symmetric=grid.symmetric,
                                   dtype=output_dtype(self.recipe, self.model_dir),
-                                  overwrite=overwrite,
+                                  overwrite=overwrite, grid_kind=grid.kind,
                                   max_shard_bytes=int(output.max_shard_gb * 1024**3))
         writer.check_ignore_entries(list(output.skip))
         writer.check_ignore_entries([n for n, linear_in_block in self.dense.items()
@@ -258,8 +258,7 @@ class Job:
         """Block ``b``'s quantized linears, and its dense tensors (norms, routers, skips)."""
         t = time.perf_counter()
         prefix = f"{self.layout_prefix}.{b}"
-        for name, (codes, scale, zero) in out.quantized.items():
-            grid = Grid.from_parts(self.recipe.grid, codes.shape[1], scale, zero)
+        for name, (codes, grid) in stored_grids(self.recipe.grid, out.quantized).items():
             writer.add_quantized(out.disk[name], codes, grid)
         written = {f"{out.disk[name]}.weight" for name in out.quantized} | set(out.consumed)
         for disk, name in zip(self.index.names(), self.index.module_names()):

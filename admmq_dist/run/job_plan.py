@@ -172,8 +172,11 @@ def _disk_and_transfers(shape: ModelShape, recipe: Recipe, workers: int, act: in
     scales = shape.total(lambda rows, cols: rows * grid.num_groups(cols))
     dense = sum(count * params for _, _, count, params in shape.blocks) + shape.outside \
         - quantized
-    output = int(quantized * grid.bits / 8 + scales * shape.stored
-                 + (0 if grid.symmetric else scales * grid.bits / 8) + dense * shape.stored)
+    # FP4 scales are one byte (FP8 E4M3, E8M0) and FP4 grids have no zero points.
+    scale_bytes = shape.stored if grid.kind == "int" else 1
+    output = int(quantized * grid.bits / 8 + scales * scale_bytes
+                 + (0 if grid.symmetric or grid.kind != "int" else scales * grid.bits / 8)
+                 + dense * shape.stored)
     work = (int(quantized + scales * 8) if recipe.solver.schedule == "sequential"
             else _round_commits(shape, recipe, workers, act, quantized, scales))
     asymmetric = recipe.calibration.asymmetric_strength(recipe.solver.method) > 0

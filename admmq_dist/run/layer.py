@@ -8,7 +8,9 @@ import dataclasses
 
 import torch
 
+from ..checkpoint.fp4_layout import fused_global_scales
 from ..checkpoint.stored import stored_scale
+from ..quant import fp4
 from ..quant.factors import HessianFactors
 from ..quant.grid import Grid, fit_grid
 from ..quant.hessian import HessianAccumulator
@@ -37,10 +39,18 @@ def served_scale_dtype(recipe: Recipe, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def served_grid(weight: torch.Tensor, recipe: Recipe, dtype: torch.dtype, name: str) -> Grid:
+def served_grid(weight: torch.Tensor, recipe: Recipe, dtype: torch.dtype, name: str,
+                fused: list[torch.Tensor] = ()) -> Grid:
     """The grid fitted to ``weight`` with its scales rounded as the checkpoint stores them
     (``dtype``: the checkpoint's; GPTQ's float16): the codes are solved for, and later blocks
-    calibrated on, the very numbers the engine will serve."""
+    calibrated on, the very numbers the engine will serve. ``fused``: the float weights of the
+    linears sharing ``weight``'s input, this one's among them (engines fuse them), from which
+    they all take one NVFP4 global scale; empty: ``weight``'s own."""
+    if recipe.grid.kind != "int":
+        # FP4 scales are the format's numbers by construction.
+        shared = (fp4.shared_global_scale(list(fused) or [weight])
+                  if recipe.grid.kind == "nvfp4" else None)
+        return fit_grid(weight, recipe.grid, shared)
     grid = fit_grid(weight, recipe.grid)
     scale = stored_scale(recipe.output.format, dtype, name, grid)
     return Grid.from_parts(recipe.grid, weight.shape[1],
@@ -86,6 +96,18 @@ def portable(blocks: list[RowBlockResult]) -> list[RowBlockResult]:
         history={k: b.history[k] for k in ("residual", "dual_residual", "rho", "weight_norm")
                  if k in b.history})
         for b in blocks]
+
+
+def stored_grids(spec, quantized: dict[str, tuple]) -> dict[str, tuple[torch.Tensor, Grid]]:
+    """``{name: (codes, grid)}`` of a block's ``{name: (codes, scale, zero)}``, as written: NVFP4
+    linears that engines fuse take one global scale (:func:`fp4_layout.fused_global_scales`)."""
+    grids = {name: (codes, Grid.from_parts(spec, codes.shape[1], scale, zero))
+             for name, (codes, scale, zero) in quantized.items()}
+    if spec.kind == "nvfp4":
+        shared = fused_global_scales({name: grid.scale for name, (_, grid) in grids.items()})
+        grids = {name: (codes, dataclasses.replace(grid, global_scale=shared[name]))
+                 for name, (codes, grid) in grids.items()}
+    return grids
 
 
 def nbytes(value) -> int:

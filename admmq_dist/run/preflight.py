@@ -31,6 +31,8 @@ def settle_recipe(recipe: Recipe, experts: bool) -> tuple[Recipe, list[str]]:
     notes = []
     if recipe.grid.symmetric is None:
         symmetric, why = default_symmetric(recipe.output.format, experts)
+        if recipe.grid.kind != "int":
+            symmetric, why = True, None  # FP4 grids have no zero points
         recipe = dataclasses.replace(
             recipe, grid=dataclasses.replace(recipe.grid, symmetric=symmetric))
         if why:
@@ -40,7 +42,7 @@ def settle_recipe(recipe: Recipe, experts: bool) -> tuple[Recipe, list[str]]:
         recipe, calibration=recipe.calibration.settled(recipe.solver.method))
     grid = recipe.grid
     notes += check_servable(Layout(recipe.output.format, grid.bits, grid.symmetric,
-                                   grid.group_size, experts))
+                                   grid.group_size, experts, grid.kind))
     return recipe, notes
 
 

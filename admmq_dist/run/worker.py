@@ -277,8 +277,10 @@ class Worker(DeviceModel):
             hessian, tokens, factors = m.hessian, m.tokens, m.factors
         weight = self.linears[name].weight.detach().float()
         target = weight if target is None else target
+        fused = next((g for g in self._groups.values() if name in g), [name])
         grid = served_grid(grid_source(self.recipe, target, weight), self.recipe,
-                           self.scale_dtype, name)
+                           self.scale_dtype, name,
+                           [self.linears[n].weight.detach() for n in fused if n in self.linears])
         blocks: list[RowBlockResult] = solve_rows(
             target, hessian, grid, self.recipe.solver, rows, factors=factors,
             compare=self.recipe.report.compare,
