@@ -135,6 +135,10 @@ def test_fp4_checkpoints_load_into_vllm_exactly(models, tmp_path, arch, kind):
     result = check_with_vllm(out)
     assert result.compared_layers == summary["layers"]
     assert result.refused == {}
+    name = {"nvfp4": "NvFp4", "mxfp4": "MxFp4"}[kind]
+    assert {tuple(sorted(choice.items())) for layer, choice in result.kernels.items()
+            if layer.endswith("[fp4-linear]")} == {
+        ((80, f"Marlin{name}LinearKernel"), (90, f"Humming{name}LinearKernel"))}
 
 
 def test_the_check_fails_on_nvfp4_fused_linears_with_different_global_scales(tmp_path,

@@ -358,7 +358,7 @@ def _read_folder(folder: Path) -> dict[str, torch.Tensor]:
 def _settings(qc: dict) -> dict:
     if qc["quant_method"] == "gptq":
         return {"format": "gptq", "bits": qc["bits"], "symmetric": qc["sym"],
-                "group_size": None if qc["group_size"] == -1 else qc["group_size"]}
+                "group_size": None if qc["group_size"] == -1 else qc["group_size"], "kind": "int"}
     weights = qc["config_groups"]["group_0"]["weights"]
     return {"format": "compressed-tensors", "bits": weights["num_bits"],
             "symmetric": weights["symmetric"], "group_size": weights["group_size"],
