@@ -1,0 +1,120 @@
+"""ADMM-Q against GPTQ and round-to-nearest on FP4 grids (NVFP4, MXFP4), on real layers (issue 28).
+
+Layers: every linear of SmolLM2-135M decoder blocks (`real_layers.py`: WikiText-2 Hessians). Per
+layer and format, each method on the format's grid, fitted once and shared:
+
+- `rtn_minmax`, `rtn_mse`: round to nearest on the min-max grid and on the MSE range search's
+  (llm-compressor's observers of those names do the same on these formats);
+- `gptq_act`: act-order GPTQ on the MSE grid; `gptq_act_polish`: with the polish the default
+  ADMM-Q run gets (a local-search sweep, a scale refit and its sweep);
+- `admmq`: the shipped default (`solve()`: GPTQ start, ADMM-Q, the polish) on the MSE grid.
+
+Figures are relative layer losses ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` and ratios against `gptq_act`
+of the same run. One run: every method is deterministic for its inputs.
+
+    python benchmarks/fp4_layers.py --quick      # blocks 0, 14, 29
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from admmq_dist.quant.grid import GridSpec, fit_grid  # noqa: E402
+from admmq_dist.quant.solvers.solve import SolverSettings, solve  # noqa: E402
+from real_layers import load_real_layers  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ("rtn_minmax", "rtn_mse", "gptq_act", "gptq_act_polish", "admmq")
+
+
+def run_layer(weight, hessian, kind: str) -> dict[str, tuple[float, float]]:
+    """``{method: (loss, seconds)}`` on one layer."""
+    grids = {search: fit_grid(weight, GridSpec(bits=4, group_size=16 if kind == "nvfp4" else 32,
+                                               symmetric=True, kind=kind, range_search=search))
+             for search in ("minmax", "mse")}
+    runs = {
+        "rtn_minmax": (grids["minmax"], SolverSettings(method="rtn")),
+        "rtn_mse": (grids["mse"], SolverSettings(method="rtn")),
+        "gptq_act": (grids["mse"], SolverSettings(method="gptq")),
+        "gptq_act_polish": (grids["mse"], SolverSettings(method="gptq", local_search_sweeps=1,
+                                                         scale_refits=1)),
+        "admmq": (grids["mse"], SolverSettings()),
+    }
+    out = {}
+    for method, (grid, settings) in runs.items():
+        t = time.perf_counter()
+        result = solve(weight, hessian, grid, settings)
+        out[method] = (result.loss, time.perf_counter() - t)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kinds", nargs="+", default=["nvfp4", "mxfp4"])
+    parser.add_argument("--blocks", type=int, nargs="+", default=None)
+    parser.add_argument("--quick", action="store_true", help="blocks 0, 14 and 29")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", default="fp4_layers", help="NAME of results/NAME.md")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    blocks = args.blocks or ([0, 14, 29] if args.quick else [0, 6, 12, 18, 24, 29])
+    started = time.perf_counter()
+    layers = load_real_layers(blocks=blocks)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=Path(__file__).parent).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "admmq_dist"],
+                           capture_output=True, text=True, cwd=Path(__file__).parent).stdout
+    lines = [
+        "# FP4 grids on real layers: ADMM-Q against GPTQ and round-to-nearest (issue 28)", "",
+        f"`python benchmarks/fp4_layers.py{' --quick' if args.quick else ''}` at commit "
+        f"{commit}{'+dirty' if dirty else ''}; torch {torch.__version__}, "
+        f"{platform.machine()}, {args.threads} threads; one run (deterministic).",
+        f"- SmolLM2-135M blocks {blocks}, {len(layers)} linears; Hessians from "
+        f"{layers[0]['num_tokens']} WikiText-2 tokens (second half of the test file)",
+        "- every method on the format's grid fitted once per layer: `rtn_minmax` on the min-max "
+        "grid, the rest on the MSE range search's (scales snapped to the format before scoring)",
+        "- `admmq` is the shipped default solve (GPTQ start, ADMM-Q, a local-search sweep, a "
+        "scale refit kept to the format's scales, a sweep); `gptq_act_polish` is act-order GPTQ "
+        "with the same polish", "",
+    ]
+    for kind in args.kinds:
+        rows = []
+        for layer in layers:
+            res = run_layer(layer["weight"], layer["hessian"], kind)
+            rows.append((layer, res))
+            print(f"{kind} {layer['name']:40s} " + " ".join(
+                f"{m}={res[m][0]:.5f}" for m in METHODS), file=sys.stderr, flush=True)
+        ratio = {m: [res[m][0] / res["gptq_act"][0] for _, res in rows] for m in METHODS}
+        seconds = {m: sum(res[m][1] for _, res in rows) for m in METHODS}
+        lines += [f"## {kind}", "", "| method | mean loss / gptq_act | min | max | seconds |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {m} | {statistics.fmean(ratio[m]):.4f} | {min(ratio[m]):.4f} | "
+                  f"{max(ratio[m]):.4f} | {seconds[m]:.1f} |" for m in METHODS]
+        lines += ["", "| layer | shape | " + " | ".join(f"{m} loss" for m in METHODS)
+                  + " | admmq / gptq_act |", "|---|---|" + "---|" * (len(METHODS) + 1)]
+        for layer, res in rows:
+            shape = "x".join(str(s) for s in layer["weight"].shape)
+            lines.append(f"| {layer['name']} | {shape} | "
+                         + " | ".join(f"{res[m][0]:.5f}" for m in METHODS)
+                         + f" | {res['admmq'][0] / res['gptq_act'][0]:.3f} |")
+        lines.append("")
+    lines.append(f"The whole run took {time.perf_counter() - started:.0f} s.")
+    report = "\n".join(lines) + "\n"
+    print(report)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.output}.md").write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
