@@ -7,7 +7,8 @@ layer and format, each method on the format's grid, fitted once and shared:
   (llm-compressor's observers of those names do the same on these formats);
 - `gptq_act`: act-order GPTQ on the MSE grid; `gptq_act_polish`: with the polish the default
   ADMM-Q run gets (a local-search sweep, a scale refit and its sweep);
-- `admmq`: the shipped default (`solve()`: GPTQ start, ADMM-Q, the polish) on the MSE grid.
+- `admmq`: the shipped default (`solve()`: GPTQ start, ADMM-Q, the polish) on the MSE grid;
+  `admmq_best`: `--effort best` (a slower ρ schedule, two sweeps, two refits).
 
 Figures are relative layer losses ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` and ratios against `gptq_act`
 of the same run. One run: every method is deterministic for its inputs.
@@ -31,10 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from admmq_dist.quant.grid import GridSpec, fit_grid  # noqa: E402
 from admmq_dist.quant.solvers.solve import SolverSettings, solve  # noqa: E402
+from admmq_dist.recipe import Recipe, override  # noqa: E402
 from real_layers import load_real_layers  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("rtn_minmax", "rtn_mse", "gptq_act", "gptq_act_polish", "admmq")
+METHODS = ("rtn_minmax", "rtn_mse", "gptq_act", "gptq_act_polish", "admmq", "admmq_best")
 
 
 def run_layer(weight, hessian, kind: str) -> dict[str, tuple[float, float]]:
@@ -49,6 +51,7 @@ def run_layer(weight, hessian, kind: str) -> dict[str, tuple[float, float]]:
         "gptq_act_polish": (grids["mse"], SolverSettings(method="gptq", local_search_sweeps=1,
                                                          scale_refits=1)),
         "admmq": (grids["mse"], SolverSettings()),
+        "admmq_best": (grids["mse"], override(Recipe(), {"effort": "best"}).solver),
     }
     out = {}
     for method, (grid, settings) in runs.items():
@@ -85,7 +88,7 @@ def main(argv=None) -> int:
         "grid, the rest on the MSE range search's (scales snapped to the format before scoring)",
         "- `admmq` is the shipped default solve (GPTQ start, ADMM-Q, a local-search sweep, a "
         "scale refit kept to the format's scales, a sweep); `gptq_act_polish` is act-order GPTQ "
-        "with the same polish", "",
+        "with the same polish; `admmq_best` is `--effort best`", "",
     ]
     for kind in args.kinds:
         rows = []
