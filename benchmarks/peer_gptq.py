@@ -7,6 +7,8 @@ Methods (each a fresh process, one after another):
 * ``llmc-gptq``: llm-compressor's ``oneshot`` with a ``GPTQModifier`` (its defaults: act-order
   "static", dampening 0.01), run by the Python of a venv of its own (``--llmc-python``; it pins
   its own transformers), on the very token windows `admmq` calibrates with, saved compressed;
+* ``llmc-rtn-mse`` (with ``--grid nvfp4|mxfp4`` by default): its ``QuantizationModifier`` (round
+  to nearest) with its MSE observer, which its release notes find better than its GPTQ on NVFP4;
 * ``admmq``: `admmq quantize` with its defaults (ADMM-Q, asymmetric calibration 0.25, local
   search, one scale refit);
 * ``admmq-fast``, ``admmq-best``: the same with ``--effort fast`` / ``--effort best``;
@@ -20,6 +22,7 @@ text, and (the slice) the last block's output error against the float model
 
     python -m venv /work/venvs/llmc && /work/venvs/llmc/bin/pip install torch==2.13.0 llmcompressor
     python benchmarks/peer_gptq.py --llmc-python /work/venvs/llmc/bin/python --target slice
+    python benchmarks/peer_gptq.py --llmc-python ... --target slice --grid nvfp4 --output peer_nvfp4_slice
 """
 
 from __future__ import annotations
@@ -46,28 +49,40 @@ from admmq_dist.model.embedded import embedded_model_folder  # noqa: E402
 from admmq_dist.recipe import Recipe, override  # noqa: E402
 
 RUNNER = '''
-import sys, time, torch
+import json, sys, time, torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from llmcompressor import oneshot
-from llmcompressor.modifiers.quantization import GPTQModifier
-from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+from compressed_tensors.quantization import (QuantizationArgs, QuantizationScheme,
+                                             preset_name_to_scheme)
 
-model_dir, windows_file, out, bits, group, symmetric = sys.argv[1:7]
+model_dir, windows_file, out, spec = sys.argv[1:5]
+spec = json.loads(spec)
 windows = torch.load(windows_file)
 ds = Dataset.from_dict({"input_ids": windows.tolist(),
                         "attention_mask": torch.ones_like(windows).tolist()})
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
-    num_bits=int(bits), type="int", symmetric=symmetric == "1", strategy="group",
-    group_size=int(group)))
-recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
+if spec["grid"] == "int":
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+        num_bits=spec["bits"], type="int", symmetric=spec["symmetric"], strategy="group",
+        group_size=spec["group_size"]))
+else:  # its own preset, NVFP4A16 / MXFP4A16
+    scheme = preset_name_to_scheme(spec["grid"].upper() + "A16", ["Linear"])
+if spec["observer"]:
+    scheme.weights.observer = spec["observer"]
+modifier = GPTQModifier if spec["modifier"] == "gptq" else QuantizationModifier
+recipe = modifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
 oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=windows.shape[1],
         num_calibration_samples=windows.shape[0])
 model.save_pretrained(out, save_compressed=True)
 AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
 '''
-METHODS = ("llmc-gptq", "admmq", "admmq-fast", "admmq-best", "gptaq", "gptq", "rtn")
+METHODS = ("llmc-gptq", "llmc-rtn-mse", "admmq", "admmq-fast", "admmq-best", "gptaq", "gptq",
+           "rtn")
+# The rows run unless --methods says otherwise: llm-compressor's MSE observer is the issue 28
+# baseline (its release notes: better than its GPTQ on NVFP4), so FP4 runs add it.
+DEFAULT_METHODS = [m for m in METHODS if m != "llmc-rtn-mse"]
 
 
 def parse(argv) -> argparse.Namespace:
@@ -84,7 +99,10 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "peer_gptq")
     p.add_argument("--output", default=None, help="results name (default peer_gptq_TARGET)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+    p.add_argument("--grid", choices=("int", "nvfp4", "mxfp4"), default="int",
+                   help="FP4: both tools write their NVFP4A16 / MXFP4A16 (bits and group size "
+                        "are the format's)")
+    p.add_argument("--methods", nargs="+", default=None, choices=METHODS,
                    help="llmc-gptq first: the ratios are to it")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
                    help="also run `admmq quantize` with these flags as method NAME (e.g. "
@@ -96,10 +114,14 @@ def parse(argv) -> argparse.Namespace:
         if not sep or not name or name in METHODS:
             p.error(f"--variant {v!r}: give NAME=FLAGS with a NAME of its own")
         args.variants[name] = shlex.split(flags)
+    if args.methods is None:
+        args.methods = DEFAULT_METHODS + (["llmc-rtn-mse"] if args.grid != "int" else [])
+    if args.grid != "int":
+        args.bits, args.group_size = 4, {"nvfp4": 16, "mxfp4": 32}[args.grid]
     return args
 
 
-def run_llmc(args, model: Path, out: Path, log: Path) -> float:
+def run_llmc(args, method: str, model: Path, out: Path, log: Path) -> float:
     """llm-compressor on admmq's own calibration windows; the process's wall time."""
     recipe = override(Recipe(), {"calibration": {
         "num_samples": args.num_samples, "seq_len": args.seq_len, "seed": args.seed}})
@@ -107,11 +129,15 @@ def run_llmc(args, model: Path, out: Path, log: Path) -> float:
     args.scratch.mkdir(parents=True, exist_ok=True)
     torch.save(windows, args.scratch / "windows.pt")
     (args.scratch / "llmc_runner.py").write_text(RUNNER)
+    spec = {"grid": args.grid, "bits": args.bits, "group_size": args.group_size,
+            "symmetric": args.grid != "int",
+            "modifier": "gptq" if method == "llmc-gptq" else "rtn",
+            "observer": "mse" if method == "llmc-rtn-mse" else None}
     started = time.perf_counter()
     with open(log, "w") as err:
         proc = subprocess.run([args.llmc_python, str(args.scratch / "llmc_runner.py"),
                                str(model), str(args.scratch / "windows.pt"), str(out),
-                               str(args.bits), str(args.group_size), "0"],
+                               json.dumps(spec)],
                               stdout=err, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise RuntimeError("llm-compressor failed:\n" + log.read_text()[-4000:])
@@ -123,8 +149,9 @@ def run_admmq(args, method: str, model: Path, out: Path, log: Path) -> float:
              "admmq": [], "admmq-fast": ["--effort", "fast"], "admmq-best": ["--effort", "best"],
              "gptaq": ["--method", "gptq"],
              "gptq": ["--method", "gptq", "--asymmetric", "0"], "rtn": ["--method", "rtn"]}
-    summary = cli("quantize", str(model), "-o", str(out), "--bits", str(args.bits),
-                  "--group-size", str(args.group_size), "--asym", "--num-samples",
+    grid = (["--bits", str(args.bits), "--group-size", str(args.group_size), "--asym"]
+            if args.grid == "int" else ["--grid", args.grid])
+    summary = cli("quantize", str(model), "-o", str(out), *grid, "--num-samples",
                   str(args.num_samples), "--seq-len", str(args.seq_len), "--seed",
                   str(args.seed), *flags[method], log=log)
     return summary["wall_seconds"]
@@ -158,7 +185,7 @@ def main(argv=None) -> int:
         subprocess.run(["rm", "-rf", str(out), str(out.parent / f".{out.name}.admmq-work")],
                        check=True)
         log = args.scratch / f"{method}.log"
-        seconds = (run_llmc(args, model, out, log) if method == "llmc-gptq"
+        seconds = (run_llmc(args, method, model, out, log) if method.startswith("llmc")
                    else run_admmq(args, method, model, out, log))
         got = forward(out, ids, ppl)
         rows.append({"method": method, "wall_seconds": seconds, "ppl": got["ppl"],
@@ -185,27 +212,33 @@ def write(args, float_ppl: float, rows: list[dict]) -> None:
 
     name = args.output or f"peer_gptq_{args.target}"
     lines = [
-        "# llm-compressor's GPTQ beside `admmq quantize` (issue 27, item 3)", "",
-        f"`python benchmarks/peer_gptq.py --target {args.target}` at commit {commit}; "
+        "# llm-compressor's GPTQ beside `admmq quantize` (issue 27 item 3; FP4: issue 28)", "",
+        f"`python benchmarks/peer_gptq.py --target {args.target}"
+        + (f" --grid {args.grid}" if args.grid != "int" else "") + f"` at commit {commit}; "
         f"llm-compressor {llmc_version[0]} (its own venv: transformers {llmc_version[1]}, "
         f"compressed-tensors {llmc_version[2]}), "
         f"torch {torch.__version__}, {platform.machine()}, "
         f"{torch.get_num_threads()} threads. One run (seed {args.seed}); wall times are "
         "each process from start to a written checkpoint on a shared 2-core machine (noisy).",
         f"Model: {'the first %d blocks of ' % args.slice_blocks if args.target == 'slice' else ''}"
-        f"SmolLM2-135M; {args.bits}-bit g{args.group_size} asymmetric grid for every method; "
+        f"SmolLM2-135M; "
+        + (f"{args.bits}-bit g{args.group_size} asymmetric grid" if args.grid == "int" else
+           f"{args.grid} (both tools' {args.grid.upper()}A16 layout)") + " for every method; "
         f"calibration: the same {args.num_samples} x {args.seq_len} windows of the shipped text "
         f"(seed {args.seed}); evaluation: {args.eval_windows} held-out windows of "
         f"{args.eval_seq_len} tokens"
         + ("" if float_ppl is None else f"; float perplexity {float_ppl:.3f}") + ". Output "
         "error: ||Y_q - Y_f||² / ||Y_f||² of the last block's output over the windows"
         + (" (a slice's logits mean nothing: no perplexity)." if float_ppl is None else "."),
+        "`llmc-rtn-mse` is llm-compressor's round to nearest (`QuantizationModifier`) with its "
+        "MSE observer. "
         "Each `admmq` row is `admmq quantize` with the recipe below and its row's flags "
         "(`admmq-fast`: `--effort fast`, `admmq-best`: `--effort best`, `gptaq`: `--method gptq`, "
         "`gptq`: `--method gptq --asymmetric 0`, `rtn`: `--method rtn`"
         + "".join(f", `{k}`: `{' '.join(v)}`" for k, v in args.variants.items()) + ").", "",
         environment.settings_record({
-            "grid": {"bits": args.bits, "group_size": args.group_size, "symmetric": False},
+            "grid": ({"bits": args.bits, "group_size": args.group_size, "symmetric": False}
+                     if args.grid == "int" else {"kind": args.grid}),
             "calibration": {"num_samples": args.num_samples, "seq_len": args.seq_len,
                             "seed": args.seed}}), "",
         "| method | wall s | / llm-compressor | solver s | ADMM-Q iterations (median) | "
