@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from admmq_dist.quant.grid import GridSpec, fit_grid  # noqa: E402
 from admmq_dist.quant.solvers.solve import SolverSettings, solve  # noqa: E402
 from admmq_dist.recipe import Recipe, override  # noqa: E402
+import environment  # noqa: E402
 from real_layers import load_real_layers  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -73,14 +73,11 @@ def main(argv=None) -> int:
     blocks = args.blocks or ([0, 14, 29] if args.quick else [0, 6, 12, 18, 24, 29])
     started = time.perf_counter()
     layers = load_real_layers(blocks=blocks)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=Path(__file__).parent).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "admmq_dist"],
-                           capture_output=True, text=True, cwd=Path(__file__).parent).stdout
+    commit = environment.commit()
     lines = [
         "# FP4 grids on real layers: ADMM-Q against GPTQ and round-to-nearest (issue 28)", "",
         f"`python benchmarks/fp4_layers.py{' --quick' if args.quick else ''}` at commit "
-        f"{commit}{'+dirty' if dirty else ''}; torch {torch.__version__}, "
+        f"{commit}; torch {torch.__version__}, "
         f"{platform.machine()}, {args.threads} threads; one run (deterministic).",
         f"- SmolLM2-135M blocks {blocks}, {len(layers)} linears; Hessians from "
         f"{layers[0]['num_tokens']} WikiText-2 tokens (second half of the test file)",
@@ -99,7 +96,11 @@ def main(argv=None) -> int:
                 f"{m}={res[m][0]:.5f}" for m in METHODS), file=sys.stderr, flush=True)
         ratio = {m: [res[m][0] / res["gptq_act"][0] for _, res in rows] for m in METHODS}
         seconds = {m: sum(res[m][1] for _, res in rows) for m in METHODS}
-        lines += [f"## {kind}", "", "| method | mean loss / gptq_act | min | max | seconds |",
+        lines += [f"## {kind}", "",
+                  # What the default rows ran with (admmq_best: --effort best on top).
+                  environment.settings_record({"grid": {"kind": kind, "range_search": "mse"}},
+                                              sections=("grid", "solver")), "",
+                  "| method | mean loss / gptq_act | min | max | seconds |",
                   "|---|---|---|---|---|"]
         lines += [f"| {m} | {statistics.fmean(ratio[m]):.4f} | {min(ratio[m]):.4f} | "
                   f"{max(ratio[m]):.4f} | {seconds[m]:.1f} |" for m in METHODS]
