@@ -100,10 +100,10 @@ def main(argv=None) -> int:
                   # What the default rows ran with (admmq_best: --effort best on top).
                   environment.settings_record({"grid": {"kind": kind, "range_search": "mse"}},
                                               sections=("grid", "solver")), "",
-                  "| method | mean loss / gptq_act | min | max | seconds |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {m} | {statistics.fmean(ratio[m]):.4f} | {min(ratio[m]):.4f} | "
-                  f"{max(ratio[m]):.4f} | {seconds[m]:.1f} |" for m in METHODS]
+                  "| method | loss / gptq_act: mean (min–max over layers, n=layers) | seconds |",
+                  "|---|---|---|"]
+        lines += [f"| {m} | {statistics.fmean(ratio[m]):.4f} ({min(ratio[m]):.4f}–"
+                  f"{max(ratio[m]):.4f}, n={len(rows)}) | {seconds[m]:.1f} |" for m in METHODS]
         lines += ["", "| layer | shape | " + " | ".join(f"{m} loss" for m in METHODS)
                   + " | admmq / gptq_act |", "|---|---|" + "---|" * (len(METHODS) + 1)]
         for layer, res in rows:
