@@ -157,6 +157,49 @@ def run_admmq(args, method: str, model: Path, out: Path, log: Path) -> float:
     return summary["wall_seconds"]
 
 
+def dense_copy(folder: Path) -> Path:
+    """A dense float32 copy of an FP4 checkpoint, decoded by admmq's reader (bit for bit
+    compressed-tensors' own decompressor: tests/test_fp4.py), beside it. transformers cannot run
+    FP4 checkpoints in float32 (compressed-tensors decompresses FP4 weights to bfloat16, which
+    then meet float32 activations), and evaluating every row in float32 keeps them comparable
+    with the float model; the weights are exact in either dtype."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from admmq_dist.checkpoint.fp4_layout import KIND_OF_FORMAT, effective_scales, unpack
+    from admmq_dist.quant import fp4
+
+    config = json.loads((folder / "config.json").read_text())
+    kind = KIND_OF_FORMAT[config.pop("quantization_config")["format"]]
+    tensors = {}
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            tensors.update({name: f.get_tensor(name) for name in f.keys()})
+    dense = {}
+    for name, value in tensors.items():
+        module, _, leaf = name.rpartition(".")
+        if leaf == "weight_packed":
+            scale = effective_scales(kind, tensors[f"{module}.weight_scale"],
+                                     tensors.get(f"{module}.weight_global_scale"))
+            values = fp4.decode(unpack(value))
+            group = values.shape[1] // scale.shape[1]
+            dense[f"{module}.weight"] = values * scale.repeat_interleave(group, dim=1)
+        elif leaf not in ("weight_scale", "weight_global_scale"):
+            dense[name] = value.float() if value.is_floating_point() else value
+    out = folder.with_name(folder.name + "-dense")
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    out.mkdir()
+    for item in folder.iterdir():
+        if item.suffix not in (".safetensors",) and item.name not in ("config.json",
+                                                                        "model.safetensors.index.json"):
+            if item.is_file():
+                (out / item.name).write_bytes(item.read_bytes())
+    config["dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(config))
+    save_file(dense, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
 def solver_share(out: Path) -> dict:
     """From an admmq run's report: the seconds its layers' solves took (the rest of its wall
     time is start-up, calibration, forward passes and writing) and their median iterations."""
@@ -187,7 +230,7 @@ def main(argv=None) -> int:
         log = args.scratch / f"{method}.log"
         seconds = (run_llmc(args, method, model, out, log) if method.startswith("llmc")
                    else run_admmq(args, method, model, out, log))
-        got = forward(out, ids, ppl)
+        got = forward(out if args.grid == "int" else dense_copy(out), ids, ppl)
         rows.append({"method": method, "wall_seconds": seconds, "ppl": got["ppl"],
                      "output_error": output_error(got["hidden"], reference["hidden"]),
                      **solver_share(out)})
