@@ -3,12 +3,14 @@ divergence from a reference (float) model."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import torch
 
 from .checkpoint.compat import fix_asymmetric_loading
+from .checkpoint.fp4_layout import KIND_OF_FORMAT
 from .model.calibration import read_text
 from .model.loading import resolve_model_dir
 
@@ -30,7 +32,12 @@ def _load(model_dir: Path, device: torch.device, device_map=None, max_memory=Non
     spread by ``device_map`` (what does not fit ``max_memory`` goes to ``offload_folder``)."""
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.float32 if device.type == "cpu" else None
+    # compressed-tensors decompresses FP4 weights to bfloat16 (exact for them), which float32
+    # activations cannot meet: an FP4 checkpoint runs in its own dtype on a CPU too.
+    config_file = Path(model_dir) / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    fp4 = (config.get("quantization_config") or {}).get("format") in KIND_OF_FORMAT
+    dtype = torch.float32 if device.type == "cpu" and not fp4 else None
     fix_asymmetric_loading()  # transformers >= 5.23 (see the function)
     spread = {} if device_map is None else {"max_memory": max_memory,
                                             "offload_folder": offload_folder}

@@ -147,3 +147,17 @@ def test_the_cli_refuses_what_an_fp4_format_cannot_hold_before_any_work(tmp_path
     monkeypatch.undo()
     assert main(args(src, tmp_path / "o", text, "--grid", "mxfp4", "--group-size", "32")) == 0
     assert verify_checkpoint(tmp_path / "o") == []
+
+
+def test_admmq_eval_scores_an_fp4_checkpoint_on_a_cpu(tmp_path, capsys):
+    """transformers cannot run FP4 checkpoints in float32 (compressed-tensors decompresses their
+    weights to bfloat16): `admmq eval` runs them in their own dtype there."""
+    src = tiny_model_dir(tmp_path / "src", dtype=torch.bfloat16)
+    out = run(src, tmp_path / "q", "mxfp4")
+    with pytest.raises(RuntimeError, match="same dtype"):
+        model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        model(torch.zeros(1, 4, dtype=torch.long))
+    assert main(["eval", str(out), "--seq-len", "64", "--max-windows", "2", "--reference",
+                 str(src), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["ppl"] > 1 and result["kl"] > 0
