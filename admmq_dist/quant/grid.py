@@ -14,11 +14,10 @@ The grid is fitted before any solver runs and solvers choose codes on it; only t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
-
-import dataclasses
 
 import torch
 
