@@ -98,10 +98,12 @@ def refit_scales(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, codes:
     diagonal.add_(idle.double())
     b = torch.where(idle, old, b)
     diagonal.mul_(1 + ridge)
-    del diagonal
-    new, ok = (_solve(a, b, grid, scale_dtype) if grid.kind == "int"
-               else _snapped_descent(a, b, old, grid))
-    del a
+    # Handed over in a list so that the callee holds the only reference and can free the
+    # [rows, G, G] systems as soon as they are factorized (the refit's planned peak).
+    systems = [a]
+    del a, diagonal
+    new, ok = (_solve(systems, b, grid, scale_dtype) if grid.kind == "int"
+               else _snapped_descent(systems, b, old, grid))
     ok = ok & torch.isfinite(new).all(dim=1) & (new > 0).all(dim=1)
     new = torch.where(ok.unsqueeze(1), new, old)
     candidate = dataclasses.replace(grid, scale=new.float())
@@ -111,24 +113,28 @@ def refit_scales(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, codes:
         grid, scale=torch.where(keep_new.unsqueeze(1), new.float(), grid.scale))
 
 
-def _solve(a: torch.Tensor, b: torch.Tensor, grid: Grid, scale_dtype: torch.dtype | None):
-    """The systems' solutions rounded to ``scale_dtype``, and which rows factorized."""
+def _solve(systems: list[torch.Tensor], b: torch.Tensor, grid: Grid,
+           scale_dtype: torch.dtype | None):
+    """The solutions of the one ``[rows, G, G]`` system in ``systems`` (taken out of it),
+    rounded to ``scale_dtype``, and which rows factorized."""
     # Cholesky, not LU: the systems are Gram matrices (positive definite with the ridge), and
     # torch 2.13's batched LU on CPU fails ("Pivots given to lu_solve must all be greater or
     # equal to 1") for systems of 160 groups or more once torch.set_num_threads has been called,
     # which every worker with a thread count does (tests/test_scales.py).
-    factor, info = torch.linalg.cholesky_ex(a)
+    factor, info = torch.linalg.cholesky_ex(systems.pop())
     new = torch.cholesky_solve(b.unsqueeze(-1), factor).squeeze(-1)
+    del factor
     return grid.snap_scales(new, scale_dtype), info == 0
 
 
-def _snapped_descent(a: torch.Tensor, b: torch.Tensor, old: torch.Tensor, grid: Grid,
-                     sweeps: int = 2):
+def _snapped_descent(systems: list[torch.Tensor], b: torch.Tensor, old: torch.Tensor,
+                     grid: Grid, sweeps: int = 2):
     """FP4 grids: coordinate descent over a row's group scales, each step the format's scale
     number nearest the one-group optimum (the loss along one scale is a parabola, so the nearest
     representable number to its vertex is the best one). Rounding the joint solution instead
     loses to the old scales on nearly every row: the format's numbers are 1/8 to a factor 2
     apart. Each step keeps or lowers the row's loss."""
+    a = systems.pop()
     s = old.clone()
     diag = torch.diagonal(a, dim1=1, dim2=2)
     for _ in range(sweeps):
