@@ -3,13 +3,13 @@ divergence from a reference (float) model."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
 
 from .checkpoint.compat import fix_asymmetric_loading
+from .checkpoint.folder import load_config
 from .checkpoint.fp4_layout import KIND_OF_FORMAT
 from .model.calibration import read_text
 from .model.loading import resolve_model_dir
@@ -34,8 +34,7 @@ def _load(model_dir: Path, device: torch.device, device_map=None, max_memory=Non
 
     # compressed-tensors decompresses FP4 weights to bfloat16 (exact for them), which float32
     # activations cannot meet: an FP4 checkpoint runs in its own dtype on a CPU too.
-    config_file = Path(model_dir) / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    config = load_config(Path(model_dir))
     fp4 = (config.get("quantization_config") or {}).get("format") in KIND_OF_FORMAT
     dtype = torch.float32 if device.type == "cpu" and not fp4 else None
     fix_asymmetric_loading()  # transformers >= 5.23 (see the function)

@@ -166,8 +166,7 @@ def dense_copy(folder: Path) -> Path:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from admmq_dist.checkpoint.fp4_layout import KIND_OF_FORMAT, effective_scales, unpack
-    from admmq_dist.quant import fp4
+    from admmq_dist.checkpoint.fp4_layout import KIND_OF_FORMAT, stored_weight
 
     config = json.loads((folder / "config.json").read_text())
     kind = KIND_OF_FORMAT[config.pop("quantization_config")["format"]]
@@ -179,11 +178,7 @@ def dense_copy(folder: Path) -> Path:
     for name, value in tensors.items():
         module, _, leaf = name.rpartition(".")
         if leaf == "weight_packed":
-            scale = effective_scales(kind, tensors[f"{module}.weight_scale"],
-                                     tensors.get(f"{module}.weight_global_scale"))
-            values = fp4.decode(unpack(value))
-            group = values.shape[1] // scale.shape[1]
-            dense[f"{module}.weight"] = values * scale.repeat_interleave(group, dim=1)
+            dense[f"{module}.weight"] = stored_weight(kind, tensors, module)
         elif leaf not in ("weight_scale", "weight_global_scale"):
             dense[name] = value.float() if value.is_floating_point() else value
     out = folder.with_name(folder.name + "-dense")

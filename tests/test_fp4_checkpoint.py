@@ -40,16 +40,9 @@ def run(src, out, kind, **grid):
 
 def stored_weights(tensors: dict, kind: str) -> dict[str, torch.Tensor]:
     """Every quantized linear's weight, decoded from the checkpoint by this module's reader."""
-    out = {}
-    for name in tensors:
-        if name.endswith(".weight_packed"):
-            module = name.removesuffix(".weight_packed")
-            codes = fp4_layout.unpack(tensors[name])
-            scale = fp4_layout.effective_scales(kind, tensors[f"{module}.weight_scale"],
-                                                tensors.get(f"{module}.weight_global_scale"))
-            group = codes.shape[1] // scale.shape[1]
-            out[module] = scale.repeat_interleave(group, dim=1) * fp4_layout.fp4.decode(codes)
-    return out
+    return {name.removesuffix(".weight_packed"): fp4_layout.stored_weight(
+        kind, tensors, name.removesuffix(".weight_packed"))
+        for name in tensors if name.endswith(".weight_packed")}
 
 
 @pytest.mark.parametrize("kind", ["nvfp4", "mxfp4"])

@@ -39,7 +39,6 @@ from safetensors import safe_open  # noqa: E402
 from admmq_dist.checkpoint import fp4_layout  # noqa: E402
 from admmq_dist.checkpoint.fp4_layout import KIND_OF_FORMAT  # noqa: E402
 from admmq_dist.checkpoint.serving import SM80, SM90  # noqa: E402
-from admmq_dist.quant import fp4  # noqa: E402
 from admmq_dist.quant.packing import (  # noqa: E402
     unpack_compressed_tensors_weight,
     unpack_compressed_tensors_zero_point,
@@ -454,11 +453,7 @@ def _ours(module: str, tensors: dict, settings: dict) -> torch.Tensor:
     """Our decoding of the folder's quantized module (the writer's own layout code)."""
     bits, gs = settings["bits"], settings["group_size"]
     if settings["kind"] != "int":
-        kind = settings["kind"]
-        codes = fp4_layout.unpack(tensors[f"{module}.weight_packed"])
-        scale = fp4_layout.effective_scales(kind, tensors[f"{module}.weight_scale"],
-                                            tensors.get(f"{module}.weight_global_scale"))
-        return _fp4_dequantize(fp4.decode(codes), scale)
+        return fp4_layout.stored_weight(settings["kind"], tensors, module)
     if settings["format"] == "gptq":
         scales = tensors[f"{module}.scales"].T
         cols = tensors[f"{module}.g_idx"].numel()

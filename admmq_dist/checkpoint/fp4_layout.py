@@ -73,6 +73,15 @@ def effective_scales(kind: str, weight_scale: torch.Tensor,
     return torch.exp2(weight_scale.to(torch.float32) - 127)
 
 
+def stored_weight(kind: str, tensors: dict[str, torch.Tensor], module: str) -> torch.Tensor:
+    """float32 ``[N, K]``: the weight ``module``'s stored FP4 tensors (in ``tensors``, by full
+    name) hold."""
+    scale = effective_scales(kind, tensors[f"{module}.weight_scale"],
+                             tensors.get(f"{module}.weight_global_scale"))
+    values = fp4.decode(unpack(tensors[f"{module}.weight_packed"]))
+    return values * scale.repeat_interleave(values.shape[1] // scale.shape[1], dim=1)
+
+
 def stored_shapes(kind: str, out: int, inn: int) -> list[tuple[str, tuple[int, ...], str, str]]:
     """``(suffix, shape, safetensors dtype, what)`` of what a quantized ``[out, inn]`` module
     stores."""
@@ -103,12 +112,13 @@ def fused_global_scales(scales: dict[str, torch.Tensor]) -> dict[str, float]:
     (:func:`fp4.shared_global_scale`), so its scales stay exact under the smallest."""
     families = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up",
                 "up_proj": "gate_up", "w1": "w13", "w3": "w13"}
-    own = {name: fp4.nvfp4_global_scale(scale) for name, scale in scales.items()}
-    shared: dict[tuple[str, str], float] = {}
-    for name, value in own.items():
+
+    def fused_set(name: str) -> tuple[str, str]:
         parent, _, leaf = name.rpartition(".")
-        key = (parent, families.get(leaf, leaf))
-        shared[key] = min(shared.get(key, math.inf), value)
-    return {name: shared[(name.rpartition(".")[0], families.get(name.rpartition(".")[2],
-                                                                  name.rpartition(".")[2]))]
-            for name in own}
+        return parent, families.get(leaf, leaf)
+
+    shared: dict[tuple[str, str], float] = {}
+    for name, scale in scales.items():
+        key = fused_set(name)
+        shared[key] = min(shared.get(key, math.inf), fp4.nvfp4_global_scale(scale))
+    return {name: shared[fused_set(name)] for name in scales}
