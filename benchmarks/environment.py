@@ -14,6 +14,7 @@ from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
 PACKAGES = ("torch", "transformers", "tokenizers", "gguf", "compressed-tensors", "ray")
 
 
@@ -40,7 +41,7 @@ def commit() -> str:
 
 def write_results(name: str, lines: list[str]) -> Path:
     """``benchmarks/results/NAME.md`` from ``lines``; says where it went."""
-    out = ROOT / "benchmarks" / "results" / f"{name}.md"
+    out = RESULTS / f"{name}.md"
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
     return out

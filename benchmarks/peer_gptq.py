@@ -9,9 +9,7 @@ Methods (each a fresh process, one after another):
   its own transformers), on the very token windows `admmq` calibrates with, saved compressed;
 * ``llmc-rtn-mse`` (with ``--grid nvfp4|mxfp4`` by default): its ``QuantizationModifier`` (round
   to nearest) with its MSE observer, which its release notes find better than its GPTQ on NVFP4;
-* ``admmq``: `admmq quantize` with its defaults (ADMM-Q, asymmetric calibration 0.25, local
-  search, one scale refit);
-* ``admmq-fast``, ``admmq-best``: the same with ``--effort fast`` / ``--effort best``;
+* ``admmq``: `admmq quantize` at its defaults; ``admmq-fast``, ``admmq-best``: ``--effort``;
 * ``gptq``, ``gptaq``: `admmq quantize --method gptq` with asymmetric calibration off / at its
   default (GPTAQ); ``rtn``: `--method rtn`.
 
@@ -22,7 +20,8 @@ text, and (the slice) the last block's output error against the float model
 
     python -m venv /work/venvs/llmc && /work/venvs/llmc/bin/pip install torch==2.13.0 llmcompressor
     python benchmarks/peer_gptq.py --llmc-python /work/venvs/llmc/bin/python --target slice
-    python benchmarks/peer_gptq.py --llmc-python ... --target slice --grid nvfp4 --output peer_nvfp4_slice
+    python benchmarks/peer_gptq.py --llmc-python ... --target whole --grid nvfp4 --seeds 0 1 2 \
+        --output peer_nvfp4_whole
 """
 
 from __future__ import annotations
@@ -42,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import environment  # noqa: E402
-from schedules import cli, forward, held_out, output_error, slice_model  # noqa: E402
+from schedules import cli, forward, held_out, output_error, slice_model, spread  # noqa: E402
 
 from admmq_dist.model.calibration import calibration_batches  # noqa: E402
 from admmq_dist.model.embedded import embedded_model_folder  # noqa: E402
@@ -95,6 +94,10 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="several calibration seeds, one after another: each seed's rows are kept "
+                        "in NAME.rows.json as it ends (a rerun skips the seeds there) and NAME.md "
+                        "gives every figure as mean (min-max, n)")
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()) / "peer_gptq")
@@ -114,6 +117,8 @@ def parse(argv) -> argparse.Namespace:
         if not sep or not name or name in METHODS:
             p.error(f"--variant {v!r}: give NAME=FLAGS with a NAME of its own")
         args.variants[name] = shlex.split(flags)
+    args.seeds = args.seeds or [args.seed]
+    args.name = args.output or f"peer_gptq_{args.target}"
     if args.methods is None:
         args.methods = DEFAULT_METHODS + (["llmc-rtn-mse"] if args.grid != "int" else [])
     if args.grid != "int":
@@ -185,10 +190,9 @@ def dense_copy(folder: Path) -> Path:
     subprocess.run(["rm", "-rf", str(out)], check=True)
     out.mkdir()
     for item in folder.iterdir():
-        if item.suffix not in (".safetensors",) and item.name not in ("config.json",
-                                                                        "model.safetensors.index.json"):
-            if item.is_file():
-                (out / item.name).write_bytes(item.read_bytes())
+        if item.is_file() and item.suffix != ".safetensors" and item.name not in (
+                "config.json", "model.safetensors.index.json"):
+            (out / item.name).write_bytes(item.read_bytes())
     config["dtype"] = "float32"
     (out / "config.json").write_text(json.dumps(config))
     save_file(dense, out / "model.safetensors", metadata={"format": "pt"})
@@ -196,8 +200,8 @@ def dense_copy(folder: Path) -> Path:
 
 
 def solver_share(out: Path) -> dict:
-    """From an admmq run's report: the seconds its layers' solves took (the rest of its wall
-    time is start-up, calibration, forward passes and writing) and their median iterations."""
+    """From an admmq run's report: its layers' solve seconds (the rest of its wall time is
+    start-up, calibration, forward passes and writing) and their median iterations."""
     report = out / "report.jsonl"
     if not report.exists():  # llm-compressor's
         return {"solver_seconds": None, "median_iterations": None}
@@ -208,15 +212,29 @@ def solver_share(out: Path) -> dict:
 
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.methods[0] != "llmc-gptq":
+        raise SystemExit("--methods: llmc-gptq must come first (every ratio is to it)")
     model = (slice_model(args.scratch, args.slice_blocks) if args.target == "slice"
              else embedded_model_folder())
     ids = held_out(model, args.eval_windows, args.eval_seq_len)
     # A slice's logits mean nothing (its last block is not the model's): output error only.
     ppl = args.target == "whole"
     reference = forward(model, ids, ppl)
+    state = load_state(args)
+    for seed in args.seeds:
+        if str(seed) in state["seeds"]:
+            print(f"seed {seed}: kept from {args.name}.rows.json", flush=True)
+            continue
+        args.seed = seed
+        state["seeds"][str(seed)] = run_seed(args, model, ids, ppl, reference)
+        state["float_ppl"] = reference["ppl"]
+        save_state(args, state)
+        write(args, state)
+    return 0
+
+
+def run_seed(args, model: Path, ids, ppl: bool, reference: dict) -> list[dict]:
     rows = []
-    if args.methods[0] != "llmc-gptq":
-        raise SystemExit("--methods: llmc-gptq must come first (every ratio is to it)")
     for method in [*args.methods, *args.variants]:
         out = args.scratch / f"out-{method}"
         # The output and the resume folder a cut-short run of an earlier invocation left.
@@ -229,26 +247,49 @@ def main(argv=None) -> int:
         rows.append({"method": method, "wall_seconds": seconds, "ppl": got["ppl"],
                      "output_error": output_error(got["hidden"], reference["hidden"]),
                      **solver_share(out)})
-        print(json.dumps(rows[-1]), flush=True)
-    write(args, reference["ppl"], rows)
-    return 0
+        print(json.dumps({"seed": args.seed, **rows[-1]}), flush=True)
+    return rows
 
 
-def write(args, float_ppl: float, rows: list[dict]) -> None:
+def settings_of(args) -> dict:
+    return {"commit": environment.commit(), "target": args.target, "grid": args.grid,
+            **{k: getattr(args, k) for k in ("bits", "group_size", "num_samples", "seq_len",
+                                             "eval_windows", "eval_seq_len", "slice_blocks",
+                                             "methods", "variants")}}
+
+
+def load_state(args) -> dict:
+    """The seeds an earlier invocation of the same settings and commit finished."""
+    path = environment.RESULTS / f"{args.name}.rows.json"
+    state = {"settings": settings_of(args), "seeds": {}, "float_ppl": None}
+    if path.exists():
+        kept = json.loads(path.read_text())
+        if kept["settings"] != state["settings"]:
+            raise SystemExit(f"{path} holds another run's rows (other settings or commit): "
+                             "use another --output, or remove it")
+        state = kept
+    return state
+
+
+def save_state(args, state: dict) -> None:
+    path = environment.RESULTS / f"{args.name}.rows.json"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(state, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def write(args, state: dict) -> None:
     commit = environment.commit()
     # llmcompressor logs to stdout on import: the versions are the last line.
     llmc_version = subprocess.run(
         [args.llmc_python, "-c", "import llmcompressor, transformers, compressed_tensors as c; "
          "print(llmcompressor.__version__, transformers.__version__, c.__version__)"],
         capture_output=True, text=True).stdout.strip().splitlines()[-1].split()
-    peer = rows[0]
-    def gap(row: dict) -> float | None:
-        return None if float_ppl is None else row["ppl"] / float_ppl - 1
-
-    def cell(value, fmt: str) -> str:
-        return "" if value is None else format(value, fmt)
-
-    name = args.output or f"peer_gptq_{args.target}"
+    seeds = sorted(state["seeds"], key=int)
+    float_ppl = state["float_ppl"]
+    runs = (f"One run (seed {seeds[0]})" if len(seeds) == 1 else
+            f"Calibration seeds {', '.join(seeds)}, one run each; the first table gives each "
+            "figure as mean (min–max, n) over the seeds, the ratios taken within each seed")
     lines = [
         "# llm-compressor's GPTQ beside `admmq quantize` (issue 27 item 3; FP4: issue 28)", "",
         f"`python benchmarks/peer_gptq.py --target {args.target}"
@@ -256,14 +297,14 @@ def write(args, float_ppl: float, rows: list[dict]) -> None:
         f"llm-compressor {llmc_version[0]} (its own venv: transformers {llmc_version[1]}, "
         f"compressed-tensors {llmc_version[2]}), "
         f"torch {torch.__version__}, {platform.machine()}, "
-        f"{torch.get_num_threads()} threads. One run (seed {args.seed}); wall times are "
+        f"{torch.get_num_threads()} threads. {runs}; wall times are "
         "each process from start to a written checkpoint on a shared 2-core machine (noisy).",
         f"Model: {'the first %d blocks of ' % args.slice_blocks if args.target == 'slice' else ''}"
         f"SmolLM2-135M; "
         + (f"{args.bits}-bit g{args.group_size} asymmetric grid" if args.grid == "int" else
            f"{args.grid} (both tools' {args.grid.upper()}A16 layout)") + " for every method; "
         f"calibration: the same {args.num_samples} x {args.seq_len} windows of the shipped text "
-        f"(seed {args.seed}); evaluation: {args.eval_windows} held-out windows of "
+        f"(per seed); evaluation: {args.eval_windows} held-out windows of "
         f"{args.eval_seq_len} tokens"
         + ("" if float_ppl is None else f"; float perplexity {float_ppl:.3f}") + ". Output "
         "error: ||Y_q - Y_f||² / ||Y_f||² of the last block's output over the windows"
@@ -278,21 +319,41 @@ def write(args, float_ppl: float, rows: list[dict]) -> None:
             "grid": ({"bits": args.bits, "group_size": args.group_size, "symmetric": False}
                      if args.grid == "int" else {"kind": args.grid}),
             "calibration": {"num_samples": args.num_samples, "seq_len": args.seq_len,
-                            "seed": args.seed}}), "",
-        "| method | wall s | / llm-compressor | solver s | ADMM-Q iterations (median) | "
-        "perplexity | gap | gap / llm-compressor's | output error | / llm-compressor |",
-        "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(
-            f"| {r['method']} | {r['wall_seconds']:.1f} | "
-            f"{r['wall_seconds'] / peer['wall_seconds']:.2f} | "
-            f"{cell(r.get('solver_seconds'), '.1f')} | {cell(r.get('median_iterations'), 'g')} | "
-            f"{cell(r['ppl'], '.3f')} | "
-            f"{cell(gap(r), '.4f')} | "
-            f"{cell(None if gap(r) is None else gap(r) / gap(peer), '.3f')} | "
-            f"{r['output_error']:.4f} | "
-            f"{r['output_error'] / peer['output_error']:.3f} |")
-    environment.write_results(name, lines)
+                            **({"seed": int(seeds[0])} if len(seeds) == 1 else {})}}), ""]
+    per_seed = {seed: table_cells(state["seeds"][seed], float_ppl) for seed in seeds}
+    header = ["| method | wall s | / llm-compressor | solver s | ADMM-Q iterations (median) | "
+              "perplexity | gap | gap / llm-compressor's | output error | / llm-compressor |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    if len(seeds) > 1:
+        lines += [f"Over seeds {', '.join(seeds)}:", "", *header]
+        for i, method in enumerate(r["method"] for r in state["seeds"][seeds[0]]):
+            columns = zip(*(per_seed[seed][i][1:] for seed in seeds))
+            lines.append(f"| {method} | " + " | ".join(
+                spread([v for _, v in col if v is not None], col[0][0]) for col in columns)
+                + " |")
+        lines.append("")
+    for seed in seeds:
+        if len(seeds) > 1:
+            lines += [f"Seed {seed}:", ""]
+        lines += [*header, *("| " + " | ".join([row[0], *(
+            "" if v is None else format(v, fmt) for fmt, v in row[1:])]) + " |"
+            for row in per_seed[seed]), ""]
+    environment.write_results(args.name, lines[:-1])
+
+
+def table_cells(rows: list[dict], float_ppl: float | None) -> list[list]:
+    """Each row's cells as (format, value) pairs after the method's name, ratios to the first."""
+    peer = rows[0]
+
+    def gap(row: dict) -> float | None:
+        return None if float_ppl is None else row["ppl"] / float_ppl - 1
+    return [[r["method"], (".1f", r["wall_seconds"]),
+             (".2f", r["wall_seconds"] / peer["wall_seconds"]),
+             (".1f", r.get("solver_seconds")), ("g", r.get("median_iterations")),
+             (".3f", r["ppl"]), (".4f", gap(r)),
+             (".3f", None if gap(r) is None else gap(r) / gap(peer)),
+             (".4f", r["output_error"]), (".3f", r["output_error"] / peer["output_error"])]
+            for r in rows]
 
 
 if __name__ == "__main__":
