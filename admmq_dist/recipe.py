@@ -154,11 +154,6 @@ class Recipe:
         if kind != "int" and self.output.format != "compressed-tensors":
             raise ValueError(f"{kind} checkpoints are compressed-tensors only; drop --format "
                              f"{self.output.format} or use --grid int")
-        if kind != "int" and self.solver.schedule != "sequential":
-            # The round schedules rebuild grids from stored scales between rounds and would
-            # refit NVFP4 scales without the global scale their fused linears share.
-            raise ValueError(f"{kind} grids run on the sequential schedule only (not yet "
-                             f"{self.solver.schedule}); drop --schedule or use --grid int")
 
 
 class RecipeError(ValueError):

@@ -157,7 +157,6 @@ def test_scales_the_format_cannot_hold_are_refused():
     ({"grid": {"kind": "mxfp4", "group_size": 16}}, "mxfp4 has groups of 32"),
     ({"grid": {"kind": "nvfp4", "symmetric": False}}, "no zero points"),
     ({"grid": {"kind": "nvfp4"}, "output": {"format": "gptq"}}, "compressed-tensors only"),
-    ({"grid": {"kind": "mxfp4"}, "solver": {"schedule": "coordinated"}}, "sequential schedule"),
 ])
 def test_combinations_the_formats_cannot_hold_are_refused_by_the_recipe(updates, needle):
     with pytest.raises(RecipeError, match=needle):

@@ -227,7 +227,8 @@ class CoordinatedWorker(SegmentWorker):
         # The grid is fitted once, in round 0, to the float weight (the target then: the float
         # model's inputs are its own), and kept: codes stay comparable across rounds.
         grid = (previous["grid"] if previous is not None else
-                served_grid(weight, self.recipe, self.scale_dtype, f"block {b} {name}"))
+                served_grid(weight, self.recipe, self.scale_dtype, f"block {b} {name}",
+                            [self.float_weights[(b, n)] for n in group]))
         rows = row_blocks(weight.shape[0], settings.row_block)
         warm = None
         if previous is not None:
@@ -285,4 +286,5 @@ class CoordinatedWorker(SegmentWorker):
         scales = [refit_scales(target[start:stop], hessian, grid.row_slice(start, stop),
                                codes[start:stop], scale_dtype).scale
                   for start, stop in row_blocks(target.shape[0], self.recipe.solver.row_block)]
-        return Grid.from_parts(self.recipe.grid, target.shape[1], torch.cat(scales), grid.zero)
+        return Grid.from_parts(self.recipe.grid, target.shape[1], torch.cat(scales), grid.zero,
+                               grid.global_scale)

@@ -265,7 +265,7 @@ class SegmentWorker(DeviceModel):
         # one); a cold one fits afresh, as the sequential schedule does.
         grid = previous["grid"] if warm_start else served_grid(
             grid_source(self.recipe, weight, float_weight), self.recipe, self.scale_dtype,
-            f"block {b} {name}")
+            f"block {b} {name}", [self.float_weights[(b, n)] for n in group])
         settings = warm_settings if warm_start else cold or self.recipe.solver
         rows = row_blocks(weight.shape[0], settings.row_block)
         warm = ([{"codes": previous["codes"][start:stop], "dual": previous["duals"][k]}
@@ -329,8 +329,8 @@ class SegmentWorker(DeviceModel):
             folder, r, s, layers, len(self.batch_ids),
             lambda rows: len(row_blocks(rows, self.recipe.solver.row_block)), self.device)
         self.outputs[s] = [h.to(self.device, self.dtype) for h in outputs]
-        for key, (codes, scale, zero, duals, last) in states.items():
-            grid = Grid.from_parts(self.recipe.grid, codes.shape[1], scale, zero)
+        for key, (codes, scale, zero, duals, last, global_scale) in states.items():
+            grid = Grid.from_parts(self.recipe.grid, codes.shape[1], scale, zero, global_scale)
             self.layer_states[key] = {"codes": codes, "grid": grid, "duals": duals,
                                       "last": last}
             linear = self.layers[key]

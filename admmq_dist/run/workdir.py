@@ -229,6 +229,9 @@ def save_segment_round(folder: str | Path, r: int | str, s: int,
             tensors[f"{key}.last"] = st["last"].to(torch.uint8).cpu().contiguous()
         tensors[f"{key}.scale"] = st["grid"].scale.cpu().contiguous()
         tensors[f"{key}.zero"] = st["grid"].zero.cpu().contiguous()
+        if st["grid"].global_scale is not None:  # NVFP4's, shared by a fused set: kept as is
+            tensors[f"{key}.global_scale"] = torch.tensor([st["grid"].global_scale],
+                                                          dtype=torch.float64)
         for k, dual in enumerate(st["duals"]):
             if dual is not None:
                 tensors[f"{key}.dual.{k}"] = dual.cpu().contiguous()
@@ -240,7 +243,8 @@ def save_segment_round(folder: str | Path, r: int | str, s: int,
 def load_segment_round(folder: str | Path, r: int | str, s: int, layers, num_batches: int,
                        num_row_blocks, device: torch.device):
     """What :func:`save_segment_round` wrote: ``(outputs, states)`` with ``states`` (block, layer)
-    -> ``(codes, scale, zero, duals, last codes or None)`` for the ``layers`` asked (``(block,
+    -> ``(codes, scale, zero, duals, last codes or None, NVFP4 global scale or None)`` for the
+    ``layers`` asked (``(block,
     layer)`` -> weight shape); ``num_row_blocks(rows)`` says how many duals a layer of ``rows``
     rows has."""
     path = _segment_path(folder, r, s)
@@ -265,8 +269,11 @@ def _read_segment_round(path: Path, layers, num_batches: int, num_row_blocks,
                      else None for k in range(num_row_blocks(shape[0]))]
             last = (f.get_tensor(f"{key}.last").to(torch.int32).to(device)
                     if f"{key}.last" in keys else None)
+            global_scale = (float(f.get_tensor(f"{key}.global_scale")[0])
+                            if f"{key}.global_scale" in keys else None)
             states[(b, name)] = (codes, f.get_tensor(f"{key}.scale").to(device),
-                                 f.get_tensor(f"{key}.zero").to(device), duals, last)
+                                 f.get_tensor(f"{key}.zero").to(device), duals, last,
+                                 global_scale)
     return outputs, states
 
 
