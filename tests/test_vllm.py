@@ -136,9 +136,19 @@ def test_fp4_checkpoints_load_into_vllm_exactly(models, tmp_path, arch, kind):
     assert result.compared_layers == summary["layers"]
     assert result.refused == {}
     name = {"nvfp4": "NvFp4", "mxfp4": "MxFp4"}[kind]
+    # Weight-only FP4 as vLLM chooses on each GPU: on sm100 NVFP4 takes FlashInfer's CuTe-DSL
+    # BF16 x FP4 GEMM (its pinned flashinfer present), MXFP4 stays on Marlin.
+    sm100 = {"nvfp4": "FlashInferCuteDslNvFp4W4A16LinearKernel",
+             "mxfp4": "MarlinMxFp4LinearKernel"}[kind]
     assert {tuple(sorted(choice.items())) for layer, choice in result.kernels.items()
             if layer.endswith("[fp4-linear]")} == {
-        ((80, f"Marlin{name}LinearKernel"), (90, f"Humming{name}LinearKernel"))}
+        ((80, f"Marlin{name}LinearKernel"), (90, f"Humming{name}LinearKernel"), (100, sm100))}
+    if kind == "nvfp4" and arch != "llama":
+        # FlashInfer's NVFP4 MoE kernels take FP4 activations only: Marlin on sm100 as on sm80.
+        assert {tuple(sorted(choice.items())) for layer, choice in result.kernels.items()
+                if layer.endswith("[fp4-moe]")} == {
+            ((80, "MARLIN/MarlinExperts"), (90, "HUMMING/HummingIndexedExperts"),
+             (100, "MARLIN/MarlinExperts"))}
 
 
 def test_the_check_fails_on_nvfp4_fused_linears_with_different_global_scales(tmp_path,

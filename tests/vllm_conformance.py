@@ -15,7 +15,9 @@ through the model's ``load_weights`` and the parameters' weight loaders. Then ch
   by shard, bit for bit; every dense parameter equals its tensor in the folder;
 * a kernel exists for every quantized layer on the GPUs users run: vLLM's kernel choice
   (``choose_mp_linear_kernel``, the WNA16 MoE backend oracle, Marlin checks) runs for compute
-  capability 9.0 (H100/H200) and 8.0 (A100) with the platform switched to CUDA for the call.
+  capability 9.0 (H100/H200) and 8.0 (A100) with the platform switched to CUDA for the call,
+  and for FP4 checkpoints also 10.0 (B200; FlashInfer, which vLLM's CUDA wheel pins, taken as
+  present).
 
 The kernels themselves (Marlin, Machete, Humming) need a GPU; everything up to them runs here.
 Imported only where vLLM is installed (the CI's vLLM environment; ``-m vllm`` tests).
@@ -38,7 +40,7 @@ from safetensors import safe_open  # noqa: E402
 
 from admmq_dist.checkpoint import fp4_layout  # noqa: E402
 from admmq_dist.checkpoint.fp4_layout import KIND_OF_FORMAT  # noqa: E402
-from admmq_dist.checkpoint.serving import SM80, SM90  # noqa: E402
+from admmq_dist.checkpoint.serving import SM80, SM90, SM100  # noqa: E402
 from admmq_dist.quant.packing import (  # noqa: E402
     unpack_compressed_tensors_weight,
     unpack_compressed_tensors_zero_point,
@@ -48,6 +50,8 @@ from admmq_dist.quant.packing import (  # noqa: E402
 
 # The GPUs vLLM users serve on: compute capability (major * 10 + minor) -> their name.
 CAPABILITIES = {90: SM90, 80: SM80}
+# FP4 checkpoints also as on Blackwell, where NVFP4 is native (issue 28).
+FP4_CAPABILITIES = {100: SM100, **CAPABILITIES}
 
 
 class ConformanceError(AssertionError):
@@ -85,6 +89,13 @@ def simulated_gpu(capability: int):
         stack.enter_context(mock.patch.object(platform, "_enum", PlatformEnum.CUDA))
         stack.enter_context(mock.patch.object(
             platform, "get_device_capability", classmethod(lambda cls, device_id=0: cap)))
+        if capability >= 100:
+            # vLLM's CUDA wheel pins flashinfer-python and nvidia-cutlass-dsl, whose CuTe-DSL
+            # BF16 x FP4 GEMM its NVFP4 weight-only choice probes for on sm100: present there.
+            import vllm.model_executor.kernels.linear.nvfp4.flashinfer as nvfp4_flashinfer
+
+            stack.enter_context(mock.patch.object(nvfp4_flashinfer, "has_flashinfer_bf16_fp4",
+                                                  lambda: True))
         yield
 
 
@@ -325,7 +336,9 @@ def _build(folder: Path, result: Conformance, device: torch.device) -> dict[int,
     from vllm.utils.torch_utils import set_default_torch_dtype
 
     built = {}
-    for capability in CAPABILITIES:
+    qc = json.loads((folder / "config.json").read_text()).get("quantization_config", {})
+    fp4 = qc.get("format") in KIND_OF_FORMAT
+    for capability in FP4_CAPABILITIES if fp4 else CAPABILITIES:
         config = _engine_config(folder)
         _ensure_distributed(config)
         loader = DefaultModelLoader(config.load_config)

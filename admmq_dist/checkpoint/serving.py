@@ -17,6 +17,7 @@ from dataclasses import dataclass
 VLLM_VERSION = "0.33.0"
 VLLM = f"vLLM {VLLM_VERSION}"
 SM90, SM80 = "H100/H200 (sm90)", "A100 (sm80)"
+SM100 = "B200 (sm100)"  # the conformance check chooses FP4 kernels as there too
 
 
 @dataclass(frozen=True)
