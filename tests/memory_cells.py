@@ -46,6 +46,12 @@ MORE_MOE_CELLS = [(128, 0.25, 1, "exact", "sequential", "qwen3_moe"),
                   (256, 0.0, 1, "exact", "sequential", "qwen3_moe"),
                   (256, 0.25, 2, "exact", "sequential", "qwen3_moe"),
                   (256, 0.25, 2, "exact", "sequential", "qwen3_moe", 4)]
+# FP4 grids (issue 28; the same cells with the grid's kind last): the E2M1 projection runs on
+# every ADMM-Q iteration, so its temporaries are the plan's business (three [rows, cols] arrays
+# before it was rewritten to one: the 256-wide sequential cell measured 1.4% over its plan).
+FP4_CELLS = [(256, 0.25, 1, "exact", "sequential", "llama", 1, "nvfp4"),
+             (256, 0.0, 2, "exact", "coordinated", "llama", 1, "nvfp4"),
+             (128, 0.0, 1, "cg", "sequential", "llama", 1, "mxfp4")]
 TEST_CELLS = CELLS + ROUND_CELLS + MOE_CELLS
 BENCHMARK_CELLS = TEST_CELLS + MORE_WIDE_CELLS + MORE_ROUND_CELLS + MORE_MOE_CELLS
 # Rounds of the round schedules: round 0 (cold) and a warm round, enough to reach every phase.
@@ -53,10 +59,11 @@ ROUNDS = 2
 
 
 def measure_cell(root: Path, hidden: int, asymmetric: float, workers: int, w_update: str,
-                 schedule: str = "sequential", model_type: str = "llama", waves: int = 1
-                 ) -> tuple[int, int]:
+                 schedule: str = "sequential", model_type: str = "llama", waves: int = 1,
+                 grid: str = "int") -> tuple[int, int]:
     """``(measured peak, planned peak)`` of one cell (``waves``: its expert stages captured in
-    that many waves, as a device too small for one would make the schedule choose). The source
+    that many waves, as a device too small for one would make the schedule choose; ``grid``:
+    the grid's kind, an FP4 format at its own group size). The source
     is bfloat16 so that the float32 weights a CPU worker computes with are allocations the
     tracker sees (float32 weights would stay mapped from the file)."""
     from admmq_dist.run import memory
@@ -71,7 +78,7 @@ def measure_cell(root: Path, hidden: int, asymmetric: float, workers: int, w_upd
     solver.update({"depth-parallel": {"rounds": ROUNDS},
                    "coordinated": {"coordinated_rounds": ROUNDS}}.get(schedule, {}))
     recipe = override(Recipe(), {
-        "grid": {"group_size": 32}, "report": {"html": False},
+        "grid": {"group_size": 32} if grid == "int" else {"kind": grid}, "report": {"html": False},
         "calibration": {"dataset": None, "num_samples": 16, "seq_len": 64, "batch_size": 2,
                         "asymmetric": asymmetric},
         "solver": solver})

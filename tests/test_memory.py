@@ -10,7 +10,7 @@ from admmq_dist.run.job import quantize_model
 from admmq_dist.run.memory import dyadic_pieces, plan_block
 from admmq_dist.run.plan import llama_block, tokens_per_worker
 
-from memory_cells import TEST_CELLS, measure_cell_apart
+from memory_cells import FP4_CELLS, TEST_CELLS, measure_cell_apart
 from tiny import tiny_model_dir
 
 
@@ -274,4 +274,12 @@ def test_the_plan_holds_the_measured_peak_of_real_blocks(tmp_path, hidden, asymm
     plan (every worker's phases added up as they share the process, plus the driver's)."""
     measured, planned = measure_cell_apart(tmp_path, hidden, asymmetric, workers, w_update,
                                            schedule, model_type)
+    assert measured <= planned <= 1.3 * measured, (measured, planned, planned / measured)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cell", FP4_CELLS, ids=lambda cell: "-".join(map(str, cell)))
+def test_the_plan_holds_the_measured_peak_on_fp4_grids(tmp_path, cell):
+    """As above, on NVFP4 and MXFP4 grids: their projection, scales and codes included."""
+    measured, planned = measure_cell_apart(tmp_path, *cell)
     assert measured <= planned <= 1.3 * measured, (measured, planned, planned / measured)

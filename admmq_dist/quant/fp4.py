@@ -48,19 +48,22 @@ def values_table(device: torch.device | str | None = None) -> torch.Tensor:
 
 def round_e2m1_(t: torch.Tensor) -> torch.Tensor:
     """Round ``t`` in place to the nearest E2M1 value, saturating at ±6; ties to the even
-    mantissa, as the hardware converts (``torch.round``'s half-to-even on the steps below)."""
-    a = t.abs().clamp_(max=FP4_MAX)
-    # The spacing of E2M1 values: 0.5 below 2, 1 in [2, 4), 2 from 4.
-    step = torch.where(a < 2.0, 0.5, torch.where(a < 4.0, 1.0, 2.0))
-    a.div_(step).round_().mul_(step)
-    return t.copy_(a.copysign_(t))
+    mantissa, as the hardware converts (``torch.round``'s half-to-even on the steps below).
+    One temporary of ``t``'s size: this is ADMM-Q's projection, run on every iteration."""
+    # The spacing of E2M1 values: 0.5 below 2, 1 in [2, 4), 2 from 4 — 2**(floor(log2 a) - 1)
+    # clamped to [0.5, 2]. Near a boundary log2 may round up to it; both spacings then round
+    # to the boundary value.
+    step = t.abs().clamp_(max=FP4_MAX).log2_().floor_().sub_(1).clamp_(-1, 1).exp2_()
+    return t.clamp_(-FP4_MAX, FP4_MAX).div_(step).round_().mul_(step)
 
 
 def encode(values: torch.Tensor) -> torch.Tensor:
-    """int32 codes of exact E2M1 ``values`` (any shape)."""
-    doubled = (values.abs() * 2).to(torch.int64)
-    index = torch.tensor(_INDEX_OF_DOUBLED, dtype=torch.int64, device=values.device)[doubled]
-    return (index | ((values < 0).to(torch.int64) << 3)).to(torch.int32)
+    """int32 codes of exact E2M1 ``values`` (any shape), in int32 throughout (int64 index
+    tensors would be six float arrays at the peak)."""
+    doubled = values.abs().mul_(2).to(torch.int32)
+    codes = torch.tensor(_INDEX_OF_DOUBLED, dtype=torch.int32, device=values.device)[doubled]
+    del doubled
+    return codes.add_(values < 0, alpha=8)  # the sign bit (index < 8); -0.0 codes as +0
 
 
 def decode(codes: torch.Tensor) -> torch.Tensor:
