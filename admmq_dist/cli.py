@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, cli_eval
+from . import __version__, cli_doctor, cli_eval
 from .checkpoint.inspect import format_inspection, inspect_checkpoint
 from .checkpoint.verify import verify_checkpoint
 from .model.embedded import embedded_model_folder
-from .cli_flags import RECIPE_FLAGS, group_size
+from .cli_flags import RECIPE_FLAGS, add_recipe_flags, dest, help_groups
 from .recipe import Recipe, load_recipe, override
 from .run import launched, memory
 from .run.job import quantize_model
@@ -32,10 +32,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"admmq: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _dest(path: str) -> str:
-    return path.replace(".", "__")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="admmq", description="Post-training quantization of LLMs with ADMM-Q.")
     parser.add_argument("--version", action="version", version=f"admmq-dist {__version__}")
@@ -45,23 +41,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan(sub)
     _add_inspect_and_verify(sub)
     cli_eval.add_eval(sub, EMBEDDED)
+    cli_doctor.add_doctor(sub)
     return parser
 
 
 def _add_quantize(sub) -> None:
     q = sub.add_parser("quantize", help="quantize a model into a checkpoint vLLM/transformers load")
-    q.add_argument("model", nargs="?", default=None,
-                   help=f"hub id or local folder (default: the {EMBEDDED})")
-    q.add_argument("-o", "--output", required=True, type=Path, help="checkpoint folder to write")
-    q.add_argument("--recipe", type=Path, help="YAML recipe; flags override its keys")
-    q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    q.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if present)")
-    q.add_argument("--json", action="store_true", help="print one JSON summary line at the end")
-    run = q.add_argument_group("distribution")
-    run.add_argument("--workers", type=int, default=None,
+    groups = help_groups(q)
+    out = groups["model and output"]
+    out.add_argument("model", nargs="?", default=None,
+                     help=f"hub id or local folder (default: the {EMBEDDED})")
+    out.add_argument("-o", "--output", required=True, type=Path, metavar="DIR",
+                     help="checkpoint folder to write")
+    out.add_argument("--recipe", type=Path, metavar="YAML",
+                     help="recipe file; flags override its keys (default: none)")
+    out.add_argument("--overwrite", action="store_true",
+                     help="replace an existing output folder (default: refuse)")
+    out.add_argument("--device", default=None, metavar="DEVICE",
+                     help="cuda, cuda:1, cpu (default: cuda if present)")
+    out.add_argument("--json", action="store_true",
+                     help="print one JSON summary line at the end (default: text)")
+    run = groups["schedule and cluster"]
+    run.add_argument("--workers", type=int, default=None, metavar="N",
                      help="run N Ray workers (one GPU each; CPU workers without GPUs); starts a "
-                     "local Ray instance unless --address is given")
-    run.add_argument("--address", default=None,
+                     "local Ray instance unless --address is given (default: no Ray, one "
+                     "in-process worker)")
+    run.add_argument("--address", default=None, metavar="ADDRESS",
                      help="the Ray cluster to join: 'auto', ray://host:port, or 'local' for a "
                      "private instance (default: RAY_ADDRESS or the cluster `ray start` began "
                      "on this machine, if any, else a private instance)")
@@ -70,45 +75,29 @@ def _add_quantize(sub) -> None:
                      "rank 0 starts and the other ranks join (default: MASTER_PORT + 1)")
     run.add_argument("--worker-device", default="auto", choices=("auto", "cuda", "cpu"),
                      help="the Ray workers' device: auto (one GPU each when the cluster has "
-                     "GPUs, even if this machine has none), cuda or cpu")
+                     "GPUs, even if this machine has none), cuda or cpu (default: auto)")
     run.add_argument("--step-timeout", type=float, default=None, metavar="SECONDS",
                      help="a Ray worker that takes longer for one step is treated as lost "
                      "(killed, rebuilt, the step redone); default: twice the job's modelled time, "
                      "at least an hour")
-    run.add_argument("--threads", type=int, default=None,
+    run.add_argument("--threads", type=int, default=None, metavar="N",
                      help="CPU threads per worker, alike for every backend (default: this "
                      "machine's torch default); the bytes depend on the device kind and this")
-    run.add_argument("--resume", action="store_true",
-                     help="finish an interrupted run from its committed blocks (same model, "
-                     "recipe and calibration data)")
-    run.add_argument("--work-dir", type=Path, default=None, metavar="DIR",
-                     help="where the resume folder (.OUT.admmq-work) goes, default beside the "
-                     "output; on a cluster, storage every node writes at the same path (the "
-                     "round schedules' workers commit there; checked before any block)")
     run.add_argument("--max-worker-restarts", type=int, default=3, metavar="N",
-                     help="lost workers the run survives, each redoing only the step it broke "
-                     "(3); past that it stops, keeping what it committed for --resume")
+                     help="lost workers the run survives, each redoing only the step it broke; "
+                     "past that it stops, keeping what it committed for --resume (default: 3)")
     run.add_argument("--round-checkpoints", action="store_true",
                      help="depth-parallel/coordinated: also write OUT.round-R as each round "
-                          "leaves the model (to compare rounds)")
-    _add_recipe_flags(q)
-
-
-def _add_recipe_flags(q) -> None:
-    groups = {}
-    symmetry = None
-    for flag, path, kwargs in RECIPE_FLAGS:
-        section = "solver" if path == "effort" else path.split(".")[0]
-        if section not in groups:
-            groups[section] = q.add_argument_group(section)
-        kwargs = {**kwargs, "dest": _dest(path)}
-        if path == "grid.group_size":
-            kwargs.update(type=group_size, default=argparse.SUPPRESS)
-        if path == "grid.symmetric":  # --sym and --asym exclude each other
-            symmetry = symmetry or groups[section].add_mutually_exclusive_group()
-            symmetry.add_argument(flag, **kwargs)
-        else:
-            groups[section].add_argument(flag, **kwargs)
+                          "leaves the model, to compare rounds (default: off)")
+    resume = groups["resume"]
+    resume.add_argument("--resume", action="store_true",
+                        help="finish an interrupted run from its committed blocks (same model, "
+                        "recipe and calibration data) (default: start afresh)")
+    resume.add_argument("--work-dir", type=Path, default=None, metavar="DIR",
+                        help="where the resume folder (.OUT.admmq-work) goes, default beside the "
+                        "output; on a cluster, storage every node writes at the same path (the "
+                        "round schedules' workers commit there; checked before any block)")
+    add_recipe_flags(q, groups)
 
 
 def _add_plan(sub) -> None:
@@ -117,35 +106,41 @@ def _add_plan(sub) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help=f"hub id (only its config.json is fetched) or local folder (default: the "
                    f"{EMBEDDED})")
-    p.add_argument("--workers", type=int, default=1, help="workers (one device each)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="workers, one device each (default: 1)")
     p.add_argument("--device-memory", default=None, metavar="BYTES",
                    help="memory of each worker's device, e.g. 80GiB or 141GB (default: this "
                         "machine's first GPU, else its available host memory)")
     p.add_argument("--host-memory", default=None, metavar="BYTES",
                    help="host memory of the driver's machine, e.g. 512GiB")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
-                   help="the workers' device type (cuda: bfloat16 activations; cpu: float32)")
-    p.add_argument("--recipe", type=Path, help="YAML recipe; flags override its keys")
-    p.add_argument("--json", action="store_true", help="print the plan as one JSON line")
+                   help="the workers' device type (cuda: bfloat16 activations; cpu: float32) "
+                   "(default: cuda)")
+    p.add_argument("--recipe", type=Path, metavar="YAML",
+                   help="recipe file; flags override its keys (default: none)")
+    p.add_argument("--json", action="store_true",
+                   help="print the plan as one JSON line (default: text)")
     p.add_argument("--rates", type=Path, default=None, metavar="FILE",
                    help="rates measured on your device, for the modelled time "
                         "(benchmarks/layer_shapes.py + benchmarks/fit_rates.py write one; "
                         "default: the shipped rates of a 2-core CPU, not a GPU)")
-    _add_recipe_flags(p)
+    add_recipe_flags(p)
 
 
 def _add_inspect_and_verify(sub) -> None:
     i = sub.add_parser("inspect", help="what a written checkpoint holds: format, bits, groups, "
                        "quantized and skipped modules, size, compression ratio, recipe, engines")
-    i.add_argument("folder", type=Path)
-    i.add_argument("--json", action="store_true", help="print the details as one JSON line")
+    i.add_argument("folder", type=Path, help="the checkpoint folder")
+    i.add_argument("--json", action="store_true",
+                   help="print the details as one JSON line (default: text)")
     v = sub.add_parser("verify", help="check a written checkpoint: every file's size and "
                        "SHA-256 against its manifest, index, shapes and dtypes against the "
                        "config, codes in range, scales, packing round trips")
-    v.add_argument("folder", type=Path)
-    v.add_argument("--max-problems", type=int, default=20, help="stop listing after this many")
+    v.add_argument("folder", type=Path, help="the checkpoint folder")
+    v.add_argument("--max-problems", type=int, default=20, metavar="N",
+                   help="stop listing after this many (default: 20)")
     v.add_argument("--json", action="store_true",
-                   help='print {"ok": ..., "problems": [...], "notes": [...]}')
+                   help='print {"ok": ..., "problems": [...], "notes": [...]} (default: text)')
 
 
 def _recipe_from_args(args) -> Recipe:
@@ -158,10 +153,10 @@ def _recipe_from_args(args) -> Recipe:
     for _, path, _ in RECIPE_FLAGS:
         if path == "effort":
             continue
-        dest = _dest(path)
-        if not hasattr(args, dest):  # a flag whose absence is SUPPRESS (--group-size)
+        name = dest(path)
+        if not hasattr(args, name):  # a flag whose absence is SUPPRESS (--group-size)
             continue
-        value = getattr(args, dest)
+        value = getattr(args, name)
         # None is "not given", except for --group-size, where it means per-channel.
         if value is None and path != "grid.group_size":
             continue
@@ -284,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     handler = {"quantize": cmd_quantize, "plan": cmd_plan, "eval": cmd_eval,
-               "inspect": cmd_inspect, "verify": cmd_verify}[args.command]
+               "inspect": cmd_inspect, "verify": cmd_verify,
+               "doctor": cli_doctor.cmd_doctor}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:

@@ -18,14 +18,15 @@ def add_eval(sub, embedded: str) -> None:
                        "model or written checkpoint, or lm-evaluation-harness tasks")
     e.add_argument("model", nargs="?", default=None,
                    help=f"hub id or local folder (default: the {embedded})")
-    e.add_argument("--dataset", help="text to evaluate on (default: the first half of the "
+    e.add_argument("--dataset", metavar="PATH|ID", help="text to evaluate on (default: the first half of the "
                    "WikiText-2 test file, shipped in the package)")
-    e.add_argument("--split", default="test", help="the dataset's split (test)")
-    e.add_argument("--text-field", default="text", help="the dataset's text column (text)")
-    e.add_argument("--seq-len", type=int, default=512, help="tokens per window (512)")
+    e.add_argument("--split", default="test", metavar="NAME", help="the dataset's split (test)")
+    e.add_argument("--text-field", default="text", metavar="NAME", help="the dataset's text column (text)")
+    e.add_argument("--seq-len", type=int, default=512, metavar="TOKENS", help="tokens per window (512)")
     e.add_argument("--max-windows", type=int, default=None, metavar="N",
                    help="evaluate at most N windows (all)")
-    e.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if present)")
+    e.add_argument("--device", default=None, metavar="DEVICE",
+                   help="cuda, cuda:1, cpu (default: cuda if present)")
     e.add_argument("--device-map", default=None, metavar="MAP",
                    help="spread a model larger than one device over all of them: auto, "
                    "balanced, sequential (transformers' device_map; default: one device)")
@@ -47,7 +48,8 @@ def add_eval(sub, embedded: str) -> None:
                    help="few-shot examples per question (the task's default)")
     t.add_argument("--limit", type=float, default=None, metavar="N",
                    help="only the first N documents of each task (a fraction when below 1)")
-    t.add_argument("--batch-size", type=int, default=8, help="requests per forward (8)")
+    t.add_argument("--batch-size", type=int, default=8, metavar="N",
+                   help="requests per forward (8)")
     t.add_argument("--model-args", default=None, metavar="K=V[,K=V]",
                    help="more arguments for the harness's backend, as its --model_args "
                    "(e.g. gpu_memory_utilization=0.8 for vllm)")
