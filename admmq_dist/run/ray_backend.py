@@ -57,7 +57,7 @@ _GCS: dict = {}  # address -> a client of that cluster's GCS
 def _gcs(address: str):
     """A client of the cluster's control store (Ray's GCS): no driver, no raylet, no session."""
     if ray is None:
-        raise RuntimeError("Ray is not installed here (pip install ray)")
+        raise RuntimeError("Ray is not installed here (pip install 'admmq-dist[ray]')")
     if address not in _GCS:
         _GCS[address] = ray._raylet.GcsClient(address=address)
     return _GCS[address]
@@ -126,8 +126,8 @@ class RayBackend:
                  worker_device: str = "auto", max_restarts: int = 3,
                  step_timeout: float | None = None, log_level: str = "WARNING") -> None:
         if ray is None:
-            raise RuntimeError("Ray is not installed here (pip install ray); run without "
-                               "--workers/--address to quantize in this process")
+            raise RuntimeError("Ray is not installed here (pip install 'admmq-dist[ray]'); run "
+                               "without --workers/--address to quantize in this process")
         if workers < 1:
             raise ValueError(f"--workers {workers}: must be at least 1")
         if worker_device not in ("auto", "cuda", "cpu"):
