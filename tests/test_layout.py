@@ -6,7 +6,8 @@ Floors, bottom up — a module may import its own floor and the ones below, neve
 1. ``model/`` (finding blocks, loading, capture, MoE) and ``recipe.py`` (settings);
 2. ``checkpoint/`` (formats, writer, inspect, verify, serving) and ``report.py``;
 3. ``run/`` (workers, backends, schedules, the job), ``evaluate.py`` and ``harness.py``;
-4. ``cli.py``, ``cli_eval.py`` (`admmq eval`) and ``cli_flags.py`` (the recipe flags' table).
+4. ``cli.py``, ``cli_eval.py`` (`admmq eval`), ``cli_doctor.py`` (`admmq doctor`) and
+   ``cli_flags.py`` (the recipe flags' table).
 
 The import graph is read from the code (every ``import`` statement, at any depth), so a new
 upward import, an import cycle or an import hidden inside a function fails here.
@@ -20,7 +21,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "admmq_dist"
 FLOORS = {"quant": 0, "files": 0, "__init__": 0, "model": 1, "recipe": 1, "checkpoint": 2,
           "report": 2, "run": 3, "evaluate": 3, "harness": 3, "cli": 4,
-          "cli_flags": 4, "cli_eval": 4}
+          "cli_flags": 4, "cli_eval": 4, "cli_doctor": 4}
 MAX_MODULE_LINES = 360
 MAX_FUNCTION_LINES = 60
 
