@@ -14,11 +14,16 @@ Figures are relative layer losses ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` and ratios
 of the same run. One run: every method is deterministic for its inputs.
 
     python benchmarks/fp4_layers.py --quick      # blocks 0, 14, 29
+    python benchmarks/fp4_layers.py --quick --kinds nvfp4 --ideas --output fp4_layer_ideas
+
+``--ideas`` adds ADMM-Q variants toward the issue's 0.80 target (the Z-step's projection, the ρ
+schedule, the polish), each a change from the default named in its row.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import statistics
 import sys
@@ -39,8 +44,31 @@ RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("rtn_minmax", "rtn_mse", "gptq_act", "gptq_act_polish", "admmq", "admmq_best")
 
 
-def run_layer(weight, hessian, kind: str) -> dict[str, tuple[float, float]]:
-    """``{method: (loss, seconds)}`` on one layer."""
+def ideas() -> dict[str, SolverSettings]:
+    """ADMM-Q variants, each a change from the default solve (``solve()``'s settings)."""
+    base = SolverSettings()
+
+    def admm(**changes):
+        return dataclasses.replace(base, admm=dataclasses.replace(base.admm, **changes))
+    patient = admm(rho_start=0.01, rho_growth_slow=1.01, iterations=600)
+    return {
+        "soft projection": admm(projection="soft"),
+        "random projection": admm(projection="random"),
+        "rho_start 0.03": admm(rho_start=0.03),
+        "rho_start 0.01": admm(rho_start=0.01),
+        "slow phase x1.01 (400 it.)": admm(rho_growth_slow=1.01, iterations=400),
+        "3 sweeps, 2 refits": dataclasses.replace(base, local_search_sweeps=3, scale_refits=2),
+        "rho_start 0.03, x1.01 (500 it.)": admm(rho_start=0.03, rho_growth_slow=1.01,
+                                                iterations=500),
+        "rho_start 0.01, x1.01 (600 it.)": patient,
+        "the same, 2 sweeps, 2 refits": dataclasses.replace(patient, local_search_sweeps=2,
+                                                            scale_refits=2),
+    }
+
+
+def run_layer(weight, hessian, kind: str, extra: dict | None = None
+              ) -> dict[str, tuple[float, float]]:
+    """``{method: (loss, seconds)}`` on one layer (``extra``: more ADMM-Q settings by name)."""
     grids = {search: fit_grid(weight, GridSpec(bits=4, group_size=16 if kind == "nvfp4" else 32,
                                                symmetric=True, kind=kind, range_search=search))
              for search in ("minmax", "mse")}
@@ -52,6 +80,7 @@ def run_layer(weight, hessian, kind: str) -> dict[str, tuple[float, float]]:
                                                          scale_refits=1)),
         "admmq": (grids["mse"], SolverSettings()),
         "admmq_best": (grids["mse"], override(Recipe(), {"effort": "best"}).solver),
+        **{name: (grids["mse"], settings) for name, settings in (extra or {}).items()},
     }
     out = {}
     for method, (grid, settings) in runs.items():
@@ -68,7 +97,10 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="blocks 0, 14 and 29")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default="fp4_layers", help="NAME of results/NAME.md")
+    parser.add_argument("--ideas", action="store_true", help="also the ADMM-Q variants of ideas()")
     args = parser.parse_args(argv)
+    extra = ideas() if args.ideas else {}
+    methods = (*METHODS, *extra)
     torch.set_num_threads(args.threads)
     blocks = args.blocks or ([0, 14, 29] if args.quick else [0, 6, 12, 18, 24, 29])
     started = time.perf_counter()
@@ -90,12 +122,12 @@ def main(argv=None) -> int:
     for kind in args.kinds:
         rows = []
         for layer in layers:
-            res = run_layer(layer["weight"], layer["hessian"], kind)
+            res = run_layer(layer["weight"], layer["hessian"], kind, extra)
             rows.append((layer, res))
             print(f"{kind} {layer['name']:40s} " + " ".join(
-                f"{m}={res[m][0]:.5f}" for m in METHODS), file=sys.stderr, flush=True)
-        ratio = {m: [res[m][0] / res["gptq_act"][0] for _, res in rows] for m in METHODS}
-        seconds = {m: sum(res[m][1] for _, res in rows) for m in METHODS}
+                f"{m}={res[m][0]:.5f}" for m in methods), file=sys.stderr, flush=True)
+        ratio = {m: [res[m][0] / res["gptq_act"][0] for _, res in rows] for m in methods}
+        seconds = {m: sum(res[m][1] for _, res in rows) for m in methods}
         lines += [f"## {kind}", "",
                   # What the default rows ran with (admmq_best: --effort best on top).
                   environment.settings_record({"grid": {"kind": kind, "range_search": "mse"}},
@@ -103,7 +135,7 @@ def main(argv=None) -> int:
                   "| method | loss / gptq_act: mean (min–max over layers, n=layers) | seconds |",
                   "|---|---|---|"]
         lines += [f"| {m} | {statistics.fmean(ratio[m]):.4f} ({min(ratio[m]):.4f}–"
-                  f"{max(ratio[m]):.4f}, n={len(rows)}) | {seconds[m]:.1f} |" for m in METHODS]
+                  f"{max(ratio[m]):.4f}, n={len(rows)}) | {seconds[m]:.1f} |" for m in methods]
         lines += ["", "| layer | shape | " + " | ".join(f"{m} loss" for m in METHODS)
                   + " | admmq / gptq_act |", "|---|---|" + "---|" * (len(METHODS) + 1)]
         for layer, res in rows:
