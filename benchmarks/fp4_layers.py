@@ -108,7 +108,9 @@ def main(argv=None) -> int:
     commit = environment.commit()
     lines = [
         "# FP4 grids on real layers: ADMM-Q against GPTQ and round-to-nearest (issue 28)", "",
-        f"`python benchmarks/fp4_layers.py{' --quick' if args.quick else ''}` at commit "
+        f"`python benchmarks/fp4_layers.py{' --quick' if args.quick else ''}"
+        f"{' --kinds ' + ' '.join(args.kinds) if args.kinds != ['nvfp4', 'mxfp4'] else ''}"
+        f"{' --ideas' if args.ideas else ''}` at commit "
         f"{commit}; torch {torch.__version__}, "
         f"{platform.machine()}, {args.threads} threads; one run (deterministic).",
         f"- SmolLM2-135M blocks {blocks}, {len(layers)} linears; Hessians from "
