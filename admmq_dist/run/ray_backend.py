@@ -32,6 +32,10 @@ from .backends import worker_class
 from .faults import HostOutOfMemory, WorkerLost
 from .fingerprint import device_environment
 
+# Seconds a worker may take to be built and answer its first ping, when --step-timeout is
+# shorter: the deadline is for steps, and a process start on a loaded node is not one.
+STARTUP_TIMEOUT_S = 600.0
+
 try:
     import ray
     from ray.exceptions import (ActorUnavailableError, GetTimeoutError, NodeDiedError,
@@ -237,7 +241,11 @@ class RayBackend:
                 scheduling_strategy=self._slot(i),
             ).remote(paths[i], self._constructed_with[0], shard, self.device, self.threads)
             for i, shard in enumerate(self._constructed_with[1:])]
-        self._tokens = self.get([a.ping.remote() for a in self.actors])
+        # Building a worker (a Ray process, torch, the model's skeleton) is not a step: on a
+        # loaded machine it can outlast a short --step-timeout, so it gets one of its own.
+        self._tokens = self.get([self.call(w, "ping") for w in range(len(self.actors))],
+                                timeout=None if self.step_timeout is None else
+                                max(self.step_timeout, STARTUP_TIMEOUT_S))
 
     def _locate(self, model: str | ModelSource, workers: int) -> list[str]:
         """The model's folder as each slot's node sees it (a worker is rebuilt on its node)."""
@@ -256,11 +264,14 @@ class RayBackend:
         self._owner[ref] = w
         return ref
 
-    def get(self, futures):
+    def get(self, futures, timeout: float | None = -1.0):
+        """The futures' values; ``timeout`` seconds before the workers past it are lost (the
+        step deadline unless given; None: no deadline)."""
         futures = list(futures)
+        timeout = self.step_timeout if timeout == -1.0 else timeout
         try:
-            if self.step_timeout is not None:
-                self._within_deadline(futures)
+            if timeout is not None:
+                self._within_deadline(futures, timeout)
             return ray.get(futures)
         except RayTaskError as exc:
             if _out_of_memory(exc):
@@ -278,17 +289,18 @@ class RayBackend:
             for ref in futures:
                 self._owner.pop(ref, None)
 
-    def _within_deadline(self, futures: list) -> None:
-        """Wait for ``futures`` until the step deadline; the workers past it are killed (Ray
+    def _within_deadline(self, futures: list, timeout: float) -> None:
+        """Wait for ``futures`` for ``timeout`` seconds; the workers past it are killed (Ray
         rebuilds them) and the step fails as if they had been lost."""
-        _, pending = ray.wait(futures, num_returns=len(futures), timeout=self.step_timeout)
+        _, pending = ray.wait(futures, num_returns=len(futures), timeout=timeout)
         if not pending:
             return
         hung = sorted({self._owner[ref] for ref in pending if ref in self._owner})
         for w in hung:
             ray.kill(self.actors[w], no_restart=False)
-        raise WorkerLost(f"worker(s) {hung} did not answer within the step deadline of "
-                         f"{self.step_timeout:g} s (--step-timeout); killed and rebuilt")
+        what = "step" if timeout == self.step_timeout else "start"
+        raise WorkerLost(f"worker(s) {hung} did not answer within the {what} deadline of "
+                         f"{timeout:g} s (--step-timeout); killed and rebuilt")
 
     def _host_oom(self, exc: BaseException) -> HostOutOfMemory:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
