@@ -147,11 +147,12 @@ class Grid:
         commit, a worker or a resumed run hands them over) and the spec they were fitted with;
         ``global_scale``: NVFP4's, where later scales must be snapped under the one the layer
         was fitted with (a refit between rounds: the linears engines fuse share it)."""
-        if spec.kind == "nvfp4" and global_scale is None:
+        if spec.kind != "nvfp4":
+            global_scale = None
+        elif global_scale is None:
             # A whole layer's NVFP4 scales give back its global scale (or a larger power of
             # two, under which they are still representable: see fp4's docstring).
             global_scale = fp4.nvfp4_global_scale(scale)
-        global_scale = global_scale if spec.kind == "nvfp4" else None
         return cls(spec.bits, spec.effective_group_size(cols), cols, spec.symmetric, scale, zero,
                    spec.kind, global_scale)
 

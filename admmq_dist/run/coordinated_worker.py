@@ -228,7 +228,7 @@ class CoordinatedWorker(SegmentWorker):
         # model's inputs are its own), and kept: codes stay comparable across rounds.
         grid = (previous["grid"] if previous is not None else
                 served_grid(weight, self.recipe, self.scale_dtype, f"block {b} {name}",
-                            [self.float_weights[(b, n)] for n in group]))
+                            self._fused_weights(b, group)))
         rows = row_blocks(weight.shape[0], settings.row_block)
         warm = None
         if previous is not None:

@@ -32,8 +32,8 @@ from .backends import worker_class
 from .faults import HostOutOfMemory, WorkerLost
 from .fingerprint import device_environment
 
-# Seconds a worker may take to be built and answer its first ping, when --step-timeout is
-# shorter: the deadline is for steps, and a process start on a loaded node is not one.
+# Seconds a worker may take to be built (or rebuilt) and answer its first ping, whatever a
+# shorter --step-timeout says: the deadline is for steps, and a process start is not one.
 STARTUP_TIMEOUT_S = 600.0
 
 try:
@@ -244,8 +244,7 @@ class RayBackend:
         # Building a worker (a Ray process, torch, the model's skeleton) is not a step: on a
         # loaded machine it can outlast a short --step-timeout, so it gets one of its own.
         self._tokens = self.get([self.call(w, "ping") for w in range(len(self.actors))],
-                                timeout=None if self.step_timeout is None else
-                                max(self.step_timeout, STARTUP_TIMEOUT_S))
+                                start=True)
 
     def _locate(self, model: str | ModelSource, workers: int) -> list[str]:
         """The model's folder as each slot's node sees it (a worker is rebuilt on its node)."""
@@ -264,14 +263,13 @@ class RayBackend:
         self._owner[ref] = w
         return ref
 
-    def get(self, futures, timeout: float | None = -1.0):
-        """The futures' values; ``timeout`` seconds before the workers past it are lost (the
-        step deadline unless given; None: no deadline)."""
+    def get(self, futures, start: bool = False):
+        """The futures' values, within the step deadline (``start``: the workers' first
+        answer, within at least STARTUP_TIMEOUT_S)."""
         futures = list(futures)
-        timeout = self.step_timeout if timeout == -1.0 else timeout
         try:
-            if timeout is not None:
-                self._within_deadline(futures, timeout)
+            if self.step_timeout is not None:
+                self._within_deadline(futures, start)
             return ray.get(futures)
         except RayTaskError as exc:
             if _out_of_memory(exc):
@@ -289,17 +287,18 @@ class RayBackend:
             for ref in futures:
                 self._owner.pop(ref, None)
 
-    def _within_deadline(self, futures: list, timeout: float) -> None:
-        """Wait for ``futures`` for ``timeout`` seconds; the workers past it are killed (Ray
-        rebuilds them) and the step fails as if they had been lost."""
+    def _within_deadline(self, futures: list, start: bool) -> None:
+        """Wait for ``futures`` until the step (or start) deadline; the workers past it are
+        killed (Ray rebuilds them) and the step fails as if they had been lost."""
+        timeout = max(self.step_timeout, STARTUP_TIMEOUT_S) if start else self.step_timeout
         _, pending = ray.wait(futures, num_returns=len(futures), timeout=timeout)
         if not pending:
             return
         hung = sorted({self._owner[ref] for ref in pending if ref in self._owner})
         for w in hung:
             ray.kill(self.actors[w], no_restart=False)
-        what = "step" if timeout == self.step_timeout else "start"
-        raise WorkerLost(f"worker(s) {hung} did not answer within the {what} deadline of "
+        raise WorkerLost(f"worker(s) {hung} did not answer within the "
+                         f"{'start' if start else 'step'} deadline of "
                          f"{timeout:g} s (--step-timeout); killed and rebuilt")
 
     def _host_oom(self, exc: BaseException) -> HostOutOfMemory:
@@ -314,10 +313,10 @@ class RayBackend:
         """Workers rebuilt since they were started or last checked (waits for them to be up)."""
         out = []
         for w, actor in enumerate(self.actors):
-            deadline = time.monotonic() + 600
+            deadline = time.monotonic() + STARTUP_TIMEOUT_S
             while True:
                 try:
-                    token = ray.get(actor.ping.remote(), timeout=600)
+                    token = ray.get(actor.ping.remote(), timeout=STARTUP_TIMEOUT_S)
                     break
                 except GetTimeoutError:
                     raise WorkerLost(f"worker {w} did not come back within 10 minutes") from None

@@ -265,7 +265,7 @@ class SegmentWorker(DeviceModel):
         # one); a cold one fits afresh, as the sequential schedule does.
         grid = previous["grid"] if warm_start else served_grid(
             grid_source(self.recipe, weight, float_weight), self.recipe, self.scale_dtype,
-            f"block {b} {name}", [self.float_weights[(b, n)] for n in group])
+            f"block {b} {name}", self._fused_weights(b, group))
         settings = warm_settings if warm_start else cold or self.recipe.solver
         rows = row_blocks(weight.shape[0], settings.row_block)
         warm = ([{"codes": previous["codes"][start:stop], "dual": previous["duals"][k]}
@@ -277,6 +277,11 @@ class SegmentWorker(DeviceModel):
         result = combine(blocks, grid)
         changed = 1.0 if previous is None else moved_codes(previous, result)
         return self._keep(b, name, group, blocks, grid, tokens, changed)
+
+    def _fused_weights(self, b: int, group: list[str]) -> list[torch.Tensor]:
+        """The float weights of ``group`` (linears reading one input, which engines fuse): one
+        NVFP4 global scale is fitted from them all (:func:`.layer.served_grid`)."""
+        return [self.float_weights[(b, n)] for n in group]
 
     def _keep(self, b: int, name: str, group: list[str], blocks: list, grid: Grid, tokens: int,
               changed: float, last: torch.Tensor | None = None) -> dict:
